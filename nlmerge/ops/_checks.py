@@ -1,0 +1,114 @@
+"""Argument checks shared by the ops: every bad input is refused with an error naming it."""
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or ±Inf. ``tensor`` names the argument, ``task`` the task index (or None)."""
+
+    def __init__(self, tensor, task=None):
+        self.tensor, self.task = tensor, task
+        label = tensor if task is None else f"{tensor}[{task}]"
+        super().__init__(f"{label} contains NaN or Inf; non-finite values are never merged")
+
+
+def check_float(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} has dtype {x.dtype}; expected one of float32, float16, bfloat16")
+
+
+def check_like(x, name, ref, ref_name):
+    """``x`` must have ``ref``'s shape, dtype and device."""
+    check_float(x, name)
+    for what in ("shape", "dtype", "device"):
+        if getattr(x, what) != getattr(ref, what):
+            raise ValueError(
+                f"{name} has {what} {tuple(x.shape) if what == 'shape' else getattr(x, what)} but "
+                f"{ref_name} has {tuple(ref.shape) if what == 'shape' else getattr(ref, what)}"
+            )
+
+
+def stack_task_vectors(task_vectors, name="task_vectors"):
+    """Return ``(tv, shape)``: a contiguous ``[T, N]`` view of T task vectors and their shape.
+
+    A ``[T, *shape]`` tensor is used as is (copied only when not contiguous); a sequence of T
+    tensors of one shape, dtype and device is stacked.
+    """
+    if isinstance(task_vectors, torch.Tensor):
+        check_float(task_vectors, name)
+        if task_vectors.dim() < 1 or task_vectors.shape[0] < 1:
+            raise ValueError(f"{name} must have a leading task axis of size >= 1, got shape {tuple(task_vectors.shape)}")
+        shape = tuple(task_vectors.shape[1:])
+        return task_vectors.reshape(task_vectors.shape[0], -1).contiguous(), shape
+    if not isinstance(task_vectors, Sequence) or len(task_vectors) == 0:
+        raise ValueError(f"{name} must be a tensor [T, ...] or a non-empty sequence of tensors")
+    first = task_vectors[0]
+    check_float(first, f"{name}[0]")
+    for t, tau in enumerate(task_vectors[1:], start=1):
+        check_like(tau, f"{name}[{t}]", first, f"{name}[0]")
+    return torch.stack([tau.reshape(-1) for tau in task_vectors]), tuple(first.shape)
+
+
+def flat_like(x, name, tv, shape, tv_name="task_vectors"):
+    """Check an optional per-element tensor (base, tau_mtl) against the task vectors; flatten it."""
+    if x is None:
+        return None
+    check_float(x, name)
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but each of {tv_name} has shape {shape}")
+    if x.dtype != tv.dtype:
+        raise ValueError(f"{name} has dtype {x.dtype} but {tv_name} has dtype {tv.dtype}")
+    if x.device != tv.device:
+        raise ValueError(f"{name} is on {x.device} but {tv_name} is on {tv.device}")
+    return x.reshape(-1).contiguous()
+
+
+def finite_scalar(value, name):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def per_task(values, num_tasks, name, device, *, default=None, positive=False):
+    """A float32 tensor [T] from a scalar or a sequence of T finite numbers."""
+    if values is None:
+        values = default
+    if isinstance(values, torch.Tensor):
+        values = values.detach().reshape(-1).tolist()
+    if not isinstance(values, Sequence):
+        values = [values] * num_tasks
+    if len(values) != num_tasks:
+        raise ValueError(f"{name} has {len(values)} entries for {num_tasks} task vectors")
+    values = [finite_scalar(v, f"{name}[{t}]") for t, v in enumerate(values)]
+    if positive and any(v <= 0 for v in values):
+        raise ValueError(f"{name} must all be positive, got {values}")
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def check_finite(tensors):
+    """Raise NonFiniteError for the first of ``(name, tensor, has_task_axis)`` holding NaN/Inf."""
+    for name, x, tasks in tensors:
+        if x is None:
+            continue
+        if tasks:
+            bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(dim=1).nonzero()
+            if bad.numel():
+                raise NonFiniteError(name, int(bad[0]))
+        elif not torch.isfinite(x).all():
+            raise NonFiniteError(name)
+
+
+def raise_nonfinite(tensors):
+    """A kernel counted non-finite values in ``tensors``: raise naming the first such tensor."""
+    check_finite(tensors)
+    raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")

@@ -1,0 +1,135 @@
+"""Exact magnitude selection: the TIES trim threshold.
+
+``magnitude_threshold(x, keep)`` is the k-th smallest |x| with ``k = d - int(d * keep)`` over all
+``d`` elements of ``x`` (one tensor or several taken together), as in the original TIES code.
+The reference concatenates and calls ``kthvalue``; the fast backends never sort: they count the
+bit patterns of |x| (for non-negative floats, integer order is float order) in radix histograms —
+one pass over the 15 magnitude bits of fp16/bf16; two passes for fp32 (high 16 bits, then the low
+16 bits of the elements in the selected high bin). Several tensors add into one histogram, so a
+global threshold never concatenates the model.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from nlmerge.ops._checks import check_finite, check_float, finite_scalar, raise_nonfinite
+from nlmerge.ops._dispatch import resolve
+
+HIGH_BINS = 1 << 15  # magnitude bits above the low 16 of fp32, or all 15 of a 16-bit float
+LOW_BINS = 1 << 16
+# first histogram bin of a non-finite magnitude (exponent all ones)
+_NONFINITE_BIN = {torch.float32: 0x7F80, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _as_list(x, name="x"):
+    xs = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, Sequence) else None
+    if not xs:
+        raise ValueError(f"{name} must be a tensor or a non-empty sequence of tensors")
+    for i, t in enumerate(xs):
+        check_float(t, name if len(xs) == 1 and isinstance(x, torch.Tensor) else f"{name}[{i}]")
+        for what in ("dtype", "device"):
+            if getattr(t, what) != getattr(xs[0], what):
+                raise ValueError(f"{name}[{i}] has {what} {getattr(t, what)} but {name}[0] has {getattr(xs[0], what)}")
+    if sum(t.numel() for t in xs) == 0:
+        raise ValueError(f"{name} has no elements")
+    return xs
+
+
+def _names(x, xs, name="x"):
+    return [(name if isinstance(x, torch.Tensor) else f"{name}[{i}]", t, False) for i, t in enumerate(xs)]
+
+
+def kth_smallest_magnitude_reference(xs, k):
+    """The specification: concatenate all |x| (exact in fp32) and take the k-th smallest."""
+    magnitudes = torch.cat([t.detach().reshape(-1).float().abs() for t in xs])
+    return magnitudes.kthvalue(k).values.to(xs[0].dtype)
+
+
+def _radix_select(xs, k, kernels, names):
+    dtype, device = xs[0].dtype, xs[0].device
+    flat = [t.detach().reshape(-1).contiguous() for t in xs]
+    high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+    shift = 16 if dtype == torch.float32 else 0
+    for t in flat:
+        kernels.hist_magnitude(t, high, shift)
+    if int(high[_NONFINITE_BIN[dtype]:].sum()):
+        raise_nonfinite(names)
+    bin_, rank = _locate(high, k)
+    if dtype == torch.float32:
+        low = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+        for t in flat:
+            kernels.hist_magnitude_low(t, low, bin_)
+        low_bin, _ = _locate(low, rank)
+        bin_ = (bin_ << 16) | low_bin
+    bits = torch.tensor(bin_, dtype=_INT_VIEW[dtype])
+    return bits.view(dtype).to(device)
+
+
+def _locate(hist, k):
+    """Return ``(bin, rank)``: the bin holding the k-th counted element and its rank inside it."""
+    cumulative = hist.cumsum(0)
+    bin_ = int(torch.searchsorted(cumulative, torch.tensor([k], device=hist.device)))
+    below = int(cumulative[bin_ - 1]) if bin_ else 0
+    return bin_, k - below
+
+
+def kth_smallest_magnitude(x, k, *, backend=None):
+    """Exact k-th smallest magnitude (1-based) of a tensor or of several tensors taken together.
+
+    Parameters
+    ----------
+    x : Tensor or sequence of Tensor
+        fp32, fp16 or bf16, one dtype and device; any shapes.
+    k : int
+        Rank, ``1 <= k <= d`` with ``d`` the total number of elements.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        0-dim, in ``x``'s dtype and device, bit-identical across backends.
+    """
+    xs = _as_list(x)
+    d = sum(t.numel() for t in xs)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+        raise ValueError(f"k must be an integer in [1, {d}], got {k!r}")
+    name, kernels = resolve(backend, xs[0].device, "kth_smallest_magnitude")
+    if kernels is None:
+        check_finite(_names(x, xs))
+        return kth_smallest_magnitude_reference(xs, k)
+    return _radix_select(xs, k, kernels, _names(x, xs))
+
+
+def magnitude_threshold(x, keep, *, backend=None):
+    """The TIES trim threshold: keep the ``keep`` fraction of largest magnitudes.
+
+    Returns the k-th smallest ``|x|`` with ``k = d - int(d * keep)`` over all ``d`` elements of
+    ``x`` taken together; the TIES mask is then ``|x| >= threshold``. ``keep >= 1`` returns 0
+    (everything kept); so does a ``keep`` so close to 1 that ``int(d * keep) == d``.
+
+    Parameters
+    ----------
+    x : Tensor or sequence of Tensor
+        One task vector, or all tensors of one task for a global threshold (never concatenated
+        on the fast backends: their histograms are summed).
+    keep : float
+        Fraction kept, in (0, 1]; ``<= 0`` or non-finite raises ValueError.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        0-dim threshold in ``x``'s dtype, exact (bit-identical across backends).
+    """
+    xs = _as_list(x)
+    keep = finite_scalar(keep, "keep")
+    if keep <= 0:
+        raise ValueError(f"keep must be > 0 (the fraction of magnitudes kept), got {keep}")
+    d = sum(t.numel() for t in xs)
+    k = d - int(d * keep)
+    if k < 1:
+        # still refuse NaN/Inf: a threshold of 0 must not let a non-finite tensor through
+        check_finite(_names(x, xs))
+        return torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
+    return kth_smallest_magnitude(x, k, backend=backend)

@@ -1,0 +1,171 @@
+"""TALL masks, consensus merging, and rebuilding one task's tensor from its packed mask.
+
+TALL (DESIGN.md): ``m_t = |tau_t| > lam_t * |tau_MTL - tau_t|`` (strict, fp32), stored bit-packed:
+bit ``n % 8`` of byte ``n // 8`` of row t is ``m_t[n]`` (little-endian within each byte, like
+``numpy.packbits(..., bitorder="little")``). Task t's tensor is ``base + m_t * tau_MTL``.
+Consensus keeps ``tau_MTL`` where at least ``k`` masks are set: ``base + alpha * (count >= k) *
+tau_MTL``; its fused kernel computes the masks on the fly and never stores them.
+"""
+import torch
+
+from nlmerge.ops._checks import (
+    check_finite,
+    finite_scalar,
+    flat_like,
+    per_task,
+    raise_nonfinite,
+    stack_task_vectors,
+)
+from nlmerge.ops._dispatch import resolve
+from nlmerge.ops.ties import _finish
+
+_BIT_WEIGHTS = [1 << j for j in range(8)]
+
+
+def packed_size(numel):
+    """Bytes of one task's packed mask for ``numel`` elements."""
+    return (numel + 7) // 8
+
+
+def pack_masks(masks):
+    """Pack a bool tensor ``[..., N]`` into uint8 ``[..., ceil(N/8)]`` (little-endian bits)."""
+    pad = packed_size(masks.shape[-1]) * 8 - masks.shape[-1]
+    bits = torch.nn.functional.pad(masks.to(torch.uint8), (0, pad)).reshape(*masks.shape[:-1], -1, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=masks.device)
+    return (bits * weights).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_masks(packed, numel):
+    """Unpack uint8 ``[..., ceil(numel/8)]`` (from ``tall_masks``) into bool ``[..., numel]``."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] != packed_size(numel):
+        raise ValueError(
+            f"packed masks must be uint8 [..., {packed_size(numel)}] for {numel} elements, "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) & weights) != 0
+    return bits.reshape(*packed.shape[:-1], -1)[..., :numel]
+
+
+def tall_masks_reference(tv, tau_mtl, lam):
+    """The specification: bool masks ``[T, N]``."""
+    x, mtl = tv.float(), tau_mtl.float()
+    return x.abs() > lam[:, None] * (mtl - x).abs()
+
+
+def _prepare(task_vectors, tau_mtl, lam):
+    tv, shape = stack_task_vectors(task_vectors)
+    mtl = flat_like(tau_mtl, "tau_mtl", tv, shape)
+    if mtl is None:
+        raise ValueError("tau_mtl is required")
+    lam = per_task(lam, tv.shape[0], "lam", tv.device)
+    return tv, shape, mtl, lam
+
+
+def tall_masks(task_vectors, tau_mtl, lam, *, backend=None):
+    """Bit-packed TALL masks ``m_t = |tau_t| > lam_t * |tau_MTL - tau_t|``.
+
+    Parameters
+    ----------
+    task_vectors : Tensor [T, *shape] or sequence of T tensors
+    tau_mtl : Tensor
+        The multi-task vector (e.g. the task-arithmetic sum), shape and dtype of one task vector.
+    lam : float or sequence of T floats
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        uint8 ``[T, ceil(N/8)]`` with N the elements of one task vector (see ``unpack_masks``).
+    """
+    tv, _, mtl, lam = _prepare(task_vectors, tau_mtl, lam)
+    checked = [("task_vectors", tv, True), ("tau_mtl", mtl, False)]
+    _, kernels = resolve(backend, tv.device, "tall_masks")
+    if kernels is None:
+        check_finite(checked)
+        return pack_masks(tall_masks_reference(tv, mtl, lam))
+    out = torch.empty(tv.shape[0], packed_size(tv.shape[1]), dtype=torch.uint8, device=tv.device)
+    if kernels.tall_masks(tv, mtl, lam, out):
+        raise_nonfinite(checked)
+    return out
+
+
+def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, backend=None):
+    """Consensus merge: ``base + alpha * (sum_t m_t >= k) * tau_MTL`` with TALL masks ``m_t``.
+
+    Parameters
+    ----------
+    task_vectors : Tensor [T, *shape] or sequence of T tensors
+    tau_mtl : Tensor
+    lam : float or sequence of T floats
+        TALL mask parameter per task.
+    k : int
+        Minimum number of tasks whose mask must be set (``k >= 0``).
+    base : Tensor, optional
+    alpha : float
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        Shape and dtype of ``tau_mtl``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    tv, shape, mtl, lam = _prepare(task_vectors, tau_mtl, lam)
+    base = flat_like(base, "base", tv, shape)
+    alpha = finite_scalar(alpha, "alpha")
+    checked = [("task_vectors", tv, True), ("tau_mtl", mtl, False), ("base", base, False)]
+    _, kernels = resolve(backend, tv.device, "consensus_merge")
+    if kernels is None:
+        check_finite(checked)
+        keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
+        out = _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, tv.dtype)
+    else:
+        out = torch.empty_like(mtl)
+        if kernels.consensus(tv, mtl, lam, k, out, base, alpha):
+            raise_nonfinite(checked)
+    return out.view(shape)
+
+
+def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
+    """Rebuild one task's tensor from its packed TALL mask: ``base + m_t * tau_MTL``.
+
+    Parameters
+    ----------
+    packed_row : Tensor
+        uint8 ``[ceil(N/8)]``: one row of ``tall_masks``.
+    tau_mtl : Tensor
+    base : Tensor, optional
+        Without it, the masked ``tau_MTL`` itself (an exact copy where the mask is set).
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        Shape and dtype of ``tau_mtl``.
+    """
+    flat_mtl, shape = stack_task_vectors([tau_mtl], "tau_mtl")
+    mtl = flat_mtl[0]
+    base = flat_like(base, "base", flat_mtl, shape, "tau_mtl")
+    numel = mtl.numel()
+    if not isinstance(packed_row, torch.Tensor) or packed_row.dtype != torch.uint8 or packed_row.shape != (packed_size(numel),):
+        got = f"{packed_row.dtype} {tuple(packed_row.shape)}" if isinstance(packed_row, torch.Tensor) else type(packed_row).__name__
+        raise ValueError(f"packed_row must be uint8 [{packed_size(numel)}] for tau_mtl of {numel} elements, got {got}")
+    if packed_row.device != mtl.device:
+        raise ValueError(f"packed_row is on {packed_row.device} but tau_mtl is on {mtl.device}")
+    checked = [("tau_mtl", mtl, False), ("base", base, False)]
+    _, kernels = resolve(backend, mtl.device, "apply_mask")
+    if kernels is None:
+        check_finite(checked)
+        mask = unpack_masks(packed_row, numel)
+        if base is None:
+            out = torch.where(mask, mtl, torch.zeros_like(mtl))
+        else:
+            out = (base.float() + torch.where(mask, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32))).to(mtl.dtype)
+    else:
+        out = torch.empty_like(mtl)
+        kernels.apply_mask(packed_row.contiguous(), mtl, out, base)
+        if not (torch.isfinite(mtl).all() and (base is None or torch.isfinite(base).all())):
+            raise_nonfinite(checked)
+    return out.view(shape)

@@ -1,0 +1,201 @@
+"""Fused TIES merging and task arithmetic over T stacked task vectors.
+
+TIES (DESIGN.md, "Semantics"), per element with ``x_t`` the task vectors in fp32:
+trim ``x_t`` to 0 where ``|x_t| < thr_t``; elect ``s = sign(sum_t w_t x_t)`` ("mass") or
+``sign(sum_t sign(x_t))`` ("count"); zero signs take ``fill_sign``; keep the entries that agree
+with ``s`` and merge them ("mean": weighted sum over summed weights, "sum", "max": largest
+magnitude times ``s``); return ``base + lam * merged``. The fast kernels read every input element
+once per pass and allocate only the output.
+
+The zero-sign rule of TIES ("majority": the sign of the sum of all elected signs over the scope)
+needs the whole scope before any element can be finished. One pass with ``fill_sign=0`` also
+returns the scope's sign sum and how many elements were ambiguous (zero sign, some non-zero
+trimmed entry); only those need a second pass with the majority sign, which is rare.
+"""
+from typing import NamedTuple
+
+import torch
+
+from nlmerge.ops._checks import check_finite, finite_scalar, flat_like, per_task, raise_nonfinite, stack_task_vectors
+from nlmerge.ops._dispatch import resolve
+
+SIGN_MODES = ("mass", "count")
+DISJOINT_MODES = ("mean", "sum", "max")
+
+
+class TiesPass(NamedTuple):
+    """One TIES pass: the merged tensor, the sum of elected signs, the count of ambiguous elements."""
+
+    merged: torch.Tensor
+    sign_sum: int
+    ambiguous: int
+
+
+def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign):
+    """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``."""
+    x = tv.float()
+    trimmed = torch.where(x.abs() >= thresholds[:, None], x, torch.zeros_like(x))
+    election = torch.zeros_like(x[0])
+    for t in range(x.shape[0]):  # fixed task order: the kernels add in this order too
+        election = election + (weights[t] * trimmed[t] if sign == "mass" else torch.sign(trimmed[t]))
+    s0 = torch.sign(election)
+    sign_sum = int(s0.to(torch.int64).sum())
+    ambiguous = int(((s0 == 0) & (trimmed != 0).any(dim=0)).sum())
+    s = torch.where(s0 == 0, torch.full_like(s0, fill_sign), s0)
+    agree = torch.where(s > 0, trimmed > 0, trimmed < 0)
+    if disjoint == "max":
+        merged = torch.where(agree, trimmed.abs(), torch.zeros_like(x)).amax(dim=0) * s
+    else:
+        num, den = torch.zeros_like(s), torch.zeros_like(s)
+        for t in range(x.shape[0]):
+            num = num + torch.where(agree[t], weights[t] * trimmed[t], torch.zeros_like(s))
+            den = den + torch.where(agree[t], weights[t], torch.zeros_like(s))
+        merged = num if disjoint == "sum" else torch.where(den != 0, num / den, torch.zeros_like(s))
+    return _finish(merged, base, lam, tv.dtype), sign_sum, ambiguous
+
+
+def task_arithmetic_reference(tv, weights, base, lam):
+    """The specification of task arithmetic on ``tv`` [T, N]: ``base + lam * sum_t w_t x_t``."""
+    acc = torch.zeros(tv.shape[1], dtype=torch.float32, device=tv.device)
+    for t in range(tv.shape[0]):
+        acc = acc + weights[t] * tv[t].float()
+    return _finish(acc, base, lam, tv.dtype)
+
+
+def _finish(merged, base, lam, dtype):
+    """``base + lam * merged`` in fp32 (lam rounded to fp32 as the kernels do), in ``dtype``."""
+    scaled = torch.tensor(lam, dtype=torch.float32, device=merged.device) * merged
+    return (scaled if base is None else base.float() + scaled).to(dtype)
+
+
+def ties_merge_pass(
+    task_vectors, thresholds, *, fill_sign, sign="mass", disjoint="mean", weights=None, base=None, lam=1.0, backend=None
+):
+    """One fused TIES pass with a given sign for elements whose elected sign is zero.
+
+    Parameters
+    ----------
+    task_vectors : Tensor [T, *shape] or sequence of T tensors
+    thresholds : sequence of T numbers or Tensor [T]
+        Trim thresholds (``magnitude_threshold`` per task); ``|x_t| >= thr_t`` is kept.
+    fill_sign : -1, 0 or 1
+        Sign given to elements whose elected sign is zero.
+    sign, disjoint, weights, base, lam, backend
+        As in ``ties_merge``.
+
+    Returns
+    -------
+    TiesPass
+        ``merged`` (shape and dtype of one task vector), ``sign_sum`` (sum of the elected signs
+        before filling) and ``ambiguous`` (elements with zero elected sign and a non-zero
+        trimmed entry: those whose result depends on ``fill_sign``).
+    """
+    if sign not in SIGN_MODES:
+        raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
+    if disjoint not in DISJOINT_MODES:
+        raise ValueError(f"disjoint must be one of {DISJOINT_MODES}, got {disjoint!r}")
+    if fill_sign not in (-1, 0, 1):
+        raise ValueError(f"fill_sign must be -1, 0 or 1, got {fill_sign!r}")
+    tv, shape = stack_task_vectors(task_vectors)
+    num_tasks = tv.shape[0]
+    thresholds = per_task(thresholds, num_tasks, "thresholds", tv.device)
+    if bool((thresholds < 0).any()):
+        raise ValueError(f"thresholds must be >= 0, got {thresholds.tolist()}")
+    weights = per_task(weights, num_tasks, "weights", tv.device, default=1.0, positive=True)
+    base = flat_like(base, "base", tv, shape)
+    lam = finite_scalar(lam, "lam")
+    checked = [("task_vectors", tv, True), ("base", base, False)]
+    _, kernels = resolve(backend, tv.device, "ties_merge")
+    if kernels is None:
+        check_finite(checked)
+        out, sign_sum, ambiguous = ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign)
+    else:
+        out = torch.empty(tv.shape[1], dtype=tv.dtype, device=tv.device)
+        sign_sum, ambiguous, nonfinite = kernels.ties_merge(
+            tv, thresholds, weights, out, base, lam, sign, disjoint, fill_sign
+        )
+        if nonfinite:
+            raise_nonfinite(checked)
+    return TiesPass(out.view(shape), sign_sum, ambiguous)
+
+
+def ties_merge(
+    task_vectors,
+    thresholds,
+    *,
+    sign="mass",
+    disjoint="mean",
+    weights=None,
+    base=None,
+    lam=1.0,
+    zero_sign="majority",
+    backend=None,
+):
+    """Fused TIES merge of T task vectors of one tensor: trim, elect sign, disjoint merge.
+
+    Parameters
+    ----------
+    task_vectors : Tensor [T, *shape] or sequence of T tensors
+        fp32, fp16 or bf16 (one dtype); stacked when given as a sequence.
+    thresholds : sequence of T numbers or Tensor [T]
+        Per-task trim thresholds, e.g. ``magnitude_threshold(task_vectors[t], keep)``.
+    sign : "mass" or "count"
+        Elect ``sign(sum_t w_t * trimmed_t)`` or the sign of the count of signs.
+    disjoint : "mean", "sum" or "max"
+        How agreeing entries combine ("mean": weighted sum over summed weights).
+    weights : None, number or sequence of T positive numbers
+    base : Tensor, optional
+        Added to the result (``base + lam * merged``); shape and dtype of one task vector.
+    lam : float
+        Scale of the merged task vector.
+    zero_sign : "majority" or "positive"
+        Sign for zero elections: the majority sign over this tensor (TIES), or + (mergekit).
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        Shape and dtype of one task vector.
+    """
+    if zero_sign not in ("majority", "positive"):
+        raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
+    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, backend=backend)
+    if zero_sign == "positive":
+        return ties_merge_pass(task_vectors, thresholds, fill_sign=1, **kwargs).merged
+    first = ties_merge_pass(task_vectors, thresholds, fill_sign=0, **kwargs)
+    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
+    if first.ambiguous == 0 or majority == 0:
+        return first.merged
+    return ties_merge_pass(task_vectors, thresholds, fill_sign=majority, **kwargs).merged
+
+
+def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=None):
+    """Fused task arithmetic: ``base + lam * sum_t w_t * tau_t`` (``lam * sum`` without base).
+
+    Parameters
+    ----------
+    task_vectors : Tensor [T, *shape] or sequence of T tensors
+    weights : None, number or sequence of T finite numbers (negative allowed: task negation)
+    base : Tensor, optional
+    lam : float
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        Shape and dtype of one task vector; accumulated in fp32 in task order.
+    """
+    tv, shape = stack_task_vectors(task_vectors)
+    weights = per_task(weights, tv.shape[0], "weights", tv.device, default=1.0)
+    base = flat_like(base, "base", tv, shape)
+    lam = finite_scalar(lam, "lam")
+    checked = [("task_vectors", tv, True), ("base", base, False)]
+    _, kernels = resolve(backend, tv.device, "task_arithmetic")
+    if kernels is None:
+        check_finite(checked)
+        out = task_arithmetic_reference(tv, weights, base, lam)
+    else:
+        out = torch.empty(tv.shape[1], dtype=tv.dtype, device=tv.device)
+        if kernels.task_arithmetic(tv, weights, out, base, lam):
+            raise_nonfinite(checked)
+    return out.view(shape)
