@@ -27,11 +27,11 @@ def check_like(x, name, ref, ref_name):
     """``x`` must have ``ref``'s shape, dtype and device."""
     check_float(x, name)
     for what in ("shape", "dtype", "device"):
-        if getattr(x, what) != getattr(ref, what):
-            raise ValueError(
-                f"{name} has {what} {tuple(x.shape) if what == 'shape' else getattr(x, what)} but "
-                f"{ref_name} has {tuple(ref.shape) if what == 'shape' else getattr(ref, what)}"
-            )
+        mine, theirs = getattr(x, what), getattr(ref, what)
+        if mine != theirs:
+            if what == "shape":
+                mine, theirs = tuple(mine), tuple(theirs)
+            raise ValueError(f"{name} has {what} {mine} but {ref_name} has {what} {theirs}")
 
 
 def stack_task_vectors(task_vectors, name="task_vectors"):
@@ -56,14 +56,16 @@ def stack_task_vectors(task_vectors, name="task_vectors"):
 
 
 def flat_like(x, name, tv, shape, tv_name="task_vectors"):
-    """Check an optional per-element tensor (base, tau_mtl) against the task vectors; flatten it."""
+    """Check an optional per-element tensor (base, tau_mtl) against the task vectors; flatten it.
+
+    Its dtype may be any of the three float dtypes: a bf16 base plus fp32 task vectors is a
+    bf16 model; the kernels convert each element to fp32 as they read it.
+    """
     if x is None:
         return None
     check_float(x, name)
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} has shape {tuple(x.shape)} but each of {tv_name} has shape {shape}")
-    if x.dtype != tv.dtype:
-        raise ValueError(f"{name} has dtype {x.dtype} but {tv_name} has dtype {tv.dtype}")
     if x.device != tv.device:
         raise ValueError(f"{name} is on {x.device} but {tv_name} is on {tv.device}")
     return x.reshape(-1).contiguous()

@@ -62,6 +62,6 @@ def _auto(device):
                 f"nlmerge: the C++ kernels are not built ({reason}); using the PyTorch reference "
                 "(slower). Reinstall with a C++ compiler (`pip install -e .`) to build them.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
     return "torch", None

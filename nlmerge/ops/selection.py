@@ -22,22 +22,20 @@ _NONFINITE_BIN = {torch.float32: 0x7F80, torch.bfloat16: 0x7F80, torch.float16: 
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-def _as_list(x, name="x"):
+def _as_list(x):
+    """Return ``(tensors, named)``: the tensors of ``x`` and ``(name, tensor, False)`` triples."""
     xs = [x] if isinstance(x, torch.Tensor) else list(x) if isinstance(x, Sequence) else None
     if not xs:
-        raise ValueError(f"{name} must be a tensor or a non-empty sequence of tensors")
-    for i, t in enumerate(xs):
-        check_float(t, name if len(xs) == 1 and isinstance(x, torch.Tensor) else f"{name}[{i}]")
+        raise ValueError("x must be a tensor or a non-empty sequence of tensors")
+    names = ["x"] if isinstance(x, torch.Tensor) else [f"x[{i}]" for i in range(len(xs))]
+    for name, t in zip(names, xs):
+        check_float(t, name)
         for what in ("dtype", "device"):
             if getattr(t, what) != getattr(xs[0], what):
-                raise ValueError(f"{name}[{i}] has {what} {getattr(t, what)} but {name}[0] has {getattr(xs[0], what)}")
+                raise ValueError(f"{name} has {what} {getattr(t, what)} but x[0] has {what} {getattr(xs[0], what)}")
     if sum(t.numel() for t in xs) == 0:
-        raise ValueError(f"{name} has no elements")
-    return xs
-
-
-def _names(x, xs, name="x"):
-    return [(name if isinstance(x, torch.Tensor) else f"{name}[{i}]", t, False) for i, t in enumerate(xs)]
+        raise ValueError("x has no elements")
+    return xs, [(name, t, False) for name, t in zip(names, xs)]
 
 
 def kth_smallest_magnitude_reference(xs, k):
@@ -90,15 +88,15 @@ def kth_smallest_magnitude(x, k, *, backend=None):
     Tensor
         0-dim, in ``x``'s dtype and device, bit-identical across backends.
     """
-    xs = _as_list(x)
+    xs, named = _as_list(x)
     d = sum(t.numel() for t in xs)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
         raise ValueError(f"k must be an integer in [1, {d}], got {k!r}")
     name, kernels = resolve(backend, xs[0].device, "kth_smallest_magnitude")
     if kernels is None:
-        check_finite(_names(x, xs))
+        check_finite(named)
         return kth_smallest_magnitude_reference(xs, k)
-    return _radix_select(xs, k, kernels, _names(x, xs))
+    return _radix_select(xs, k, kernels, named)
 
 
 def magnitude_threshold(x, keep, *, backend=None):
@@ -122,7 +120,7 @@ def magnitude_threshold(x, keep, *, backend=None):
     Tensor
         0-dim threshold in ``x``'s dtype, exact (bit-identical across backends).
     """
-    xs = _as_list(x)
+    xs, named = _as_list(x)
     keep = finite_scalar(keep, "keep")
     if keep <= 0:
         raise ValueError(f"keep must be > 0 (the fraction of magnitudes kept), got {keep}")
@@ -130,6 +128,6 @@ def magnitude_threshold(x, keep, *, backend=None):
     k = d - int(d * keep)
     if k < 1:
         # still refuse NaN/Inf: a threshold of 0 must not let a non-finite tensor through
-        check_finite(_names(x, xs))
+        check_finite(named)
         return torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
     return kth_smallest_magnitude(x, k, backend=backend)

@@ -17,7 +17,7 @@ from nlmerge.ops._checks import (
     stack_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
-from nlmerge.ops.ties import _finish
+from nlmerge.ops.ties import _finish, result_dtype
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]
 
@@ -108,7 +108,7 @@ def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, ba
     Returns
     -------
     Tensor
-        Shape and dtype of ``tau_mtl``.
+        Shape of ``tau_mtl``; dtype of ``base`` if given, else of ``tau_mtl``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
@@ -120,9 +120,9 @@ def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, ba
     if kernels is None:
         check_finite(checked)
         keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
-        out = _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, tv.dtype)
+        out = _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, result_dtype(mtl, base))
     else:
-        out = torch.empty_like(mtl)
+        out = torch.empty(mtl.shape, dtype=result_dtype(mtl, base), device=mtl.device)
         if kernels.consensus(tv, mtl, lam, k, out, base, alpha):
             raise_nonfinite(checked)
     return out.view(shape)
@@ -143,7 +143,7 @@ def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
     Returns
     -------
     Tensor
-        Shape and dtype of ``tau_mtl``.
+        Shape of ``tau_mtl``; dtype of ``base`` if given, else of ``tau_mtl``.
     """
     flat_mtl, shape = stack_task_vectors([tau_mtl], "tau_mtl")
     mtl = flat_mtl[0]
@@ -162,9 +162,9 @@ def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
         if base is None:
             out = torch.where(mask, mtl, torch.zeros_like(mtl))
         else:
-            out = (base.float() + torch.where(mask, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32))).to(mtl.dtype)
+            out = (base.float() + torch.where(mask, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32))).to(base.dtype)
     else:
-        out = torch.empty_like(mtl)
+        out = torch.empty(mtl.shape, dtype=result_dtype(mtl, base), device=mtl.device)
         kernels.apply_mask(packed_row.contiguous(), mtl, out, base)
         if not (torch.isfinite(mtl).all() and (base is None or torch.isfinite(base).all())):
             raise_nonfinite(checked)

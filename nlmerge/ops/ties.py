@@ -51,7 +51,7 @@ def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign
             num = num + torch.where(agree[t], weights[t] * trimmed[t], torch.zeros_like(s))
             den = den + torch.where(agree[t], weights[t], torch.zeros_like(s))
         merged = num if disjoint == "sum" else torch.where(den != 0, num / den, torch.zeros_like(s))
-    return _finish(merged, base, lam, tv.dtype), sign_sum, ambiguous
+    return _finish(merged, base, lam, result_dtype(tv, base)), sign_sum, ambiguous
 
 
 def task_arithmetic_reference(tv, weights, base, lam):
@@ -59,7 +59,12 @@ def task_arithmetic_reference(tv, weights, base, lam):
     acc = torch.zeros(tv.shape[1], dtype=torch.float32, device=tv.device)
     for t in range(tv.shape[0]):
         acc = acc + weights[t] * tv[t].float()
-    return _finish(acc, base, lam, tv.dtype)
+    return _finish(acc, base, lam, result_dtype(tv, base))
+
+
+def result_dtype(data, base):
+    """Results are in the base's dtype when there is a base (it is the model), else the data's."""
+    return data.dtype if base is None else base.dtype
 
 
 def _finish(merged, base, lam, dtype):
@@ -86,7 +91,7 @@ def ties_merge_pass(
     Returns
     -------
     TiesPass
-        ``merged`` (shape and dtype of one task vector), ``sign_sum`` (sum of the elected signs
+        ``merged`` (shape of one task vector, dtype as in ``ties_merge``), ``sign_sum`` (sum of the elected signs
         before filling) and ``ambiguous`` (elements with zero elected sign and a non-zero
         trimmed entry: those whose result depends on ``fill_sign``).
     """
@@ -110,7 +115,7 @@ def ties_merge_pass(
         check_finite(checked)
         out, sign_sum, ambiguous = ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign)
     else:
-        out = torch.empty(tv.shape[1], dtype=tv.dtype, device=tv.device)
+        out = torch.empty(tv.shape[1], dtype=result_dtype(tv, base), device=tv.device)
         sign_sum, ambiguous, nonfinite = kernels.ties_merge(
             tv, thresholds, weights, out, base, lam, sign, disjoint, fill_sign
         )
@@ -145,7 +150,7 @@ def ties_merge(
         How agreeing entries combine ("mean": weighted sum over summed weights).
     weights : None, number or sequence of T positive numbers
     base : Tensor, optional
-        Added to the result (``base + lam * merged``); shape and dtype of one task vector.
+        Added to the result (``base + lam * merged``); shape of one task vector, any float dtype.
     lam : float
         Scale of the merged task vector.
     zero_sign : "majority" or "positive"
@@ -155,7 +160,7 @@ def ties_merge(
     Returns
     -------
     Tensor
-        Shape and dtype of one task vector.
+        Shape of one task vector; dtype of ``base`` if given, else of the task vectors.
     """
     if zero_sign not in ("majority", "positive"):
         raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
@@ -183,7 +188,8 @@ def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=N
     Returns
     -------
     Tensor
-        Shape and dtype of one task vector; accumulated in fp32 in task order.
+        Shape of one task vector, dtype of ``base`` if given, else of the task vectors;
+        accumulated in fp32 in task order.
     """
     tv, shape = stack_task_vectors(task_vectors)
     weights = per_task(weights, tv.shape[0], "weights", tv.device, default=1.0)
@@ -195,7 +201,7 @@ def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=N
         check_finite(checked)
         out = task_arithmetic_reference(tv, weights, base, lam)
     else:
-        out = torch.empty(tv.shape[1], dtype=tv.dtype, device=tv.device)
+        out = torch.empty(tv.shape[1], dtype=result_dtype(tv, base), device=tv.device)
         if kernels.task_arithmetic(tv, weights, out, base, lam):
             raise_nonfinite(checked)
     return out.view(shape)

@@ -1,0 +1,97 @@
+"""Merge kernels vs the reference vs a FusionBench-style implementation vs the memory floor.
+
+For T task vectors of N parameters: global TIES (one threshold per task over the task vector,
+then the merge) — fused (``nlmerge.ops``, auto backend), the reference (``backend="torch"``), and
+the FusionBench/original-TIES way (flatten, ``kthvalue``, masked tensor ops) — plus task
+arithmetic and TALL masks. The floor is the bytes an op must move (read the T task vectors once,
+write the output once) over the bandwidth of a plain copy measured in the same run. Every figure
+printed is a ratio from this one run.
+
+    python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16] [--quick]
+"""
+import argparse
+
+import torch
+
+from nlmerge import ops
+from nlmerge.ops import _dispatch
+from common import best_time, copy_bandwidth, machine, peak_extra_bytes
+
+
+def fusionbench_ties(tv, keep):
+    """TIES as FusionBench and the original TIES code write it: kthvalue on the flattened rows."""
+    d = tv.shape[1]
+    k = d - int(d * keep)
+    magnitudes = tv.abs()
+    kth = magnitudes.float().kthvalue(k, dim=1, keepdim=True).values.to(tv.dtype)
+    trimmed = tv * (magnitudes >= kth)
+    signs = torch.sign(trimmed.sum(dim=0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    selected = trimmed * torch.where(signs > 0, trimmed > 0, trimmed < 0)
+    counts = (selected != 0).sum(dim=0).to(tv.dtype)
+    return selected.sum(dim=0) / counts.clamp(min=1)
+
+
+def nlmerge_ties(tv, keep, backend=None):
+    thresholds = [ops.magnitude_threshold(tau, keep, backend=backend) for tau in tv]
+    return ops.ties_merge(tv, thresholds, backend=backend)
+
+
+def row(name, seconds, floor, others=()):
+    cells = [f"{name:<34}", f"{seconds * 1e3:10.1f} ms", f"{seconds / floor:8.2f}x floor"]
+    cells += [f"{label} {other / seconds:7.1f}x" for label, other in others]
+    print("  ".join(cells), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 26], help="log2 of N")
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--keep", type=float, default=0.2)
+    parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
+    args = parser.parse_args()
+    sizes, repeat = ([20], 1) if args.quick else (args.sizes, 3)
+    backend, _ = _dispatch.resolve(None, torch.device("cpu"), "benchmark")
+    print(f"machine: {machine()}\nfused backend: {backend}; T = {args.tasks}, keep = {args.keep}\n")
+    gen = torch.Generator().manual_seed(0)
+    for log2n in sizes:
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            n, t = 1 << log2n, args.tasks
+            tv = torch.randn(t, n, generator=gen).to(dtype)
+            size = tv.element_size()
+            bandwidth = copy_bandwidth(t * n * size)
+            floor = (t * n + n) * size / bandwidth
+            print(f"N = 2^{log2n}, {dtype_name}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+                  f"floor {floor * 1e3:.1f} ms (read {t}xN, write N)")
+            fused = best_time(lambda: nlmerge_ties(tv, args.keep), repeat)
+            reference = best_time(lambda: nlmerge_ties(tv, args.keep, "torch"), max(1, repeat - 2))
+            fusionbench = best_time(lambda: fusionbench_ties(tv, args.keep), max(1, repeat - 2))
+            row("TIES global (threshold + merge)", fused, floor, [("| reference", reference), ("| FusionBench-style", fusionbench)])
+            row("  reference (torch)", reference, floor)
+            row("  FusionBench-style", fusionbench, floor)
+            extra = peak_extra_bytes(lambda: nlmerge_ties(tv, args.keep))
+            if extra is not None:
+                print(f"  peak extra memory of the fused TIES: {extra / 2**20:.1f} MiB "
+                      f"(output {n * size / 2**20:.1f} MiB; FusionBench-style: "
+                      f"{peak_extra_bytes(lambda: fusionbench_ties(tv, args.keep)) / 2**20:.1f} MiB)")
+            selection = best_time(lambda: [ops.magnitude_threshold(tau, args.keep) for tau in tv], repeat)
+            row("  threshold only (T tasks)", selection, t * n * size / bandwidth)
+            thresholds = [ops.magnitude_threshold(tau, args.keep) for tau in tv]
+            merge = best_time(lambda: ops.ties_merge(tv, thresholds), repeat)
+            row("  merge pass only", merge, floor)
+            ta = best_time(lambda: ops.task_arithmetic(tv), repeat)
+            ta_ref = best_time(lambda: ops.task_arithmetic(tv, backend="torch"), max(1, repeat - 2))
+            row("task arithmetic", ta, floor, [("| reference", ta_ref), ("| torch sum", best_time(lambda: tv.sum(dim=0), repeat))])
+            mtl = ops.task_arithmetic(tv)
+            tall_floor = (t * n + n) * size / bandwidth + t * n / 8 / bandwidth
+            tall = best_time(lambda: ops.tall_masks(tv, mtl, 0.4), repeat)
+            tall_ref = best_time(lambda: ops.tall_masks(tv, mtl, 0.4, backend="torch"), max(1, repeat - 2))
+            row("TALL masks (bit-packed)", tall, tall_floor, [("| reference", tall_ref)])
+            print()
+            del tv, mtl
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Measurement helpers shared by the benchmarks: timing, copy bandwidth, peak memory, machine name."""
+import os
+import platform
+import time
+
+import torch
+
+
+def machine():
+    """The CPU model and core count (and the GPU, when there is one)."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        text += f"; GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def best_time(fn, repeat=3, device="cpu"):
+    """Fastest of ``repeat`` runs after one warm-up, in seconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(nbytes, device="cpu", repeat=5):
+    """Bytes per second of a plain copy (read + write counted) of an ``nbytes`` buffer."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: dst.copy_(src), repeat, device)
+    return 2 * src.numel() * 4 / seconds
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def peak_extra_bytes(fn):
+    """Peak resident memory that ``fn`` adds above what is resident before it (Linux, CPU).
+
+    Resets the kernel's high-water mark (``clear_refs`` 5) so that earlier peaks do not count.
+    Returns None where that is not possible.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS:")
+        result = fn()
+        peak = _status_kib("VmHWM:")
+    except OSError:
+        return None
+    del result
+    return (peak - before) * 1024

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set-up shared by the README's commands: torch (CPU build pinned, only when torch is missing),
+# then the package with its C++ extension and the test extras (triton, pytest, pytest-benchmark).
+# Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    # pin first: an unpinned torch (asked for by another package) would pull a CUDA build of GBs
+    "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+"$PYTHON" -m pip install --quiet -e ".[test]"
+"$PYTHON" - <<'PY'
+from nlmerge import kernels
+module, reason = kernels.load("cpu")
+print("nlmerge: C++ kernels", "built" if module else f"NOT built ({reason}); using the PyTorch reference")
+PY

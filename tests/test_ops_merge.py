@@ -1,0 +1,220 @@
+"""Fused TIES, task arithmetic, TALL masks, consensus and mask application against the references."""
+import pytest
+import torch
+
+from nlmerge import kernels, ops
+from conftest import DTYPES, assert_matches, device_for, fast_backends, nasty
+
+TASK_COUNTS = (1, 2, 3, 5, 8)
+MERGE_KINDS = ("normal", "ties", "zeros", "equal", "denormal", "huge", "mixed")
+
+
+def sizes_for(backend):
+    return (1, 7, 4097) if backend == "triton" else (1, 7, 4097, 1_000_003)
+
+
+def task_stack(kind, num_tasks, size, dtype, generator):
+    return torch.stack([nasty(kind, (size,), dtype, generator) for _ in range(num_tasks)])
+
+
+def thresholds_for(tv, keep=0.3):
+    return [float(ops.magnitude_threshold(tau, keep, backend="torch")) for tau in tv]
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", TASK_COUNTS)
+def test_ties_pass_equals_reference(backend, dtype, num_tasks, generator):
+    device = device_for(backend)
+    for size in sizes_for(backend):
+        for kind in MERGE_KINDS if size < 10**6 else ("mixed",):
+            tv = task_stack(kind, num_tasks, size, dtype, generator)
+            thr = thresholds_for(tv)
+            weights = (torch.rand(num_tasks, generator=generator) + 0.25).tolist()
+            base = nasty("normal", (size,), dtype, generator)
+            cases = [("mass", "mean", 0), ("count", "sum", 1), ("mass", "max", -1), ("count", "mean", 0)]
+            if size < 10**6:
+                cases += [(s, d, f) for s in ("mass", "count") for d in ("mean", "sum", "max") for f in (-1, 1)]
+            for sign, disjoint, fill in cases:
+                kwargs = dict(fill_sign=fill, sign=sign, disjoint=disjoint, weights=weights, base=base, lam=0.7)
+                expected = ops.ties_merge_pass(tv, thr, backend="torch", **kwargs)
+                kwargs["base"] = base.to(device)
+                actual = ops.ties_merge_pass(tv.to(device), thr, backend=backend, **kwargs)
+                where = (size, kind, sign, disjoint, fill)
+                assert (actual.sign_sum, actual.ambiguous) == (expected.sign_sum, expected.ambiguous), where
+                assert_matches(actual.merged.cpu(), expected.merged)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_merge_majority_sign_and_no_base(backend, dtype, generator):
+    device = device_for(backend)
+    # exact cancellations (+a, -a) make zero elected signs with non-zero entries: the majority decides
+    a = nasty("ties", (997,), dtype, generator)
+    tv = torch.stack([a, -a, nasty("ties", (997,), dtype, generator).clamp_min(0)])
+    for zero_sign in ("majority", "positive"):
+        expected = ops.ties_merge(tv, [0.0, 0.0, 0.0], zero_sign=zero_sign, backend="torch")
+        actual = ops.ties_merge(tv.to(device), [0.0, 0.0, 0.0], zero_sign=zero_sign, backend=backend)
+        assert_matches(actual.cpu(), expected)
+    first = ops.ties_merge_pass(tv, [0.0] * 3, fill_sign=0, backend="torch")
+    assert first.ambiguous > 0 and first.sign_sum > 0
+
+
+def test_ties_reference_is_the_recipe(generator):
+    """The reference equals the original TIES steps written out with stacked tensors."""
+    tv = torch.randn(4, 2001, generator=generator)
+    thr = torch.tensor(thresholds_for(tv, 0.2))
+    trimmed = tv * (tv.abs() >= thr[:, None])
+    s = torch.sign(trimmed.sum(0))
+    s[s == 0] = torch.sign(s.sum())
+    agree = torch.where(s > 0, trimmed > 0, trimmed < 0)
+    mean = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    torch.testing.assert_close(ops.ties_merge(tv, thr, backend="torch"), mean, rtol=1e-6, atol=1e-7)
+    maxed = (trimmed * agree).abs().amax(0) * s
+    assert torch.equal(ops.ties_merge(tv, thr, disjoint="max", backend="torch"), maxed)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", TASK_COUNTS)
+def test_task_arithmetic_equals_reference(backend, dtype, num_tasks, generator):
+    device = device_for(backend)
+    for size in sizes_for(backend):
+        for kind in ("normal", "mixed", "denormal", "zeros"):
+            tv = task_stack(kind, num_tasks, size, dtype, generator)
+            weights = (torch.randn(num_tasks, generator=generator)).tolist()  # negative allowed
+            base = nasty("normal", (size,), dtype, generator)
+            for b in (None, base):
+                expected = ops.task_arithmetic(tv, weights=weights, base=b, lam=0.3, backend="torch")
+                actual = ops.task_arithmetic(
+                    tv.to(device), weights=weights, base=None if b is None else b.to(device), lam=0.3, backend=backend
+                )
+                assert_matches(actual.cpu(), expected)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", TASK_COUNTS)
+def test_tall_consensus_apply_equal_reference(backend, dtype, num_tasks, generator):
+    device = device_for(backend)
+    for size in sizes_for(backend):
+        for kind in ("normal", "ties", "mixed", "equal", "zeros"):
+            tv = task_stack(kind, num_tasks, size, dtype, generator)
+            mtl = ops.task_arithmetic(tv, backend="torch")
+            lam = (torch.rand(num_tasks, generator=generator) * 2).tolist()
+            base = nasty("normal", (size,), dtype, generator)
+            expected = ops.tall_masks(tv, mtl, lam, backend="torch")
+            actual = ops.tall_masks(tv.to(device), mtl.to(device), lam, backend=backend)
+            assert torch.equal(actual.cpu(), expected), (size, kind)
+            for k in (0, 1, 2, num_tasks + 1):
+                exp = ops.consensus_merge(tv, mtl, lam, k=k, base=base, alpha=0.9, backend="torch")
+                act = ops.consensus_merge(tv.to(device), mtl.to(device), lam, k=k, base=base.to(device), alpha=0.9, backend=backend)
+                assert_matches(act.cpu(), exp)
+            for t in (0, num_tasks - 1):
+                for b in (None, base):
+                    exp = ops.apply_mask(expected[t], mtl, base=b, backend="torch")
+                    act = ops.apply_mask(actual[t], mtl.to(device), base=None if b is None else b.to(device), backend=backend)
+                    if b is None:
+                        assert torch.equal(act.cpu(), exp)
+                    else:
+                        assert_matches(act.cpu(), exp)
+
+
+def test_tall_reference_definition(generator):
+    tv = torch.randn(3, 37, generator=generator)
+    mtl = tv.sum(0)
+    lam = [0.2, 0.5, 1.0]
+    masks = ops.unpack_masks(ops.tall_masks(tv, mtl, lam, backend="torch"), 37)
+    for t in range(3):
+        assert torch.equal(masks[t], tv[t].abs() > lam[t] * (mtl - tv[t]).abs())
+    rebuilt = ops.apply_mask(ops.pack_masks(masks)[1], mtl, backend="torch")
+    assert torch.equal(rebuilt, masks[1] * mtl)
+    count = masks.sum(0)
+    assert torch.equal(ops.consensus_merge(tv, mtl, lam, k=2, backend="torch"), (count >= 2) * mtl)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_kernels_write_every_output_element(backend, generator):
+    """Outputs are poisoned before the kernel writes them: nothing may be left over."""
+    module, _ = kernels.load(backend)
+    device = device_for(backend)
+    tv = torch.randn(3, 1001, generator=generator).to(device)
+    mtl = tv.sum(0)
+    lam = torch.full((3,), 0.5, device=device)
+    ones = torch.ones(3, device=device)
+    out = torch.full((1001,), float("nan"), device=device)
+    module.ties_merge(tv, torch.zeros(3, device=device), ones, out, None, 1.0, "mass", "mean", 0)
+    assert torch.isfinite(out).all()
+    out.fill_(float("nan"))
+    module.task_arithmetic(tv, ones, out, None, 1.0)
+    assert torch.isfinite(out).all()
+    packed = torch.full((3, 126), 0xFF, dtype=torch.uint8, device=device)
+    module.tall_masks(tv, mtl, lam, packed)
+    assert torch.equal(packed.cpu(), ops.tall_masks(tv.cpu(), mtl.cpu(), 0.5, backend="torch"))
+    out.fill_(float("nan"))
+    module.consensus(tv, mtl, lam, 2, out, None, 1.0)
+    assert torch.isfinite(out).all()
+    out.fill_(float("nan"))
+    module.apply_mask(packed[0], mtl, out, None)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+def test_non_contiguous_and_sequence_inputs(backend, generator):
+    device = device_for(backend)
+    wide = torch.randn(4, 30, 20, generator=generator)
+    tv = wide.transpose(1, 2).to(device)  # [4, 20, 30], not contiguous
+    as_list = [tv[t] for t in range(4)]
+    thr = thresholds_for(wide.transpose(1, 2))
+    ref = ops.ties_merge(tv.contiguous().cpu(), thr, backend="torch")
+    assert_matches(ops.ties_merge(tv, thr, backend=backend).cpu(), ref)
+    assert_matches(ops.ties_merge(as_list, thr, backend=backend).cpu(), ref)
+    assert ops.task_arithmetic(as_list, backend=backend).shape == (20, 30)
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+def test_merge_ops_bad_input(backend, generator):
+    device = device_for(backend)
+    tv = torch.randn(3, 50, generator=generator).to(device)
+    before = tv.clone()
+    base = torch.randn(50, generator=generator).to(device)
+    thr = [0.1, 0.1, 0.1]
+    for bad in (float("nan"), float("inf")):
+        poisoned = tv.clone()
+        poisoned[2, 7] = bad
+        with pytest.raises(ops.NonFiniteError, match=r"task_vectors\[2\] contains NaN or Inf"):
+            ops.ties_merge(poisoned, thr, backend=backend)
+        with pytest.raises(ops.NonFiniteError, match=r"task_vectors\[2\]"):
+            ops.task_arithmetic(poisoned, backend=backend)
+        with pytest.raises(ops.NonFiniteError, match=r"task_vectors\[2\]"):
+            ops.tall_masks(poisoned, tv.sum(0), 0.4, backend=backend)
+        bad_base = base.clone()
+        bad_base[0] = bad
+        with pytest.raises(ops.NonFiniteError, match=r"^base contains"):
+            ops.task_arithmetic(tv, base=bad_base, backend=backend)
+        with pytest.raises(ops.NonFiniteError, match=r"^tau_mtl contains"):
+            ops.consensus_merge(tv, bad_base, 0.4, backend=backend)
+        with pytest.raises(ops.NonFiniteError, match=r"^tau_mtl contains"):
+            ops.apply_mask(torch.zeros(7, dtype=torch.uint8, device=device), bad_base, backend=backend)
+    with pytest.raises(ValueError, match=r"task_vectors\[1\] has shape \(49,\) but task_vectors\[0\] has shape \(50,\)"):
+        ops.task_arithmetic([tv[0], tv[1, :49]], backend=backend)
+    with pytest.raises(ValueError, match=r"task_vectors\[1\] has dtype torch.float16 but task_vectors\[0\] has dtype torch.float32"):
+        ops.task_arithmetic([tv[0], tv[1].half()], backend=backend)
+    with pytest.raises(ValueError, match=r"base has shape \(49,\) but each of task_vectors has shape \(50,\)"):
+        ops.ties_merge(tv, thr, base=base[:49], backend=backend)
+    assert ops.ties_merge(tv, thr, base=base.bfloat16(), backend=backend).dtype == torch.bfloat16  # the base's dtype
+    with pytest.raises(ValueError, match="thresholds has 2 entries for 3 task vectors"):
+        ops.ties_merge(tv, thr[:2], backend=backend)
+    with pytest.raises(ValueError, match="weights must all be positive"):
+        ops.ties_merge(tv, thr, weights=[1.0, -1.0, 1.0], backend=backend)
+    with pytest.raises(ValueError, match=r"lam\[1\] must be finite"):
+        ops.tall_masks(tv, tv.sum(0), [0.1, float("nan"), 0.2], backend=backend)
+    with pytest.raises(ValueError, match="sign must be one of"):
+        ops.ties_merge(tv, thr, sign="vote", backend=backend)
+    with pytest.raises(ValueError, match="disjoint must be one of"):
+        ops.ties_merge(tv, thr, disjoint="median", backend=backend)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        ops.consensus_merge(tv, tv.sum(0), 0.4, k=-1, backend=backend)
+    with pytest.raises(ValueError, match=r"packed_row must be uint8 \[7\]"):
+        ops.apply_mask(torch.zeros(6, dtype=torch.uint8, device=device), base, backend=backend)
+    assert torch.equal(tv, before)
