@@ -3,7 +3,6 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge._common import (
-    as_compute,
     assemble,
     check_experts,
     check_scalar,
@@ -112,7 +111,7 @@ def task_arithmetic(base, experts, *, lam=1.0, weights=None, exclude=(), backend
                 merged[key] = ops.task_arithmetic(
                     task_tensors(key, base, experts),
                     weights=weights,
-                    base=as_compute(base[key]),
+                    base=base[key].detach(),
                     lam=lam,
                     backend=backend,
                 )

@@ -7,7 +7,6 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge._common import (
-    as_compute,
     assemble,
     check_experts,
     check_lam,
@@ -384,6 +383,6 @@ def consensus(
         for key, taus, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
             with naming_nonfinite([key], base, experts):
                 merged[key] = ops.consensus_merge(
-                    taus, mtl_vector, lam, k=k, base=as_compute(base[key]), alpha=alpha, backend=backend
+                    taus, mtl_vector, lam, k=k, base=base[key].detach(), alpha=alpha, backend=backend
                 )
     return assemble(plan, base, merged)

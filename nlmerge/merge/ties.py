@@ -3,7 +3,6 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge._common import (
-    as_compute,
     assemble,
     check_experts,
     check_scalar,
@@ -41,10 +40,11 @@ def check_ties_options(num_tasks, *, keep, scope, sign, disjoint, weights, conve
 
 
 def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, weights, convention, backend, naming):
-    """TIES over ``keys``; returns ``{key: base + lam * merged}`` (fp32, or ``lam * merged`` without base).
+    """TIES over ``keys``; returns ``{key: base + lam * merged}`` (in the base's dtype), or
+    ``lam * merged`` (fp32) without base.
 
     ``get_taus(key)`` gives the fp32 task vectors ``[T, *shape]`` of a key, ``get_base(key)`` its
-    fp32 base or None; ``naming(keys)`` is a context manager that names non-finite inputs.
+    base (any float dtype; the kernels read it as fp32) or None; ``naming(keys)`` is a context manager that names non-finite inputs.
     Options are already checked.
     """
     out = {}
@@ -165,7 +165,7 @@ def ties(
         merged = ties_vectors(
             plan.merged,
             lambda key: task_tensors(key, base, experts),
-            lambda key: as_compute(base[key]),
+            lambda key: base[key].detach(),
             keep=keep,
             lam=lam,
             scope=scope,
