@@ -7,7 +7,8 @@ arithmetic and TALL masks. The floor is the bytes an op must move (read the T ta
 write the output once) over the bandwidth of a plain copy measured in the same run. Every figure
 printed is a ratio from this one run.
 
-    python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16] [--quick]
+    python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16]
+                                     [--device cpu|cuda] [--quick]
 """
 import argparse
 
@@ -49,45 +50,47 @@ def main():
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--keep", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
     args = parser.parse_args()
     sizes, repeat = ([20], 1) if args.quick else (args.sizes, 3)
-    backend, _ = _dispatch.resolve(None, torch.device("cpu"), "benchmark")
+    device = args.device
+    backend, _ = _dispatch.resolve(None, torch.device(device), "benchmark")
     print(f"machine: {machine()}\nfused backend: {backend}; T = {args.tasks}, keep = {args.keep}\n")
     gen = torch.Generator().manual_seed(0)
     for log2n in sizes:
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             n, t = 1 << log2n, args.tasks
-            tv = torch.randn(t, n, generator=gen).to(dtype)
+            tv = torch.randn(t, n, generator=gen).to(dtype).to(device)
             size = tv.element_size()
-            bandwidth = copy_bandwidth(t * n * size)
+            bandwidth = copy_bandwidth(t * n * size, device)
             floor = (t * n + n) * size / bandwidth
             print(f"N = 2^{log2n}, {dtype_name}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
                   f"floor {floor * 1e3:.1f} ms (read {t}xN, write N)")
-            fused = best_time(lambda: nlmerge_ties(tv, args.keep), repeat)
-            reference = best_time(lambda: nlmerge_ties(tv, args.keep, "torch"), max(1, repeat - 2))
-            fusionbench = best_time(lambda: fusionbench_ties(tv, args.keep), max(1, repeat - 2))
+            fused = best_time(lambda: nlmerge_ties(tv, args.keep), repeat, device)
+            reference = best_time(lambda: nlmerge_ties(tv, args.keep, "torch"), max(1, repeat - 2), device)
+            fusionbench = best_time(lambda: fusionbench_ties(tv, args.keep), max(1, repeat - 2), device)
             row("TIES global (threshold + merge)", fused, floor, [("| reference", reference), ("| FusionBench-style", fusionbench)])
             row("  reference (torch)", reference, floor)
             row("  FusionBench-style", fusionbench, floor)
-            extra = peak_extra_bytes(lambda: nlmerge_ties(tv, args.keep))
+            extra = peak_extra_bytes(lambda: nlmerge_ties(tv, args.keep), device)
             if extra is not None:
                 print(f"  peak extra memory of the fused TIES: {extra / 2**20:.1f} MiB "
                       f"(output {n * size / 2**20:.1f} MiB; FusionBench-style: "
-                      f"{peak_extra_bytes(lambda: fusionbench_ties(tv, args.keep)) / 2**20:.1f} MiB)")
-            selection = best_time(lambda: [ops.magnitude_threshold(tau, args.keep) for tau in tv], repeat)
+                      f"{peak_extra_bytes(lambda: fusionbench_ties(tv, args.keep), device) / 2**20:.1f} MiB)")
+            selection = best_time(lambda: [ops.magnitude_threshold(tau, args.keep) for tau in tv], repeat, device)
             row("  threshold only (T tasks)", selection, t * n * size / bandwidth)
             thresholds = [ops.magnitude_threshold(tau, args.keep) for tau in tv]
-            merge = best_time(lambda: ops.ties_merge(tv, thresholds), repeat)
+            merge = best_time(lambda: ops.ties_merge(tv, thresholds), repeat, device)
             row("  merge pass only", merge, floor)
-            ta = best_time(lambda: ops.task_arithmetic(tv), repeat)
-            ta_ref = best_time(lambda: ops.task_arithmetic(tv, backend="torch"), max(1, repeat - 2))
-            row("task arithmetic", ta, floor, [("| reference", ta_ref), ("| torch sum", best_time(lambda: tv.sum(dim=0), repeat))])
+            ta = best_time(lambda: ops.task_arithmetic(tv), repeat, device)
+            ta_ref = best_time(lambda: ops.task_arithmetic(tv, backend="torch"), max(1, repeat - 2), device)
+            row("task arithmetic", ta, floor, [("| reference", ta_ref), ("| torch sum", best_time(lambda: tv.sum(dim=0), repeat, device))])
             mtl = ops.task_arithmetic(tv)
             tall_floor = (t * n + n) * size / bandwidth + t * n / 8 / bandwidth
-            tall = best_time(lambda: ops.tall_masks(tv, mtl, 0.4), repeat)
-            tall_ref = best_time(lambda: ops.tall_masks(tv, mtl, 0.4, backend="torch"), max(1, repeat - 2))
+            tall = best_time(lambda: ops.tall_masks(tv, mtl, 0.4), repeat, device)
+            tall_ref = best_time(lambda: ops.tall_masks(tv, mtl, 0.4, backend="torch"), max(1, repeat - 2), device)
             row("TALL masks (bit-packed)", tall, tall_floor, [("| reference", tall_ref)])
             print()
             del tv, mtl

@@ -48,12 +48,21 @@ def _status_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def peak_extra_bytes(fn):
-    """Peak resident memory that ``fn`` adds above what is resident before it (Linux, CPU).
+def peak_extra_bytes(fn, device="cpu"):
+    """Peak memory that ``fn`` adds above what is held before it.
 
-    Resets the kernel's high-water mark (``clear_refs`` 5) so that earlier peaks do not count.
-    Returns None where that is not possible.
+    CUDA: the caching allocator's peak. CPU (Linux): resident memory, after resetting the
+    kernel's high-water mark (``clear_refs`` 5) so that earlier peaks do not count; None where
+    that is not possible.
     """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        del result
+        return torch.cuda.max_memory_allocated() - before
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
