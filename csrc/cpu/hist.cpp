@@ -1,0 +1,145 @@
+// Radix histograms of magnitudes (the exact TIES threshold without sorting).
+//
+// Each thread counts its contiguous range into private uint32 tables, then adds them into the
+// shared int64 histogram (integer sums: the result does not depend on the thread count).
+// Consecutive elements go to NSUB interleaved sub-tables so that runs of equal values (zeros of
+// a sparse task vector, say) do not serialize on one counter's store-to-load latency.
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace nlm {
+namespace {
+
+constexpr int HIGH_BINS = 1 << 15;
+constexpr int LOW_BINS = 1 << 16;
+constexpr int NSUB = 4;
+// elements counted into uint32 tables before they are flushed (each sub-table gets a quarter)
+constexpr int64_t FLUSH = int64_t(1) << 31;
+// Below this many elements: one thread counting straight into the int64 histogram (clearing
+// and adding up the private tables costs about as much as counting 2^17 elements).
+constexpr int64_t SMALL = int64_t(1) << 18;
+constexpr int64_t MIN_PER_THREAD = int64_t(1) << 17;
+
+std::vector<uint32_t>& scratch(size_t size) {
+    static thread_local std::vector<uint32_t> buf;
+    if (buf.size() < size) buf.assign(size, 0);
+    return buf;
+}
+
+template <typename U>
+inline void count_direct(const U* __restrict x, int64_t n, uint32_t mask, int shift, int64_t* __restrict hist) {
+    for (int64_t i = 0; i < n; i++) hist[(x[i] & mask) >> shift] += 1;
+}
+
+template <typename U>
+inline void count_sub(const U* __restrict x, int64_t n, uint32_t mask, int shift, uint32_t* __restrict h) {
+    uint32_t* __restrict h0 = h;
+    uint32_t* __restrict h1 = h + HIGH_BINS;
+    uint32_t* __restrict h2 = h + 2 * HIGH_BINS;
+    uint32_t* __restrict h3 = h + 3 * HIGH_BINS;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t a = (uint32_t(x[i]) & mask) >> shift;
+        const uint32_t b = (uint32_t(x[i + 1]) & mask) >> shift;
+        const uint32_t c = (uint32_t(x[i + 2]) & mask) >> shift;
+        const uint32_t d = (uint32_t(x[i + 3]) & mask) >> shift;
+        h0[a] += 1;
+        h1[b] += 1;
+        h2[c] += 1;
+        h3[d] += 1;
+    }
+    for (; i < n; i++) h0[(uint32_t(x[i]) & mask) >> shift] += 1;
+}
+
+template <typename U>
+void hist_high(const U* x, int64_t n, uint32_t mask, int shift, int64_t* hist, int nthreads) {
+    if (n < SMALL) {
+        count_direct(x, n, mask, shift, hist);
+        return;
+    }
+    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b, e;
+        thread_range(n, nth, tid, b, e);
+        std::vector<uint32_t>& buf = scratch(size_t(NSUB) * HIGH_BINS);
+        uint32_t* h = buf.data();
+        for (int64_t p = b; p < e; p += FLUSH) {
+            const int64_t q = std::min(e, p + FLUSH);
+            count_sub(x + p, q - p, mask, shift, h);
+#pragma omp critical(nlm_hist)
+            for (int k = 0; k < HIGH_BINS; k++) {
+                hist[k] += int64_t(h[k]) + h[k + HIGH_BINS] + h[k + 2 * HIGH_BINS] + h[k + 3 * HIGH_BINS];
+            }
+            std::fill(h, h + size_t(NSUB) * HIGH_BINS, 0u);  // leave the scratch zeroed
+        }
+    }
+}
+
+// Low-16-bit histogram of the elements whose high bits equal `prefix`. Most elements do not
+// match: a vectorized test over a chunk of 32 skips chunks without a match; matching elements
+// alternate between two sub-tables (runs of equal values, e.g. all zeros with prefix 0).
+constexpr int CHUNK = 32;
+
+// NT = 2: alternate between two uint32 sub-tables (h, h + LOW_BINS); NT = 1: one table.
+template <int NT, typename C>
+inline void low_chunk(const uint32_t* __restrict x, int n, uint32_t prefix, C* __restrict h) {
+    for (int j = 0; j < n; j++) {
+        const uint32_t v = x[j] & 0x7FFFFFFFu;
+        if ((v >> 16) == prefix) h[(NT == 2 ? (j & 1) << 16 : 0) | (v & 0xFFFFu)] += 1;
+    }
+}
+
+template <int NT, typename C>
+void count_low(const uint32_t* __restrict x, int64_t n, uint32_t prefix, C* __restrict h) {
+    int64_t i = 0;
+    for (; i + CHUNK <= n; i += CHUNK) {
+        const uint32_t* __restrict c = x + i;
+        uint32_t any = 0;
+        for (int j = 0; j < CHUNK; j++) any |= uint32_t(((c[j] & 0x7FFFFFFFu) >> 16) == prefix);
+        if (any) low_chunk<NT>(c, CHUNK, prefix, h);
+    }
+    low_chunk<NT>(x + i, int(n - i), prefix, h);
+}
+
+}  // namespace
+
+void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads) {
+    if (n <= 0) return;
+    if (dtype == F32) {
+        hist_high(static_cast<const uint32_t*>(x), n, 0x7FFFFFFFu, shift, hist, nthreads);
+    } else {
+        hist_high(static_cast<const uint16_t*>(x), n, 0x7FFFu, shift, hist, nthreads);
+    }
+}
+
+void hist_magnitude_low(const float* xf, int64_t n, int64_t* hist, int64_t prefix, int nthreads) {
+    if (n <= 0 || prefix < 0 || prefix >= HIGH_BINS) return;
+    const uint32_t* x = reinterpret_cast<const uint32_t*>(xf);
+    const uint32_t pre = uint32_t(prefix);
+    if (n < SMALL) {
+        count_low<1>(x, n, pre, hist);
+        return;
+    }
+    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b, e;
+        thread_range(n, nth, tid, b, e);
+        std::vector<uint32_t>& buf = scratch(size_t(2) * LOW_BINS);
+        uint32_t* h = buf.data();
+        for (int64_t p = b; p < e; p += FLUSH) {
+            const int64_t q = std::min(e, p + FLUSH);
+            count_low<2>(x + p, q - p, pre, h);
+#pragma omp critical(nlm_hist)
+            for (int k = 0; k < LOW_BINS; k++) hist[k] += int64_t(h[k]) + h[k + LOW_BINS];
+            std::fill(h, h + size_t(2) * LOW_BINS, 0u);
+        }
+    }
+}
+
+}  // namespace nlm

@@ -1,0 +1,44 @@
+// Raw-pointer entry points of the nlmerge CPU kernels (see nlmerge/kernels/CONTRACT.md).
+// The pybind11 layer (module.cpp) validates buffers and releases the GIL around these calls.
+#pragma once
+
+#include <cstdint>
+
+namespace nlm {
+
+enum Disjoint : int { MEAN = 0, SUM = 1, MAX = 2 };
+
+// hist[(abs_bits(x) >> shift)] += 1 for every element; hist has 32768 int64 bins.
+void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads);
+
+// For fp32 x: hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix; 65536 bins.
+void hist_magnitude_low(const float* x, int64_t n, int64_t* hist, int64_t prefix, int nthreads);
+
+struct TiesResult {
+    int64_t sign_sum, ambiguous, nonfinite;
+};
+
+TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const float* thresholds,
+                      const float* weights, void* out, int out_dtype, const void* base, int base_dtype,
+                      float lam, bool count_sign, int disjoint, int fill_sign, int nthreads);
+
+int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
+                        int out_dtype, const void* base, int base_dtype, float lam, int nthreads);
+
+// out: T rows of row_bytes = ceil(N/8) bytes.
+int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                   const float* lam, uint8_t* out, int nthreads);
+
+int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                  const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
+                  float alpha, int nthreads);
+
+void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
+                const void* base, int base_dtype, int nthreads);
+
+// Conversions over whole arrays (exposed for tests).
+void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, int nthreads);
+// src (any dtype) -> fp32 through the vector loads of simd.h (the kernels' path; for tests).
+void load_simd(const void* src, int src_dtype, float* dst, int64_t n);
+
+}  // namespace nlm

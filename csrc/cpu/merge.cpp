@@ -1,0 +1,399 @@
+// Fused merges over T stacked task vectors [T, N]: TIES, task arithmetic, consensus.
+//
+// All three share one driver. A thread owns a contiguous range of blocks (BLOCK elements);
+// a block is processed in strips of STRIP elements (U fixed-width vectors). For one strip the
+// T row segments are read once from memory in task order t = 0..T-1, everything accumulated
+// (election, sums, counters) staying in registers; the strip's fp32 result goes to a block
+// buffer, which one conversion pass adds to `base` and writes into `out` (any dtype).
+//
+// Every element's arithmetic is independent of the partition, so outputs do not depend on the
+// thread count; the counters are integers. Non-finite task vector entries are detected cheaply
+// (a running max of the |x| bit patterns, >= 0x7f800000 iff NaN/Inf) and counted exactly only
+// in a block that has one.
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace nlm {
+namespace {
+
+using namespace simd;
+
+#ifndef NLM_STRIP_VECTORS
+#define NLM_STRIP_VECTORS 4
+#endif
+constexpr int U = NLM_STRIP_VECTORS;
+constexpr int STRIP = U * VL;
+static_assert(BLOCK % STRIP == 0, "blocks hold whole strips");
+
+struct Counts {
+    int64_t sign_sum = 0, ambiguous = 0, nonfinite = 0;
+};
+
+// Per-lane counters of a block, reduced to scalars once per block.
+struct Lanes {
+    vi ssum[U], amb[U];
+    vu absmax[U];
+    void clear() {
+        for (int u = 0; u < U; u++) {
+            ssum[u] = splati(0);
+            amb[u] = splati(0);
+            absmax[u] = splatu(0);
+        }
+    }
+};
+
+// Exact count of NaN/Inf in rows [0, T) of a block (run only when the cheap test fired).
+template <int D>
+int64_t count_nonfinite_rows(const typename DT<D>::S* x, int64_t ld, int64_t T, int n) {
+    int64_t c = 0;
+    for (int64_t t = 0; t < T; t++) {
+        const typename DT<D>::S* xt = x + t * ld;
+        int32_t ct = 0;
+        for (int i = 0; i < n; i++) ct += DT<D>::nonfinite(xt[i]);
+        c += ct;
+    }
+    return c;
+}
+
+// The driver: blocks [b0, b1) of one thread. K provides
+//   int64_t begin_block(int64_t off, int n)   per-element inputs of the block (returns their
+//                                              non-finite count)
+//   void strip(const S* x, int64_t ld, int j, float* res, Lanes&)
+//                                              strip at block offset j; row t at x + t * ld
+template <int D, class K>
+Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void* out, int out_dtype,
+                  const void* base, int base_dtype, int64_t b0, int64_t b1) {
+    using S = typename DT<D>::S;
+    std::vector<S> tail;  // zero-padded copy of a block's last partial strip (T x STRIP)
+    alignas(64) float res[BLOCK];
+    alignas(64) float bas[BLOCK];
+    Lanes lanes;
+    Counts c;
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t off = blk * BLOCK;
+        const int n = int(std::min<int64_t>(BLOCK, N - off));
+        lanes.clear();
+        c.nonfinite += k.begin_block(off, n);
+        const int full = n - n % STRIP;
+        for (int j = 0; j < full; j += STRIP) k.strip(tv + off + j, N, j, res + j, lanes);
+        if (full < n) {
+            // zeros change no counter: a zero is trimmed to 0, elects sign 0, is never masked
+            tail.assign(size_t(T) * STRIP, S(0));
+            for (int64_t t = 0; t < T; t++) {
+                for (int j = full; j < n; j++) tail[size_t(t) * STRIP + (j - full)] = tv[t * N + off + j];
+            }
+            alignas(64) float tres[STRIP];
+            k.strip(tail.data(), STRIP, full, tres, lanes);
+            for (int j = full; j < n; j++) res[j] = tres[j - full];
+        }
+        int32_t ssum = 0, amb = 0;
+        uint32_t absmax = 0;
+        for (int u = 0; u < U; u++) {
+            for (int l = 0; l < VL; l++) {
+                ssum += lanes.ssum[u][l];
+                amb += lanes.amb[u][l];
+                absmax = absmax > lanes.absmax[u][l] ? absmax : lanes.absmax[u][l];
+            }
+        }
+        c.sign_sum += ssum;
+        c.ambiguous += amb;
+        if (absmax >= 0x7F800000u) c.nonfinite += count_nonfinite_rows<D>(tv + off, N, T, n);
+        if (base != nullptr) {
+            c.nonfinite += load_block(base_dtype, base, off, n, bas);
+            for (int i = 0; i < n; i++) res[i] = bas[i] + res[i];
+        }
+        store_block(out_dtype, out, off, n, res);
+    }
+    return c;
+}
+
+// Runs the driver on nthreads threads; make(...) builds each thread's kernel object.
+template <int D, class Make>
+Counts parallel_blocks(const void* tv_, int64_t T, int64_t N, void* out, int out_dtype, const void* base,
+                       int base_dtype, int nthreads, Make make) {
+    using S = typename DT<D>::S;
+    const S* tv = static_cast<const S*>(tv_);
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(N * std::max<int64_t>(T, 1), nthreads);
+    int64_t sign_sum = 0, ambiguous = 0, nonfinite = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : sign_sum, ambiguous, nonfinite)
+    {
+        int64_t b0, b1;
+        thread_range(nblocks, NLM_NUM_THREADS(), NLM_THREAD_ID(), b0, b1);
+        auto k = make();
+        const Counts c = run_blocks<D>(k, tv, T, N, out, out_dtype, base, base_dtype, b0, b1);
+        sign_sum += c.sign_sum;
+        ambiguous += c.ambiguous;
+        nonfinite += c.nonfinite;
+    }
+    return Counts{sign_sum, ambiguous, nonfinite};
+}
+
+// ---------------------------------------------------------------------------------------------
+// TIES: res = lam * merged. Pass 1 trims, elects (task order) and keeps the trimmed values of
+// the strip in a T x STRIP buffer (L1); pass 2 merges the entries agreeing with the sign.
+template <int D, bool COUNT, int DISJ>
+struct TiesKernel {
+    using S = typename DT<D>::S;
+    int64_t T;
+    const float* thr;
+    const float* w;
+    vf fill, lam;
+    std::vector<float> buf;
+
+    int64_t begin_block(int64_t, int) { return 0; }
+
+    inline void strip(const S* __restrict x, int64_t ld, int, float* __restrict res, Lanes& lanes) {
+        float* __restrict b = buf.data();
+        vf m[U];
+        vu any[U], absmax[U];
+        for (int u = 0; u < U; u++) {
+            m[u] = splat(0.0f);
+            any[u] = splatu(0);
+            absmax[u] = splatu(0);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const S* __restrict xt = x + t * ld;
+            float* __restrict bt = b + t * STRIP;
+            const vf th = splat(thr[t]), wt = splat(w[t]);
+            for (int u = 0; u < U; u++) {
+                const vf v = VLoad<D>::load(xt + u * VL);
+                const vf a = vabs(v);
+                const vf tr = keep_if(a >= th, v);  // trimmed_t
+                store(bt + u * VL, tr);
+                if (COUNT) {
+                    m[u] = m[u] + __builtin_convertvector((tr < 0.0f) - (tr > 0.0f), vf);  // + sign
+                } else {
+                    m[u] = m[u] + wt * tr;
+                }
+                any[u] |= (vu)tr;                    // |bits| != 0 iff some trimmed_t != 0
+                absmax[u] = vmaxu(absmax[u], (vu)a);  // >= 0x7f800000 iff some NaN/Inf
+            }
+        }
+        // s0 = sign(m); s = fill where s0 == 0; dir = +1 where agreeing means trimmed > 0 and
+        // -1 where it means trimmed < 0 (s < 0, and s == 0 as in the contract): then
+        // agree_t == (dir * trimmed_t > 0) exactly
+        vf s[U], dir[U], num[U], den[U];
+        for (int u = 0; u < U; u++) {
+            const vi s0 = (m[u] < 0.0f) - (m[u] > 0.0f);
+            const vi zero = s0 == 0;
+            lanes.ssum[u] += s0;
+            lanes.amb[u] -= zero & (vi)((any[u] & 0x7FFFFFFFu) != 0u);
+            lanes.absmax[u] = vmaxu(lanes.absmax[u], absmax[u]);
+            s[u] = select(zero, fill, __builtin_convertvector(s0, vf));
+            dir[u] = select(s[u] > 0.0f, splat(1.0f), splat(-1.0f));
+            num[u] = splat(0.0f);
+            den[u] = splat(0.0f);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const float* __restrict bt = b + t * STRIP;
+            const vf wt = splat(w[t]);
+            for (int u = 0; u < U; u++) {
+                const vf tr = VLoad<F32>::load(bt + u * VL);
+                const vi agree = dir[u] * tr > 0.0f;
+                if (DISJ == MAX) {
+                    num[u] = vmax(num[u], keep_if(agree, vabs(tr)));
+                } else {
+                    num[u] = num[u] + keep_if(agree, wt * tr);
+                    if (DISJ == MEAN) den[u] = den[u] + keep_if(agree, wt);
+                }
+            }
+        }
+        for (int u = 0; u < U; u++) {
+            vf merged;
+            if (DISJ == MEAN) {
+                const vi has = den[u] != 0.0f;
+                merged = keep_if(has, num[u] / select(has, den[u], splat(1.0f)));
+            } else if (DISJ == SUM) {
+                merged = num[u];
+            } else {
+                merged = num[u] * s[u];
+            }
+            store(res + u * VL, lam * merged);
+        }
+    }
+};
+
+template <int D, bool COUNT, int DISJ>
+Counts ties_impl(const void* tv, int64_t T, int64_t N, const float* thr, const float* w, void* out, int out_dtype,
+                 const void* base, int base_dtype, float lam, int fill_sign, int nthreads) {
+    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads, [&] {
+        return TiesKernel<D, COUNT, DISJ>{T, thr, w, splat(float(fill_sign)), splat(lam),
+                                          std::vector<float>(size_t(T) * STRIP)};
+    });
+}
+
+template <int D>
+Counts ties_dispatch(bool count_sign, int disjoint, const void* tv, int64_t T, int64_t N, const float* thr,
+                     const float* w, void* out, int out_dtype, const void* base, int base_dtype, float lam,
+                     int fill_sign, int nthreads) {
+#define NLM_TIES(C, J) \
+    return ties_impl<D, C, J>(tv, T, N, thr, w, out, out_dtype, base, base_dtype, lam, fill_sign, nthreads)
+    if (count_sign) {
+        if (disjoint == SUM) NLM_TIES(true, SUM);
+        if (disjoint == MAX) NLM_TIES(true, MAX);
+        NLM_TIES(true, MEAN);
+    }
+    if (disjoint == SUM) NLM_TIES(false, SUM);
+    if (disjoint == MAX) NLM_TIES(false, MAX);
+    NLM_TIES(false, MEAN);
+#undef NLM_TIES
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task arithmetic: res = lam * (0 + w_0 x_0 + w_1 x_1 + ...), in task order.
+template <int D>
+struct TaskArithmeticKernel {
+    using S = typename DT<D>::S;
+    int64_t T;
+    const float* w;
+    vf lam;
+
+    int64_t begin_block(int64_t, int) { return 0; }
+
+    inline void strip(const S* __restrict x, int64_t ld, int, float* __restrict res, Lanes& lanes) {
+        vf acc[U];
+        vu absmax[U];
+        for (int u = 0; u < U; u++) {
+            acc[u] = splat(0.0f);
+            absmax[u] = splatu(0);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const S* __restrict xt = x + t * ld;
+            const vf wt = splat(w[t]);
+            for (int u = 0; u < U; u++) {
+                const vf v = VLoad<D>::load(xt + u * VL);
+                acc[u] = acc[u] + wt * v;
+                absmax[u] = vmaxu(absmax[u], (vu)vabs(v));
+            }
+        }
+        for (int u = 0; u < U; u++) {
+            lanes.absmax[u] = vmaxu(lanes.absmax[u], absmax[u]);
+            store(res + u * VL, lam * acc[u]);
+        }
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Consensus: c = #t with |x_t| > lam_t * |tau - x_t|; res = alpha * (c >= k ? tau : 0).
+template <int D>
+struct ConsensusKernel {
+    using S = typename DT<D>::S;
+    int64_t T;
+    const float* lam;
+    vi k;
+    vf alpha;
+    const void* tau;
+    int tau_dtype;
+    std::vector<float> tb;  // tau of the block in fp32 (BLOCK + zero padding)
+
+    int64_t begin_block(int64_t off, int n) {
+        const int64_t nf = load_block(tau_dtype, tau, off, n, tb.data());
+        for (int i = n; i < BLOCK; i++) tb[i] = 0.0f;
+        return nf;
+    }
+
+    inline void strip(const S* __restrict x, int64_t ld, int j, float* __restrict res, Lanes& lanes) {
+        vf tau_v[U];
+        vi cnt[U];
+        vu absmax[U];
+        for (int u = 0; u < U; u++) {
+            tau_v[u] = VLoad<F32>::load(tb.data() + j + u * VL);
+            cnt[u] = splati(0);
+            absmax[u] = splatu(0);
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const S* __restrict xt = x + t * ld;
+            const vf lt = splat(lam[t]);
+            for (int u = 0; u < U; u++) {
+                const vf v = VLoad<D>::load(xt + u * VL);
+                const vf a = vabs(v);
+                cnt[u] -= a > lt * vabs(tau_v[u] - v);  // mask is -1 where set
+                absmax[u] = vmaxu(absmax[u], (vu)a);
+            }
+        }
+        for (int u = 0; u < U; u++) {
+            lanes.absmax[u] = vmaxu(lanes.absmax[u], absmax[u]);
+            store(res + u * VL, alpha * keep_if(cnt[u] >= k, tau_v[u]));
+        }
+    }
+};
+
+}  // namespace
+
+TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const float* thresholds,
+                      const float* weights, void* out, int out_dtype, const void* base, int base_dtype,
+                      float lam, bool count_sign, int disjoint, int fill_sign, int nthreads) {
+    if (N <= 0 || T <= 0) return TiesResult{0, 0, 0};
+    Counts c;
+    switch (dtype) {
+        case F16:
+            c = ties_dispatch<F16>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
+                                   base_dtype, lam, fill_sign, nthreads);
+            break;
+        case BF16:
+            c = ties_dispatch<BF16>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
+                                    base_dtype, lam, fill_sign, nthreads);
+            break;
+        default:
+            c = ties_dispatch<F32>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
+                                   base_dtype, lam, fill_sign, nthreads);
+    }
+    return TiesResult{c.sign_sum, c.ambiguous, c.nonfinite};
+}
+
+namespace {
+template <int D>
+int64_t task_arithmetic_t(const void* tv, int64_t T, int64_t N, const float* w, void* out, int out_dtype,
+                          const void* base, int base_dtype, float lam, int nthreads) {
+    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads,
+                              [&] { return TaskArithmeticKernel<D>{T, w, splat(lam)}; })
+        .nonfinite;
+}
+
+template <int D>
+int64_t consensus_t(const void* tv, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
+                    int64_t k, void* out, int out_dtype, const void* base, int base_dtype, float alpha,
+                    int nthreads) {
+    // 0 <= c <= T: clamping k to [0, T + 1] keeps the comparison in int32 without changing it
+    const int32_t kk = int32_t(std::max<int64_t>(0, std::min<int64_t>(k, T + 1)));
+    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads,
+                              [&] {
+                                  return ConsensusKernel<D>{T, lam, splati(kk), splat(alpha), tau, tau_dtype,
+                                                            std::vector<float>(BLOCK)};
+                              })
+        .nonfinite;
+}
+}  // namespace
+
+int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
+                        int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
+    if (N <= 0 || T <= 0) return 0;
+    switch (dtype) {
+        case F16: return task_arithmetic_t<F16>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
+        case BF16: return task_arithmetic_t<BF16>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
+        default: return task_arithmetic_t<F32>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
+    }
+}
+
+int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                  const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
+                  float alpha, int nthreads) {
+    if (N <= 0) return 0;
+    switch (dtype) {
+        case F16:
+            return consensus_t<F16>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
+                                    nthreads);
+        case BF16:
+            return consensus_t<BF16>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
+                                     nthreads);
+        default:
+            return consensus_t<F32>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
+                                    nthreads);
+    }
+}
+
+}  // namespace nlm

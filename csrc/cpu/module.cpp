@@ -1,0 +1,304 @@
+// pybind11 bindings of the nlmerge CPU kernels: the extension module `nlmerge._C`.
+//
+// Arguments are NumPy arrays (or anything with the buffer protocol that numpy accepts without a
+// copy); 16-bit floats travel as uint16/int16 arrays with a dtype string. Nothing here links
+// against torch. Buffers are checked (dtype, size, C-contiguity, writability) with the GIL held;
+// the kernels then run with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace py = pybind11;
+using namespace nlm;
+
+namespace {
+
+int parse_dtype(const std::string& s) {
+    if (s == "float32") return F32;
+    if (s == "float16") return F16;
+    if (s == "bfloat16") return BF16;
+    throw py::value_error("dtype must be 'float32', 'float16' or 'bfloat16', got '" + s + "'");
+}
+
+const char* dtype_name(int d) { return d == F32 ? "float32" : d == F16 ? "float16" : "bfloat16"; }
+
+struct Buf {
+    void* ptr = nullptr;
+    int64_t size = 0;
+    int ndim = 0;
+    int64_t shape0 = 0, shape1 = 0;
+};
+
+Buf buffer(py::array a, const char* name, bool writable) {
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+    Buf b;
+    b.ptr = writable ? a.mutable_data() : const_cast<void*>(a.data());
+    b.size = int64_t(a.size());
+    b.ndim = int(a.ndim());
+    b.shape0 = b.ndim > 0 ? int64_t(a.shape(0)) : 1;
+    b.shape1 = b.ndim > 1 ? int64_t(a.shape(1)) : 1;
+    return b;
+}
+
+// A float data array of dtype d: float32 storage for F32, any 2-byte storage for F16/BF16.
+Buf data_buffer(const py::array& a, int d, const char* name, bool writable) {
+    const py::dtype dt = a.dtype();
+    const char kind = dt.kind();
+    bool ok;
+    if (d == F32) {
+        ok = kind == 'f' && dt.itemsize() == 4;
+    } else {
+        ok = dt.itemsize() == 2 && (kind == 'u' || kind == 'i' || (kind == 'f' && d == F16));
+    }
+    if (!ok) {
+        throw py::value_error(std::string(name) + ": expected " + (d == F32 ? "a float32" : "a 2-byte (uint16)") +
+                              " array for dtype " + dtype_name(d));
+    }
+    return buffer(a, name, writable);
+}
+
+Buf typed_buffer(const py::array& a, char kind, int itemsize, const char* name, bool writable) {
+    const py::dtype dt = a.dtype();
+    if (dt.kind() != kind || dt.itemsize() != itemsize) {
+        throw py::value_error(std::string(name) + ": expected dtype kind '" + kind + "' with itemsize " +
+                              std::to_string(itemsize));
+    }
+    return buffer(a, name, writable);
+}
+
+Buf tv_buffer(const py::array& a, int d) {
+    Buf b = data_buffer(a, d, "tv", false);
+    if (b.ndim != 2) throw py::value_error("tv must be 2-D [T, N]");
+    return b;
+}
+
+void check_size(const Buf& b, int64_t n, const char* name) {
+    if (b.size != n) {
+        throw py::value_error(std::string(name) + " has " + std::to_string(b.size) + " elements, expected " +
+                              std::to_string(n));
+    }
+}
+
+int threads(int requested) {
+    if (requested > 0) return requested;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Optional per-element array (base): None or a data array of n elements.
+const void* optional_data(const py::object& o, const std::string& dtype, int64_t n, const char* name, int& d) {
+    d = F32;
+    if (o.is_none()) return nullptr;
+    d = parse_dtype(dtype);
+    if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be None or a numpy array");
+    Buf b = data_buffer(py::reinterpret_borrow<py::array>(o), d, name, false);
+    check_size(b, n, name);
+    return b.ptr;
+}
+
+const float* per_task(const py::array& a, int64_t T, const char* name) {
+    Buf b = typed_buffer(a, 'f', 4, name, false);
+    check_size(b, T, name);
+    return static_cast<const float*>(b.ptr);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "nlmerge fused CPU kernels (see nlmerge/kernels/CONTRACT.md)";
+
+    m.def(
+        "hist_magnitude",
+        [](py::array x, const std::string& dtype, py::array hist, int shift, int nthreads) {
+            const int d = parse_dtype(dtype);
+            Buf xb = data_buffer(x, d, "x", false);
+            Buf hb = typed_buffer(hist, 'i', 8, "hist", true);
+            check_size(hb, 1 << 15, "hist");
+            const int min_shift = d == F32 ? 16 : 0;
+            if (shift < min_shift || shift > (d == F32 ? 31 : 15)) {
+                throw py::value_error("shift must be in [" + std::to_string(min_shift) + ", " +
+                                      std::to_string(d == F32 ? 31 : 15) + "] for " + dtype_name(d));
+            }
+            py::gil_scoped_release release;
+            hist_magnitude(xb.ptr, d, xb.size, static_cast<int64_t*>(hb.ptr), shift, threads(nthreads));
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("hist"), py::arg("shift"), py::arg("nthreads") = 0,
+        "hist[abs_bits(x) >> shift] += 1 (hist: int64 [32768], accumulated in place)");
+
+    m.def(
+        "hist_magnitude_low",
+        [](py::array x, py::array hist, int64_t prefix, int nthreads) {
+            Buf xb = data_buffer(x, F32, "x", false);
+            Buf hb = typed_buffer(hist, 'i', 8, "hist", true);
+            check_size(hb, 1 << 16, "hist");
+            py::gil_scoped_release release;
+            hist_magnitude_low(static_cast<const float*>(xb.ptr), xb.size, static_cast<int64_t*>(hb.ptr), prefix,
+                               threads(nthreads));
+        },
+        py::arg("x"), py::arg("hist"), py::arg("prefix"), py::arg("nthreads") = 0,
+        "fp32 x: hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix (hist: int64 [65536])");
+
+    m.def(
+        "ties_merge",
+        [](py::array tv, const std::string& dtype, py::array thresholds, py::array weights, py::array out,
+           const std::string& out_dtype, py::object base, const std::string& base_dtype, double lam,
+           const std::string& sign_mode, const std::string& disjoint, int fill_sign, int nthreads) {
+            const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
+            Buf tb = tv_buffer(tv, d);
+            const int64_t T = tb.shape0, N = tb.shape1;
+            const float* thr = per_task(thresholds, T, "thresholds");
+            const float* w = per_task(weights, T, "weights");
+            Buf ob = data_buffer(out, od, "out", true);
+            check_size(ob, N, "out");
+            int bd;
+            const void* bp = optional_data(base, base_dtype, N, "base", bd);
+            bool count;
+            if (sign_mode == "mass") count = false;
+            else if (sign_mode == "count") count = true;
+            else throw py::value_error("sign_mode must be 'mass' or 'count', got '" + sign_mode + "'");
+            int disj;
+            if (disjoint == "mean") disj = MEAN;
+            else if (disjoint == "sum") disj = SUM;
+            else if (disjoint == "max") disj = MAX;
+            else throw py::value_error("disjoint must be 'mean', 'sum' or 'max', got '" + disjoint + "'");
+            if (fill_sign < -1 || fill_sign > 1) throw py::value_error("fill_sign must be -1, 0 or 1");
+            TiesResult r;
+            {
+                py::gil_scoped_release release;
+                r = nlm::ties_merge(tb.ptr, d, T, N, thr, w, ob.ptr, od, bp, bd, float(lam), count, disj, fill_sign,
+                                    threads(nthreads));
+            }
+            return py::make_tuple(r.sign_sum, r.ambiguous, r.nonfinite);
+        },
+        py::arg("tv"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("sign_mode"),
+        py::arg("disjoint"), py::arg("fill_sign"), py::arg("nthreads") = 0,
+        "Fused TIES pass; returns (sign_sum, ambiguous, nonfinite)");
+
+    m.def(
+        "task_arithmetic",
+        [](py::array tv, const std::string& dtype, py::array weights, py::array out, const std::string& out_dtype,
+           py::object base, const std::string& base_dtype, double lam, int nthreads) {
+            const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
+            Buf tb = tv_buffer(tv, d);
+            const int64_t T = tb.shape0, N = tb.shape1;
+            const float* w = per_task(weights, T, "weights");
+            Buf ob = data_buffer(out, od, "out", true);
+            check_size(ob, N, "out");
+            int bd;
+            const void* bp = optional_data(base, base_dtype, N, "base", bd);
+            py::gil_scoped_release release;
+            return nlm::task_arithmetic(tb.ptr, d, T, N, w, ob.ptr, od, bp, bd, float(lam), threads(nthreads));
+        },
+        py::arg("tv"), py::arg("dtype"), py::arg("weights"), py::arg("out"), py::arg("out_dtype"), py::arg("base"),
+        py::arg("base_dtype"), py::arg("lam"), py::arg("nthreads") = 0,
+        "out = base + lam * sum_t w_t tv[t]; returns the non-finite count");
+
+    m.def(
+        "tall_masks",
+        [](py::array tv, const std::string& dtype, py::array tau, const std::string& tau_dtype, py::array lam,
+           py::array out, int nthreads) {
+            const int d = parse_dtype(dtype), td = parse_dtype(tau_dtype);
+            Buf tb = tv_buffer(tv, d);
+            const int64_t T = tb.shape0, N = tb.shape1;
+            Buf ub = data_buffer(tau, td, "tau_mtl", false);
+            check_size(ub, N, "tau_mtl");
+            const float* l = per_task(lam, T, "lam");
+            Buf ob = typed_buffer(out, 'u', 1, "out", true);
+            check_size(ob, T * ((N + 7) / 8), "out");
+            py::gil_scoped_release release;
+            return nlm::tall_masks(tb.ptr, d, T, N, ub.ptr, td, l, static_cast<uint8_t*>(ob.ptr), threads(nthreads));
+        },
+        py::arg("tv"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("lam"), py::arg("out"),
+        py::arg("nthreads") = 0, "Bit-packed TALL masks into out uint8 [T, ceil(N/8)]; returns the non-finite count");
+
+    m.def(
+        "consensus",
+        [](py::array tv, const std::string& dtype, py::array tau, const std::string& tau_dtype, py::array lam,
+           int64_t k, py::array out, const std::string& out_dtype, py::object base, const std::string& base_dtype,
+           double alpha, int nthreads) {
+            const int d = parse_dtype(dtype), td = parse_dtype(tau_dtype), od = parse_dtype(out_dtype);
+            Buf tb = tv_buffer(tv, d);
+            const int64_t T = tb.shape0, N = tb.shape1;
+            Buf ub = data_buffer(tau, td, "tau_mtl", false);
+            check_size(ub, N, "tau_mtl");
+            const float* l = per_task(lam, T, "lam");
+            Buf ob = data_buffer(out, od, "out", true);
+            check_size(ob, N, "out");
+            int bd;
+            const void* bp = optional_data(base, base_dtype, N, "base", bd);
+            py::gil_scoped_release release;
+            return nlm::consensus(tb.ptr, d, T, N, ub.ptr, td, l, k, ob.ptr, od, bp, bd, float(alpha),
+                                  threads(nthreads));
+        },
+        py::arg("tv"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("lam"), py::arg("k"),
+        py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("alpha"),
+        py::arg("nthreads") = 0, "Consensus merge with on-the-fly TALL masks; returns the non-finite count");
+
+    m.def(
+        "apply_mask",
+        [](py::array packed, py::array tau, const std::string& tau_dtype, py::array out, const std::string& out_dtype,
+           py::object base, const std::string& base_dtype, int nthreads) {
+            const int td = parse_dtype(tau_dtype), od = parse_dtype(out_dtype);
+            Buf ub = data_buffer(tau, td, "tau_mtl", false);
+            const int64_t N = ub.size;
+            Buf pb = typed_buffer(packed, 'u', 1, "packed", false);
+            check_size(pb, (N + 7) / 8, "packed");
+            Buf ob = data_buffer(out, od, "out", true);
+            check_size(ob, N, "out");
+            int bd;
+            const void* bp = optional_data(base, base_dtype, N, "base", bd);
+            py::gil_scoped_release release;
+            nlm::apply_mask(static_cast<const uint8_t*>(pb.ptr), N, ub.ptr, td, ob.ptr, od, bp, bd,
+                            threads(nthreads));
+        },
+        py::arg("packed"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("out"), py::arg("out_dtype"),
+        py::arg("base"), py::arg("base_dtype"), py::arg("nthreads") = 0,
+        "out = base + (bit ? tau : 0) (without base: an exact masked copy)");
+
+    m.def(
+        "convert",
+        [](py::array src, const std::string& src_dtype, py::array dst, const std::string& dst_dtype, int nthreads) {
+            const int sd = parse_dtype(src_dtype), dd = parse_dtype(dst_dtype);
+            Buf sb = data_buffer(src, sd, "src", false);
+            Buf db = data_buffer(dst, dd, "dst", true);
+            check_size(db, sb.size, "dst");
+            py::gil_scoped_release release;
+            nlm::convert(sb.ptr, sd, db.ptr, dd, sb.size, threads(nthreads));
+        },
+        py::arg("src"), py::arg("src_dtype"), py::arg("dst"), py::arg("dst_dtype"), py::arg("nthreads") = 0,
+        "dst = dtype(src) through fp32 (round to nearest even); for tests");
+
+    m.def(
+        "load_simd",
+        [](py::array src, const std::string& src_dtype, py::array dst) {
+            const int sd = parse_dtype(src_dtype);
+            Buf sb = data_buffer(src, sd, "src", false);
+            Buf db = data_buffer(dst, F32, "dst", true);
+            check_size(db, sb.size, "dst");
+            py::gil_scoped_release release;
+            nlm::load_simd(sb.ptr, sd, static_cast<float*>(db.ptr), sb.size);
+        },
+        py::arg("src"), py::arg("src_dtype"), py::arg("dst"),
+        "dst = fp32(src) through the kernels' vector loads; for tests");
+
+    m.def("max_threads", []() { return threads(0); }, "OpenMP threads used when nthreads is 0");
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+    // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
+    m.attr("api_version") = 1;
+    m.attr("block") = BLOCK;
+    m.attr("vector_bytes") = simd::VBYTES;
+}

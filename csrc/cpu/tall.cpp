@@ -1,0 +1,187 @@
+// TALL masks (bit-packed), applying one packed mask, and whole-array dtype conversion (for
+// tests). Consensus merging (masks counted on the fly, never stored) lives in merge.cpp.
+//
+// Blocks hold BLOCK elements (a multiple of 8), so a block owns whole bytes of every mask row
+// and threads never share a byte.
+#include "common.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace nlm {
+namespace {
+
+static_assert(BLOCK % 8 == 0, "blocks must own whole mask bytes");
+
+// flags[i] = |x_i| > lam * |tau_i - x_i| (fp32: subtract, abs, multiply, compare).
+template <int D>
+inline int32_t tall_row(const typename DT<D>::S* __restrict x, int n, float lam, const float* __restrict tau,
+                        uint8_t* __restrict flags) {
+    int32_t nf = 0;
+    for (int i = 0; i < n; i++) {
+        const float v = DT<D>::load(x[i]);
+        const float d = std::fabs(tau[i] - v);
+        flags[i] = uint8_t(std::fabs(v) > lam * d);
+        nf += DT<D>::nonfinite(x[i]);
+    }
+    return nf;
+}
+
+// bytes[j] = sum_k flags[8j + k] << k (little-endian bit order).
+inline void pack_bits(const uint8_t* __restrict flags, int nbytes, uint8_t* __restrict bytes) {
+    for (int j = 0; j < nbytes; j++) {
+        const uint8_t* f = flags + 8 * j;
+        bytes[j] = uint8_t(f[0] | (f[1] << 1) | (f[2] << 2) | (f[3] << 3) | (f[4] << 4) | (f[5] << 5) | (f[6] << 6) |
+                           (f[7] << 7));
+    }
+}
+
+template <int D>
+int64_t tall_impl(const void* tv_, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
+                  uint8_t* out, int nthreads) {
+    using S = typename DT<D>::S;
+    const S* tv = static_cast<const S*>(tv_);
+    const int64_t row_bytes = (N + 7) / 8;
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(N * T, nthreads);
+    int64_t nonfinite = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : nonfinite)
+    {
+        alignas(64) float tb[BLOCK];
+        alignas(64) uint8_t flags[BLOCK];
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b0, b1;
+        thread_range(nblocks, nth, tid, b0, b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t off = blk * BLOCK;
+            const int n = int(std::min<int64_t>(BLOCK, N - off));
+            const int nbytes = (n + 7) / 8;
+            int64_t nf = load_block(tau_dtype, tau, off, n, tb);
+            for (int i = n; i < nbytes * 8; i++) flags[i] = 0;  // padding bits of the last byte
+            for (int64_t t = 0; t < T; t++) {
+                nf += tall_row<D>(tv + t * N + off, n, lam[t], tb, flags);
+                pack_bits(flags, nbytes, out + t * row_bytes + off / 8);
+            }
+            nonfinite += nf;
+        }
+    }
+    return nonfinite;
+}
+
+// bit i of the block's packed bytes as 0/1, for i < n rounded up to a multiple of 8
+template <typename I>
+inline void unpack_bits(const uint8_t* __restrict bytes, int n, I* __restrict bits) {
+    const int nbytes = (n + 7) / 8;
+    for (int j = 0; j < nbytes; j++) {
+        const I b = bytes[j];
+        for (int k = 0; k < 8; k++) bits[8 * j + k] = I((b >> k) & 1);
+    }
+}
+
+// Exact copy where the bit is set, +0 elsewhere (no conversion: NaN payloads survive).
+template <typename S>
+void apply_mask_copy(const uint8_t* packed, int64_t N, const S* tau, S* out, int nthreads) {
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(N, nthreads);
+#pragma omp parallel num_threads(nt)
+    {
+        alignas(64) S bits[BLOCK];
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b0, b1;
+        thread_range(nblocks, nth, tid, b0, b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t off = blk * BLOCK;
+            const int n = int(std::min<int64_t>(BLOCK, N - off));
+            unpack_bits(packed + off / 8, n, bits);
+            const S* __restrict s = tau + off;
+            S* __restrict o = out + off;
+            for (int i = 0; i < n; i++) o[i] = s[i] & S(-bits[i]);  // all ones where the bit is set
+        }
+    }
+}
+
+}  // namespace
+
+int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                   const float* lam, uint8_t* out, int nthreads) {
+    if (N <= 0 || T <= 0) return 0;
+    switch (dtype) {
+        case F16: return tall_impl<F16>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
+        case BF16: return tall_impl<BF16>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
+        default: return tall_impl<F32>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
+    }
+}
+
+void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
+                const void* base, int base_dtype, int nthreads) {
+    if (N <= 0) return;
+    if (base == nullptr && out_dtype == tau_dtype) {
+        if (tau_dtype == F32) {
+            apply_mask_copy(packed, N, static_cast<const uint32_t*>(tau), static_cast<uint32_t*>(out), nthreads);
+        } else {
+            apply_mask_copy(packed, N, static_cast<const uint16_t*>(tau), static_cast<uint16_t*>(out), nthreads);
+        }
+        return;
+    }
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(N, nthreads);
+#pragma omp parallel num_threads(nt)
+    {
+        alignas(64) float tb[BLOCK], res[BLOCK];
+        alignas(64) int32_t bits[BLOCK];
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b0, b1;
+        thread_range(nblocks, nth, tid, b0, b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t off = blk * BLOCK;
+            const int n = int(std::min<int64_t>(BLOCK, N - off));
+            load_block(tau_dtype, tau, off, n, tb);
+            unpack_bits(packed + off / 8, n, bits);
+            if (base != nullptr) {
+                load_block(base_dtype, base, off, n, res);
+                for (int i = 0; i < n; i++) res[i] = res[i] + (bits[i] ? tb[i] : 0.0f);
+            } else {
+                for (int i = 0; i < n; i++) res[i] = bits[i] ? tb[i] : 0.0f;
+            }
+            store_block(out_dtype, out, off, n, res);
+        }
+    }
+}
+
+void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, int nthreads) {
+    if (n <= 0) return;
+    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(n, nthreads);
+#pragma omp parallel num_threads(nt)
+    {
+        alignas(64) float buf[BLOCK];
+        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
+        int64_t b0, b1;
+        thread_range(nblocks, nth, tid, b0, b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t off = blk * BLOCK;
+            const int m = int(std::min<int64_t>(BLOCK, n - off));
+            load_block(src_dtype, src, off, m, buf);
+            store_block(dst_dtype, dst, off, m, buf);
+        }
+    }
+}
+
+namespace {
+template <int D>
+void load_simd_t(const void* src, float* dst, int64_t n) {
+    const typename DT<D>::S* s = static_cast<const typename DT<D>::S*>(src);
+    int64_t i = 0;
+    for (; i + simd::VL <= n; i += simd::VL) simd::store(dst + i, simd::VLoad<D>::load(s + i));
+    for (; i < n; i++) dst[i] = DT<D>::load(s[i]);
+}
+}  // namespace
+
+void load_simd(const void* src, int src_dtype, float* dst, int64_t n) {
+    switch (src_dtype) {
+        case F16: load_simd_t<F16>(src, dst, n); break;
+        case BF16: load_simd_t<BF16>(src, dst, n); break;
+        default: load_simd_t<F32>(src, dst, n);
+    }
+}
+
+}  // namespace nlm

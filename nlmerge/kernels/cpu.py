@@ -1,0 +1,185 @@
+"""CPU backend: the C++ kernels of ``nlmerge._C`` (built from ``csrc/cpu/``) on torch CPU tensors.
+
+Functions and semantics follow ``CONTRACT.md``. Tensors are handed to the extension as NumPy
+views of the same memory (no copies): fp32 as float32, fp16/bf16 as uint16 bit patterns plus a
+dtype name. The kernels run with the GIL released on ``torch.get_num_threads()`` OpenMP threads;
+results do not depend on the thread count.
+
+``available`` tells whether the extension imported; ``load_error`` says why not (the dispatcher
+logs it; this module never prints).
+"""
+import numpy as np
+import torch
+
+_API_VERSION = 1  # must match csrc/cpu/module.cpp
+
+try:
+    from nlmerge import _C
+except Exception as exc:  # not built (no compiler at install time), or a broken build
+    _C = None
+    available = False
+    load_error = f"{type(exc).__name__}: {exc}"
+else:
+    if getattr(_C, "api_version", None) == _API_VERSION:
+        available = True
+        load_error = None
+    else:  # an extension built from older sources
+        available = False
+        load_error = (
+            f"nlmerge._C at {getattr(_C, '__file__', '?')} is stale (api_version "
+            f"{getattr(_C, 'api_version', None)}, expected {_API_VERSION}); rebuild it with `pip install -e .`"
+        )
+        _C = None
+
+__all__ = [
+    "available",
+    "load_error",
+    "hist_magnitude",
+    "hist_magnitude_low",
+    "ties_merge",
+    "task_arithmetic",
+    "tall_masks",
+    "consensus",
+    "apply_mask",
+]
+
+_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _name(t):
+    try:
+        return _NAMES[t.dtype]
+    except KeyError:
+        raise ValueError(f"expected a float32, float16 or bfloat16 tensor, got {t.dtype}") from None
+
+
+def _view(t):
+    """NumPy view of a CPU tensor's memory: float32 / uint16 bits of fp16 and bf16 / as is."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _in(t):
+    """Input tensor -> NumPy view (contiguous; a copy only if it was not)."""
+    return _view(t.detach().contiguous())
+
+
+def _out(t, name):
+    """Output tensor -> writable NumPy view of its own memory (must be contiguous)."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernel writes it in place)")
+    return _view(t.detach())
+
+
+def _per_task(v):
+    return v.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def _base(base):
+    return (None, "float32") if base is None else (_in(base), _name(base))
+
+
+def _tv(tv):
+    tv = tv.detach()
+    if tv.dim() < 2:
+        raise ValueError(f"task vectors must be [T, N], got shape {tuple(tv.shape)}")
+    if tv.dim() > 2:
+        tv = tv.reshape(tv.shape[0], -1)
+    return _in(tv), _name(tv)
+
+
+def _threads():
+    return torch.get_num_threads()
+
+
+def hist_magnitude(x, hist, shift):
+    """``hist[abs_bits(x) >> shift] += 1`` for every element (hist: int64 [32768], in place)."""
+    _C.hist_magnitude(_in(x.reshape(-1)), _name(x), _out(hist, "hist"), int(shift), _threads())
+
+
+def hist_magnitude_low(x, hist, prefix):
+    """fp32 x: ``hist[abs_bits & 0xffff] += 1`` where ``abs_bits >> 16 == prefix`` (int64 [65536])."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"hist_magnitude_low takes float32, got {x.dtype}")
+    _C.hist_magnitude_low(_in(x.reshape(-1)), _out(hist, "hist"), int(prefix), _threads())
+
+
+def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign):
+    """Fused TIES pass into ``out``; returns ``(sign_sum, ambiguous, nonfinite)`` as Python ints."""
+    tv_np, dtype = _tv(tv)
+    base_np, base_dtype = _base(base)
+    sign_sum, ambiguous, nonfinite = _C.ties_merge(
+        tv_np,
+        dtype,
+        _per_task(thresholds),
+        _per_task(weights),
+        _out(out, "out"),
+        _name(out),
+        base_np,
+        base_dtype,
+        float(lam),
+        sign_mode,
+        disjoint,
+        int(fill_sign),
+        _threads(),
+    )
+    return int(sign_sum), int(ambiguous), int(nonfinite)
+
+
+def task_arithmetic(tv, weights, out, base, lam):
+    """``out = base + lam * sum_t weights[t] * tv[t]`` (fp32, task order); returns the non-finite count."""
+    tv_np, dtype = _tv(tv)
+    base_np, base_dtype = _base(base)
+    return int(
+        _C.task_arithmetic(
+            tv_np, dtype, _per_task(weights), _out(out, "out"), _name(out), base_np, base_dtype, float(lam), _threads()
+        )
+    )
+
+
+def tall_masks(tv, tau_mtl, lam, out):
+    """Bit-packed TALL masks into ``out`` uint8 [T, ceil(N/8)]; returns the non-finite count."""
+    tv_np, dtype = _tv(tv)
+    return int(
+        _C.tall_masks(
+            tv_np, dtype, _in(tau_mtl.reshape(-1)), _name(tau_mtl), _per_task(lam), _out(out, "out"), _threads()
+        )
+    )
+
+
+def consensus(tv, tau_mtl, lam, k, out, base, alpha):
+    """``out = base + alpha * (#masks >= k ? tau_mtl : 0)``; returns the non-finite count."""
+    tv_np, dtype = _tv(tv)
+    base_np, base_dtype = _base(base)
+    return int(
+        _C.consensus(
+            tv_np,
+            dtype,
+            _in(tau_mtl.reshape(-1)),
+            _name(tau_mtl),
+            _per_task(lam),
+            int(k),
+            _out(out, "out"),
+            _name(out),
+            base_np,
+            base_dtype,
+            float(alpha),
+            _threads(),
+        )
+    )
+
+
+def apply_mask(packed, tau_mtl, out, base):
+    """``out = base + (bit ? tau_mtl : 0)``; without base an exact masked copy of ``tau_mtl``."""
+    base_np, base_dtype = _base(base)
+    _C.apply_mask(
+        _in(packed.reshape(-1)),
+        _in(tau_mtl.reshape(-1)),
+        _name(tau_mtl),
+        _out(out, "out"),
+        _name(out),
+        base_np,
+        base_dtype,
+        _threads(),
+    )
