@@ -8,6 +8,9 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "common.h"
 #include "kernels.h"
@@ -85,6 +88,25 @@ void check_size(const Buf& b, int64_t n, const char* name) {
     }
 }
 
+// Outputs are fresh allocations: untouched memory that the first write faults in. In 4 KiB pages
+// that costs more than the kernels themselves (64 MiB: 16 ms of faults vs 2.6 ms in 2 MiB pages on
+// a 2-core VM), so ask for transparent huge pages on the 2 MiB-aligned interior of large outputs.
+// Advice only: where it is refused, nothing changes.
+void advise_huge_pages(const Buf& b, int64_t itemsize) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    constexpr uintptr_t huge = uintptr_t(2) << 20;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(b.ptr);
+    const uintptr_t begin = (start + huge - 1) & ~(huge - 1);
+    const uintptr_t end = (start + uintptr_t(b.size * itemsize)) & ~(huge - 1);
+    if (end >= begin + 2 * huge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+    (void)b;
+    (void)itemsize;
+#endif
+}
+
+int64_t item_size(int d) { return d == F32 ? 4 : 2; }
+
 int threads(int requested) {
     if (requested > 0) return requested;
 #ifdef _OPENMP
@@ -159,6 +181,7 @@ PYBIND11_MODULE(_C, m) {
             const float* w = per_task(weights, T, "weights");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
+            advise_huge_pages(ob, item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             bool count;
@@ -194,6 +217,7 @@ PYBIND11_MODULE(_C, m) {
             const float* w = per_task(weights, T, "weights");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
+            advise_huge_pages(ob, item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -215,6 +239,7 @@ PYBIND11_MODULE(_C, m) {
             const float* l = per_task(lam, T, "lam");
             Buf ob = typed_buffer(out, 'u', 1, "out", true);
             check_size(ob, T * ((N + 7) / 8), "out");
+            advise_huge_pages(ob, 1);
             py::gil_scoped_release release;
             return nlm::tall_masks(tb.ptr, d, T, N, ub.ptr, td, l, static_cast<uint8_t*>(ob.ptr), threads(nthreads));
         },
@@ -234,6 +259,7 @@ PYBIND11_MODULE(_C, m) {
             const float* l = per_task(lam, T, "lam");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
+            advise_huge_pages(ob, item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -255,6 +281,7 @@ PYBIND11_MODULE(_C, m) {
             check_size(pb, (N + 7) / 8, "packed");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
+            advise_huge_pages(ob, item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
