@@ -58,6 +58,13 @@ def test_ties_merge_majority_sign_and_no_base(backend, dtype, generator):
         assert_matches(actual.cpu(), expected)
     first = ops.ties_merge_pass(tv, [0.0] * 3, fill_sign=0, backend="torch")
     assert first.ambiguous > 0 and first.sign_sum > 0
+    # the majority rerun writes into the first pass's buffer
+    out = torch.full((997,), float("nan"), dtype=dtype, device=device)
+    again = ops.ties_merge_pass(tv.to(device), [0.0] * 3, fill_sign=1, out=out, backend=backend)
+    assert again.merged.data_ptr() == out.data_ptr()
+    assert_matches(out.cpu(), ops.ties_merge(tv, [0.0] * 3, backend="torch"))
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        ops.ties_merge_pass(tv.to(device), [0.0] * 3, fill_sign=1, out=out[:-1], backend=backend)
 
 
 def test_ties_reference_is_the_recipe(generator):

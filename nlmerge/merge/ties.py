@@ -101,7 +101,7 @@ def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, 
     if majority:
         for key, taus in ambiguous:
             with naming([key]):
-                out[key] = ops.ties_merge_pass(taus, thresholds, fill_sign=majority, base=get_base(key), **common).merged
+                ops.ties_merge_pass(taus, thresholds, fill_sign=majority, base=get_base(key), out=out[key], **common)
     return out
 
 

@@ -74,7 +74,17 @@ def _finish(merged, base, lam, dtype):
 
 
 def ties_merge_pass(
-    task_vectors, thresholds, *, fill_sign, sign="mass", disjoint="mean", weights=None, base=None, lam=1.0, backend=None
+    task_vectors,
+    thresholds,
+    *,
+    fill_sign,
+    sign="mass",
+    disjoint="mean",
+    weights=None,
+    base=None,
+    lam=1.0,
+    out=None,
+    backend=None,
 ):
     """One fused TIES pass with a given sign for elements whose elected sign is zero.
 
@@ -87,6 +97,9 @@ def ties_merge_pass(
         Sign given to elements whose elected sign is zero.
     sign, disjoint, weights, base, lam, backend
         As in ``ties_merge``.
+    out : Tensor, optional
+        Where to write the result (contiguous, the result's shape and dtype), e.g. an earlier
+        pass's ``merged`` when rerunning with the majority sign: no second buffer.
 
     Returns
     -------
@@ -110,18 +123,22 @@ def ties_merge_pass(
     base = flat_like(base, "base", tv, shape)
     lam = finite_scalar(lam, "lam")
     checked = [("task_vectors", tv, True), ("base", base, False)]
+    dtype = result_dtype(tv, base)
+    if out is not None and (out.shape != shape or out.dtype != dtype or out.device != tv.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {tv.device}")
     _, kernels = resolve(backend, tv.device, "ties_merge")
     if kernels is None:
         check_finite(checked)
-        out, sign_sum, ambiguous = ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign)
-    else:
-        out = torch.empty(tv.shape[1], dtype=result_dtype(tv, base), device=tv.device)
-        sign_sum, ambiguous, nonfinite = kernels.ties_merge(
-            tv, thresholds, weights, out, base, lam, sign, disjoint, fill_sign
-        )
-        if nonfinite:
-            raise_nonfinite(checked)
-    return TiesPass(out.view(shape), sign_sum, ambiguous)
+        merged, sign_sum, ambiguous = ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign)
+        if out is None:
+            return TiesPass(merged.view(shape), sign_sum, ambiguous)
+        out.copy_(merged.view(shape))
+        return TiesPass(out, sign_sum, ambiguous)
+    flat = torch.empty(tv.shape[1], dtype=dtype, device=tv.device) if out is None else out.view(-1)
+    sign_sum, ambiguous, nonfinite = kernels.ties_merge(tv, thresholds, weights, flat, base, lam, sign, disjoint, fill_sign)
+    if nonfinite:
+        raise_nonfinite(checked)
+    return TiesPass(flat.view(shape), sign_sum, ambiguous)
 
 
 def ties_merge(
@@ -171,7 +188,7 @@ def ties_merge(
     majority = (first.sign_sum > 0) - (first.sign_sum < 0)
     if first.ambiguous == 0 or majority == 0:
         return first.merged
-    return ties_merge_pass(task_vectors, thresholds, fill_sign=majority, **kwargs).merged
+    return ties_merge_pass(task_vectors, thresholds, fill_sign=majority, out=first.merged, **kwargs).merged
 
 
 def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=None):
