@@ -11,6 +11,9 @@ printed is a ratio from this one run.
                                      [--device cpu|cuda] [--quick]
 """
 import argparse
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -38,6 +41,19 @@ def nlmerge_ties(tv, keep, backend=None):
     return ops.ties_merge(tv, thresholds, backend=backend)
 
 
+METHODS = {"fused": nlmerge_ties, "fusionbench": fusionbench_ties}
+
+
+def peak_in_fresh_process(method, log2n, tasks, dtype_name, keep):
+    """Peak extra memory of one TIES run on the CPU, measured in a new process so that memory the
+    allocator cached earlier in this run cannot hide it (glibc told to return every large block)."""
+    command = [sys.executable, __file__, "--peak-of", method, "--sizes", str(log2n), "--tasks", str(tasks),
+               "--dtypes", dtype_name, "--keep", str(keep)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
 def row(name, seconds, floor, others=()):
     cells = [f"{name:<34}", f"{seconds * 1e3:10.1f} ms", f"{seconds / floor:8.2f}x floor"]
     cells += [f"{label} {other / seconds:7.1f}x" for label, other in others]
@@ -52,7 +68,13 @@ def main():
     parser.add_argument("--keep", type=float, default=0.2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
+    parser.add_argument("--peak-of", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
+    if args.peak_of:
+        tv = torch.randn(args.tasks, 1 << args.sizes[0]).to(getattr(torch, args.dtypes[0]))
+        METHODS[args.peak_of](tv, args.keep)  # warm-up: loads the extension, starts the threads
+        print(peak_extra_bytes(lambda: METHODS[args.peak_of](tv, args.keep)))
+        return
     sizes, repeat = ([20], 1) if args.quick else (args.sizes, 3)
     device = args.device
     backend, _ = _dispatch.resolve(None, torch.device(device), "benchmark")
@@ -74,11 +96,15 @@ def main():
             row("TIES global (threshold + merge)", fused, floor, [("| reference", reference), ("| FusionBench-style", fusionbench)])
             row("  reference (torch)", reference, floor)
             row("  FusionBench-style", fusionbench, floor)
-            extra = peak_extra_bytes(lambda: nlmerge_ties(tv, args.keep), device)
-            if extra is not None:
-                print(f"  peak extra memory of the fused TIES: {extra / 2**20:.1f} MiB "
-                      f"(output {n * size / 2**20:.1f} MiB; FusionBench-style: "
-                      f"{peak_extra_bytes(lambda: fusionbench_ties(tv, args.keep), device) / 2**20:.1f} MiB)")
+            if device == "cuda":
+                fused_peak = peak_extra_bytes(lambda: nlmerge_ties(tv, args.keep), device)
+                fusionbench_peak = peak_extra_bytes(lambda: fusionbench_ties(tv, args.keep), device)
+            else:
+                fused_peak, fusionbench_peak = (
+                    peak_in_fresh_process(m, log2n, t, dtype_name, args.keep) for m in ("fused", "fusionbench")
+                )
+            print(f"  peak extra memory: fused TIES {fused_peak / 2**20:.1f} MiB, FusionBench-style "
+                  f"{fusionbench_peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
             selection = best_time(lambda: [ops.magnitude_threshold(tau, args.keep) for tau in tv], repeat, device)
             row("  threshold only (T tasks)", selection, t * n * size / bandwidth)
             thresholds = [ops.magnitude_threshold(tau, args.keep) for tau in tv]
