@@ -7,7 +7,6 @@ bool buffers, non-tensor entries) is *copied* from the base. Task vectors are co
 """
 import copy
 import fnmatch
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nlmerge import ops
+from nlmerge.ops._checks import finite_scalar as check_scalar  # one definition of "a finite float"
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPUTE_DTYPE = torch.float32
@@ -141,17 +141,6 @@ def task_tensors(key, base, experts):
     for t, sd in enumerate(experts):
         torch.sub(as_compute(sd[key]), ref, out=out[t])
     return out
-
-
-def check_scalar(value, name):
-    """A finite python float."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def check_weights(weights, num, *, positive=False, what="weights", per="expert"):
