@@ -5,12 +5,21 @@ import, Triton (``"triton"``) is not, so neither is imported before an op asks f
 """
 import importlib
 
-_MODULES = {"cpu": "nlmerge.kernels.cpu", "triton": "nlmerge.kernels.triton_merge"}
+_MODULES = {
+    "cpu": "nlmerge.kernels.cpu",  # the C++ extension: every family
+    "triton": "nlmerge.kernels.triton_merge",  # selection, TIES, task arithmetic, TALL, consensus
+    "triton_stats": "nlmerge.kernels.triton_stats",  # streaming statistics
+    "triton_permute": "nlmerge.kernels.triton_permute",  # batched permutation gathers
+}
 _loaded = {}
 
 
 def load(name):
-    """Return ``(module, None)`` for an importable backend, else ``(None, reason)``."""
+    """Return ``(module, None)`` for an importable kernel module, else ``(None, reason)``.
+
+    ``name`` is a backend ("cpu", "triton") or a Triton family module ("triton_stats", ...):
+    ops first resolve the backend, then load their family's module when it has its own.
+    """
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])
