@@ -41,4 +41,17 @@ void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n
 // src (any dtype) -> fp32 through the vector loads of simd.h (the kernels' path; for tests).
 void load_simd(const void* src, int src_dtype, float* dst, int64_t n);
 
+// Batched permutation gathers (permute.cpp): for each job, with src and dst contiguous
+// [outer, a0, mid, a1, inner] arrays of `itemsize`-byte words (1, 2, 4 or 8),
+// dst[o, i, m, j, u] = src[o, p0[i], m, p1[j], u]; p0 / p1 null means the identity. Indices must
+// lie in [0, a0) / [0, a1) (the binding checks). Exact: values are copied as raw words.
+struct PermuteJob {
+    const void* src;
+    void* dst;
+    int64_t outer, a0, mid, a1, inner, itemsize;
+    const int64_t* p0;
+    const int64_t* p1;
+};
+void permute(const PermuteJob* jobs, int64_t njobs, int nthreads);
+
 }  // namespace nlm

@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -90,18 +91,18 @@ void check_size(const Buf& b, int64_t n, const char* name) {
 
 // Outputs are fresh allocations: untouched memory that the first write faults in. In 4 KiB pages
 // that costs more than the kernels themselves (64 MiB: 16 ms of faults vs 2.6 ms in 2 MiB pages on
-// a 2-core VM), so ask for transparent huge pages on the 2 MiB-aligned interior of large outputs.
+// a 2-core VM), so ask for transparent huge pages on every whole 2 MiB page inside an output.
 // Advice only: where it is refused, nothing changes.
-void advise_huge_pages(const Buf& b, int64_t itemsize) {
+void advise_huge_pages(void* ptr, int64_t nbytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     constexpr uintptr_t huge = uintptr_t(2) << 20;
-    const uintptr_t start = reinterpret_cast<uintptr_t>(b.ptr);
+    const uintptr_t start = reinterpret_cast<uintptr_t>(ptr);
     const uintptr_t begin = (start + huge - 1) & ~(huge - 1);
-    const uintptr_t end = (start + uintptr_t(b.size * itemsize)) & ~(huge - 1);
-    if (end >= begin + 2 * huge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+    const uintptr_t end = (start + uintptr_t(nbytes)) & ~(huge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 #else
-    (void)b;
-    (void)itemsize;
+    (void)ptr;
+    (void)nbytes;
 #endif
 }
 
@@ -131,6 +132,44 @@ const float* per_task(const py::array& a, int64_t T, const char* name) {
     Buf b = typed_buffer(a, 'f', 4, name, false);
     check_size(b, T, name);
     return static_cast<const float*>(b.ptr);
+}
+
+// One job of `permute`: element `k` of the batch, checked (GIL held).
+PermuteJob permute_job(const py::handle& src, const py::handle& out, const int64_t* geom, const py::handle& idx0,
+                       const py::handle& idx1, int64_t k) {
+    const std::string at = "[" + std::to_string(k) + "]";
+    if (!py::isinstance<py::array>(src) || !py::isinstance<py::array>(out))
+        throw py::type_error("srcs" + at + " and outs" + at + " must be numpy arrays");
+    py::array sa = py::reinterpret_borrow<py::array>(src), oa = py::reinterpret_borrow<py::array>(out);
+    const int64_t itemsize = int64_t(sa.itemsize());
+    if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8)
+        throw py::value_error("srcs" + at + ": itemsize must be 1, 2, 4 or 8");
+    if (int64_t(oa.itemsize()) != itemsize) throw py::value_error("outs" + at + " has another itemsize than srcs" + at);
+    Buf sb = buffer(sa, ("srcs" + at).c_str(), false);
+    Buf ob = buffer(oa, ("outs" + at).c_str(), true);
+    PermuteJob jb{sb.ptr, ob.ptr, geom[0], geom[1], geom[2], geom[3], geom[4], itemsize, nullptr, nullptr};
+    for (int d = 0; d < 5; d++)
+        if (geom[d] < 0) throw py::value_error("geometry" + at + " has a negative extent");
+    const int64_t n = jb.outer * jb.a0 * jb.mid * jb.a1 * jb.inner;
+    check_size(sb, n, ("srcs" + at).c_str());
+    check_size(ob, n, ("outs" + at).c_str());
+    const py::handle idx[2] = {idx0, idx1};
+    const int64_t len[2] = {jb.a0, jb.a1};
+    for (int a = 0; a < 2; a++) {
+        if (idx[a].is_none()) continue;
+        const std::string name = std::string(a == 0 ? "idx0" : "idx1") + at;
+        if (!py::isinstance<py::array>(idx[a])) throw py::type_error(name + " must be None or a numpy array");
+        Buf ib = typed_buffer(py::reinterpret_borrow<py::array>(idx[a]), 'i', 8, name.c_str(), false);
+        check_size(ib, len[a], name.c_str());
+        const int64_t* p = static_cast<const int64_t*>(ib.ptr);
+        for (int64_t q = 0; q < len[a]; q++)  // never read outside the source
+            if (p[q] < 0 || p[q] >= len[a])
+                throw py::value_error(name + " has index " + std::to_string(p[q]) + " outside [0, " +
+                                      std::to_string(len[a]) + ")");
+        (a == 0 ? jb.p0 : jb.p1) = p;
+    }
+    advise_huge_pages(ob.ptr, n * itemsize);
+    return jb;
 }
 
 }  // namespace
@@ -181,7 +220,7 @@ PYBIND11_MODULE(_C, m) {
             const float* w = per_task(weights, T, "weights");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
-            advise_huge_pages(ob, item_size(od));
+            advise_huge_pages(ob.ptr, ob.size * item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             bool count;
@@ -217,7 +256,7 @@ PYBIND11_MODULE(_C, m) {
             const float* w = per_task(weights, T, "weights");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
-            advise_huge_pages(ob, item_size(od));
+            advise_huge_pages(ob.ptr, ob.size * item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -239,7 +278,7 @@ PYBIND11_MODULE(_C, m) {
             const float* l = per_task(lam, T, "lam");
             Buf ob = typed_buffer(out, 'u', 1, "out", true);
             check_size(ob, T * ((N + 7) / 8), "out");
-            advise_huge_pages(ob, 1);
+            advise_huge_pages(ob.ptr, ob.size);
             py::gil_scoped_release release;
             return nlm::tall_masks(tb.ptr, d, T, N, ub.ptr, td, l, static_cast<uint8_t*>(ob.ptr), threads(nthreads));
         },
@@ -259,7 +298,7 @@ PYBIND11_MODULE(_C, m) {
             const float* l = per_task(lam, T, "lam");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
-            advise_huge_pages(ob, item_size(od));
+            advise_huge_pages(ob.ptr, ob.size * item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -281,7 +320,7 @@ PYBIND11_MODULE(_C, m) {
             check_size(pb, (N + 7) / 8, "packed");
             Buf ob = data_buffer(out, od, "out", true);
             check_size(ob, N, "out");
-            advise_huge_pages(ob, item_size(od));
+            advise_huge_pages(ob.ptr, ob.size * item_size(od));
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -318,6 +357,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("src"), py::arg("src_dtype"), py::arg("dst"),
         "dst = fp32(src) through the kernels' vector loads; for tests");
 
+    m.def(
+        "permute",
+        [](py::list srcs, py::list outs, py::array geometry, py::list idx0, py::list idx1, int nthreads) {
+            const int64_t n = int64_t(srcs.size());
+            if (int64_t(outs.size()) != n || int64_t(idx0.size()) != n || int64_t(idx1.size()) != n)
+                throw py::value_error("srcs, outs, idx0 and idx1 must have the same length");
+            Buf gb = typed_buffer(geometry, 'i', 8, "geometry", false);
+            check_size(gb, 5 * n, "geometry");
+            const int64_t* g = static_cast<const int64_t*>(gb.ptr);
+            std::vector<PermuteJob> jobs;
+            jobs.reserve(size_t(n));
+            for (int64_t k = 0; k < n; k++) jobs.push_back(permute_job(srcs[k], outs[k], g + 5 * k, idx0[k], idx1[k], k));
+            py::gil_scoped_release release;
+            nlm::permute(jobs.data(), n, threads(nthreads));
+        },
+        py::arg("srcs"), py::arg("outs"), py::arg("geometry"), py::arg("idx0"), py::arg("idx1"),
+        py::arg("nthreads") = 0,
+        "outs[k][o,i,m,j,u] = srcs[k][o,idx0[k][i],m,idx1[k][j],u] over [outer,A0,mid,A1,inner] = geometry[k] "
+        "(int64 [n, 5]); idx None = identity; raw words of any itemsize 1/2/4/8 (exact)");
+
     m.def("max_threads", []() { return threads(0); }, "OpenMP threads used when nthreads is 0");
 #ifdef _OPENMP
     m.attr("openmp") = true;
@@ -325,7 +384,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 1;
+    m.attr("api_version") = 2;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

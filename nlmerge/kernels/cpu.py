@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 1  # must match csrc/cpu/module.cpp
+_API_VERSION = 2  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -41,6 +41,7 @@ __all__ = [
     "tall_masks",
     "consensus",
     "apply_mask",
+    "permute",
 ]
 
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -183,3 +184,30 @@ def apply_mask(packed, tau_mtl, out, base):
         base_dtype,
         _threads(),
     )
+
+
+def permute(srcs, outs, geometry, idx0, idx1):
+    """Batched permutation gathers (CONTRACT.md, "Permutation gathers"), one C++ call for all.
+
+    ``outs[k][o, i, m, j, u] = srcs[k][o, idx0[k][i], m, idx1[k][j], u]`` with both tensors viewed
+    as contiguous ``[outer, A0, mid, A1, inner] = geometry[k]``; ``idx0[k]`` / ``idx1[k]`` are int64
+    CPU tensors of length A0 / A1, or None for the identity. Values are copied as raw 2- or 4-byte
+    words (exact, NaN payloads included).
+    """
+    geom = np.ascontiguousarray(np.asarray(geometry, dtype=np.int64).reshape(-1, 5))
+    _C.permute(
+        [_words(s.contiguous()) for s in srcs],
+        [_words(o) for o in outs],  # the binding refuses a non-contiguous output
+        geom,
+        [None if p is None else _words(p.contiguous()) for p in idx0],
+        [None if p is None else _words(p.contiguous()) for p in idx1],
+        _threads(),
+    )
+
+
+def _words(t):
+    """NumPy view of a CPU tensor's memory as whatever words it holds (raw copies need no dtype:
+    16-bit floats become int16, the cheapest view); no copy."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(torch.int16).numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
