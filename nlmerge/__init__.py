@@ -2,9 +2,9 @@
 
 Layers (each imports only the ones above it): ``nlmerge.ops`` (tensor ops: references and
 dispatch) -> ``nlmerge.kernels`` (fused C++ and Triton kernels, called only by ``ops``) ->
-``nlmerge.merge`` (state-dict merging).
+``nlmerge.align`` (permutation alignment) and ``nlmerge.merge`` (state-dict merging).
 """
-from nlmerge import ops, merge
+from nlmerge import align, merge, ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "merge", "__version__"]
+__all__ = ["align", "merge", "ops", "__version__"]

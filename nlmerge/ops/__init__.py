@@ -3,22 +3,28 @@
 - ``selection``: exact magnitude selection (the TIES threshold) by radix histograms.
 - ``ties``: fused TIES passes and task arithmetic over stacked task vectors.
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
+- ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
+- ``permute``: batched permutation gathers (applying an alignment's permutations).
 
 Every op takes ``backend=None | "torch" | "cpu" | "triton"`` (see ``_dispatch``).
 """
 from nlmerge.ops._checks import NonFiniteError
+from nlmerge.ops.permute import permute_tensors
 from nlmerge.ops.selection import kth_smallest_magnitude, magnitude_threshold
+from nlmerge.ops.stats import StreamingStats
 from nlmerge.ops.tall import apply_mask, consensus_merge, pack_masks, packed_size, tall_masks, unpack_masks
 from nlmerge.ops.ties import TiesPass, task_arithmetic, ties_merge, ties_merge_pass
 
 __all__ = [
     "NonFiniteError",
+    "StreamingStats",
     "TiesPass",
     "apply_mask",
     "consensus_merge",
     "kth_smallest_magnitude",
     "magnitude_threshold",
     "pack_masks",
+    "permute_tensors",
     "packed_size",
     "tall_masks",
     "task_arithmetic",

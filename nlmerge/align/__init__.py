@@ -1,0 +1,26 @@
+"""Alignment: undo permutation symmetries between models.
+
+- ``PermutationSpec``, ``apply_permutations``: which (parameter, axis) pairs each permutation acts
+  on; ``aligned[w] = w.index_select(axis, perms[p])``.
+- ``weight_matching``: Git Re-Basin coordinate descent on weights.
+- ``activation_matching``: assignment on the cross-correlation of activations (one streaming pass).
+- ``specs``: spec builders (MLP, CNN, ResNet, ViT of ``models``; Hugging Face ViT / CLIP vision).
+- ``models``: the small plain-torch models the builders describe.
+"""
+from nlmerge.align.activation_matching import activation_matching
+from nlmerge.align.spec import PermutationSpec, apply_permutations, check_permutation
+from nlmerge.align.specs import cnn_spec, hf_vit_spec, mlp_spec, resnet_spec, vit_spec
+from nlmerge.align.weight_matching import weight_matching
+
+__all__ = [
+    "PermutationSpec",
+    "activation_matching",
+    "apply_permutations",
+    "check_permutation",
+    "cnn_spec",
+    "hf_vit_spec",
+    "mlp_spec",
+    "resnet_spec",
+    "vit_spec",
+    "weight_matching",
+]

@@ -1,0 +1,243 @@
+"""Spec builders: ``(PermutationSpec, sites)`` for the models of ``nlmerge.align.models`` and for
+Hugging Face ViT / CLIP vision parameter names.
+
+``sites`` maps each permutation to where its units show up as activations (see
+``activation_matching``): a module name (its output) or ``(module_name, "input")``, or a list.
+"""
+from collections.abc import Mapping
+
+from nlmerge.align.spec import PermutationSpec
+
+_BN = ("weight", "bias", "running_mean", "running_var")
+
+
+def _w(prefix, module, axis, names=("weight",)):
+    return [(f"{prefix}{module}.{n}", axis) for n in names]
+
+
+def mlp_spec(num_layers, prefix=""):
+    """Spec of an ``nn.Sequential`` of ``num_layers`` Linears with a ReLU between each two
+    (``models.MLP``: Linear k is module ``2k``).
+
+    Parameters
+    ----------
+    num_layers : int
+        Number of Linear layers (hidden permutations: ``num_layers - 1``).
+    prefix : str
+        Prefix of the Sequential's names in the state dict (e.g. ``"model."``).
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        Permutations ``hidden.{k}`` (output units of Linear k) and their sites (Linear k's output,
+        before the ReLU).
+    """
+    if num_layers < 2:
+        raise ValueError(f"an MLP with {num_layers} layer(s) has no hidden permutation")
+    perms, sites = {}, {}
+    for k in range(num_layers - 1):
+        perms[f"hidden.{k}"] = (_w(prefix, 2 * k, 0, ("weight", "bias")) + _w(prefix, 2 * (k + 1), 1))
+        sites[f"hidden.{k}"] = f"{prefix}{2 * k}"
+    return PermutationSpec(perms), sites
+
+
+def cnn_spec(num_layers, *, norm="batch", prefix=""):
+    """Spec of ``models.CNN``: ``features`` = ``[Conv, norm, ReLU]`` per layer, then ``head``.
+
+    Parameters
+    ----------
+    num_layers : int
+        Number of conv layers.
+    norm : {"batch", "layer", None}
+        BatchNorm (weight, bias, running_mean, running_var permuted with the channels), LayerNorm
+        over channels (weight, bias), or none.
+    prefix : str
+        Prefix of the model's names.
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        Permutations ``conv.{k}`` (output channels of conv k); sites: the conv outputs.
+    """
+    names = {"batch": _BN, "layer": ("weight", "bias"), None: ()}
+    if norm not in names:
+        raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
+    step = 3 if norm else 2
+    perms, sites = {}, {}
+    for k in range(num_layers):
+        conv = f"features.{step * k}"
+        entries = _w(prefix, conv, 0, ("weight", "bias"))
+        if norm:
+            entries += _w(prefix, f"features.{step * k + 1}", 0, names[norm])
+        entries += _w(prefix, f"features.{step * (k + 1)}", 1) if k + 1 < num_layers else _w(prefix, "head", 1)
+        perms[f"conv.{k}"] = entries
+        sites[f"conv.{k}"] = f"{prefix}{conv}"
+    return PermutationSpec(perms), sites
+
+
+def resnet_spec(num_stages, blocks_per_stage, prefix=""):
+    """Spec of ``models.ResNet``: one permutation per residual stage, one per block's inner layer.
+
+    Parameters
+    ----------
+    num_stages, blocks_per_stage : int
+        The model's stages and blocks per stage (stages after the first start with a conv shortcut).
+    prefix : str
+        Prefix of the model's names.
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        ``stage{s}``: the residual stream of stage s (stem for s = 0, every block's ``conv2``/``bn2``
+        and shortcut outputs, the next inputs, ``head``); ``stage{s}.block{b}``: ``conv1``/``bn1``
+        outputs, ``conv2`` inputs. Sites: inputs of every block's ``act2`` (the residual sum) for a
+        stage; ``conv1`` outputs for a block.
+    """
+    perms, sites = {}, {}
+    stream = "stage0"
+    perms[stream] = _w(prefix, "stem.0", 0) + _w(prefix, "stem.1", 0, _BN)
+    for s in range(num_stages):
+        out = f"stage{s}"
+        perms.setdefault(out, [])
+        sites[out] = []
+        for b in range(blocks_per_stage):
+            block = f"stages.{s}.{b}"
+            inner = f"{out}.block{b}"
+            perms[inner] = (_w(prefix, f"{block}.conv1", 0) + _w(prefix, f"{block}.bn1", 0, _BN)
+                            + _w(prefix, f"{block}.conv2", 1))
+            sites[inner] = f"{prefix}{block}.conv1"
+            perms[stream] += _w(prefix, f"{block}.conv1", 1)
+            perms[out] += _w(prefix, f"{block}.conv2", 0) + _w(prefix, f"{block}.bn2", 0, _BN)
+            if s and b == 0:
+                perms[stream] += _w(prefix, f"{block}.shortcut.0", 1)
+                perms[out] += _w(prefix, f"{block}.shortcut.0", 0) + _w(prefix, f"{block}.shortcut.1", 0, _BN)
+            sites[out].append((f"{prefix}{block}.act2", "input"))
+            stream = out
+    perms[stream] += _w(prefix, "head", 1)
+    return PermutationSpec(perms), sites
+
+
+def vit_spec(depth, heads, prefix=""):
+    """Spec of ``models.ViT``.
+
+    Parameters
+    ----------
+    depth, heads : int
+        Number of blocks and attention heads.
+    prefix : str
+        Prefix of the model's names.
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        ``residual``: the residual stream (patch embedding, ``cls_token``, ``pos_embed``, every
+        norm, each block's ``attn.proj`` and ``mlp.fc2`` outputs, q/k/v and fc1 inputs, ``head``);
+        ``blocks.{i}.attn`` (head-structured): q, k, v outputs and ``proj`` inputs;
+        ``blocks.{i}.mlp``: fc1 outputs, fc2 inputs. Sites: block outputs; ``attn.proj`` input;
+        ``mlp.fc1`` output.
+    """
+    wb = ("weight", "bias")
+    residual = (_w(prefix, "patch_embed", 0, wb) + [(f"{prefix}cls_token", 2), (f"{prefix}pos_embed", 2)]
+                + _w(prefix, "norm", 0, wb) + _w(prefix, "head", 1))
+    perms, sites, head_counts = {}, {"residual": []}, {}
+    for i in range(depth):
+        blk = f"blocks.{i}"
+        residual += (_w(prefix, f"{blk}.norm1", 0, wb) + _w(prefix, f"{blk}.norm2", 0, wb)
+                     + [(f"{prefix}{blk}.attn.{m}.weight", 1) for m in "qkv"]
+                     + _w(prefix, f"{blk}.attn.proj", 0, wb) + _w(prefix, f"{blk}.mlp.fc1", 1)
+                     + _w(prefix, f"{blk}.mlp.fc2", 0, wb))
+        perms[f"{blk}.attn"] = ([e for m in "qkv" for e in _w(prefix, f"{blk}.attn.{m}", 0, wb)]
+                                + _w(prefix, f"{blk}.attn.proj", 1))
+        head_counts[f"{blk}.attn"] = heads
+        perms[f"{blk}.mlp"] = _w(prefix, f"{blk}.mlp.fc1", 0, wb) + _w(prefix, f"{blk}.mlp.fc2", 1)
+        sites["residual"].append(f"{prefix}{blk}")
+        sites[f"{blk}.attn"] = (f"{prefix}{blk}.attn.proj", "input")
+        sites[f"{blk}.mlp"] = f"{prefix}{blk}.mlp.fc1"
+    perms = {"residual": residual, **perms}
+    return PermutationSpec(perms, heads=head_counts), sites
+
+
+def _config_value(config, *names):
+    for name in names:
+        if isinstance(config, Mapping) and name in config:
+            return config[name]
+        if not isinstance(config, Mapping) and hasattr(config, name):
+            return getattr(config, name)
+    raise ValueError(f"config has none of {names}")
+
+
+def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
+    """Spec for the parameter names of Hugging Face ``ViTModel`` or CLIP's vision tower, with no
+    download and no ``transformers``.
+
+    Parameters
+    ----------
+    config : object or Mapping
+        With ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads`` (and
+        ``intermediate_size``), as ``ViTConfig`` / ``CLIPVisionConfig`` or a dict.
+    flavor : {"vit", "clip"}
+        ``"vit"``: ``ViTModel`` names (``embeddings.*``, ``encoder.layer.{i}.*``, ``layernorm``);
+        ``"clip"``: ``CLIPVisionModel`` names (``vision_model.embeddings.*``, ``pre_layrnorm``,
+        ``encoder.layers.{i}.*``, ``post_layernorm``).
+    prefix : str, optional
+        Prefix of every name; default ``""`` for ViT, ``"vision_model."`` for CLIP (use ``"vit."``
+        for ``ViTForImageClassification``).
+    pooler : bool, optional
+        ViT only: include ``pooler.dense`` (input axis). Default: True when ``head`` is None.
+    head : str, optional
+        Name of a Linear reading the residual stream (input axis permuted), e.g. ``"classifier"``
+        or ``"visual_projection"``; given without prefix.
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        ``residual``, ``layer.{i}.attn`` (head-structured), ``layer.{i}.mlp``. Sites: layer outputs
+        (first element of the tuple), the input of the attention output projection, the output of
+        the first MLP Linear.
+    """
+    if flavor not in ("vit", "clip"):
+        raise ValueError(f"flavor must be 'vit' or 'clip', got {flavor!r}")
+    depth = int(_config_value(config, "num_hidden_layers", "num_layers"))
+    hidden = int(_config_value(config, "hidden_size", "hidden"))
+    heads = int(_config_value(config, "num_attention_heads", "num_heads", "heads"))
+    if hidden % heads:
+        raise ValueError(f"hidden_size {hidden} is not divisible by {heads} heads")
+    wb = ("weight", "bias")
+    if flavor == "vit":
+        p = "" if prefix is None else prefix
+        residual = ([(f"{p}embeddings.cls_token", 2), (f"{p}embeddings.position_embeddings", 2)]
+                    + _w(p, "embeddings.patch_embeddings.projection", 0, wb) + _w(p, "layernorm", 0, wb))
+        if pooler if pooler is not None else head is None:
+            residual += _w(p, "pooler.dense", 1)
+        layer_fmt = f"{p}encoder.layer.{{}}"
+        names = {"q": "attention.attention.query", "k": "attention.attention.key",
+                 "v": "attention.attention.value", "o": "attention.output.dense",
+                 "fc1": "intermediate.dense", "fc2": "output.dense",
+                 "norms": ("layernorm_before", "layernorm_after")}
+    else:
+        p = "vision_model." if prefix is None else prefix
+        residual = ([(f"{p}embeddings.class_embedding", 0), (f"{p}embeddings.patch_embedding.weight", 0),
+                     (f"{p}embeddings.position_embedding.weight", 1)]
+                    + _w(p, "pre_layrnorm", 0, wb) + _w(p, "post_layernorm", 0, wb))
+        layer_fmt = f"{p}encoder.layers.{{}}"
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                 "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                 "norms": ("layer_norm1", "layer_norm2")}
+    if head is not None:
+        residual += [(f"{head}.weight", 1)]
+    perms, sites, head_counts = {}, {"residual": []}, {}
+    for i in range(depth):
+        layer = layer_fmt.format(i) + "."
+        for norm in names["norms"]:
+            residual += _w(layer, norm, 0, wb)
+        residual += [(f"{layer}{names[m]}.weight", 1) for m in ("q", "k", "v", "fc1")]
+        residual += _w(layer, names["o"], 0, wb) + _w(layer, names["fc2"], 0, wb)
+        attn = f"layer.{i}.attn"
+        perms[attn] = [e for m in ("q", "k", "v") for e in _w(layer, names[m], 0, wb)] + _w(layer, names["o"], 1)
+        head_counts[attn] = heads
+        perms[f"layer.{i}.mlp"] = _w(layer, names["fc1"], 0, wb) + _w(layer, names["fc2"], 1)
+        sites["residual"].append(layer_fmt.format(i))
+        sites[attn] = (f"{layer}{names['o']}", "input")
+        sites[f"layer.{i}.mlp"] = f"{layer}{names['fc1']}"
+    perms = {"residual": residual, **perms}
+    return PermutationSpec(perms, heads=head_counts), sites
