@@ -1,0 +1,284 @@
+"""Activation matching of two ResNets: nlmerge vs a plain-PyTorch implementation, phase by phase.
+
+Two independently initialised ``nlmerge.align.models.ResNet`` (four stages of widths
+``(w, 2w, 4w, 8w)``, two basic blocks each; ``w = 60`` is about 10M parameters), eval mode,
+aligned by activation matching on synthetic batches of 3x32x32 images (fixed seed). Timed in
+three phases:
+
+1. statistics: the forward passes of both models with hooks at every site and the streaming
+   statistics (``StreamingStats``), up to the summed correlation of every permutation;
+2. assignment: the linear assignments (scipy ``linear_sum_assignment``);
+3. gathers: applying the permutations to the other model's state dict (``apply_permutations``).
+
+nlmerge: ``activation_matching`` (phases 1 + 2; the time spent in its assignment solver is
+recorded by a timing wrapper, so the split comes from the same calls) and ``apply_permutations``.
+Plain: what one writes by hand: forward hooks, a per-batch float64 ``x.T @ y`` plus float64
+column sums and sums of squares (uncentred), the correlation at the end, the same scipy
+assignment, and an ``index_select`` chain per tensor. Also timed: the forward passes alone (both
+models, no hooks: the floor of the statistics phase) and weight matching once (Git Re-Basin
+coordinate descent on the same pair). Statistics, plain statistics and forward-only are timed in
+turn within every round (best of the rounds kept), as are the two gathers, so that the load of a
+shared machine hits both sides alike. Every figure printed is from this one run; the check at the
+end says whether both implementations found the same permutations.
+
+    python benchmarks/bench_align.py [--quick] [--device cpu|cuda] [--width 60] [--batches 8]
+                                     [--batch-size 32] [--repeat 3]
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import best_time, machine  # noqa: E402
+
+from nlmerge.align import activation_matching, apply_permutations, resnet_spec, weight_matching  # noqa: E402
+from nlmerge.align.models import ResNet  # noqa: E402
+
+# the module (the package attribute of the same name is the function)
+am_module = sys.modules["nlmerge.align.activation_matching"]
+
+NUM_STAGES, BLOCKS = 4, 2
+
+
+# ---------------------------------------------------------------------------------- the plain way
+
+
+def _site_list(value):
+    """A ``sites`` entry as a list of ``(module_name, "output" | "input")``."""
+    if isinstance(value, str):
+        return [(value, "output")]
+    if isinstance(value, tuple):
+        return [value]
+    return [(v, "output") if isinstance(v, str) else v for v in value]
+
+
+def _features_last(t):
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    t = t.detach()
+    return t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() == 4 else t.reshape(-1, t.shape[-1])
+
+
+def plain_statistics(sites, model_a, model_b, batches):
+    """Hooks, float64 sums / sums of squares / ``x.T @ y`` per batch, correlations summed per perm."""
+    plan = {p: _site_list(v) for p, v in sites.items()}
+    wanted = sorted({s for entries in plan.values() for s in entries})
+    stores = ({}, {})
+    handles = []
+    for store, model in zip(stores, (model_a, model_b)):
+        modules = dict(model.named_modules())
+        for name, kind in wanted:
+            def hook(module, args, output, store=store, key=(name, kind)):
+                store[key] = output if key[1] == "output" else args
+            handles.append(modules[name].register_forward_hook(hook))
+    acc = {}
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model_a(batch)
+                model_b(batch)
+                for site in wanted:
+                    x = _features_last(stores[0][site]).double()
+                    y = _features_last(stores[1][site]).double()
+                    if site not in acc:
+                        c, d = x.shape[1], y.shape[1]
+                        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+                        acc[site] = {"n": 0, "sx": z(c), "sy": z(d), "sxx": z(c), "syy": z(d), "sxy": z(c, d)}
+                    a = acc[site]
+                    a["n"] += x.shape[0]
+                    a["sx"] += x.sum(0)
+                    a["sy"] += y.sum(0)
+                    a["sxx"] += (x * x).sum(0)
+                    a["syy"] += (y * y).sum(0)
+                    a["sxy"] += x.T @ y
+    finally:
+        for h in handles:
+            h.remove()
+    corr = {}
+    for site, a in acc.items():
+        n = a["n"]
+        mx, my = a["sx"] / n, a["sy"] / n
+        cov = a["sxy"] / n - torch.outer(mx, my)
+        sd = torch.outer((a["sxx"] / n - mx * mx).clamp_min(0).sqrt(), (a["syy"] / n - my * my).clamp_min(0).sqrt())
+        corr[site] = torch.where(sd > 0, cov / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.zeros_like(cov))
+    scores = {}
+    for p, entries in plan.items():
+        scores[p] = sum(corr[s] for s in entries).cpu()
+    return scores
+
+
+def plain_assignment(scores):
+    return {p: torch.as_tensor(linear_sum_assignment(s.numpy(), maximize=True)[1], dtype=torch.int64)
+            for p, s in scores.items()}
+
+
+def plain_gathers(spec, perms, state_dict):
+    """An ``index_select`` chain per permuted tensor; a clone of every other entry."""
+    device = next(iter(state_dict.values())).device
+    index = {p: v.to(device) for p, v in perms.items()}
+    out = {}
+    for key, w in state_dict.items():
+        pairs = spec.params.get(key)
+        if pairs:
+            for p, axis in pairs:
+                w = w.index_select(axis, index[p])
+            out[key] = w
+        else:
+            out[key] = w.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+class _AssignmentClock:
+    """Wraps ``solve_assignment`` as ``activation_matching`` sees it and adds up the time inside."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def installed(self):
+        original = am_module.solve_assignment
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        am_module.solve_assignment = timed
+        try:
+            yield self
+        finally:
+            am_module.solve_assignment = original
+
+
+def interleaved(fns, clock, repeat, device):
+    """Best time of each of ``fns`` (after one warm-up each), timed in turn within every round so
+    that a change in the machine's load hits all of them alike; for each, also the time ``clock``
+    recorded during its best run."""
+    for fn in fns:
+        fn()
+    best = [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            clock.seconds = 0.0
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            total = time.perf_counter() - start
+            if best[i] is None or total < best[i][0]:
+                best[i] = (total, clock.seconds)
+    return best
+
+
+def ms(seconds):
+    return f"{seconds * 1e3:10.1f} ms"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=60, help="stage widths (w, 2w, 4w, 8w)")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up (best kept)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="width 16, 2 batches of 16, one repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.width, args.batches, args.batch_size, args.repeat = 16, 2, 16, 1
+    device = args.device
+    w = args.width
+    widths = (w, 2 * w, 4 * w, 8 * w)
+
+    torch.manual_seed(1)
+    model_a = ResNet(widths=widths, blocks_per_stage=BLOCKS).to(device).eval()
+    torch.manual_seed(2)
+    model_b = ResNet(widths=widths, blocks_per_stage=BLOCKS).to(device).eval()
+    n_params = sum(p.numel() for p in model_a.parameters())
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device) for _ in range(args.batches)]
+    spec, sites = resnet_spec(NUM_STAGES, BLOCKS)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    n_sites = len({s for v in sites.values() for s in _site_list(v)})
+
+    print(f"machine: {machine()}")
+    print(f"ResNet widths {widths}, {BLOCKS} blocks/stage: {n_params / 1e6:.2f}M parameters; "
+          f"{len(spec.perms)} permutations, {n_sites} activation sites; {args.batches} batches of "
+          f"{args.batch_size}x3x32x32 on {device}; best of {args.repeat} rounds after a warm-up (gathers: {10 * args.repeat})\n", flush=True)
+
+    repeat = args.repeat
+
+    def forward_only():
+        with torch.no_grad():
+            for b in batches:
+                model_a(b)
+                model_b(b)
+
+    clock = _AssignmentClock()
+    result = {}
+
+    def nl_match():
+        result["perms"] = activation_matching(spec, sites, model_a, model_b, batches)
+
+    def plain_match():
+        result["scores"] = plain_statistics(sites, model_a, model_b, batches)
+
+    # the statistics phases and the forward-only floor, in turn in every round
+    with clock.installed():
+        (forward, _), (nl_total, nl_assign), (plain_stats, _) = interleaved(
+            [forward_only, nl_match, plain_match], clock, repeat, device)
+    nl_stats = nl_total - nl_assign
+    nl_perms, scores = result["perms"], result["scores"]
+    plain_assign = best_time(lambda: result.__setitem__("pp", plain_assignment(scores)), repeat, device)
+    plain_perms = result["pp"]
+    (nl_gather, _), (plain_gather, _) = interleaved(
+        [lambda: apply_permutations(spec, nl_perms, sd_b), lambda: plain_gathers(spec, plain_perms, sd_b)],
+        clock, 10 * repeat, device)  # milliseconds: more rounds
+
+    start = time.perf_counter()
+    wm_perms, info = weight_matching(spec, sd_a, sd_b, return_info=True)
+    wm_seconds = time.perf_counter() - start
+
+    rows = [("statistics (fwd + hooks + stats)", nl_stats, plain_stats),
+            ("assignment (scipy)", nl_assign, plain_assign),
+            ("gathers (permute state dict)", nl_gather, plain_gather),
+            ("total", nl_stats + nl_assign + nl_gather, plain_stats + plain_assign + plain_gather)]
+    print(f"{'phase':<34}  {'nlmerge':>13}  {'plain':>13}  {'plain/nlmerge':>13}")
+    for name, nl, pl in rows:
+        print(f"{name:<34}  {ms(nl)}  {ms(pl)}  {pl / nl:12.2f}x", flush=True)
+    print()
+    print(f"{'forward passes only (floor)':<34}  {ms(forward)}")
+    print(f"  statistics / forward-only: nlmerge {nl_stats / forward:.2f}x, plain {plain_stats / forward:.2f}x "
+          f"(overhead above the forwards: nlmerge {ms(nl_stats - forward).strip()}, "
+          f"plain {ms(plain_stats - forward).strip()})")
+    print(f"{'weight matching (once)':<34}  {ms(wm_seconds)}  ({info['sweeps']} sweeps, "
+          f"converged {info['converged']})")
+    print()
+
+    same = [p for p in spec.perms if torch.equal(nl_perms[p], plain_perms[p])]
+    print(f"same permutations (nlmerge vs plain): {len(same)}/{len(spec.perms)}")
+    for p in spec.perms:
+        if p not in same:
+            moved = int((nl_perms[p] != plain_perms[p]).sum())
+            print(f"  {p}: {moved}/{nl_perms[p].numel()} units differ")
+    a = apply_permutations(spec, nl_perms, sd_b)
+    b = plain_gathers(spec, nl_perms, sd_b)
+    print(f"same gathered state dict (same permutations): {all(torch.equal(a[k], b[k]) for k in a)}")
+    agree = sum(torch.equal(wm_perms[p], nl_perms[p]) for p in spec.perms)
+    print(f"weight matching agrees with activation matching on {agree}/{len(spec.perms)} permutations "
+          f"(not expected to: a different objective)")
+
+
+if __name__ == "__main__":
+    main()
