@@ -229,7 +229,7 @@ def main():
     result = {}
 
     def nl_match():
-        result["perms"] = activation_matching(spec, sites, model_a, model_b, batches)
+        result["perms"] = activation_matching(spec, model_a, model_b, batches, sites)
 
     def plain_match():
         result["scores"] = plain_statistics(sites, model_a, model_b, batches)

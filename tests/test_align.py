@@ -116,7 +116,7 @@ def test_planted_permutation_recovered(kind):
         assert torch.equal(realigned[k], v), k
 
     batches = list(x.split(max(1, x.shape[0] // 4)))
-    found = activation_matching(spec, sites, model, other, batches)
+    found = activation_matching(spec, model, other, batches, sites)
     for p in sizes:
         assert torch.equal(found[p], expected[p]), p
 
@@ -165,6 +165,10 @@ def test_inverse_map_and_validation_errors():
         PermutationSpec({"p": [("a.bias", 0)]}, heads={"q": 2})
     with pytest.raises(ValueError, match="heads do not divide"):
         PermutationSpec({"p": [("a.bias", 0)]}, heads={"p": 3}).validate(sd)
+    # validated on construction when a state dict is given
+    PermutationSpec({"p": [("a.weight", 0), ("a.bias", 0)]}, state_dict=sd)
+    with pytest.raises(ValueError, match="'c.weight'"):
+        PermutationSpec({"p": [("a.weight", 0), ("c.weight", 0)]}, state_dict=sd)
 
 
 def test_apply_permutations_errors_and_copies():
@@ -206,11 +210,11 @@ def test_matching_argument_errors():
     with pytest.raises(ValueError, match="max_iter"):
         weight_matching(spec, sd, sd, max_iter=0)
     with pytest.raises(ValueError, match="without an activation site.*hidden.1"):
-        activation_matching(spec, {k: v for k, v in sites.items() if k != "hidden.1"}, model, model, [x])
+        activation_matching(spec, model, model, [x], {k: v for k, v in sites.items() if k != "hidden.1"})
     with pytest.raises(ValueError, match="'nope' is not in"):
-        activation_matching(spec, {**sites, "hidden.1": "nope"}, model, model, [x])
+        activation_matching(spec, model, model, [x], {**sites, "hidden.1": "nope"})
     with pytest.raises(ValueError, match="no batch"):
-        activation_matching(spec, sites, model, model, [])
+        activation_matching(spec, model, model, [], sites)
 
 
 def hf_state_dict(flavor, layers, dim, mlp_dim, generator, channels=3, patch=2, image=4, proj_dim=5):
@@ -389,7 +393,7 @@ def test_hf_vit_spec_names_and_function(flavor):
     expected = {p: torch.argsort(v) for p, v in perms.items()}
     found = weight_matching(spec, sd, permuted, seed=2)
     assert all(torch.equal(found[p], expected[p]) for p in sizes)
-    found = activation_matching(spec, sites, model, other, list(pixels.split(16)))
+    found = activation_matching(spec, model, other, list(pixels.split(16)), sites)
     assert all(torch.equal(found[p], expected[p]) for p in sizes)
 
 
@@ -416,7 +420,7 @@ def test_matching_options():
     expected = {p: torch.argsort(v) for p, v in planted.items()}
     # (input, label) batches, max_batches, returned correlations (one site per block for a stage)
     batches = [(chunk, None) for chunk in x.split(4)]
-    found, corr = activation_matching(spec, sites, model, other, batches, max_batches=2, return_correlations=True)
+    found, corr = activation_matching(spec, model, other, batches, sites, max_batches=2, return_correlations=True)
     assert all(torch.equal(found[p], expected[p]) for p in sizes)
     for p, c in corr.items():
         n_sites = 1 if isinstance(sites[p], str) else len(sites[p])
@@ -428,7 +432,7 @@ def test_matching_options():
         calls.append(batch["pixels"].shape[0])
         return m(batch["pixels"])
 
-    found = activation_matching(spec, sites, model, other, [{"pixels": x}], forward=forward)
+    found = activation_matching(spec, model, other, [{"pixels": x}], sites, forward=forward)
     assert calls == [16, 16] and all(torch.equal(found[p], expected[p]) for p in sizes)
     # weight matching started at the answer stays there after one sweep
     found, info = weight_matching(spec, model.state_dict(), other.state_dict(), init=expected, return_info=True)

@@ -49,7 +49,7 @@ def _default_forward(model, batch):
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
 
 
-def activation_matching(spec, sites, reference_model, other_model, data, *, forward=None,
+def activation_matching(spec, reference_model, other_model, data, sites, *, forward=None,
                         max_batches=None, backend=None, return_correlations=False):
     """Permutations of ``other_model`` that best match ``reference_model`` on activations.
 
@@ -64,14 +64,14 @@ def activation_matching(spec, sites, reference_model, other_model, data, *, forw
     ----------
     spec : PermutationSpec
         Permutations (only names and head counts are used here).
-    sites : Mapping[str, site or list of sites]
-        ``{perm_name: site}`` where a site is a module name (its output; the first element of a
-        tuple output) or ``(module_name, "input" | "output")``.
     reference_model, other_model : torch.nn.Module
         Models with the same module names.
     data : iterable
         Batches: a tensor (``model(batch)``), a tuple/list (``model(batch[0])``) or a mapping
         (``model(**batch)``), unless ``forward`` is given.
+    sites : Mapping[str, site or list of sites]
+        ``{perm_name: site}`` where a site is a module name (its output; the first element of a
+        tuple output) or ``(module_name, "input" | "output")``.
     forward : callable, optional
         ``forward(model, batch)`` runs one model on one batch.
     max_batches : int, optional

@@ -17,6 +17,8 @@ class PermutationSpec:
     heads : Mapping[str, int], optional
         ``{perm_name: num_heads}`` for attention permutations, which permute whole heads (blocks of
         ``size // num_heads`` consecutive units) and then units within each head.
+    state_dict : Mapping[str, Tensor], optional
+        When given, the spec is validated against it on construction (see :meth:`validate`).
 
     Attributes
     ----------
@@ -28,7 +30,7 @@ class PermutationSpec:
         ``{perm_name: num_heads}`` of the head-structured permutations.
     """
 
-    def __init__(self, perms, *, heads=None):
+    def __init__(self, perms, *, heads=None, state_dict=None):
         self.perms = {}
         self.params = {}
         for name, pairs in perms.items():
@@ -54,6 +56,8 @@ class PermutationSpec:
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"permutation {name!r}: num_heads must be a positive int, got {count!r}")
             self.heads[name] = count
+        if state_dict is not None:
+            self.validate(state_dict)
 
     def __repr__(self):
         return f"PermutationSpec({len(self.perms)} permutations over {len(self.params)} parameters)"
