@@ -16,8 +16,8 @@ Backends (``backend=None | "torch" | "cpu" | "triton"``, chosen by ``_dispatch.r
 
 - ``"torch"``, the reference: each batch in float64, centred on its float64 mean, Gram by a float64
   matrix product.
-- ``"cpu"``: each batch centred in fp32 on a shift (the mean of its first rows), in chunks of
-  ``CPU_CHUNK`` rows: fp32 column sums and an fp32 BLAS Gram per chunk, added into float64, then
+- ``"cpu"``: each batch centred in fp32 on a shift (the mean of its first rows), in chunks of at
+  least ``CPU_CHUNK`` rows (more for few channels, up to ``CPU_CHUNK_ELEMENTS``): fp32 column sums and an fp32 BLAS Gram per chunk, added into float64, then
   corrected exactly for the shift in float64 (``G - sx sy^T / n`` with ``sx`` the sums of the
   shifted data, which are small). Float64 inputs use the reference.
 - ``"triton"``: the shifted scheme with shift = the batch mean, in fused kernels
@@ -36,7 +36,8 @@ from nlmerge.ops._checks import NonFiniteError, check_finite
 from nlmerge.ops._dispatch import resolve
 
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-CPU_CHUNK = 1024  # rows per fp32 chunk on the "cpu" backend; chunk sums and Grams are added in float64
+CPU_CHUNK = 1024  # least rows per fp32 chunk on the "cpu" backend; chunk sums and Grams are added in float64
+CPU_CHUNK_ELEMENTS = 1 << 18  # a chunk of few channels gets more rows (1 MiB of fp32): fewer small calls
 
 
 class _Moments:
@@ -127,12 +128,14 @@ def batch_moments_cpu(x, y, covariance):
 
     The shift is the fp32 mean of the first chunk (any shift within a few standard deviations of
     the mean keeps fp32 accurate; the exact shift correction is applied in float64). Rows are
-    processed in chunks of ``CPU_CHUNK`` (centred fp32 temporaries stay in cache); column sums and
+    processed in chunks of ``CPU_CHUNK`` rows or more, up to ``CPU_CHUNK_ELEMENTS`` (centred fp32
+    temporaries stay in cache); column sums and
     the fp32 Gram of each chunk are added into float64. NaN/Inf inputs (or fp32 overflow) show up
     as non-finite results, which the caller checks. Same parameters and result as
     ``batch_moments_reference``.
     """
     n = x.shape[0]
+    chunk = max(CPU_CHUNK, CPU_CHUNK_ELEMENTS // max(x.shape[1], 1 if y is None else y.shape[1]))
     first = min(n, CPU_CHUNK)
     # float64 sums: a constant column's shift is then exactly its value, so dead units stay dead
     sh_x = (x[:first].sum(dim=0, dtype=torch.float64) / first).float()
@@ -144,12 +147,12 @@ def batch_moments_cpu(x, y, covariance):
         gxy = zeros((x.shape[1], y.shape[1]))
     if covariance:
         gxx = zeros((x.shape[1], x.shape[1]))
-    for start in range(0, n, CPU_CHUNK):
-        xc = torch.sub(x[start : start + CPU_CHUNK], sh_x)  # fp32 (type promotion), one pass
+    for start in range(0, n, chunk):
+        xc = torch.sub(x[start : start + chunk], sh_x)  # fp32 (type promotion), one pass
         sx += xc.sum(dim=0)
         ssx += (xc * xc).sum(dim=0)
         if y is not None:
-            yc = torch.sub(y[start : start + CPU_CHUNK], sh_y)
+            yc = torch.sub(y[start : start + chunk], sh_y)
             sy += yc.sum(dim=0)
             ssy += (yc * yc).sum(dim=0)
             gxy += xc.T @ yc
