@@ -2,9 +2,10 @@
 
 Layers (each imports only the ones above it): ``nlmerge.ops`` (tensor ops: references and
 dispatch) -> ``nlmerge.kernels`` (fused C++ and Triton kernels, called only by ``ops``) ->
-``nlmerge.align`` (permutation alignment) and ``nlmerge.merge`` (state-dict merging).
+``nlmerge.align`` (permutation alignment), ``nlmerge.merge`` (state-dict merging) and
+``nlmerge.correct`` (variance-collapse correction: TACT, REPAIR).
 """
-from nlmerge import align, merge, ops
+from nlmerge import align, correct, merge, ops
 
 __version__ = "0.1.0"
-__all__ = ["align", "merge", "ops", "__version__"]
+__all__ = ["align", "correct", "merge", "ops", "__version__"]

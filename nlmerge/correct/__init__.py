@@ -1,0 +1,20 @@
+"""Correction of variance collapse in merged models: TACT (per task) and REPAIR (one target).
+
+``default_sites`` picks where to correct, ``activation_stats`` and ``variance_ratio`` measure,
+``tact`` and ``repair`` build ``CorrectedModel`` wrappers (the shared merged model plus per-site
+scale/shift buffers applied by forward hooks), and ``fold`` writes a correction into the weights of
+the site's own linear/conv/norm layer. Built only on ``nlmerge.ops`` (``StreamingStats``).
+"""
+from nlmerge.correct.correction import CorrectedModel, fold, repair, tact
+from nlmerge.correct.sites import SiteStats, activation_stats, default_sites, variance_ratio
+
+__all__ = [
+    "CorrectedModel",
+    "SiteStats",
+    "activation_stats",
+    "default_sites",
+    "fold",
+    "repair",
+    "tact",
+    "variance_ratio",
+]

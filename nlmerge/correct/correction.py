@@ -1,0 +1,324 @@
+"""TACT and REPAIR: per-channel affine corrections of a merged model's activations, and folding.
+
+At each site (per channel c), ``z' = sigma_E * (z - mu_M) / sqrt(var_M + eps) + mu_E``, stored as
+``z' = scale * z + shift``. Sites are corrected in forward order: the merged statistics of a site
+are measured with the corrections of the sites before it already active (one pass per site, cut
+short after the site).
+"""
+import torch
+from torch import nn
+
+from nlmerge.correct.sites import (_LINEAR, _NORM, check_channels, check_sites, collect, default_sites,
+                                   hook_site, reiterable, run_batch, site_label, site_module, unwrap)
+
+
+class CorrectedModel(nn.Module):
+    """A shared merged model plus per-site correction buffers ``scale_i``, ``shift_i`` (float32 [C]).
+
+    The corrections are applied by forward hooks that exist only during ``forward``, so several
+    ``CorrectedModel`` (one per task) can share one merged model. Site names refer to the merged
+    model's modules (without the ``model.`` prefix).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The merged model (shared, not copied).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.sites = []
+
+    def _nlmerge_corrected_inner(self):
+        return self.model
+
+    def add_site(self, site, scale, shift):
+        """Add (or replace) the correction ``scale * z + shift`` at ``site``."""
+        scale = torch.as_tensor(scale).detach().to(torch.float32).reshape(-1)
+        shift = torch.as_tensor(shift).detach().to(torch.float32).reshape(-1)
+        if site in self.sites:
+            i = self.sites.index(site)
+        else:
+            i = len(self.sites)
+            self.sites.append(site)
+        self.register_buffer(f"scale_{i}", scale)
+        self.register_buffer(f"shift_{i}", shift)
+
+    def correction(self, site):
+        """``(scale, shift)`` float32 [C] of ``site``."""
+        i = self.sites.index(site)
+        return getattr(self, f"scale_{i}"), getattr(self, f"shift_{i}")
+
+    def forward(self, *args, **kwargs):
+        """The merged model's forward with the corrections applied at their sites."""
+        modules = dict(self.model.named_modules())
+        handles = []
+        try:
+            for i, site in enumerate(self.sites):
+                handles.append(_install(modules[site_module(site)], site, getattr(self, f"scale_{i}"),
+                                        getattr(self, f"shift_{i}")))
+            return self.model(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _affine(x, scale, shift):
+    if isinstance(x, (tuple, list)):
+        return type(x)((_affine(x[0], scale, shift), *x[1:]))
+    shape = [1] * x.dim()
+    axis = 1 if x.dim() in (4, 5) else -1
+    shape[axis] = -1
+    s = scale.to(device=x.device, dtype=x.dtype).view(shape)
+    b = shift.to(device=x.device, dtype=x.dtype).view(shape)
+    return torch.addcmul(b, x, s)
+
+
+def _install(module, site, scale, shift):
+    if isinstance(site, str):
+        return module.register_forward_hook(lambda m, args, out: _affine(out, scale, shift), prepend=True)
+
+    def pre(m, args):
+        return (_affine(args[0], scale, shift), *args[1:])
+    return module.register_forward_pre_hook(pre, prepend=True)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _forward_order(model, data, sites):
+    """``sites`` sorted by when each first runs in one forward pass of the first batch."""
+    modules = dict(unwrap(model).named_modules())
+    order = []
+
+    def make(site):
+        def fn(_):
+            if site not in order:
+                order.append(site)
+        return fn
+
+    handles = [hook_site(modules, s, make(s)) for s in sites]
+    try:
+        with torch.no_grad():
+            for batch in data:
+                run_batch(model, batch)
+                break
+    finally:
+        for h in handles:
+            h.remove()
+    if not order:
+        raise ValueError("data yielded no batch (empty loader)")
+    missing = [site_label(s) for s in sites if s not in order]
+    if missing:
+        raise ValueError(f"sites {missing} did not run in the forward pass")
+    return order
+
+
+class _Chain:
+    """Re-iterable concatenation of several loaders."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __iter__(self):
+        for loader in self.loaders:
+            yield from loader
+
+
+def _solve(mu_e, sd_e, mu_m, var_m, eps):
+    scale = sd_e / torch.sqrt(var_m + eps)
+    return scale, mu_e - scale * mu_m
+
+
+def _check_inputs(experts, data):
+    experts = list(experts) if isinstance(experts, (list, tuple)) else [experts]
+    if not experts:
+        raise ValueError("experts is empty")
+    if not isinstance(data, (list, tuple)) or len(data) != len(experts):
+        raise ValueError(f"data must be a list of one loader per task ({len(experts)} experts), "
+                         f"got {type(data).__name__}" + (f" of length {len(data)}" if isinstance(data, (list, tuple)) else ""))
+    return experts, [reiterable(d, f"data[{t}]") for t, d in enumerate(data)]
+
+
+def _expert_stats(experts, data, sites, backend):
+    out = []
+    for t, (expert, loader) in enumerate(zip(experts, data)):
+        check_sites(expert, sites, f"expert {t}")
+        out.append(collect(expert, loader, sites, backend=backend, label=f"data[{t}]"))
+    return out
+
+
+def _correct(merged, sites, targets, loader, eps, backend, label):
+    """Sequential correction of ``merged`` towards ``targets[site] = (mu, sigma)``."""
+    cm = CorrectedModel(merged)
+    for site in _forward_order(merged, loader, sites):
+        ms = collect(cm, loader, [site], stop_after=site, backend=backend, label=label)[site]
+        mu_e, sd_e = targets[site]
+        check_channels(site, ms.num_features, mu_e.numel())
+        scale, shift = _solve(mu_e.to(ms.mean.device), sd_e.to(ms.mean.device), ms.mean, ms.var, eps)
+        cm.add_site(site, scale, shift)
+    return cm
+
+
+# ---------------------------------------------------------------------------------- public API
+
+def tact(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
+    """Task-specific activation correction: one corrected model per task.
+
+    For task t, expert t's per-channel mean and std on ``data[t]`` are the target; the merged model
+    is measured on ``data[t]`` site by site in forward order with the corrections of the earlier
+    sites active, and corrected by ``z' = sigma_E (z - mu_M) / sqrt(var_M + eps) + mu_E``. Put all
+    models in ``eval()`` mode first.
+
+    Parameters
+    ----------
+    merged : torch.nn.Module or list of torch.nn.Module
+        One merged model shared by all tasks, or one per task.
+    experts : list of torch.nn.Module
+        Expert t for task t (same architecture as ``merged``).
+    data : list of iterable
+        One loader (re-iterable; one-shot iterators are materialized) of input batches per task.
+    sites : list, optional
+        Module names (outputs) and ``(name, "input")`` pairs; default ``default_sites(merged)``.
+    eps : float
+        Added to the merged variance.
+    backend : str, optional
+        Backend of ``StreamingStats``.
+
+    Returns
+    -------
+    list of CorrectedModel
+        One per task, all sharing the merged model's weights (when one merged model is given).
+
+    Raises
+    ------
+    ValueError
+        A site that is not a module, an empty loader, or channel counts that differ at a site.
+    """
+    experts, data = _check_inputs(experts, data)
+    models = list(merged) if isinstance(merged, (list, tuple)) else [merged] * len(experts)
+    if len(models) != len(experts):
+        raise ValueError(f"{len(models)} merged models for {len(experts)} experts")
+    sites = check_sites(models[0], default_sites(models[0]) if sites is None else sites, "merged model")
+    for m in models[1:]:
+        check_sites(m, sites, "merged model")
+    ex = _expert_stats(experts, data, sites, backend)
+    out = []
+    for t in range(len(experts)):
+        targets = {s: (ex[t][s].mean, ex[t][s].std) for s in sites}
+        out.append(_correct(models[t], sites, targets, data[t], eps, backend, f"data[{t}]"))
+    return out
+
+
+def repair(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
+    """REPAIR: one correction for all tasks towards the experts' averaged statistics.
+
+    The target of each channel is the average over tasks of expert t's mean and of its std (on
+    ``data[t]``); the merged model is measured on all tasks' data together, site by site in forward
+    order with earlier corrections active, and corrected as in ``tact``.
+
+    Parameters
+    ----------
+    merged : torch.nn.Module
+    experts : list of torch.nn.Module
+    data : list of iterable
+        One loader of input batches per task.
+    sites : list, optional
+        Default ``default_sites(merged)``.
+    eps : float
+
+    Returns
+    -------
+    CorrectedModel
+
+    Raises
+    ------
+    ValueError
+        As ``tact``.
+    """
+    if isinstance(merged, (list, tuple)):
+        raise ValueError("repair takes one merged model")
+    experts, data = _check_inputs(experts, data)
+    sites = check_sites(merged, default_sites(merged) if sites is None else sites, "merged model")
+    ex = _expert_stats(experts, data, sites, backend)
+    targets = {}
+    for s in sites:
+        for t in range(1, len(experts)):
+            check_channels(s, ex[0][s].num_features, ex[t][s].num_features)
+        targets[s] = (torch.stack([e[s].mean for e in ex]).mean(0), torch.stack([e[s].std for e in ex]).mean(0))
+    return _correct(merged, sites, targets, _Chain(data), eps, backend, "data")
+
+
+def fold(corrected):
+    """The merged model's state dict with ``corrected``'s corrections folded into its layers.
+
+    An output site of a ``Linear``/``Conv`` scales its weight per output channel and maps its bias
+    ``b -> scale * b + shift``; an output site of an affine norm layer (BatchNorm, LayerNorm over one
+    dim, GroupNorm, InstanceNorm) does the same to its weight and bias; an input site of a
+    ``Linear`` (the attention context) scales the weight's input columns and adds ``W @ shift`` to
+    its bias. BatchNorm is folded for ``eval()`` mode. Call once per task for per-task copies.
+
+    Parameters
+    ----------
+    corrected : CorrectedModel
+
+    Returns
+    -------
+    dict
+        A plain state dict of the merged model's architecture (new tensors; the model is unchanged).
+
+    Raises
+    ------
+    ValueError
+        Naming the site that cannot be folded (e.g. a residual-stream site, or a layer without
+        the bias or affine weight the shift needs).
+    """
+    if not isinstance(corrected, CorrectedModel):
+        raise TypeError(f"fold takes a CorrectedModel, got {type(corrected).__name__}")
+    inner = corrected.model
+    modules = dict(inner.named_modules())
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    # input sites before output sites of the same module: y = A (W (a z + b) + c) + d
+    ordered = sorted(corrected.sites, key=lambda s: 0 if isinstance(s, tuple) else 1)
+    for site in ordered:
+        scale, shift = corrected.correction(site)
+        name = site_module(site)
+        module = modules[name]
+        label = site_label(site)
+        if not name:
+            raise ValueError(f"site {label!r} is the whole model: cannot fold")
+        wk, bk = f"{name}.weight", f"{name}.bias"
+        w = state.get(wk)
+        b = state.get(bk)
+        a, s = scale.double(), shift.double()
+        if isinstance(site, tuple):
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"site {label!r}: only the input of a Linear can be folded, "
+                                 f"not of {type(module).__name__}")
+            if b is None and bool(s.any()):
+                raise ValueError(f"site {label!r}: the Linear has no bias to take the shift")
+            wd = w.double()
+            if b is not None:
+                state[bk] = (b.double() + wd @ s).to(b.dtype)
+            state[wk] = (wd * a[None, :]).to(w.dtype)
+            continue
+        if isinstance(module, _LINEAR):
+            pass
+        elif isinstance(module, _NORM):
+            if w is None:
+                raise ValueError(f"site {label!r}: {type(module).__name__} has no affine weight to fold into")
+            if w.dim() != 1:
+                raise ValueError(f"site {label!r}: {type(module).__name__} normalizes over {tuple(w.shape)}, "
+                                 "not one channel axis: cannot fold")
+        else:
+            raise ValueError(f"site {label!r} is the output of {type(module).__name__}, not of a linear, conv "
+                             "or norm layer: cannot fold")
+        if w.shape[0] != a.numel():
+            raise ValueError(f"site {label!r}: layer has {w.shape[0]} output channels, correction has {a.numel()}")
+        if b is None and bool(s.any()):
+            raise ValueError(f"site {label!r}: {type(module).__name__} has no bias to take the shift")
+        view = [-1] + [1] * (w.dim() - 1)
+        state[wk] = (w.double() * a.view(view)).to(w.dtype)
+        if b is not None:
+            state[bk] = (b.double() * a + s).to(b.dtype)
+    return state

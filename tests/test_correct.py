@@ -1,0 +1,207 @@
+"""TACT / REPAIR correction: statistics matched, REPAIR == TACT with one target, folding, collapse
+undone, errors."""
+import copy
+
+import pytest
+import torch
+
+from nlmerge.align import apply_permutations, mlp_spec, weight_matching
+from nlmerge.align.models import CNN, MLP, ViT, ResNet
+from nlmerge.correct import (CorrectedModel, activation_stats, default_sites, fold, repair, tact,
+                             variance_ratio)
+
+IN_SHAPES = {"mlp": (12,), "cnn": (3, 6, 6), "resnet": (3, 8, 8), "vit": (3, 8, 8)}
+
+
+def make(kind, seed):
+    torch.manual_seed(seed)
+    model = {"mlp": lambda: MLP((12, 16, 16, 5)), "cnn": lambda: CNN(widths=(6, 10)),
+             "resnet": lambda: ResNet(widths=(4, 8), blocks_per_stage=1), "vit": lambda: ViT()}[kind]()
+    with torch.no_grad():  # non-trivial norm parameters and running statistics
+        for name, t in model.named_buffers():
+            if name.endswith("running_mean"):
+                t.normal_(0, 0.3)
+            elif name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def average(models):
+    out = copy.deepcopy(models[0])
+    sds = [m.state_dict() for m in models]
+    out.load_state_dict({k: (sum(sd[k].double() for sd in sds) / len(sds)).to(sds[0][k].dtype)
+                         if sds[0][k].is_floating_point() else sds[0][k] for k in sds[0]})
+    return out.eval()
+
+
+def loader(kind, seed, batches=3, size=16, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((size, *IN_SHAPES[kind]), generator=g) + shift for _ in range(batches)]
+
+
+def assert_stats_match(got, want, tol=1e-4):
+    for site in want:
+        g, w = got[site], want[site]
+        scale = w.std + w.mean.abs()
+        assert ((g.mean - w.mean).abs() <= tol * scale).all(), f"site {site}: means differ"
+        assert ((g.std - w.std).abs() <= tol * w.std).all(), f"site {site}: stds differ"
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet", "vit"])
+def test_tact_matches_expert_statistics(kind):
+    experts = [make(kind, 1), make(kind, 2)]
+    merged = average(experts)
+    data = [loader(kind, 10), loader(kind, 11, shift=0.5)]
+    corrected = tact(merged, experts, data, eps=1e-10)
+    assert len(corrected) == 2 and all(c.model is merged for c in corrected)  # shared weights
+    sites = default_sites(merged)
+    assert set(corrected[0].sites) == set(sites)
+    for t in range(2):
+        want = activation_stats(experts[t], data[t], sites)
+        got = activation_stats(corrected[t], data[t], sites)
+        assert_stats_match(got, want)
+    # per-task corrections differ; the merged model itself is left uncorrected
+    assert not torch.equal(corrected[0].correction(sites[0])[0], corrected[1].correction(sites[0])[0])
+    x = data[0][0]
+    assert not torch.allclose(merged(x), corrected[0](x))
+
+
+def test_tact_one_merged_model_per_task():
+    experts = [make("mlp", 1), make("mlp", 2)]
+    merged = [average(experts), copy.deepcopy(experts[1])]
+    data = [loader("mlp", 3), loader("mlp", 4)]
+    corrected = tact(merged, experts, data, eps=1e-10)
+    assert corrected[0].model is merged[0] and corrected[1].model is merged[1]
+    assert_stats_match(activation_stats(corrected[1], data[1]), activation_stats(experts[1], data[1]))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_repair_equals_tact_with_one_target(kind):
+    experts = [make(kind, 1), make(kind, 2)]
+    merged = average(experts)
+    data = loader(kind, 5)
+    # one task
+    t = tact(merged, [experts[0]], [data])[0]
+    r = repair(merged, [experts[0]], [data])
+    # identical experts and data: every task has the same target
+    r2 = repair(merged, [experts[0], copy.deepcopy(experts[0])], [data, list(data)])
+    for site in t.sites:
+        for other in (r, r2):
+            for a, b in zip(t.correction(site), other.correction(site)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    x = data[0]
+    torch.testing.assert_close(t(x), r(x), rtol=1e-5, atol=1e-5)
+
+
+def test_repair_targets_average_of_experts():
+    experts = [make("mlp", 1), make("mlp", 2)]
+    merged = average(experts)
+    data = [loader("mlp", 6), loader("mlp", 7)]
+    r = repair(merged, experts, data, eps=1e-10)
+    sites = default_sites(merged)
+    ex = [activation_stats(e, d, sites) for e, d in zip(experts, data)]
+    got = activation_stats(r, data[0] + data[1], sites)
+    for s in sites:
+        torch.testing.assert_close(got[s].mean, (ex[0][s].mean + ex[1][s].mean) / 2, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[s].std, (ex[0][s].std + ex[1][s].std) / 2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet", "vit"])
+def test_fold_matches_inserted_correction(kind):
+    experts = [make(kind, 1), make(kind, 2)]
+    merged = average(experts)
+    data = [loader(kind, 8), loader(kind, 9)]
+    # residual-stream sites (block outputs) cannot be folded: keep layer outputs and input sites
+    modules = dict(merged.named_modules())
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.LayerNorm)
+    sites = [s for s in default_sites(merged) if isinstance(s, tuple) or isinstance(modules[s], layers)]
+    assert len(sites) < len(default_sites(merged)) or kind in ("mlp", "cnn")
+    corrected = tact(merged, experts, data, sites=sites)
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    for t, c in enumerate(corrected):
+        folded = copy.deepcopy(merged)
+        folded.load_state_dict(fold(c))
+        x = data[t][0]
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), c(x), rtol=1e-4, atol=1e-5)
+    for k, v in merged.state_dict().items():  # fold does not touch the shared model
+        assert torch.equal(v, before[k])
+
+
+def test_fold_refuses_residual_site():
+    experts = [make("resnet", 1)]
+    merged = average(experts + [make("resnet", 2)])
+    c = tact(merged, experts, [loader("resnet", 1)], sites=["stem.1", "stages.0.0"])[0]
+    with pytest.raises(ValueError, match="stages.0.0"):
+        fold(c)
+
+
+def test_variance_collapse_undone():
+    torch.manual_seed(0)
+    a, b = MLP((12, 64, 64, 5)).eval(), MLP((12, 64, 64, 5)).eval()
+    spec, _ = mlp_spec(3)
+    perms = weight_matching(spec, a.state_dict(), b.state_dict())
+    b_aligned = copy.deepcopy(b)
+    b_aligned.load_state_dict(apply_permutations(spec, perms, b.state_dict()))
+    merged = average([a, b_aligned])
+    data = loader("mlp", 3, batches=4, size=64)
+    before = variance_ratio(merged, a, data)
+    assert min(before.values()) < 0.9, before  # collapsed
+    corrected = tact(merged, [a, b_aligned], [data, data])
+    for t, expert in enumerate((a, b_aligned)):
+        after = variance_ratio(corrected[t], expert, data)
+        for site, ratio in after.items():
+            assert abs(ratio - 1) <= 1e-3, (site, ratio)
+    r = repair(merged, [a], [data])
+    assert all(abs(v - 1) <= 1e-3 for v in variance_ratio(r, a, data).values())
+
+
+def test_error_unknown_site():
+    m = make("mlp", 1)
+    with pytest.raises(ValueError, match="nope"):
+        tact(m, [m], [loader("mlp", 1)], sites=["0", "nope"])
+    with pytest.raises(ValueError, match="nope"):
+        activation_stats(m, loader("mlp", 1), ["nope"])
+    with pytest.raises(ValueError, match="nope"):
+        variance_ratio(m, m, loader("mlp", 1), ["nope"])
+
+
+def test_error_empty_loader():
+    m = make("mlp", 1)
+    with pytest.raises(ValueError, match=r"data\[1\].*empty"):
+        tact(m, [m, m], [loader("mlp", 1), []])
+    with pytest.raises(ValueError, match="empty"):
+        repair(m, [m], [iter([])])
+    with pytest.raises(ValueError, match="empty"):
+        activation_stats(m, [])
+
+
+def test_error_channel_mismatch():
+    torch.manual_seed(0)
+    merged, expert = MLP((12, 8, 5)).eval(), MLP((12, 9, 5)).eval()
+    with pytest.raises(ValueError, match=r"site '0'.*8.*9"):
+        tact(merged, [expert], [loader("mlp", 1)])
+    with pytest.raises(ValueError, match=r"site '0'"):
+        repair(merged, [expert], [loader("mlp", 1)])
+    with pytest.raises(ValueError, match=r"site '0'"):
+        variance_ratio(merged, expert, loader("mlp", 1))
+
+
+def test_default_sites_rule():
+    assert default_sites(MLP((4, 8, 8, 3))) == ["0", "2"]  # head excluded
+    assert default_sites(CNN(widths=(4, 6))) == ["features.1", "features.4"]  # conv -> its BN
+    vit = default_sites(ViT(depth=1))
+    assert ("blocks.0.attn.proj", "input") in vit and "blocks.0" in vit
+    assert not any(isinstance(s, str) and s.startswith("blocks.0.attn.") for s in vit)
+    res = default_sites(ResNet(widths=(4, 8), blocks_per_stage=1))
+    assert "stages.1.0" in res and "stages.1.0.shortcut.1" in res and "stages.1.0.conv1" not in res
+
+
+def test_corrected_model_is_a_module():
+    m = make("mlp", 1)
+    c = tact(m, [make("mlp", 2)], [loader("mlp", 1)])[0]
+    assert isinstance(c, CorrectedModel)
+    assert any(k.startswith("scale_") for k in c.state_dict())
