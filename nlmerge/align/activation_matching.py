@@ -1,9 +1,9 @@
 """Activation matching: assignment on the cross-correlation of two models' activations."""
-from collections.abc import Mapping
 
 import torch
 
 from nlmerge.align._assign import solve_assignment
+from nlmerge.ops.activations import features_last, run_batch
 from nlmerge.ops.stats import StreamingStats
 
 
@@ -25,28 +25,6 @@ def _sites_of(perm, value):
     if not out:
         raise ValueError(f"permutation {perm!r} has no site")
     return out
-
-
-def _features_last(x, where):
-    """The activation tensor of a hook with its feature axis last (4-D/5-D: channels at axis 1)."""
-    if isinstance(x, (tuple, list)):
-        x = x[0]
-    if not torch.is_tensor(x):
-        raise ValueError(f"site {where}: activation is not a tensor ({type(x).__name__})")
-    x = x.detach()
-    if x.dim() in (4, 5):
-        x = torch.movedim(x, 1, -1)
-    return x
-
-
-def _default_forward(model, batch):
-    if torch.is_tensor(batch):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
 
 
 def activation_matching(spec, reference_model, other_model, data, sites, *, forward=None,
@@ -93,7 +71,7 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
     unknown = [p for p in sites if p not in spec.perms]
     if unknown:
         raise ValueError(f"sites given for permutations not in the spec: {unknown}")
-    forward = forward or _default_forward
+    forward = forward or run_batch
     plan = {p: _sites_of(p, sites[p]) for p in spec.perms}
     ref_modules = dict(reference_model.named_modules())
     oth_modules = dict(other_model.named_modules())
@@ -127,8 +105,8 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
                     for label, store in (("reference_model", captured[0]), ("other_model", captured[1])):
                         if site not in store:
                             raise RuntimeError(f"site {site} did not run in {label}")
-                    x = _features_last(captured[0][site], site)
-                    y = _features_last(captured[1][site], site)
+                    x = features_last(captured[0][site], site)
+                    y = features_last(captured[1][site], site)
                     if x.shape != y.shape:
                         raise ValueError(f"site {site}: activation shapes differ, {tuple(x.shape)} "
                                          f"vs {tuple(y.shape)}")

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from nlmerge.correct.sites import (_LINEAR, _NORM, check_channels, check_sites, collect, default_sites,
-                                   hook_site, reiterable, run_batch, site_label, site_module, unwrap)
+                                   hook_site, reiterable, site_label, site_module, unwrap)
+from nlmerge.ops.activations import run_batch
 
 
 class CorrectedModel(nn.Module):

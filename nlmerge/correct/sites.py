@@ -5,12 +5,12 @@ input of the module, e.g. the attention context before its output projection). A
 reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs,
 which is moved last (the convention of ``nlmerge.align.activation_matching``).
 """
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from nlmerge.ops.activations import features_last, run_batch
 from nlmerge.ops.stats import StreamingStats
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -138,29 +138,6 @@ def default_sites(model):
 
 # ---------------------------------------------------------------------------------- forward helpers
 
-def channels_last(x, where):
-    """The activation with its channel axis last (4-D/5-D: channels at axis 1), detached."""
-    if isinstance(x, (tuple, list)):
-        x = x[0]
-    if not torch.is_tensor(x):
-        raise ValueError(f"site {where}: activation is not a tensor ({type(x).__name__})")
-    x = x.detach()
-    if x.dim() in (4, 5):
-        x = torch.movedim(x, 1, -1)
-    return x
-
-
-def run_batch(model, batch):
-    """``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple/list, ``model(**batch)`` for a mapping."""
-    if torch.is_tensor(batch):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    raise TypeError(f"cannot feed a batch of type {type(batch).__name__}")
-
-
 def reiterable(data, label="data"):
     """``data`` as something that can be iterated more than once (one-shot iterators become lists)."""
     if data is None:
@@ -194,7 +171,7 @@ def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
 
     def make(site):
         def fn(act):
-            x = channels_last(act, site_label(site))
+            x = features_last(act, site_label(site))
             if site not in stats:
                 stats[site] = StreamingStats(x.shape[-1], backend=backend)
             stats[site].update(x)

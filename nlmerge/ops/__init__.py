@@ -5,6 +5,8 @@
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
 - ``permute``: batched permutation gathers (applying an alignment's permutations).
+- ``activations``: feeding batches to a model and hooked activations as ``[..., C]`` (shared by
+  alignment and correction).
 
 Every op takes ``backend=None | "torch" | "cpu" | "triton"`` (see ``_dispatch``).
 """
