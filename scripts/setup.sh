@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up shared by the README's commands: torch (CPU build pinned, only when torch is missing),
-# then the package with its C++ extension and the test extras (triton, pytest, pytest-benchmark).
+# then the package with its C++ extension and the test extras (triton, pytest, pytest-benchmark,
+# transformers: tiny randomly initialised HF models check the HF alignment specs; nothing downloaded).
 # Idempotent: a second run is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."

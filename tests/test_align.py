@@ -442,3 +442,40 @@ def test_matching_options():
         weight_matching(spec, model.state_dict(), other.state_dict(), init={"stage1": torch.zeros(10).long()})
     with pytest.raises(ValueError, match="not in the spec"):
         weight_matching(spec, model.state_dict(), other.state_dict(), init={"nope": torch.arange(3)})
+
+
+@pytest.mark.parametrize("flavor", ["vit-v5", "clip"])
+def test_hf_spec_on_real_transformers_models(flavor):
+    """The spec names every parameter of a real (tiny, randomly initialised) transformers model,
+    and permuting by it preserves the function: the last hidden state comes back permuted."""
+    transformers = pytest.importorskip("transformers", minversion="5")
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  image_size=16, patch_size=8)
+    if flavor == "clip":
+        config = transformers.CLIPVisionConfig(**kwargs)
+        model = transformers.CLIPVisionModel(config).eval()
+        spec, _ = hf_vit_spec(config, flavor="clip", prefix="")
+    else:
+        config = transformers.ViTConfig(**kwargs)
+        model = transformers.ViTModel(config).eval()
+        spec, _ = hf_vit_spec(config, flavor="vit-v5")
+    sd = model.state_dict()
+    sizes = spec.validate(sd)
+    assert set(spec.params) <= set(sd)
+    gen = torch.Generator().manual_seed(0)
+    perms = {}
+    for name, n in sizes.items():
+        heads = spec.heads.get(name)
+        if heads:  # whole heads, then units within each head
+            d = n // heads
+            order = torch.randperm(heads, generator=gen)
+            perms[name] = torch.cat([h * d + torch.randperm(d, generator=gen) for h in order.tolist()])
+        else:
+            perms[name] = torch.randperm(n, generator=gen)
+    permuted = copy.deepcopy(model)
+    permuted.load_state_dict(apply_permutations(spec, perms, sd))
+    pixels = torch.randn(3, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).last_hidden_state[..., perms["residual"]]
+        actual = permuted(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

@@ -175,10 +175,13 @@ def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
     config : object or Mapping
         With ``num_hidden_layers``, ``hidden_size``, ``num_attention_heads`` (and
         ``intermediate_size``), as ``ViTConfig`` / ``CLIPVisionConfig`` or a dict.
-    flavor : {"vit", "clip"}
-        ``"vit"``: ``ViTModel`` names (``embeddings.*``, ``encoder.layer.{i}.*``, ``layernorm``);
-        ``"clip"``: ``CLIPVisionModel`` names (``vision_model.embeddings.*``, ``pre_layrnorm``,
-        ``encoder.layers.{i}.*``, ``post_layernorm``).
+    flavor : {"vit", "vit-v5", "clip"}
+        ``"vit"``: ``ViTModel`` checkpoint names of transformers 4 (``embeddings.*``,
+        ``encoder.layer.{i}.attention.attention.query``, ..., ``layernorm``), as checkpoint files
+        on the hub hold them; ``"vit-v5"``: the module names of transformers 5's ``ViTModel``
+        (``layers.{i}.attention.q_proj``, ``mlp.fc1``, ...); ``"clip"``: ``CLIPVisionModel`` names
+        (``embeddings.*``, ``pre_layrnorm``, ``encoder.layers.{i}.*``, ``post_layernorm``; under
+        ``vision_model.`` in transformers 4, at the top level in transformers 5: ``prefix=""``).
     prefix : str, optional
         Prefix of every name; default ``""`` for ViT, ``"vision_model."`` for CLIP (use ``"vit."``
         for ``ViTForImageClassification``).
@@ -195,25 +198,31 @@ def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
         (first element of the tuple), the input of the attention output projection, the output of
         the first MLP Linear.
     """
-    if flavor not in ("vit", "clip"):
-        raise ValueError(f"flavor must be 'vit' or 'clip', got {flavor!r}")
+    if flavor not in ("vit", "vit-v5", "clip"):
+        raise ValueError(f"flavor must be 'vit', 'vit-v5' or 'clip', got {flavor!r}")
     depth = int(_config_value(config, "num_hidden_layers", "num_layers"))
     hidden = int(_config_value(config, "hidden_size", "hidden"))
     heads = int(_config_value(config, "num_attention_heads", "num_heads", "heads"))
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not divisible by {heads} heads")
     wb = ("weight", "bias")
-    if flavor == "vit":
+    if flavor in ("vit", "vit-v5"):
         p = "" if prefix is None else prefix
         residual = ([(f"{p}embeddings.cls_token", 2), (f"{p}embeddings.position_embeddings", 2)]
                     + _w(p, "embeddings.patch_embeddings.projection", 0, wb) + _w(p, "layernorm", 0, wb))
         if pooler if pooler is not None else head is None:
             residual += _w(p, "pooler.dense", 1)
-        layer_fmt = f"{p}encoder.layer.{{}}"
-        names = {"q": "attention.attention.query", "k": "attention.attention.key",
-                 "v": "attention.attention.value", "o": "attention.output.dense",
-                 "fc1": "intermediate.dense", "fc2": "output.dense",
-                 "norms": ("layernorm_before", "layernorm_after")}
+        if flavor == "vit":
+            layer_fmt = f"{p}encoder.layer.{{}}"
+            names = {"q": "attention.attention.query", "k": "attention.attention.key",
+                     "v": "attention.attention.value", "o": "attention.output.dense",
+                     "fc1": "intermediate.dense", "fc2": "output.dense",
+                     "norms": ("layernorm_before", "layernorm_after")}
+        else:
+            layer_fmt = f"{p}layers.{{}}"
+            names = {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+                     "o": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                     "norms": ("layernorm_before", "layernorm_after")}
     else:
         p = "vision_model." if prefix is None else prefix
         residual = ([(f"{p}embeddings.class_embedding", 0), (f"{p}embeddings.patch_embedding.weight", 0),
