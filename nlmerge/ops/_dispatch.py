@@ -19,14 +19,16 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve(backend, device, op):
+def resolve(backend, device, op, *, triton_module="triton"):
     """Return ``(name, module)``: the backend to run ``op`` with on tensors on ``device``.
 
-    ``module`` is the kernel module (None for the reference ``"torch"``).
+    ``module`` is the kernel module (None for the reference ``"torch"``). ``triton_module`` names
+    the entry of ``kernels._MODULES`` that holds ``op``'s Triton kernels (a family with its own
+    module: ``"triton_stats"``, ``"triton_permute"``); the C++ extension serves every family.
     """
     asked = backend if backend is not None else (os.environ.get("NLMERGE_BACKEND") or None)
     if asked is None or asked == "auto":
-        name, module = _auto(device)
+        name, module = _auto(device, triton_module)
         log.debug("nlmerge.ops.%s: auto backend %r on %s", op, name, device)
         return name, module
     if asked not in BACKENDS:
@@ -41,16 +43,16 @@ def resolve(backend, device, op):
             f"backend 'triton' needs CUDA tensors ({op} got {device}); on a CPU set "
             "TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter"
         )
-    module, reason = kernels.load(asked)
+    module, reason = kernels.load(triton_module if asked == "triton" else asked)
     if module is None:
         raise RuntimeError(f"backend {asked!r} is not available: {reason}")
     return asked, module
 
 
-def _auto(device):
+def _auto(device, triton_module):
     global _warned_no_cpu_kernels
     if device.type == "cuda":
-        module, _ = kernels.load("triton")
+        module, _ = kernels.load(triton_module)
         return ("triton", module) if module is not None else ("torch", None)
     if device.type == "cpu":
         module, reason = kernels.load("cpu")

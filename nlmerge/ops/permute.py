@@ -12,15 +12,13 @@ the two ``index_select`` on distinct axes does not matter, so the pairs are sort
 ``"cpu"`` copies contiguous inner runs in one OpenMP loop over all tensors of the call;
 ``"triton"`` is one kernel launch for all tensors of the call.
 """
-import os
 from collections.abc import Sequence
 from math import prod
 
 import torch
 
-from nlmerge import kernels as _kernels
 from nlmerge.ops._checks import check_float
-from nlmerge.ops._dispatch import log, resolve
+from nlmerge.ops._dispatch import resolve
 
 __all__ = ["permute_tensors", "permute_reference"]
 
@@ -135,24 +133,6 @@ def _geometry(shape, pairs):
     return (prod(shape[:a0]), shape[a0], prod(shape[a0 + 1 : a1]), shape[a1], prod(shape[a1 + 1 :])), p0, p1
 
 
-def _backend(backend, device):
-    """The kernel module for this call (None: the reference).
-
-    The C++ gathers live in the CPU backend module itself; the Triton ones in their own module,
-    ``nlmerge.kernels.triton_permute`` (the ``"triton_permute"`` entry of ``kernels._MODULES``).
-    """
-    name, module = resolve(backend, device, "permute_tensors")
-    if name != "triton":
-        return module
-    module, reason = _kernels.load("triton_permute")
-    if module is None:
-        asked = backend if backend is not None else os.environ.get("NLMERGE_BACKEND")
-        if asked == "triton":
-            raise RuntimeError(f"backend 'triton' is not available for permute_tensors: {reason}")
-        log.debug("nlmerge.ops.permute_tensors: Triton gathers unavailable (%s); using the reference", reason)
-    return module
-
-
 def permute_tensors(tensors, perms, *, backend=None):
     """Apply permutations to many tensors: ``w.index_select(a0, p0).index_select(a1, p1)`` for each.
 
@@ -187,7 +167,8 @@ def permute_tensors(tensors, perms, *, backend=None):
     device, plans = _normalize(tensors, perms)
     if not plans:
         return []
-    kernels = _backend(backend, device)
+    # the C++ gathers live in the CPU backend module; the Triton ones in their own module
+    _, kernels = resolve(backend, device, "permute_tensors", triton_module="triton_permute")
     if kernels is None:
         return [permute_reference(w, pairs) for w, pairs in zip(tensors, plans)]
     srcs, outs, geometry, idx0, idx1 = [], [], [], [], []

@@ -31,7 +31,6 @@ batch: the batch is recomputed by the reference, so results stay finite and accu
 """
 import torch
 
-from nlmerge import kernels
 from nlmerge.ops._checks import NonFiniteError, check_finite
 from nlmerge.ops._dispatch import resolve
 
@@ -283,14 +282,8 @@ class StreamingStats:
         return self
 
     def _batch(self, x, y):
-        name, _ = resolve(self.backend, x.device, "streaming_stats")
+        name, module = resolve(self.backend, x.device, "streaming_stats", triton_module="triton_stats")
         fast = name != "torch" and x.dtype != torch.float64 and (y is None or y.dtype != torch.float64)
-        if fast and name == "triton":
-            module, reason = kernels.load("triton_stats")
-            if module is None:
-                if self.backend is not None:
-                    raise RuntimeError(f"backend 'triton' is not available for streaming_stats: {reason}")
-                fast = False
         if not fast:
             check_finite([("x", x, False), ("y", y, False)])
             return batch_moments_reference(x, y, self.covariance)
