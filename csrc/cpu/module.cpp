@@ -108,6 +108,14 @@ void advise_huge_pages(void* ptr, int64_t nbytes) {
 
 int64_t item_size(int d) { return d == F32 ? 4 : 2; }
 
+// The `out` array of a kernel: n writable elements of dtype d, advised huge pages.
+Buf output_buffer(const py::array& out, int d, int64_t n) {
+    Buf b = data_buffer(out, d, "out", true);
+    check_size(b, n, "out");
+    advise_huge_pages(b.ptr, b.size * item_size(d));
+    return b;
+}
+
 int threads(int requested) {
     if (requested > 0) return requested;
 #ifdef _OPENMP
@@ -218,9 +226,7 @@ PYBIND11_MODULE(_C, m) {
             const int64_t T = tb.shape0, N = tb.shape1;
             const float* thr = per_task(thresholds, T, "thresholds");
             const float* w = per_task(weights, T, "weights");
-            Buf ob = data_buffer(out, od, "out", true);
-            check_size(ob, N, "out");
-            advise_huge_pages(ob.ptr, ob.size * item_size(od));
+            Buf ob = output_buffer(out, od, N);
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             bool count;
@@ -254,9 +260,7 @@ PYBIND11_MODULE(_C, m) {
             Buf tb = tv_buffer(tv, d);
             const int64_t T = tb.shape0, N = tb.shape1;
             const float* w = per_task(weights, T, "weights");
-            Buf ob = data_buffer(out, od, "out", true);
-            check_size(ob, N, "out");
-            advise_huge_pages(ob.ptr, ob.size * item_size(od));
+            Buf ob = output_buffer(out, od, N);
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -296,9 +300,7 @@ PYBIND11_MODULE(_C, m) {
             Buf ub = data_buffer(tau, td, "tau_mtl", false);
             check_size(ub, N, "tau_mtl");
             const float* l = per_task(lam, T, "lam");
-            Buf ob = data_buffer(out, od, "out", true);
-            check_size(ob, N, "out");
-            advise_huge_pages(ob.ptr, ob.size * item_size(od));
+            Buf ob = output_buffer(out, od, N);
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
@@ -318,9 +320,7 @@ PYBIND11_MODULE(_C, m) {
             const int64_t N = ub.size;
             Buf pb = typed_buffer(packed, 'u', 1, "packed", false);
             check_size(pb, (N + 7) / 8, "packed");
-            Buf ob = data_buffer(out, od, "out", true);
-            check_size(ob, N, "out");
-            advise_huge_pages(ob.ptr, ob.size * item_size(od));
+            Buf ob = output_buffer(out, od, N);
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
