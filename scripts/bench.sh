@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job for now (README: "Quick start"): the merge-kernel benchmark table; set-up included.
+# The merge-kernel benchmark table (README: "Quick start"); set-up included.
 # Extra arguments go to benchmarks/bench_merge.py (e.g. --quick, --sizes 24).
 set -euo pipefail
 cd "$(dirname "$0")/.."

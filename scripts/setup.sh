@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up shared by the README's commands: torch (CPU build pinned, only when torch is missing),
-# then the package with its C++ extension and the test extras (triton, pytest, pytest-benchmark,
-# transformers: tiny randomly initialised HF models check the HF alignment specs; nothing downloaded).
+# then the package with its C++ extension and the test extras: triton, the demo's scikit-learn
+# (bundled digits), matplotlib and tqdm, pytest, pytest-benchmark, transformers (tiny randomly
+# initialised HF models check the HF alignment specs; nothing is downloaded).
 # Idempotent: a second run is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
