@@ -52,6 +52,7 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
     dict
         The contents of ``results.json``.
     """
+    _require("sklearn", "matplotlib", "tqdm")  # before minutes of training, not after
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed")
@@ -89,6 +90,15 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
     print(f"\n{len(seeds)} seed(s) in {results['seconds']:.0f} s; wrote results.json, accuracy.png, variance.png to {out}",
           file=stream)
     return results
+
+
+def _require(*modules):
+    """ImportError naming every missing optional dependency of the demo and how to install them."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the demo needs {', '.join(missing)}: pip install 'nlmerge[demo]'")
 
 
 def _progress(total, enabled):

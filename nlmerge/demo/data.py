@@ -37,11 +37,9 @@ def load_digits_split(seed):
     (train_images, train_digits, test_images, test_digits)
         float32 [N, 8, 8] in [0, 1] and int64 [N].
     """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as err:  # the demo's data ships with scikit-learn
-        raise ImportError("the demo needs scikit-learn: pip install 'nlmerge[demo]'") from err
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = (digits.images / 16.0).astype(np.float32)
     train_x, test_x, train_y, test_y = train_test_split(

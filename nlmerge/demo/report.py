@@ -1,5 +1,6 @@
 """The demo's outputs: seed averages (``results.json``), the printed table, the claims it checks and
 the two figures."""
+import contextlib
 import json
 import os
 import statistics
@@ -71,12 +72,22 @@ def claims(results):
     ]
 
 
-def write_json(results, path):
-    """Write ``results`` to ``path`` atomically (a temporary file renamed into place)."""
+@contextlib.contextmanager
+def _replacing(path):
+    """Yield a temporary path that replaces ``path`` on success: never a half-written output."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(results, path):
+    """Write ``results`` to ``path`` (replaced at once when complete)."""
+    with _replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def plot(results, out_dir):
@@ -101,7 +112,8 @@ def plot(results, out_dir):
     axes[0].set_ylabel("normalized accuracy (% of experts)")
     axes[0].legend(title="correction")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=120)
+    with _replacing(os.path.join(out_dir, "accuracy.png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
     fig, axes = plt.subplots(len(SETTINGS), len(METHODS), figsize=(16, 6), sharex=True, sharey=True)
@@ -118,5 +130,6 @@ def plot(results, out_dir):
         ax.set_ylabel("var(merged) / var(expert)")
     axes[0, 0].legend(title="correction", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "variance.png"), dpi=120)
+    with _replacing(os.path.join(out_dir, "variance.png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
