@@ -3,19 +3,25 @@
 For each model, over the same batches: "plain" is ``model(batch)`` for every batch under
 ``torch.no_grad()``; "stats" is ``nlmerge.correct.activation_stats(model, data)`` (one pass with a
 ``StreamingStats`` update at every site of ``default_sites``), per ``StreamingStats`` backend. The
-figure is the ratio stats / plain from this one run (target: overhead <= 10%, ratio <= 1.10);
-times are the best of ``--repeat`` runs after a warm-up.
+figure is the ratio stats / plain from this one run (target: overhead <= 10%, ratio <= 1.10).
+Per backend, after a warm-up, ``--repeat`` rounds each run plain then stats (a load that comes and
+goes on the machine then hits both alike; backends are not mixed in one round: the reference's
+float64 temporaries, freed, make the next run's allocations fault pages in again, +15% measured on
+the ResNet); printed: the median over rounds of the round's stats / plain (robust to this VM's
+swings) and, in brackets, best stats / best plain.
 
-    python benchmarks/bench_correct.py [--batches 8] [--batch-size 64] [--repeat 3] [--quick]
+    python benchmarks/bench_correct.py [--batches 8] [--batch-size 64] [--repeat 9] [--quick]
 """
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import best_time, machine  # noqa: E402
+from common import machine  # noqa: E402
 
 from nlmerge import kernels  # noqa: E402
 from nlmerge.align.models import CNN, MLP, ViT, ResNet  # noqa: E402
@@ -34,11 +40,26 @@ def models(quick):
     return out[:2] if quick else out
 
 
+def interleaved_times(fns, repeat):
+    """``times[r][i]``: seconds of ``fns[i]`` in round r; every round runs each once, after a warm-up."""
+    for fn in fns:
+        fn()
+    times = []
+    for _ in range(repeat):
+        row = []
+        for fn in fns:
+            start = time.perf_counter()
+            fn()
+            row.append(time.perf_counter() - start)
+        times.append(row)
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -57,10 +78,12 @@ def main():
                 for x in data:
                     model(x)
 
-        t_plain = best_time(plain, args.repeat)
-        ratios = [best_time(lambda b=b: activation_stats(model, data, sites, backend=b), args.repeat) / t_plain
-                  for b in backends]
-        print(f"{name:28s} {len(sites):5d} " + " ".join(f"{r:22.3f}" for r in ratios))
+        cells = []
+        for b in backends:
+            times = interleaved_times([plain, lambda b=b: activation_stats(model, data, sites, backend=b)], args.repeat)
+            best = [min(col) for col in zip(*times)]
+            cells.append(f"{statistics.median(s / p for p, s in times):.3f} ({best[1] / best[0]:.3f})")
+        print(f"{name:28s} {len(sites):5d} " + " ".join(f"{c:>22s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -190,6 +190,23 @@ def test_error_channel_mismatch():
         variance_ratio(merged, expert, loader("mlp", 1))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet", "vit"])
+def test_activation_stats_backends_agree(kind):
+    """The "cpu" backend reads conv activations in place (channels at axis 1), the reference moves
+    them last: same statistics."""
+    from nlmerge import kernels
+
+    if kernels.load("cpu")[0] is None:
+        pytest.skip("C++ extension not built")
+    model, data = make(kind, 1), loader(kind, 5, shift=3.0)
+    fast, ref = activation_stats(model, data, backend="cpu"), activation_stats(model, data, backend="torch")
+    assert list(fast) == list(ref)
+    for site in ref:
+        assert fast[site].count == ref[site].count
+        torch.testing.assert_close(fast[site].mean, ref[site].mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fast[site].var, ref[site].var, rtol=1e-8, atol=1e-12)
+
+
 def test_default_sites_rule():
     assert default_sites(MLP((4, 8, 8, 3))) == ["0", "2"]  # head excluded
     assert default_sites(CNN(widths=(4, 6))) == ["features.1", "features.4"]  # conv -> its BN

@@ -65,3 +65,82 @@ def test_results_do_not_depend_on_thread_count(generator):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+STATS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# [outer, C, inner] views: features last [M, C], NCHW, NCDHW; sizes 1, odd, C = 1, runs with and
+# without a vector tail, and enough data for several work items
+STATS_SHAPES = ((1, 1), (37, 1), (300, 13), (70_000, 3), (1, 1, 1, 1), (3, 1, 5, 7), (2, 5, 9, 11), (64, 16, 32, 32),
+                (2, 3, 4, 5, 7), (1, 1, 3, 2, 1))
+
+
+def geometry(shape):
+    """(outer, C, inner) of an activation: features last for 2-D, channels at axis 1 otherwise."""
+    if len(shape) == 2:
+        return shape[0], shape[1], 1
+    return shape[0], shape[1], int(np.prod(shape[2:]))
+
+
+@pytest.mark.parametrize("dtype", STATS_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", STATS_SHAPES, ids=str)
+def test_channel_stats_matches_fp64(shape, dtype, generator):
+    """Shifted sums added in place into existing float64 sums, against float64 on the same values."""
+    outer, c, inner = geometry(shape)
+    mean = 50.0 * torch.randn(c, generator=generator, dtype=torch.float64)
+    x = (torch.randn(outer, c, inner, generator=generator, dtype=torch.float64) + mean[:, None]).to(dtype).reshape(shape)
+    shift = mean + torch.randn(c, generator=generator, dtype=torch.float64)
+    s0, ss0 = torch.randn(c, generator=generator, dtype=torch.float64), torch.rand(c, generator=generator, dtype=torch.float64)
+    s, ss = s0.clone(), ss0.clone()
+    assert cpu.channel_stats(x, outer, inner, shift, s, ss) is True
+    d = x.double().reshape(outer, c, inner) - shift[:, None]
+    torch.testing.assert_close(s, s0 + d.sum(dim=(0, 2)), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ss, ss0 + (d * d).sum(dim=(0, 2)), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", STATS_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_channel_stats_nonfinite_leaves_sums(bad, dtype, generator):
+    for shape, at in (((40, 6), (39, 5)), ((3, 4, 9, 9), (1, 2, 8, 0))):
+        outer, c, inner = geometry(shape)
+        x = torch.randn(shape, generator=generator).to(dtype)
+        x[at] = bad
+        s, ss = torch.ones(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+        assert cpu.channel_stats(x, outer, inner, torch.zeros(c, dtype=torch.float64), s, ss) is False
+        assert (s == 1).all() and (ss == 1).all()
+
+
+def test_channel_stats_binding_checks():
+    from nlmerge import _C
+
+    x = np.zeros(12, np.float32)
+    k, s, ss = np.zeros(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(ValueError, match="'float64'"):
+        _C.channel_stats(x, "int8", 4, 3, 1, k, s, ss)
+    with pytest.raises(ValueError, match="x has 12 elements, expected 15"):
+        _C.channel_stats(x, "float32", 5, 3, 1, k, s, ss)
+    with pytest.raises(ValueError, match="sumsq has 2 elements"):
+        _C.channel_stats(x, "float32", 4, 3, 1, k, s, np.zeros(2))
+    with pytest.raises(ValueError, match="different arrays"):
+        _C.channel_stats(x, "float32", 4, 3, 1, k, s, s)
+    with pytest.raises(ValueError, match="channels >= 1"):
+        _C.channel_stats(x, "float32", 12, 0, 1, k[:0], s[:0], ss[:0])
+
+
+def test_channel_stats_do_not_depend_on_thread_count(generator):
+    threads = torch.get_num_threads()
+    inputs = [torch.randn(shape, generator=generator) * 3 + 7 for shape in ((20_000, 37), (64, 8, 33, 31), (3, 2, 400_001))]
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            out = []
+            for x in inputs:
+                outer, c, inner = geometry(tuple(x.shape))
+                s, ss = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+                cpu.channel_stats(x, outer, inner, torch.full((c,), 6.5, dtype=torch.float64), s, ss)
+                out += [s, ss]
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

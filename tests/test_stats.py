@@ -269,3 +269,174 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- feature_axis and the "cpu" fast path
+# (means and variances only: the C++ channel_stats kernel updates shifted float64 sums in place)
+
+ALL_DTYPES = DTYPES + (torch.float64,)
+needs_cpu = pytest.mark.skipif(kernels.load("cpu")[0] is None, reason="C++ extension not built")
+
+
+def conv_batches(sizes, shape, dtype, generator, offset):
+    """NCHW-like batches [m, C, *spatial] with per-channel means ``offset`` times the spread."""
+    mu = offset * (1.0 + torch.rand(shape[0], generator=generator, dtype=torch.float64))
+    mu = mu.reshape(-1, *([1] * (len(shape) - 1)))
+    return [(torch.randn(m, *shape, generator=generator, dtype=torch.float64) + mu).to(dtype) for m in sizes]
+
+
+def channel_truth(xs):
+    """float64 mean and population variance per channel (axis 1) of the concatenated batches."""
+    x = torch.cat([t.double() for t in xs]).movedim(1, -1).reshape(-1, xs[0].shape[1])
+    return x.mean(0), x.var(0, correction=0), x.shape[0]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (1, 9, 1), (4, 2, 3, 5), (16,)], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_axis_matches_fp64(backend, shape, dtype, generator):
+    """Features at axis 1 of [m, C, ...] (and [m, C]); sizes 1 and odd; every dtype; fp16/bf16 data
+    with a moderate offset, compared on the same rounded values."""
+    device = device_for(backend)
+    offset = 1000.0 if dtype in (torch.float32, torch.float64) else 8.0
+    xs = conv_batches([3, 1, 8], shape, dtype, generator, offset)
+    s = StreamingStats(shape[0], backend=backend)
+    for x in xs:
+        s.update(x.to(device), feature_axis=1)
+    mean, var, n = channel_truth(xs)
+    assert s.count == n
+    sd = var.sqrt()
+    assert ((s.mean.cpu() - mean).abs() <= 1e-6 * sd + 1e-12 * mean.abs()).all()
+    torch.testing.assert_close(s.var.cpu(), var, rtol=1e-5, atol=0)
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape", [(7,), (6, 5, 3), (2, 3, 2, 4)], ids=str)
+def test_fast_path_mean_1000x_std(shape, generator):
+    """fp32 activations with means 1000x their spread, many uneven batches: variances within 1e-6
+    (relative) of float64, means within 1e-9 of a standard deviation."""
+    xs = conv_batches([64, 1, 33, 200, 7], shape, torch.float32, generator, 1000.0)
+    s = StreamingStats(shape[0], backend="cpu")
+    for x in xs:
+        s.update(x, feature_axis=1)
+    mean, var, _ = channel_truth(xs)
+    assert ((s.var - var).abs() / var).max() < 1e-6
+    assert ((s.mean - mean).abs() / var.sqrt()).max() < 1e-9
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_fast_path_constant_channel_has_zero_variance(dtype, generator):
+    """A dead unit stays dead: a constant channel (not a short binary fraction) has variance
+    exactly 0 over many batches, also after a read in between."""
+    for shape, axis in (((4, 5), -1), ((4, 3, 6, 2), 1)):
+        s = StreamingStats(shape[axis], backend="cpu")
+        for i, m in enumerate((20, 1, 7)):
+            x = torch.randn(m, *shape[1:], generator=generator).to(dtype)
+            x.select(axis, 1).fill_(1234.567)
+            s.update(x, feature_axis=axis)
+            if i == 1:
+                assert s.var[1] == 0
+        assert s.var[1] == 0 and s.std[1] == 0 and s.mean[1] == torch.tensor(1234.567, dtype=dtype).double()
+        assert (s.var[torch.arange(shape[axis]) != 1] > 0).all()
+
+
+@needs_cpu
+def test_fast_path_update_read_update(generator):
+    """Reads fold the running sums; later updates go on from there; merges mix both paths."""
+    xs = conv_batches([10, 3, 25, 4, 9], (5, 3, 4), torch.float32, generator, 300.0)
+    mean, var, n = channel_truth(xs)
+    s = StreamingStats(5, backend="cpu")
+    s.update(xs[0], feature_axis=1)
+    assert s.count == 10 * 3 * 4  # rows: every position of every sample
+    for x in xs[1:]:
+        first = s.mean.clone(), s.var.clone()
+        s.update(x, feature_axis=1)
+        assert not torch.equal(first[0], s.mean)
+    assert s.count == n
+    torch.testing.assert_close(s.mean, mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.var, var, rtol=1e-9, atol=0)
+    # a fast-path accumulator merged with a reference one, in both directions, and a fresh one
+    fast = StreamingStats(5, backend="cpu")
+    ref = StreamingStats(5, backend="torch")
+    for i, x in enumerate(xs):
+        (fast if i % 2 else ref).update(x, feature_axis=1)
+    fast_count = fast.count
+    both = [StreamingStats(5, backend="cpu").merge(fast).merge(ref), ref.merge(fast)]
+    assert fast.count == fast_count
+    for m in both:
+        assert m.count == n
+        torch.testing.assert_close(m.mean, mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(m.var, var, rtol=1e-9, atol=0)
+    fast.update(xs[0], feature_axis=1)  # merged-from fast accumulator keeps working
+    assert fast.count == fast_count + xs[0].shape[0] * 12
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_fast_path_nonfinite_leaves_state(bad, dtype, generator):
+    for shape, axis in (((6, 4), -1), ((3, 4, 5, 5), 1)):
+        x = torch.randn(shape, generator=generator).to(dtype)
+        xb = x.clone()
+        xb.view(-1)[7] = bad
+        s = StreamingStats(shape[axis], backend="cpu")
+        with pytest.raises(NonFiniteError, match="^x contains") as info:
+            s.update(xb, feature_axis=axis)  # the first batch: no shift may be kept from it
+        assert info.value.tensor == "x" and s.count == 0
+        s.update(x, feature_axis=axis)
+        before = s.count, s.mean, s.var
+        for _ in range(2):  # before and after a fold
+            with pytest.raises(NonFiniteError, match="^x contains"):
+                s.update(xb, feature_axis=axis)
+            assert s.count == before[0]
+            assert torch.equal(s.mean, before[1]) and torch.equal(s.var, before[2])
+        s.update(x, feature_axis=axis)
+        ref = StreamingStats(shape[axis], backend="torch").update(x, feature_axis=axis).update(x, feature_axis=axis)
+        torch.testing.assert_close(s.var, ref.var, rtol=1e-9, atol=1e-12)
+
+
+@needs_cpu
+def test_fast_path_layouts_and_fp64_overflow(generator):
+    """Non-contiguous and channels_last inputs; float64 data whose squares overflow float64 take
+    the reference for that batch (as the reference backend does)."""
+    x = torch.randn(6, 5, 4, 3, generator=generator) * 2 + 10
+    ref = StreamingStats(5, backend="torch").update(x, feature_axis=1)
+    for layout in (x.to(memory_format=torch.channels_last), x.transpose(2, 3), x[:, :, ::2]):
+        s = StreamingStats(5, backend="cpu").update(layout, feature_axis=1)
+        r = StreamingStats(5, backend="torch").update(layout, feature_axis=1)
+        torch.testing.assert_close(s.var, r.var, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.mean, r.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(StreamingStats(5, backend="cpu").update(x, feature_axis=1).var, ref.var, rtol=1e-12, atol=0)
+    z = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    s, r = StreamingStats(5, backend="cpu").update(z), StreamingStats(5, backend="torch").update(z)
+    z.add_(1e6)  # the caller reuses its buffer: the state keeps no view of it
+    torch.testing.assert_close(s.mean, r.mean, rtol=1e-12, atol=0)
+    huge = torch.randn(30, 2, generator=generator, dtype=torch.float64) * 1e200
+    s = StreamingStats(2, backend="cpu").update(huge[:10]).update(huge[10:])
+    r = StreamingStats(2, backend="torch").update(huge[:10]).update(huge[10:])
+    assert s.count == 30
+    torch.testing.assert_close(s.mean, r.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s.var, r.var, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_feature_axis_errors(backend, generator):
+    device = device_for(backend)
+    x = torch.randn(2, 4, 3, 3, device=device)
+    s = StreamingStats(4, backend=backend)
+    with pytest.raises(ValueError, match=r"^x has shape \(2, 4, 3, 3\): its last dim must be 4 features"):
+        s.update(x)
+    with pytest.raises(ValueError, match=r"^x has shape \(2, 4, 3, 3\): its axis 2 must be 4 features"):
+        s.update(x, feature_axis=2)
+    for bad in (4, -5, 1.0, True):
+        with pytest.raises(ValueError, match=rf"^feature_axis={bad!r} is not an axis of x with shape \(2, 4, 3, 3\)"):
+            s.update(x, feature_axis=bad)
+    assert s.update(x, feature_axis=-3).count == 18
+    paired = StreamingStats(4, 2, backend=backend)
+    with pytest.raises(ValueError, match="leading dims"):
+        paired.update(x, torch.randn(2, 2, 3, 4, device=device), feature_axis=1)
+    y = torch.randn(2, 2, 3, 3, device=device)
+    paired.update(x, y, feature_axis=1)
+    ref = StreamingStats(4, 2, backend="torch").update(x.movedim(1, -1).cpu(), y.movedim(1, -1).cpu())
+    torch.testing.assert_close(paired.cross_cov().cpu(), ref.cross_cov(), rtol=1e-5, atol=1e-6)

@@ -54,4 +54,14 @@ struct PermuteJob {
 };
 void permute(const PermuteJob* jobs, int64_t njobs, int nthreads);
 
+// Dtype tag of float64 data, read by channel_stats only (next to F32, F16, BF16 of common.h).
+constexpr int F64 = 3;
+
+// Per-channel shifted sums (channel_stats.cpp): x (F32, F16, BF16 or F64) a contiguous
+// [outer, C, inner] array; sum[c] += sum(double(x) - shift[c]), sumsq[c] += sum((double(x) -
+// shift[c])^2) over (outer, inner), in float64. Returns false, leaving sum and sumsq unchanged,
+// when a new total is not finite (NaN/Inf in x). Deterministic for any thread count.
+bool channel_stats(const void* x, int dtype, int64_t outer, int64_t C, int64_t inner, const double* shift,
+                   double* sum, double* sumsq, int nthreads);
+
 }  // namespace nlm

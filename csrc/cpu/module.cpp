@@ -29,6 +29,13 @@ int parse_dtype(const std::string& s) {
     throw py::value_error("dtype must be 'float32', 'float16' or 'bfloat16', got '" + s + "'");
 }
 
+// channel_stats also reads float64.
+int parse_stats_dtype(const std::string& s) {
+    if (s == "float64") return F64;
+    if (s == "float32" || s == "float16" || s == "bfloat16") return parse_dtype(s);
+    throw py::value_error("dtype must be 'float32', 'float16', 'bfloat16' or 'float64', got '" + s + "'");
+}
+
 const char* dtype_name(int d) { return d == F32 ? "float32" : d == F16 ? "float16" : "bfloat16"; }
 
 struct Buf {
@@ -377,6 +384,34 @@ PYBIND11_MODULE(_C, m) {
         "outs[k][o,i,m,j,u] = srcs[k][o,idx0[k][i],m,idx1[k][j],u] over [outer,A0,mid,A1,inner] = geometry[k] "
         "(int64 [n, 5]); idx None = identity; raw words of any itemsize 1/2/4/8 (exact)");
 
+    m.def(
+        "channel_stats",
+        [](py::array x, const std::string& dtype, int64_t outer, int64_t channels, int64_t inner, py::array shift,
+           py::array sum, py::array sumsq, int nthreads) {
+            if (outer < 0 || channels < 1 || inner < 1) {
+                throw py::value_error("channel_stats: need outer >= 0, channels >= 1 and inner >= 1, got " +
+                                      std::to_string(outer) + ", " + std::to_string(channels) + ", " +
+                                      std::to_string(inner));
+            }
+            const int d = parse_stats_dtype(dtype);
+            Buf xb = d == F64 ? typed_buffer(x, 'f', 8, "x", false) : data_buffer(x, d, "x", false);
+            check_size(xb, outer * channels * inner, "x");
+            Buf kb = typed_buffer(shift, 'f', 8, "shift", false);
+            Buf sb = typed_buffer(sum, 'f', 8, "sum", true);
+            Buf qb = typed_buffer(sumsq, 'f', 8, "sumsq", true);
+            check_size(kb, channels, "shift");
+            check_size(sb, channels, "sum");
+            check_size(qb, channels, "sumsq");
+            if (sb.ptr == qb.ptr) throw py::value_error("sum and sumsq must be different arrays");
+            py::gil_scoped_release release;
+            return nlm::channel_stats(xb.ptr, d, outer, channels, inner, static_cast<const double*>(kb.ptr),
+                                      static_cast<double*>(sb.ptr), static_cast<double*>(qb.ptr), threads(nthreads));
+        },
+        py::arg("x"), py::arg("dtype"), py::arg("outer"), py::arg("channels"), py::arg("inner"), py::arg("shift"),
+        py::arg("sum"), py::arg("sumsq"), py::arg("nthreads") = 0,
+        "x [outer, C, inner] (float32/float16/bfloat16/float64): sum[c] += sum(x - shift[c]), sumsq[c] += "
+        "sum((x - shift[c])^2) in float64, in place; False (sum, sumsq unchanged) if a total is not finite");
+
     m.def("max_threads", []() { return threads(0); }, "OpenMP threads used when nthreads is 0");
 #ifdef _OPENMP
     m.attr("openmp") = true;
@@ -384,7 +419,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 2;
+    m.attr("api_version") = 3;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

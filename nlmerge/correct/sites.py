@@ -2,15 +2,15 @@
 
 A site is a module name (the module's output) or ``(module_name, "input")`` (the first positional
 input of the module, e.g. the attention context before its output projection). Activations are
-reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs,
-which is moved last (the convention of ``nlmerge.align.activation_matching``).
+reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs
+(the convention of ``nlmerge.align.activation_matching``), read in place.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nlmerge.ops.activations import features_last, run_batch
+from nlmerge.ops.activations import activation, feature_axis, run_batch
 from nlmerge.ops.stats import StreamingStats
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -170,12 +170,16 @@ def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
     stats = {}
 
     def make(site):
+        label, stop = site_label(site), site == stop_after
+
         def fn(act):
-            x = features_last(act, site_label(site))
-            if site not in stats:
-                stats[site] = StreamingStats(x.shape[-1], backend=backend)
-            stats[site].update(x)
-            if site == stop_after:
+            x = activation(act, label)
+            axis = feature_axis(x)
+            st = stats.get(site)
+            if st is None:
+                st = stats[site] = StreamingStats(x.shape[axis], backend=backend)
+            st.update(x, feature_axis=axis)
+            if stop:
                 raise _Stop
         return fn
 

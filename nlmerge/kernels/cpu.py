@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 2  # must match csrc/cpu/module.cpp
+_API_VERSION = 3  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -42,9 +42,11 @@ __all__ = [
     "consensus",
     "apply_mask",
     "permute",
+    "channel_stats",
 ]
 
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_STATS_NAMES = {**_NAMES, torch.float64: "float64"}
 
 
 def _name(t):
@@ -211,3 +213,17 @@ def _words(t):
     if t.requires_grad:
         t = t.detach()
     return t.view(torch.int16).numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
+
+
+def channel_stats(x, outer, inner, shift, s, ss):
+    """Per-channel shifted sums, in place (CONTRACT.md, "Channel statistics").
+
+    ``x`` contiguous (float32, float16, bfloat16 or float64), viewed as ``[outer, C, inner]``;
+    ``shift``, ``s``, ``ss`` contiguous float64 [C] CPU tensors. ``s[c] += sum(x - shift[c])``,
+    ``ss[c] += sum((x - shift[c])**2)`` in float64; returns False, with ``s`` and ``ss``
+    unchanged, when a new total is not finite (NaN/Inf in ``x``). Kept lean: it runs once per
+    hooked activation.
+    """
+    return _C.channel_stats(
+        _view(x), _STATS_NAMES[x.dtype], outer, shift.shape[0], inner, shift.numpy(), s.numpy(), ss.numpy(), _threads()
+    )

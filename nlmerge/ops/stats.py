@@ -17,9 +17,21 @@ Backends (``backend=None | "torch" | "cpu" | "triton"``, chosen by ``_dispatch.r
 - ``"torch"``, the reference: each batch in float64, centred on its float64 mean, Gram by a float64
   matrix product.
 - ``"cpu"``: each batch centred in fp32 on a shift (the mean of its first rows), in chunks of at
-  least ``CPU_CHUNK`` rows (more for few channels, up to ``CPU_CHUNK_ELEMENTS``): fp32 column sums and an fp32 BLAS Gram per chunk, added into float64, then
-  corrected exactly for the shift in float64 (``G - sx sy^T / n`` with ``sx`` the sums of the
-  shifted data, which are small). Float64 inputs use the reference.
+  least ``CPU_CHUNK`` rows (more for few channels, up to ``CPU_CHUNK_ELEMENTS``): fp32 column sums
+  and an fp32 BLAS Gram per chunk, added into float64, then corrected exactly for the shift in
+  float64 (``G - sx sy^T / n`` with ``sx`` the sums of the shifted data, which are small). Float64
+  inputs use the reference.
+
+  Means and variances alone (no ``y``, no covariance) take a faster route that skips the per-batch
+  moments and merges: the running state is the float64 sums ``S = sum(x - K)`` and
+  ``SS = sum((x - K)^2)`` per feature with a fixed float64 shift ``K`` (the feature's first value
+  in the first batch), which the C++ kernel ``channel_stats`` updates in place, reading each
+  batch once, in any layout ``[outer, C, inner]`` (``feature_axis``: no channels-last copy of a
+  conv activation), every dtype including float64. The differences are formed in float64, so
+  ``SS/n - (S/n)^2`` keeps a relative error near ``1e-16 * (1 + ((mean - K) / std)^2)`` (1e-8 with
+  the mean 1e4 standard deviations away from ``K``), and a constant feature has ``K`` equal to it
+  and variance exactly 0. The sums are folded into the Chan form when a result is read or the
+  accumulator is merged; updates may go on after that.
 - ``"triton"``: the shifted scheme with shift = the batch mean, in fused kernels
   (``nlmerge/kernels/triton_stats.py``): float64 column sums (the shift; they also flag NaN/Inf),
   then one kernel for the centred Gram (``tl.dot(..., input_precision="ieee")`` on fp32 tiles,
@@ -29,6 +41,8 @@ Backends (``backend=None | "torch" | "cpu" | "triton"``, chosen by ``_dispatch.r
 A fast backend whose fp32 products overflow (``|x - mean|`` beyond ~1e19) is not trusted for that
 batch: the batch is recomputed by the reference, so results stay finite and accurate.
 """
+import math
+
 import torch
 
 from nlmerge.ops._checks import NonFiniteError, check_finite
@@ -213,7 +227,7 @@ class StreamingStats:
     Parameters
     ----------
     num_features : int
-        C, the size of the last dim of ``x``.
+        C, the size of the feature axis of ``x`` (the last one unless ``update`` says otherwise).
     other_features : int, optional
         D, the size of the last dim of a paired second stream ``y``; when given, every
         ``update`` needs ``y`` and ``cross_cov``/``cross_corr`` are available.
@@ -222,7 +236,8 @@ class StreamingStats:
     device : torch.device or str, optional
         Where the float64 state lives; default the first batch's device.
     backend : None, "torch", "cpu" or "triton"
-        None is auto (see ``nlmerge.ops._dispatch``); float64 inputs always use the reference.
+        None is auto (see ``nlmerge.ops._dispatch``); float64 inputs use the reference, except on
+        the "cpu" fast path (means and variances only), whose float64 kernel serves every dtype.
     """
 
     def __init__(self, num_features, other_features=None, *, covariance=False, device=None, backend=None):
@@ -231,20 +246,25 @@ class StreamingStats:
         self.covariance = bool(covariance)
         self.device = None if device is None else torch.device(device)
         self.backend = backend
-        self._state = None
+        self._state = None  # _Moments, or None before any data
+        self._shifted = None  # _Shifted sums of the "cpu" fast path not folded into _state yet
+        self._resolved = None  # (device, backend name, kernel module): resolved once per device
 
     # ------------------------------------------------------------------ accumulation
 
-    def update(self, x, y=None):
+    def update(self, x, y=None, *, feature_axis=-1):
         """Add one batch.
 
         Parameters
         ----------
-        x : Tensor [..., C]
-            fp32, fp16, bf16 or fp64; flattened over the leading dims to [M, C].
-        y : Tensor [..., D], optional
-            Paired activations of a second model with the same leading dims as ``x`` (required
-            iff ``other_features`` was given).
+        x : Tensor
+            fp32, fp16, bf16 or fp64, with its C features along ``feature_axis``; reduced over
+            every other axis.
+        y : Tensor, optional
+            Paired activations of a second model, D features along ``feature_axis`` and the same
+            other dims as ``x`` (required iff ``other_features`` was given).
+        feature_axis : int
+            The features' axis of ``x`` (and ``y``): -1 for ``[..., C]``, 1 for NCHW conv outputs.
 
         Returns
         -------
@@ -256,7 +276,48 @@ class StreamingStats:
         NonFiniteError
             ``x`` or ``y`` holds NaN or Inf (named in the error); the state is unchanged.
         """
-        x2 = self._check_input(x, "x", self.num_features)
+        if y is None and self.other_features is None and not self.covariance:
+            name, module = self._resolve(x)
+            if name == "cpu":
+                return self._update_shifted(module, x, feature_axis)
+        return self._update_moments(x, y, feature_axis)
+
+    def _resolve(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if self._resolved is None or self._resolved[0] != x.device:
+            name, module = resolve(self.backend, x.device, "streaming_stats", triton_module="triton_stats")
+            self._resolved = (x.device, name, module)
+        return self._resolved[1:]
+
+    def _update_shifted(self, module, x, feature_axis):
+        """The "cpu" fast path: the kernel adds the batch's shifted sums into ``_shifted``."""
+        axis = _feature_axis(x, "x", self.num_features, feature_axis)
+        if x.numel() == 0:
+            return self
+        shape = x.shape
+        outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
+        if not x.is_contiguous():
+            last = x.movedim(axis, -1)  # e.g. a channels_last conv output: already [M, C] in memory
+            x, outer, inner = (last, outer * inner, 1) if last.is_contiguous() else (x.contiguous(), outer, inner)
+        sh = self._shifted
+        fresh = sh is None
+        if fresh:
+            sh = _Shifted(_first_values(x, outer, self.num_features, inner))
+        if not module.channel_stats(x, outer, inner, sh.shift, sh.s, sh.ss):
+            check_finite([("x", x, False)])
+            # finite float64 data whose squares overflow: the reference gives this batch its moments
+            return self._update_moments(x.view(outer, self.num_features, inner), None, 1)
+        sh.n += outer * inner
+        if fresh:
+            self._shifted = sh
+        if self.device is None:
+            self.device = x.device
+        return self
+
+    def _update_moments(self, x, y, feature_axis):
+        """Every other path: the batch's own moments, merged into the state with Chan's rule."""
+        x2 = self._check_input(x, "x", self.num_features, feature_axis)
         if self.other_features is None:
             if y is not None:
                 raise ValueError("y was given but this StreamingStats has no second stream (other_features=None)")
@@ -266,9 +327,12 @@ class StreamingStats:
                 raise ValueError(
                     f"y is required: this StreamingStats pairs x with a second stream of {self.other_features} features"
                 )
-            y2 = self._check_input(y, "y", self.other_features)
-            if tuple(y.shape[:-1]) != tuple(x.shape[:-1]):
-                raise ValueError(f"y has leading dims {tuple(y.shape[:-1])} but x has {tuple(x.shape[:-1])}")
+            y2 = self._check_input(y, "y", self.other_features, feature_axis)
+            if _other_dims(y, feature_axis) != _other_dims(x, feature_axis):
+                raise ValueError(
+                    f"y has leading dims {_other_dims(y, feature_axis)} but x has {_other_dims(x, feature_axis)} "
+                    "(every dim but the feature axis must match)"
+                )
             if y.device != x.device:
                 raise ValueError(f"y is on {y.device} but x is on {x.device}")
         if x2.shape[0] == 0:
@@ -282,7 +346,7 @@ class StreamingStats:
         return self
 
     def _batch(self, x, y):
-        name, module = resolve(self.backend, x.device, "streaming_stats", triton_module="triton_stats")
+        name, module = self._resolve(x)
         fast = name != "torch" and x.dtype != torch.float64 and (y is None or y.dtype != torch.float64)
         if not fast:
             check_finite([("x", x, False), ("y", y, False)])
@@ -297,15 +361,24 @@ class StreamingStats:
         return batch
 
     @staticmethod
-    def _check_input(t, name, features):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in INPUT_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or float64")
-        if t.dim() < 1 or t.shape[-1] != features:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}: its last dim must be {features} features")
+    def _check_input(t, name, features, feature_axis):
+        """``t`` as a [M, features] matrix with unit feature stride (features moved last: one copy)."""
+        axis = _feature_axis(t, name, features, feature_axis)
+        if axis != t.dim() - 1:
+            t = t.movedim(axis, -1)
         flat = t.reshape(-1, features)
         return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+    def _fold(self):
+        """Move the fast path's shifted sums into ``_state`` (Chan form); keep its shift for more updates."""
+        sh = self._shifted
+        if sh is None or sh.n == 0:
+            return
+        batch = _Moments(sh.n, *_from_shifted(sh.n, sh.shift, sh.s, sh.ss))
+        self._state = chan_merge(self._state or _Moments(0, None, None), batch.to(self.device))
+        sh.n = 0
+        sh.s.zero_()
+        sh.ss.zero_()
 
     def merge(self, other):
         """Add another accumulator's data (e.g. from another process) to this one.
@@ -329,6 +402,7 @@ class StreamingStats:
                 "cannot merge StreamingStats of different shapes: (num_features, other_features, covariance) "
                 f"{mine} vs {theirs}"
             )
+        other._fold()  # the same data in the form chan_merge reads
         if other._state is None or other._state.n == 0:
             return self
         if self.device is None:
@@ -343,11 +417,12 @@ class StreamingStats:
     @property
     def count(self):
         """Number of rows (samples) seen, an int."""
-        return 0 if self._state is None else self._state.n
+        return (0 if self._state is None else self._state.n) + (0 if self._shifted is None else self._shifted.n)
 
     def _get(self):
         if self.count == 0:
             raise ValueError("StreamingStats has seen no data yet")
+        self._fold()
         return self._state
 
     def _need_y(self, what):
@@ -414,6 +489,50 @@ class StreamingStats:
     def __repr__(self):
         extra = "" if self.other_features is None else f", other_features={self.other_features}"
         return f"StreamingStats(num_features={self.num_features}{extra}, covariance={self.covariance}, count={self.count})"
+
+
+class _Shifted:
+    """Running float64 sums of the "cpu" fast path: count ``n``, ``s = sum(x - shift)`` and
+    ``ss = sum((x - shift)^2)`` per feature, on the CPU."""
+
+    __slots__ = ("n", "shift", "s", "ss")
+
+    def __init__(self, shift):
+        self.n, self.shift = 0, shift
+        self.s, self.ss = torch.zeros_like(shift), torch.zeros_like(shift)
+
+
+def _first_values(x, outer, channels, inner):
+    """The fast path's shift: each feature's first value in x viewed as [outer, C, inner], in
+    float64. Cheap (C elements), and exact for a constant feature in every dtype (a float64 mean
+    of float64 data may round), so its variance is exactly 0; a first value even 1e4 standard
+    deviations from the mean costs only ~1e-8 relative accuracy (module docstring)."""
+    # a fresh contiguous copy: float64 data would otherwise alias the caller's tensor
+    return torch.empty(channels, dtype=torch.float64).copy_(x.view(outer, channels, inner)[0, :, 0])
+
+
+def _feature_axis(t, name, features, feature_axis):
+    """Check ``t`` (a float tensor with ``features`` along ``feature_axis``); the axis, non-negative."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INPUT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected float32, float16, bfloat16 or float64")
+    nd = t.dim()
+    rank = max(nd, 1)  # a 0-d tensor gets its (wrong-sized) "last dim" message below
+    if isinstance(feature_axis, bool) or not isinstance(feature_axis, int) or not -rank <= feature_axis < rank:
+        raise ValueError(f"feature_axis={feature_axis!r} is not an axis of {name} with shape {tuple(t.shape)}")
+    axis = feature_axis % rank
+    if nd < 1 or t.shape[axis] != features:
+        where = "last dim" if feature_axis == -1 or axis == nd - 1 else f"axis {feature_axis}"
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: its {where} must be {features} features")
+    return axis
+
+
+def _other_dims(t, feature_axis):
+    """``t``'s shape without its feature axis."""
+    dims = list(t.shape)
+    del dims[feature_axis]
+    return tuple(dims)
 
 
 def _positive_int(value, name):
