@@ -3,8 +3,10 @@ each claim the demo makes (the numbers are the full demo's business, see README 
 import json
 
 import pytest
+import torch
 
 from nlmerge.cli import main
+from nlmerge.demo.data import TASKS, shifted_copies
 from nlmerge.demo.pipeline import CORRECTIONS, DEPTH, METHODS, SETTINGS
 
 pytest.importorskip("sklearn")
@@ -64,3 +66,28 @@ def test_bad_arguments_exit_with_usage(argv, capsys):
         main(argv)
     assert err.value.code == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_shifted_copies_move_every_pixel_by_one():
+    image = torch.arange(1.0, 65.0).reshape(1, 8, 8)
+    shifts = shifted_copies(image)
+    assert shifts.shape == (9, 8, 8)
+    k = 0
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            expected = torch.zeros(8, 8)
+            for y in range(8):
+                for x in range(8):
+                    if 0 <= y - dy < 8 and 0 <= x - dx < 8:
+                        expected[y, x] = image[0, y - dy, x - dx]
+            assert torch.equal(shifts[k], expected), (dy, dx)
+            k += 1
+
+
+def test_tasks_label_their_digits_into_range():
+    for task in TASKS:
+        labels = task.label(torch.tensor(task.digits))
+        assert labels.min() == 0 and labels.max() == task.num_classes - 1, task.name
+        images = torch.rand(3, 8, 8)
+        shifted = task.shift(images)
+        assert shifted.shape == images.shape and not torch.equal(shifted, images), task.name
