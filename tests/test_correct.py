@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from nlmerge.align import apply_permutations, mlp_spec, weight_matching
 from nlmerge.align.models import CNN, MLP, ViT, ResNet
@@ -222,3 +223,21 @@ def test_corrected_model_is_a_module():
     c = tact(m, [make("mlp", 2)], [loader("mlp", 1)])[0]
     assert isinstance(c, CorrectedModel)
     assert any(k.startswith("scale_") for k in c.state_dict())
+
+
+def test_error_site_called_twice():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 12)
+            self.head = nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(self.fc(torch.relu(self.fc(x))))
+
+    torch.manual_seed(0)
+    m = Twice().eval()
+    with pytest.raises(ValueError, match=r"more than once.*'fc': 2"):
+        tact(m, [m], [loader("mlp", 1)], sites=["fc"])
+    with pytest.raises(ValueError, match=r"more than once.*'fc': 2"):
+        repair(m, [m], [loader("mlp", 1)], sites=["fc"])

@@ -88,31 +88,42 @@ def _install(module, site, scale, shift):
 # ---------------------------------------------------------------------------------- helpers
 
 def _forward_order(model, data, sites):
-    """``sites`` sorted by when each first runs in one forward pass of the first batch."""
+    """``sites`` sorted by when each first runs in one forward pass of the first batch.
+
+    ValueError when a site runs more than once in that pass (a module called twice, e.g. one
+    shared activation module): its calls would share one correction fitted to their mixture.
+    """
     modules = dict(unwrap(model).named_modules())
-    order = []
+    calls = {}  # site -> number of calls, in first-call order
 
     def make(site):
         def fn(_):
-            if site not in order:
-                order.append(site)
+            calls[site] = calls.get(site, 0) + 1
         return fn
 
     handles = [hook_site(modules, s, make(s)) for s in sites]
+    batches = 0
     try:
         with torch.no_grad():
             for batch in data:
+                batches += 1
                 run_batch(model, batch)
                 break
     finally:
         for h in handles:
             h.remove()
-    if not order:
+    if not batches:
         raise ValueError("data yielded no batch (empty loader)")
-    missing = [site_label(s) for s in sites if s not in order]
+    missing = [site_label(s) for s in sites if s not in calls]
     if missing:
         raise ValueError(f"sites {missing} did not run in the forward pass")
-    return order
+    repeated = {site_label(s): n for s, n in calls.items() if n > 1}
+    if repeated:
+        raise ValueError(
+            f"sites run more than once in one forward pass (calls: {repeated}); a correction there would "
+            "apply one scale and shift to every call: choose sites whose module is called once"
+        )
+    return list(calls)
 
 
 class _Chain:
