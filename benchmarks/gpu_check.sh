@@ -2,7 +2,9 @@
 # Everything a session lent a GPU runs, in one call (device time is short):
 #   1. the Triton kernels compiled for the GPU against the references (tests -k triton),
 #   2. the GPU benchmark tables: merge (fused vs reference vs FusionBench-style vs copy bandwidth),
-#      streaming statistics, permutation gathers.
+#      streaming statistics, permutation gathers,
+#   3. `nlmerge demo --quick --device cuda` (the whole pipeline on the GPU backends), when the
+#      machine has the demo's scikit-learn, matplotlib and tqdm.
 # Usage on the device machine, from the repo root:  bash benchmarks/gpu_check.sh
 # Writes tests.txt and bench.txt under $OUT (the device tool brings them back) or /tmp/gpu_check.
 set -uo pipefail
@@ -17,3 +19,8 @@ timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:warnings tests -k "t
 timeout "${BENCH_TIMEOUT:-180}" python benchmarks/bench_merge.py --device cuda --sizes 24 26 2>&1 | tee "$out/bench.txt"
 timeout 60 python benchmarks/bench_stats.py --device cuda 2>&1 | tee "$out/bench_stats.txt"
 timeout 60 python benchmarks/bench_permute.py --device cuda 2>&1 | tee "$out/bench_permute.txt"
+if python -c "import sklearn, matplotlib, tqdm" 2>/dev/null; then
+    timeout 120 python -m nlmerge.cli demo --quick --device cuda --no-progress --out "$out/demo" 2>&1 | tee "$out/demo.txt" | tail -14
+else
+    echo "demo skipped: scikit-learn, matplotlib or tqdm missing on this machine" | tee "$out/demo.txt"
+fi
