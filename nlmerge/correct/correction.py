@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nlmerge.correct.sites import (_LINEAR, _NORM, check_channels, check_sites, collect, default_sites,
-                                   hook_site, reiterable, site_label, site_module, unwrap)
+                                   hooks_at, reiterable, site_label, site_module)
 from nlmerge.ops.activations import run_batch
 
 
@@ -93,7 +93,6 @@ def _forward_order(model, data, sites):
     ValueError when a site runs more than once in that pass (a module called twice, e.g. one
     shared activation module): its calls would share one correction fitted to their mixture.
     """
-    modules = dict(unwrap(model).named_modules())
     calls = {}  # site -> number of calls, in first-call order
 
     def make(site):
@@ -101,17 +100,12 @@ def _forward_order(model, data, sites):
             calls[site] = calls.get(site, 0) + 1
         return fn
 
-    handles = [hook_site(modules, s, make(s)) for s in sites]
     batches = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                batches += 1
-                run_batch(model, batch)
-                break
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks_at(model, sites, make), torch.no_grad():
+        for batch in data:
+            batches += 1
+            run_batch(model, batch)
+            break
     if not batches:
         raise ValueError("data yielded no batch (empty loader)")
     missing = [site_label(s) for s in sites if s not in calls]

@@ -5,6 +5,7 @@ input of the module, e.g. the attention context before its output projection). A
 reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs
 (the convention of ``nlmerge.align.activation_matching``), read in place.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -151,12 +152,23 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass early once the site of interest ran."""
 
 
-def hook_site(module_map, site, fn):
-    """Register ``fn(activation)`` on a site (output hook, or pre-hook for an input site); the handle."""
-    module = module_map[site_module(site)]
-    if isinstance(site, str):
-        return module.register_forward_hook(lambda m, args, out: fn(out))
-    return module.register_forward_pre_hook(lambda m, args: fn(args[0] if args else None))
+@contextlib.contextmanager
+def hooks_at(model, sites, make):
+    """While the block runs, ``make(site)(activation)`` is called at every site of ``unwrap(model)``
+    (an output hook, or a pre-hook for an input site)."""
+    modules = dict(unwrap(model).named_modules())
+    handles = []
+    try:
+        for site in sites:
+            fn, module = make(site), modules[site_module(site)]
+            if isinstance(site, str):
+                handles.append(module.register_forward_hook(lambda m, args, out, fn=fn: fn(out)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, args, fn=fn: fn(args[0] if args else None)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
@@ -165,8 +177,6 @@ def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
     ``stop_after``: a site after which each forward is cut short (the pass only needs it and the
     sites before it). Returns ``{site: StreamingStats}``; ValueError if ``data`` yields no batch.
     """
-    inner = unwrap(model)
-    module_map = dict(inner.named_modules())
     stats = {}
 
     def make(site):
@@ -183,19 +193,14 @@ def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
                 raise _Stop
         return fn
 
-    handles = [hook_site(module_map, s, make(s)) for s in sites]
     batches = 0
-    try:
-        with torch.no_grad():
-            for batch in data:
-                batches += 1
-                try:
-                    run_batch(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks_at(model, sites, make), torch.no_grad():
+        for batch in data:
+            batches += 1
+            try:
+                run_batch(model, batch)
+            except _Stop:
+                pass
     if batches == 0:
         raise ValueError(f"{label} yielded no batch (empty loader)")
     for s in sites:
