@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+from nlmerge.align import apply_permutations
 from nlmerge.cli import main
 from nlmerge.demo.data import TASKS, shifted_copies
-from nlmerge.demo.pipeline import CORRECTIONS, DEPTH, METHODS, SETTINGS
+from nlmerge.demo.pipeline import CORRECTIONS, DEPTH, METHODS, SETTINGS, align_b_to_a
+from nlmerge.demo.training import make_model
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -91,3 +93,17 @@ def test_tasks_label_their_digits_into_range():
         images = torch.rand(3, 8, 8)
         shifted = task.shift(images)
         assert shifted.shape == images.shape and not torch.equal(shifted, images), task.name
+
+
+@pytest.mark.parametrize("how", ["weight", "activation"])
+def test_alignment_of_foundations_preserves_b(how):
+    """Both alignments give permutations whose application leaves B's function unchanged."""
+    torch.manual_seed(0)
+    a, b = make_model(10).eval(), make_model(10).eval()
+    x = torch.randn(64, 64)
+    spec, perms = align_b_to_a(a, b, how, x)
+    assert set(perms) == set(spec.perms)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    aligned = make_model(10).eval()
+    aligned.load_state_dict(apply_permutations(spec, perms, b.state_dict()))
+    torch.testing.assert_close(aligned(x), b(x), rtol=1e-5, atol=1e-5)
