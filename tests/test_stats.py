@@ -440,3 +440,16 @@ def test_feature_axis_errors(backend, generator):
     paired.update(x, y, feature_axis=1)
     ref = StreamingStats(4, 2, backend="torch").update(x.movedim(1, -1).cpu(), y.movedim(1, -1).cpu())
     torch.testing.assert_close(paired.cross_cov().cpu(), ref.cross_cov(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_that_require_grad(backend, generator):
+    """Activations straight from a model in training mode (requires_grad) are read like any other."""
+    device = device_for(backend)
+    x = torch.randn(5, 3, 4, 4, generator=generator).to(device).requires_grad_()
+    y = torch.randn(5, 2, 4, 4, generator=generator).to(device).requires_grad_()
+    plain = StreamingStats(3, backend=backend).update(x, feature_axis=1)
+    truth = x.detach().double().movedim(1, -1).reshape(-1, 3).cpu()
+    torch.testing.assert_close(plain.var.cpu(), truth.var(0, unbiased=False), rtol=1e-5, atol=1e-7)
+    paired = StreamingStats(3, 2, covariance=True, backend=backend).update(x, y, feature_axis=1)
+    torch.testing.assert_close(paired.mean.cpu(), truth.mean(0), rtol=1e-5, atol=1e-7)

@@ -295,6 +295,7 @@ class StreamingStats:
         axis = _feature_axis(x, "x", self.num_features, feature_axis)
         if x.numel() == 0:
             return self
+        x = x.detach()  # the kernel reads memory: autograd has nothing to follow here
         shape = x.shape
         outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
         if not x.is_contiguous():
