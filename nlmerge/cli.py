@@ -13,6 +13,8 @@ def _seeds(text):
         raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds:
         raise argparse.ArgumentTypeError("--seeds is empty")
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"--seeds must be >= 0, got {text!r}")
     return seeds
 
 

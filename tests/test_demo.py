@@ -62,7 +62,8 @@ def test_claims_point_the_right_way(quick_run):
             assert after < before, m
 
 
-@pytest.mark.parametrize("argv", [["demo", "--seeds", "a,b"], ["demo", "--device", "tpu"], ["demo", "--threads", "0"]])
+@pytest.mark.parametrize("argv", [["demo", "--seeds", "a,b"], ["demo", "--seeds=-1"], ["demo", "--device", "tpu"],
+                                  ["demo", "--threads", "0"]])
 def test_bad_arguments_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as err:
         main(argv)

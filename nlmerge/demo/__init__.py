@@ -56,6 +56,8 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be >= 0 (they seed scikit-learn's split too), got {seeds}")
     if align not in ("weight", "activation"):
         raise ValueError(f"align must be 'weight' or 'activation', got {align!r}")
     if device == "cuda" and not torch.cuda.is_available():
