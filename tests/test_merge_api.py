@@ -179,9 +179,13 @@ def test_ties_global_weighted(keep):
 
 @pytest.mark.parametrize("sign", ["mass", "count"])
 @pytest.mark.parametrize("disjoint", ["mean", "sum", "max"])
-def test_ties_global_modes_with_zero_signs(sign, disjoint):
-    """Exact dyadic values: many zero elections, so the scope-wide majority sign matters."""
+@pytest.mark.parametrize("flip", [False, True], ids=["as-is", "negated"])
+def test_ties_global_modes_with_zero_signs(sign, disjoint, flip):
+    """Exact dyadic values: many zero elections, so the scope-wide majority sign matters (negated
+    task vectors flip the majority: both signs are covered, with and without the rerun)."""
     base, experts = make_dyadic(num=2 if sign == "count" else 3)
+    if flip:
+        experts = [{k: 2 * base[k] - e[k] for k in base} for e in experts]
     got = merge.ties(base, experts, keep=0.4, sign=sign, disjoint=disjoint)
     want = ref_ties(base, experts, keep=0.4, sign=sign, disjoint=disjoint)
     assert_sd_close(got, want)

@@ -226,3 +226,25 @@ def test_merge_ops_bad_input(backend, generator):
     with pytest.raises(ValueError, match=r"packed_row must be uint8 \[7\]"):
         ops.apply_mask(torch.zeros(6, dtype=torch.uint8, device=device), base, backend=backend)
     assert torch.equal(tv, before)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("majority", [-1, 1])
+def test_ties_merge_zero_signs_follow_the_recipe(backend, dtype, majority, generator):
+    """Exact cancellations (+a, -a) leave zero elected signs; the majority sign over the tensor fills
+    them, for either majority and every disjoint mode (the rerun is skipped where fill 0 already
+    gives the majority's result), against the TIES steps written out."""
+    device = device_for(backend)
+    a = nasty("ties", (997,), dtype, generator)
+    tv = torch.stack([a, -a, majority * nasty("ties", (997,), dtype, generator).abs()])
+    x = tv.float()
+    s = torch.sign(x.sum(0))
+    assert int(torch.sign(s.sum())) == majority and bool(((s == 0) & (x != 0).any(0)).any())
+    s[s == 0] = majority
+    agree = torch.where(s > 0, x > 0, x < 0)
+    recipes = {"sum": (x * agree).sum(0), "mean": (x * agree).sum(0) / agree.sum(0).clamp(min=1),
+               "max": (x * agree).abs().amax(0) * s}
+    for disjoint, expected in recipes.items():
+        actual = ops.ties_merge(tv.to(device), [0.0] * 3, disjoint=disjoint, backend=backend)
+        assert_matches(actual.cpu(), expected.to(dtype))

@@ -98,7 +98,7 @@ def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, 
         if first.ambiguous:
             ambiguous.append((key, taus))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    if majority:
+    if not ops.same_fill_result(0, majority, disjoint):
         for key, taus in ambiguous:
             with naming([key]):
                 ops.ties_merge_pass(taus, thresholds, fill_sign=majority, base=get_base(key), out=out[key], **common)

@@ -5,8 +5,8 @@
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
 - ``permute``: batched permutation gathers (applying an alignment's permutations).
-- ``activations``: feeding batches to a model and hooked activations as ``[..., C]`` (shared by
-  alignment and correction).
+- ``activations``: feeding batches to a model and hooked activations and their feature axis
+  (shared by alignment and correction).
 
 Every op takes ``backend=None | "torch" | "cpu" | "triton"`` (see ``_dispatch``).
 """
@@ -15,7 +15,7 @@ from nlmerge.ops.permute import permute_tensors
 from nlmerge.ops.selection import kth_smallest_magnitude, magnitude_threshold
 from nlmerge.ops.stats import StreamingStats
 from nlmerge.ops.tall import apply_mask, consensus_merge, pack_masks, packed_size, tall_masks, unpack_masks
-from nlmerge.ops.ties import TiesPass, task_arithmetic, ties_merge, ties_merge_pass
+from nlmerge.ops.ties import TiesPass, same_fill_result, task_arithmetic, ties_merge, ties_merge_pass
 
 __all__ = [
     "NonFiniteError",
@@ -26,8 +26,9 @@ __all__ = [
     "kth_smallest_magnitude",
     "magnitude_threshold",
     "pack_masks",
-    "permute_tensors",
     "packed_size",
+    "permute_tensors",
+    "same_fill_result",
     "tall_masks",
     "task_arithmetic",
     "ties_merge",

@@ -186,9 +186,20 @@ def ties_merge(
         return ties_merge_pass(task_vectors, thresholds, fill_sign=1, **kwargs).merged
     first = ties_merge_pass(task_vectors, thresholds, fill_sign=0, **kwargs)
     majority = (first.sign_sum > 0) - (first.sign_sum < 0)
-    if first.ambiguous == 0 or majority == 0:
+    if first.ambiguous == 0 or same_fill_result(0, majority, disjoint):
         return first.merged
     return ties_merge_pass(task_vectors, thresholds, fill_sign=majority, out=first.merged, **kwargs).merged
+
+
+def same_fill_result(fill_a, fill_b, disjoint):
+    """Whether TIES passes with these two ``fill_sign`` values write the same result.
+
+    An element whose sign stays 0 merges its negative entries (the original ``where(s > 0, x > 0,
+    x < 0)``), exactly as under fill -1, and "mean"/"sum" never multiply by the sign itself
+    ("max" does): so fills 0 and -1 agree there, and a pass with fill 0 needs no majority rerun
+    when the majority is -1.
+    """
+    return fill_a == fill_b or (disjoint != "max" and {fill_a, fill_b} <= {0, -1})
 
 
 def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=None):
