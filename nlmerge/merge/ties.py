@@ -91,15 +91,17 @@ def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, 
     thresholds = torch.stack(thresholds)
     sign_sum, ambiguous = 0, []
     for key, taus in nonempty:
+        # zero signs take the majority so far: the final one rarely differs, so few tensors rerun
+        fill = (sign_sum > 0) - (sign_sum < 0)
         with naming([key]):
-            first = ops.ties_merge_pass(taus, thresholds, fill_sign=0, base=get_base(key), **common)
+            first = ops.ties_merge_pass(taus, thresholds, fill_sign=fill, base=get_base(key), **common)
         out[key] = first.merged
         sign_sum += first.sign_sum
         if first.ambiguous:
-            ambiguous.append((key, taus))
+            ambiguous.append((key, taus, fill))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    if not ops.same_fill_result(0, majority, disjoint):
-        for key, taus in ambiguous:
+    for key, taus, fill in ambiguous:
+        if not ops.same_fill_result(fill, majority, disjoint):
             with naming([key]):
                 ops.ties_merge_pass(taus, thresholds, fill_sign=majority, base=get_base(key), out=out[key], **common)
     return out
