@@ -10,7 +10,8 @@ once per pass and allocate only the output.
 The zero-sign rule of TIES ("majority": the sign of the sum of all elected signs over the scope)
 needs the whole scope before any element can be finished. One pass with ``fill_sign=0`` also
 returns the scope's sign sum and how many elements were ambiguous (zero sign, some non-zero
-trimmed entry); only those need a second pass with the majority sign, which is rare.
+trimmed entry); only when there are some, and the majority's fill would write something else
+(``same_fill_result``), does a second pass with the majority sign follow.
 """
 from typing import NamedTuple
 
