@@ -10,6 +10,7 @@ merges of experts from one foundation are the control. ``run_demo`` writes ``res
 - ``pipeline``: one seed: align, merge, correct, evaluate.
 - ``report``: seed averages, the table, the claims, the figures.
 """
+import contextlib
 import dataclasses
 import os
 import sys
@@ -66,10 +67,9 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
         seeds = seeds[:1]
     schedule = QUICK_SCHEDULE if quick else Schedule()
     os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(threads)
     start = time.perf_counter()
     per_seed = []
-    with _progress(len(seeds) * steps_per_seed(), progress) as bar:
+    with _pinned(threads, device), _progress(len(seeds) * steps_per_seed(), progress) as bar:
         for seed in seeds:
             def step(what, seed=seed):
                 bar.set_postfix_str(f"seed {seed}: {what}", refresh=False)
@@ -92,6 +92,19 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
     print(f"\n{len(seeds)} seed(s) in {results['seconds']:.0f} s; wrote results.json, accuracy.png, variance.png to {out}",
           file=stream)
     return results
+
+
+@contextlib.contextmanager
+def _pinned(threads, device):
+    """torch's thread count pinned and its random state seeded by the demo, both restored after
+    (a caller's process is left as it was)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _require(*modules):
