@@ -82,6 +82,25 @@ def _add_counter(ptr, value):
     tl.atomic_add(ptr, value.to(tl.int64), sem="relaxed")
 
 
+@triton.jit
+def _tall_keep(x, mtl, lam):
+    """TALL's mask predicate ``|x| > lam * |mtl - x|`` (fp32)."""
+    return tl.abs(x) > lam * tl.abs(mtl - x)
+
+
+@triton.jit
+def _store_with_base(res, bad, out_ptr, base_ptr, offs, inb, cnt_ptr, OUT_KIND: tl.constexpr,
+                     BASE_KIND: tl.constexpr, HAS_BASE: tl.constexpr):
+    """Store ``base + res`` (``res`` without base) and add the block's non-finite count (``bad``,
+    plus the base's) to the counter at ``cnt_ptr``. ``out_ptr``/``base_ptr`` point at the block."""
+    if HAS_BASE:
+        b = _load_f32(base_ptr + offs, inb, BASE_KIND, "evict_first")
+        bad += _nonfinite(b)
+        res = b + res
+    _store_f32(out_ptr + offs, res, inb, OUT_KIND)
+    _add_counter(cnt_ptr, tl.sum(tl.where(inb, bad, 0), axis=0))
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -187,16 +206,10 @@ def _ties_kernel(
         merged = num
     else:
         merged = num * s.to(tl.float32)
-    res = lam * merged
-    if HAS_BASE:
-        b = _load_f32(base_ptr + start + offs, inb, BASE_KIND, "evict_first")
-        bad += _nonfinite(b)
-        res = b + res
-    _store_f32(out_ptr + start + offs, res, inb, OUT_KIND)
-
+    _store_with_base(lam * merged, bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr + 2, OUT_KIND,
+                     BASE_KIND, HAS_BASE)
     _add_counter(cnt_ptr + 0, tl.sum(tl.where(inb, s0, 0), axis=0))
     _add_counter(cnt_ptr + 1, tl.sum(((s0 == 0) & (nz != 0) & inb).to(tl.int32), axis=0))
-    _add_counter(cnt_ptr + 2, tl.sum(tl.where(inb, bad, 0), axis=0))
 
 
 @triton.jit
@@ -229,13 +242,8 @@ def _task_arith_kernel(
         bad += _nonfinite(x)
         w = tl.load(w_ptr + t)
         acc = acc + w * x
-    res = lam * acc
-    if HAS_BASE:
-        b = _load_f32(base_ptr + start + offs, inb, BASE_KIND, "evict_first")
-        bad += _nonfinite(b)
-        res = b + res
-    _store_f32(out_ptr + start + offs, res, inb, OUT_KIND)
-    _add_counter(cnt_ptr, tl.sum(tl.where(inb, bad, 0), axis=0))
+    _store_with_base(lam * acc, bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr, OUT_KIND, BASE_KIND,
+                     HAS_BASE)
 
 
 @triton.jit
@@ -272,7 +280,7 @@ def _tall_masks_kernel(
         row += N
         bad += _nonfinite(x)
         lam = tl.load(lam_ptr + t)
-        keep = (tl.abs(x) > lam * tl.abs(mtl - x)) & inb  # padding bits are 0
+        keep = _tall_keep(x, mtl, lam) & inb  # padding bits are 0
         packed = tl.sum(keep.to(tl.int32) * weights, axis=1)
         tl.store(out_row + rows, packed.to(tl.uint8), mask=byte_inb)
         out_row += NB
@@ -312,14 +320,9 @@ def _consensus_kernel(
         row += N
         bad += _nonfinite(x)
         lam = tl.load(lam_ptr + t)
-        c += (tl.abs(x) > lam * tl.abs(mtl - x)).to(tl.int32)
-    res = alpha * tl.where(c >= k, mtl, 0.0)
-    if HAS_BASE:
-        b = _load_f32(base_ptr + start + offs, inb, BASE_KIND, "evict_first")
-        bad += _nonfinite(b)
-        res = b + res
-    _store_f32(out_ptr + start + offs, res, inb, OUT_KIND)
-    _add_counter(cnt_ptr, tl.sum(tl.where(inb, bad, 0), axis=0))
+        c += _tall_keep(x, mtl, lam).to(tl.int32)
+    _store_with_base(alpha * tl.where(c >= k, mtl, 0.0), bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr,
+                     OUT_KIND, BASE_KIND, HAS_BASE)
 
 
 @triton.jit
