@@ -101,9 +101,10 @@ def run_setting(experts, base_state, data, on_step):
     expert_bodies = [body(e) for e in experts]
     expert_acc = [accuracy(e, d.test_x, d.test_y) for e, d in zip(experts, data)]
     calib = [[d.calib_x] for d in data]
+    expert_states = [body_state(e.state_dict()) for e in experts]
     methods = {}
     for method in METHODS:
-        states = merged_bodies(method, base_state, [body_state(e.state_dict()) for e in experts])
+        states = merged_bodies(method, base_state, expert_states)
         bodies = per_distinct(states, lambda s: body_module(experts[0], s))
         methods[method] = {}
         for correction in CORRECTIONS:
