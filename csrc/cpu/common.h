@@ -11,6 +11,7 @@
 #include <cstring>
 #include <cmath>
 #include <algorithm>
+#include <type_traits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -169,5 +170,32 @@ static inline void thread_range(int64_t nblocks, int nt, int tid, int64_t& b0, i
 #define NLM_THREAD_ID() 0
 #define NLM_NUM_THREADS() 1
 #endif
+
+// The elements [0, N) in blocks of BLOCK on `nt` threads, each thread one contiguous range of
+// blocks: a `Scratch` (a thread's buffers) is made once per thread, then `body(scratch, off, n)`
+// runs for the block at `off` of `n` elements. A body that returns a count (e.g. non-finite
+// values) has the counts summed and returned.
+template <class Scratch, class Body>
+int64_t for_each_block(int64_t N, [[maybe_unused]] int nt, Body body) {
+    constexpr bool counts = !std::is_void_v<std::invoke_result_t<Body&, Scratch&, int64_t, int>>;
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    int64_t total = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+    {
+        Scratch scratch;
+        int64_t b0, b1;
+        thread_range(nblocks, NLM_NUM_THREADS(), NLM_THREAD_ID(), b0, b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t off = blk * BLOCK;
+            const int n = int(std::min<int64_t>(BLOCK, N - off));
+            if constexpr (counts) {
+                total += body(scratch, off, n);
+            } else {
+                body(scratch, off, n);
+            }
+        }
+    }
+    return total;
+}
 
 }  // namespace nlm

@@ -41,30 +41,20 @@ int64_t tall_impl(const void* tv_, int64_t T, int64_t N, const void* tau, int ta
     using S = typename DT<D>::S;
     const S* tv = static_cast<const S*>(tv_);
     const int64_t row_bytes = (N + 7) / 8;
-    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
-    [[maybe_unused]] const int nt = threads_for(N * T, nthreads);
-    int64_t nonfinite = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : nonfinite)
-    {
+    struct Scratch {
         alignas(64) float tb[BLOCK];
         alignas(64) uint8_t flags[BLOCK];
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b0, b1;
-        thread_range(nblocks, nth, tid, b0, b1);
-        for (int64_t blk = b0; blk < b1; blk++) {
-            const int64_t off = blk * BLOCK;
-            const int n = int(std::min<int64_t>(BLOCK, N - off));
-            const int nbytes = (n + 7) / 8;
-            int64_t nf = load_block(tau_dtype, tau, off, n, tb);
-            for (int i = n; i < nbytes * 8; i++) flags[i] = 0;  // padding bits of the last byte
-            for (int64_t t = 0; t < T; t++) {
-                nf += tall_row<D>(tv + t * N + off, n, lam[t], tb, flags);
-                pack_bits(flags, nbytes, out + t * row_bytes + off / 8);
-            }
-            nonfinite += nf;
+    };
+    return for_each_block<Scratch>(N, threads_for(N * T, nthreads), [&](Scratch& sc, int64_t off, int n) {
+        const int nbytes = (n + 7) / 8;
+        int64_t nf = load_block(tau_dtype, tau, off, n, sc.tb);
+        for (int i = n; i < nbytes * 8; i++) sc.flags[i] = 0;  // padding bits of the last byte
+        for (int64_t t = 0; t < T; t++) {
+            nf += tall_row<D>(tv + t * N + off, n, lam[t], sc.tb, sc.flags);
+            pack_bits(sc.flags, nbytes, out + t * row_bytes + off / 8);
         }
-    }
-    return nonfinite;
+        return nf;
+    });
 }
 
 // bit i of the block's packed bytes as 0/1, for i < n rounded up to a multiple of 8
@@ -80,23 +70,15 @@ inline void unpack_bits(const uint8_t* __restrict bytes, int n, I* __restrict bi
 // Exact copy where the bit is set, +0 elsewhere (no conversion: NaN payloads survive).
 template <typename S>
 void apply_mask_copy(const uint8_t* packed, int64_t N, const S* tau, S* out, int nthreads) {
-    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
-    [[maybe_unused]] const int nt = threads_for(N, nthreads);
-#pragma omp parallel num_threads(nt)
-    {
+    struct Scratch {
         alignas(64) S bits[BLOCK];
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b0, b1;
-        thread_range(nblocks, nth, tid, b0, b1);
-        for (int64_t blk = b0; blk < b1; blk++) {
-            const int64_t off = blk * BLOCK;
-            const int n = int(std::min<int64_t>(BLOCK, N - off));
-            unpack_bits(packed + off / 8, n, bits);
-            const S* __restrict s = tau + off;
-            S* __restrict o = out + off;
-            for (int i = 0; i < n; i++) o[i] = s[i] & S(-bits[i]);  // all ones where the bit is set
-        }
-    }
+    };
+    for_each_block<Scratch>(N, threads_for(N, nthreads), [&](Scratch& sc, int64_t off, int n) {
+        unpack_bits(packed + off / 8, n, sc.bits);
+        const S* __restrict s = tau + off;
+        S* __restrict o = out + off;
+        for (int i = 0; i < n; i++) o[i] = s[i] & S(-sc.bits[i]);  // all ones where the bit is set
+    });
 }
 
 }  // namespace
@@ -122,48 +104,32 @@ void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype
         }
         return;
     }
-    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
-    [[maybe_unused]] const int nt = threads_for(N, nthreads);
-#pragma omp parallel num_threads(nt)
-    {
+    struct Scratch {
         alignas(64) float tb[BLOCK], res[BLOCK];
         alignas(64) int32_t bits[BLOCK];
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b0, b1;
-        thread_range(nblocks, nth, tid, b0, b1);
-        for (int64_t blk = b0; blk < b1; blk++) {
-            const int64_t off = blk * BLOCK;
-            const int n = int(std::min<int64_t>(BLOCK, N - off));
-            load_block(tau_dtype, tau, off, n, tb);
-            unpack_bits(packed + off / 8, n, bits);
-            if (base != nullptr) {
-                load_block(base_dtype, base, off, n, res);
-                for (int i = 0; i < n; i++) res[i] = res[i] + (bits[i] ? tb[i] : 0.0f);
-            } else {
-                for (int i = 0; i < n; i++) res[i] = bits[i] ? tb[i] : 0.0f;
-            }
-            store_block(out_dtype, out, off, n, res);
+    };
+    for_each_block<Scratch>(N, threads_for(N, nthreads), [&](Scratch& sc, int64_t off, int n) {
+        load_block(tau_dtype, tau, off, n, sc.tb);
+        unpack_bits(packed + off / 8, n, sc.bits);
+        if (base != nullptr) {
+            load_block(base_dtype, base, off, n, sc.res);
+            for (int i = 0; i < n; i++) sc.res[i] = sc.res[i] + (sc.bits[i] ? sc.tb[i] : 0.0f);
+        } else {
+            for (int i = 0; i < n; i++) sc.res[i] = sc.bits[i] ? sc.tb[i] : 0.0f;
         }
-    }
+        store_block(out_dtype, out, off, n, sc.res);
+    });
 }
 
 void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, int nthreads) {
     if (n <= 0) return;
-    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
-    [[maybe_unused]] const int nt = threads_for(n, nthreads);
-#pragma omp parallel num_threads(nt)
-    {
+    struct Scratch {
         alignas(64) float buf[BLOCK];
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b0, b1;
-        thread_range(nblocks, nth, tid, b0, b1);
-        for (int64_t blk = b0; blk < b1; blk++) {
-            const int64_t off = blk * BLOCK;
-            const int m = int(std::min<int64_t>(BLOCK, n - off));
-            load_block(src_dtype, src, off, m, buf);
-            store_block(dst_dtype, dst, off, m, buf);
-        }
-    }
+    };
+    for_each_block<Scratch>(n, threads_for(n, nthreads), [&](Scratch& sc, int64_t off, int m) {
+        load_block(src_dtype, src, off, m, sc.buf);
+        store_block(dst_dtype, dst, off, m, sc.buf);
+    });
 }
 
 namespace {
