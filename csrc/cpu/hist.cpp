@@ -28,6 +28,31 @@ std::vector<uint32_t>& scratch(size_t size) {
     return buf;
 }
 
+// Counts of the elements [0, n) into the int64 `hist` [BINS] on up to `nthreads` threads: each
+// thread counts runs of at most FLUSH elements of its range into SUB private uint32 tables
+// (count(begin, end, tables)), adds them into `hist` under a lock and clears them again.
+template <int BINS, int SUB, class Count>
+void threaded_histogram(int64_t n, int nthreads, int64_t* hist, Count count) {
+    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t b, e;
+        thread_range(n, NLM_NUM_THREADS(), NLM_THREAD_ID(), b, e);
+        std::vector<uint32_t>& buf = scratch(size_t(SUB) * BINS);
+        uint32_t* h = buf.data();
+        for (int64_t p = b; p < e; p += FLUSH) {
+            count(p, std::min(e, p + FLUSH), h);
+#pragma omp critical(nlm_hist)
+            for (int k = 0; k < BINS; k++) {
+                int64_t sum = 0;
+                for (int j = 0; j < SUB; j++) sum += h[k + j * BINS];
+                hist[k] += sum;
+            }
+            std::fill(h, h + size_t(SUB) * BINS, 0u);  // leave the scratch zeroed
+        }
+    }
+}
+
 template <typename U>
 inline void count_direct(const U* __restrict x, int64_t n, uint32_t mask, int shift, int64_t* __restrict hist) {
     for (int64_t i = 0; i < n; i++) hist[(x[i] & mask) >> shift] += 1;
@@ -59,24 +84,9 @@ void hist_high(const U* x, int64_t n, uint32_t mask, int shift, int64_t* hist, i
         count_direct(x, n, mask, shift, hist);
         return;
     }
-    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
-#pragma omp parallel num_threads(nt)
-    {
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b, e;
-        thread_range(n, nth, tid, b, e);
-        std::vector<uint32_t>& buf = scratch(size_t(NSUB) * HIGH_BINS);
-        uint32_t* h = buf.data();
-        for (int64_t p = b; p < e; p += FLUSH) {
-            const int64_t q = std::min(e, p + FLUSH);
-            count_sub(x + p, q - p, mask, shift, h);
-#pragma omp critical(nlm_hist)
-            for (int k = 0; k < HIGH_BINS; k++) {
-                hist[k] += int64_t(h[k]) + h[k + HIGH_BINS] + h[k + 2 * HIGH_BINS] + h[k + 3 * HIGH_BINS];
-            }
-            std::fill(h, h + size_t(NSUB) * HIGH_BINS, 0u);  // leave the scratch zeroed
-        }
-    }
+    threaded_histogram<HIGH_BINS, NSUB>(n, nthreads, hist, [&](int64_t p, int64_t q, uint32_t* h) {
+        count_sub(x + p, q - p, mask, shift, h);
+    });
 }
 
 // Low-16-bit histogram of the elements whose high bits equal `prefix`. Most elements do not
@@ -124,22 +134,9 @@ void hist_magnitude_low(const float* xf, int64_t n, int64_t* hist, int64_t prefi
         count_low<1>(x, n, pre, hist);
         return;
     }
-    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
-#pragma omp parallel num_threads(nt)
-    {
-        const int tid = NLM_THREAD_ID(), nth = NLM_NUM_THREADS();
-        int64_t b, e;
-        thread_range(n, nth, tid, b, e);
-        std::vector<uint32_t>& buf = scratch(size_t(2) * LOW_BINS);
-        uint32_t* h = buf.data();
-        for (int64_t p = b; p < e; p += FLUSH) {
-            const int64_t q = std::min(e, p + FLUSH);
-            count_low<2>(x + p, q - p, pre, h);
-#pragma omp critical(nlm_hist)
-            for (int k = 0; k < LOW_BINS; k++) hist[k] += int64_t(h[k]) + h[k + LOW_BINS];
-            std::fill(h, h + size_t(2) * LOW_BINS, 0u);
-        }
-    }
+    threaded_histogram<LOW_BINS, 2>(n, nthreads, hist, [&](int64_t p, int64_t q, uint32_t* h) {
+        count_low<2>(x + p, q - p, pre, h);
+    });
 }
 
 }  // namespace nlm
