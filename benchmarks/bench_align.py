@@ -34,7 +34,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import best_time, machine  # noqa: E402
+from common import best_time, machine, timed  # noqa: E402
 
 from nlmerge.align import activation_matching, apply_permutations, resnet_spec, weight_matching  # noqa: E402
 from nlmerge.align.models import ResNet  # noqa: E402
@@ -170,13 +170,7 @@ def interleaved(fns, clock, repeat, device):
     for _ in range(repeat):
         for i, fn in enumerate(fns):
             clock.seconds = 0.0
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            total = time.perf_counter() - start
+            total = timed(fn, device)
             if best[i] is None or total < best[i][0]:
                 best[i] = (total, clock.seconds)
     return best

@@ -16,12 +16,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine  # noqa: E402
+from common import interleaved_times, machine  # noqa: E402
 
 from nlmerge import kernels  # noqa: E402
 from nlmerge.align.models import CNN, MLP, ViT, ResNet  # noqa: E402
@@ -38,21 +37,6 @@ def models(quick):
         ("vit d128 depth4 @32x32", ViT(image_size=32, patch_size=4, dim=128, depth=4, heads=4, mlp_dim=256), (3, 32, 32)),
     ]
     return out[:2] if quick else out
-
-
-def interleaved_times(fns, repeat):
-    """``times[r][i]``: seconds of ``fns[i]`` in round r; every round runs each once, after a warm-up."""
-    for fn in fns:
-        fn()
-    times = []
-    for _ in range(repeat):
-        row = []
-        for fn in fns:
-            start = time.perf_counter()
-            fn()
-            row.append(time.perf_counter() - start)
-        times.append(row)
-    return times
 
 
 def main():

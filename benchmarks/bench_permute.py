@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from nlmerge import ops  # noqa: F401  (the package; permute_tensors lives in ops.permute)
 from nlmerge.ops import _dispatch
 from nlmerge.ops.permute import permute_tensors
 from common import best_time, copy_bandwidth, machine

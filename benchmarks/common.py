@@ -20,19 +20,29 @@ def machine():
     return text
 
 
+def timed(fn, device="cpu"):
+    """Seconds of one call of ``fn`` (on a GPU: synchronized before and after)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def best_time(fn, repeat=3, device="cpu"):
     """Fastest of ``repeat`` runs after one warm-up, in seconds."""
     fn()
-    times = []
-    for _ in range(repeat):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    return min(timed(fn, device) for _ in range(repeat))
+
+
+def interleaved_times(fns, repeat, device="cpu"):
+    """``times[r][i]``: seconds of ``fns[i]`` in round r. After one warm-up call each, every round
+    runs each function once, so a load that comes and goes on the machine hits them alike."""
+    for fn in fns:
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return [[timed(fn, device) for fn in fns] for _ in range(repeat)]
 
 
 def copy_bandwidth(nbytes, device="cpu", repeat=5):
