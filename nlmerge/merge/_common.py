@@ -15,6 +15,7 @@ import torch
 
 from nlmerge import ops
 from nlmerge.ops._checks import finite_scalar as check_scalar  # one definition of "a finite float"
+from nlmerge.ops._checks import layout_mismatch
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPUTE_DTYPE = torch.float32
@@ -82,12 +83,10 @@ def make_plan(base, experts, exclude, *, base_name="the base", item="expert", fi
             x = sd[key]
             if not isinstance(x, torch.Tensor):
                 raise ValueError(f"key {key!r}: {item} {i} holds a {type(x).__name__}, not a tensor")
-            for attr in ("shape", "dtype", "device"):
-                a, b = getattr(x, attr), getattr(ref, attr)
-                if a != b:
-                    if attr == "shape":
-                        a, b = tuple(a), tuple(b)
-                    raise ValueError(f"key {key!r}: {item} {i} has {attr} {a} but {base_name} has {b}")
+            mismatch = layout_mismatch(x, ref)
+            if mismatch:
+                attr, a, b = mismatch
+                raise ValueError(f"key {key!r}: {item} {i} has {attr} {a} but {base_name} has {b}")
         if ref.is_floating_point():
             if ref.dtype not in MERGE_DTYPES:
                 raise ValueError(

@@ -23,15 +23,23 @@ def check_float(x, name):
         raise ValueError(f"{name} has dtype {x.dtype}; expected one of float32, float16, bfloat16")
 
 
-def check_like(x, name, ref, ref_name):
-    """``x`` must have ``ref``'s shape, dtype and device."""
-    check_float(x, name)
+def layout_mismatch(x, ref):
+    """The first of shape, dtype and device where tensor ``x`` differs from ``ref``, as
+    ``(what, x's, ref's)`` (shapes as tuples), or None."""
     for what in ("shape", "dtype", "device"):
         mine, theirs = getattr(x, what), getattr(ref, what)
         if mine != theirs:
-            if what == "shape":
-                mine, theirs = tuple(mine), tuple(theirs)
-            raise ValueError(f"{name} has {what} {mine} but {ref_name} has {what} {theirs}")
+            return (what, tuple(mine), tuple(theirs)) if what == "shape" else (what, mine, theirs)
+    return None
+
+
+def check_like(x, name, ref, ref_name):
+    """``x`` must have ``ref``'s shape, dtype and device."""
+    check_float(x, name)
+    mismatch = layout_mismatch(x, ref)
+    if mismatch:
+        what, mine, theirs = mismatch
+        raise ValueError(f"{name} has {what} {mine} but {ref_name} has {what} {theirs}")
 
 
 def stack_task_vectors(task_vectors, name="task_vectors"):
