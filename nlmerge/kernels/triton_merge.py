@@ -83,6 +83,27 @@ def _add_counter(ptr, value):
 
 
 @triton.jit
+def _block(N, BLOCK: tl.constexpr):
+    """This program's block of a length-N array: int64 ``start``, ``offs`` (int32 [BLOCK]) and the
+    in-bounds mask."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    return start, offs, offs < N - start
+
+
+@triton.jit
+def _packed_block(N, BYTES: tl.constexpr):
+    """This program's block of ``8 * BYTES`` elements seen as packed mask bytes: int64 ``start`` and
+    ``byte_start``, byte ``rows`` [BYTES], ``bit`` [8], element ``offs`` [BYTES, 8] within the
+    block, and the in-bounds mask of the elements."""
+    pid = tl.program_id(0).to(tl.int64)
+    start, byte_start = pid * (BYTES * 8), pid * BYTES
+    rows, bit = tl.arange(0, BYTES), tl.arange(0, 8)
+    offs = rows[:, None] * 8 + bit[None, :]
+    return start, byte_start, rows, bit, offs, offs < N - start
+
+
+@triton.jit
 def _tall_keep(x, mtl, lam):
     """TALL's mask predicate ``|x| > lam * |mtl - x|`` (fp32)."""
     return tl.abs(x) > lam * tl.abs(mtl - x)
@@ -115,10 +136,7 @@ def _hist_kernel(
     LOW: tl.constexpr,  # hist_magnitude_low: select abs >> 16 == prefix, bin abs & 0xFFFF
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    inb = offs < N - start
+    start, offs, inb = _block(N, BLOCK)
     bits = tl.load(x_ptr + start + offs, mask=inb, other=0, eviction_policy="evict_first")
     mag = bits.to(tl.int32) & ABS_MASK
     if LOW:
@@ -156,10 +174,7 @@ def _ties_kernel(
     DISJOINT: tl.constexpr,  # 0 mean, 1 sum, 2 max
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    inb = offs < N - start
+    start, offs, inb = _block(N, BLOCK)
     tv_blk = tv_ptr + start
 
     # pass 1: elect the sign, count non-finite and non-zero trimmed entries
@@ -228,10 +243,7 @@ def _task_arith_kernel(
     HAS_BASE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    inb = offs < N - start
+    start, offs, inb = _block(N, BLOCK)
     tv_blk = tv_ptr + start
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -260,13 +272,7 @@ def _tall_masks_kernel(
     MTL_KIND: tl.constexpr,
     BYTES: tl.constexpr,  # output bytes per program; BLOCK = 8 * BYTES elements
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * (BYTES * 8)
-    byte_start = pid.to(tl.int64) * BYTES
-    rows = tl.arange(0, BYTES)
-    bit = tl.arange(0, 8)
-    offs = rows[:, None] * 8 + bit[None, :]  # [BYTES, 8], element index within the block
-    inb = offs < N - start
+    start, byte_start, rows, bit, offs, inb = _packed_block(N, BYTES)
     byte_inb = rows < NB - byte_start
     weights = (1 << bit)[None, :]
 
@@ -306,10 +312,7 @@ def _consensus_kernel(
     HAS_BASE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = tl.arange(0, BLOCK)
-    inb = offs < N - start
+    start, offs, inb = _block(N, BLOCK)
     mtl = _load_f32(mtl_ptr + start + offs, inb, MTL_KIND, "evict_first")
     bad = _nonfinite(mtl)
     tv_blk = tv_ptr + start
@@ -340,13 +343,7 @@ def _apply_mask_kernel(
     COPY: tl.constexpr,  # no base and out has tau_mtl's dtype: copy the bits where the mask is set
     BYTES: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * (BYTES * 8)
-    byte_start = pid.to(tl.int64) * BYTES
-    rows = tl.arange(0, BYTES)
-    bit = tl.arange(0, 8)
-    offs = rows[:, None] * 8 + bit[None, :]
-    inb = offs < N - start
+    start, byte_start, rows, bit, offs, inb = _packed_block(N, BYTES)
     byte = tl.load(packed_ptr + byte_start + rows, mask=rows < NB - byte_start, other=0)
     on = ((byte.to(tl.int32)[:, None] >> bit[None, :]) & 1) != 0
     if COPY:
