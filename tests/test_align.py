@@ -10,6 +10,7 @@ from nlmerge.align import (
     PermutationSpec,
     activation_matching,
     apply_permutations,
+    check_permutation,
     cnn_spec,
     hf_vit_spec,
     mlp_spec,
@@ -479,3 +480,65 @@ def test_hf_spec_on_real_transformers_models(flavor):
         expected = model(pixel_values=pixels).last_hidden_state[..., perms["residual"]]
         actual = permuted(pixel_values=pixels).last_hidden_state
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_numeric_parameters_range_checked():
+    """Every numeric parameter of the align API is refused out of range (ValueError) or of the wrong
+    type (TypeError), naming the parameter and the bad value."""
+    model, spec, sites, x = make_case("mlp")
+    sd = model.state_dict()
+    for value, error, match in ((0, ValueError, "max_iter must be >= 1, got 0"),
+                                (-3, ValueError, "max_iter must be >= 1, got -3"),
+                                (2.0, TypeError, "max_iter must be an int, got 2.0"),
+                                (True, TypeError, "max_iter must be an int, got True")):
+        with pytest.raises(error, match=match):
+            weight_matching(spec, sd, sd, max_iter=value)
+    for value in (None, 1.5, "0", False):
+        with pytest.raises(TypeError, match=f"seed must be an int, got {value!r}"):
+            weight_matching(spec, sd, sd, seed=value)
+    assert all(torch.equal(a, b) for a, b in zip(weight_matching(spec, sd, sd, seed=-5).values(),
+                                                  weight_matching(spec, sd, sd, seed=torch.tensor(-5)).values()))
+    for value, error, match in ((0, ValueError, "max_batches must be >= 1, got 0"),
+                                (-1, ValueError, "max_batches must be >= 1, got -1"),
+                                (1.0, TypeError, "max_batches must be an int, got 1.0")):
+        with pytest.raises(error, match=match):
+            activation_matching(spec, model, model, [x], sites, max_batches=value)
+    with pytest.raises(TypeError, match="other_model must be a torch.nn.Module, got OrderedDict"):
+        activation_matching(spec, model, sd, [x], sites)
+    with pytest.raises(ValueError, match="num_heads of permutation 'p' must be >= 1, got 0"):
+        PermutationSpec({"p": [("a", 0)]}, heads={"p": 0})
+    with pytest.raises(TypeError, match="num_heads of permutation 'p' must be an int, got True"):
+        PermutationSpec({"p": [("a", 0)]}, heads={"p": True})
+    with pytest.raises(ValueError, match="size of permutation 'p' must be >= 0, got -1"):
+        check_permutation("p", [], -1)
+    with pytest.raises(ValueError, match="heads of permutation 'p' must be >= 1, got 0"):
+        check_permutation("p", [0, 1], 2, heads=0)
+    with pytest.raises(ValueError, match="'p': 3 heads do not divide size 4"):
+        check_permutation("p", [0, 1, 2, 3], 4, heads=3)
+    builders = [(mlp_spec, {"num_layers": 1}, ValueError, "num_layers must be >= 2, got 1"),
+                (mlp_spec, {"num_layers": 2.5}, TypeError, "num_layers must be an int, got 2.5"),
+                (cnn_spec, {"num_layers": 0}, ValueError, "num_layers must be >= 1, got 0"),
+                (resnet_spec, {"num_stages": 0, "blocks_per_stage": 1}, ValueError, "num_stages must be >= 1, got 0"),
+                (resnet_spec, {"num_stages": 1, "blocks_per_stage": -2}, ValueError,
+                 "blocks_per_stage must be >= 1, got -2"),
+                (vit_spec, {"depth": 0, "heads": 2}, ValueError, "depth must be >= 1, got 0"),
+                (vit_spec, {"depth": 1, "heads": 0}, ValueError, "heads must be >= 1, got 0"),
+                (hf_vit_spec, {"config": {"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 0}},
+                 ValueError, "config's num_attention_heads must be >= 1, got 0"),
+                (hf_vit_spec, {"config": {"num_hidden_layers": 1.5, "hidden_size": 8, "num_attention_heads": 2}},
+                 TypeError, "config's num_hidden_layers must be an int, got 1.5")]
+    for builder, kwargs, error, match in builders:
+        with pytest.raises(error, match=match):
+            builder(**kwargs)
+    models = [(MLP, {"sizes": (4,)}, ValueError, r"sizes needs at least 2 entries, got \[4\]"),
+              (MLP, {"sizes": (4, 0, 2)}, ValueError, r"sizes\[1\] must be >= 1, got 0"),
+              (CNN, {"widths": ()}, ValueError, r"widths needs at least 1 entries"),
+              (CNN, {"num_classes": 0}, ValueError, "num_classes must be >= 1, got 0"),
+              (ResNet, {"blocks_per_stage": 0}, ValueError, "blocks_per_stage must be >= 1, got 0"),
+              (ResNet, {"in_channels": 2.0}, TypeError, "in_channels must be an int, got 2.0"),
+              (ViT, {"patch_size": 3}, ValueError, "patch_size 3 does not divide image_size 8"),
+              (ViT, {"heads": 0}, ValueError, "heads must be >= 1, got 0"),
+              (ViT, {"depth": -1}, ValueError, "depth must be >= 1, got -1")]
+    for cls, kwargs, error, match in models:
+        with pytest.raises(error, match=match):
+            cls(**kwargs)

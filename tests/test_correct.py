@@ -241,3 +241,66 @@ def test_error_site_called_twice():
         tact(m, [m], [loader("mlp", 1)], sites=["fc"])
     with pytest.raises(ValueError, match=r"more than once.*'fc': 2"):
         repair(m, [m], [loader("mlp", 1)], sites=["fc"])
+
+
+def constant_channel_case():
+    """An MLP whose merged model has a constant channel 0 at site "0" (merged variance exactly 0)."""
+    expert, merged = make("mlp", 1), make("mlp", 2)
+    with torch.no_grad():
+        merged[0].weight[0].zero_()
+    return merged, expert, loader("mlp", 7)
+
+
+@pytest.mark.parametrize("fn", [tact, repair])
+@pytest.mark.parametrize("eps, error, match", [
+    (0.0, ValueError, r"eps must be finite and > 0.*got 0\.0$"),
+    (-1, ValueError, r"eps must be finite and > 0.*got -1$"),
+    (float("nan"), ValueError, r"eps must be finite.*got nan$"),
+    (float("inf"), ValueError, r"eps must be finite.*got inf$"),
+    ("1e-5", TypeError, r"eps must be a real number, got '1e-5'"),
+    (True, TypeError, r"eps must be a real number, got True"),
+    (None, TypeError, r"eps must be a real number, got None"),
+])
+def test_eps_refused(fn, eps, error, match):
+    merged, expert, data = constant_channel_case()
+    with pytest.raises(error, match=match):
+        fn(merged, [expert], [data], eps=eps)
+
+
+def test_constant_channel_corrected_to_expert_mean():
+    """With the default eps a channel of merged variance 0 is moved to the expert's mean (finite);
+    an eps so small that the scale overflows float32 is refused naming the site and channel."""
+    merged, expert, data = constant_channel_case()
+    for fn in (lambda: tact(merged, [expert], [data])[0], lambda: repair(merged, [expert], [data])):
+        c = fn()
+        scale, shift = c.correction("0")
+        assert torch.isfinite(scale).all() and torch.isfinite(shift).all()
+        got, want = activation_stats(c, data, ["0"])["0"], activation_stats(expert, data, ["0"])["0"]
+        torch.testing.assert_close(got.mean[0], want.mean[0], rtol=1e-5, atol=1e-5)
+        assert got.var[0] == 0
+    with pytest.raises(ValueError, match=r"site '0': the correction's scale is not finite in float32 \(channel 0: inf\)"):
+        tact(merged, [expert], [data], eps=1e-300)
+
+
+def test_add_site_checks():
+    m = make("mlp", 1)
+    c = CorrectedModel(m)
+    c.add_site(("2", "input"), torch.ones(16), torch.zeros(16))
+    assert c.sites == [("2", "input")]
+    c.add_site(["2", "input"], [2.0] * 16, [1.0] * 16)  # same site, replaced
+    assert c.sites == [("2", "input")] and torch.equal(c.correction(("2", "input"))[0], torch.full((16,), 2.0))
+    with pytest.raises(ValueError, match="site 'nope' is not a module of the merged model"):
+        c.add_site("nope", torch.ones(16), torch.zeros(16))
+    with pytest.raises(ValueError, match="site '0': scale has 16 channels, shift has 15"):
+        c.add_site("0", torch.ones(16), torch.zeros(15))
+    bad = torch.ones(16)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match=r"site '0': the correction's shift is not finite in float32 \(channel 3: nan\)"):
+        c.add_site("0", torch.ones(16), bad)
+    with pytest.raises(ValueError, match=r"scale is not finite in float32 \(channel 0: inf\)"):
+        c.add_site("0", torch.full((16,), 1e39, dtype=torch.float64), torch.zeros(16))
+    assert c.sites == [("2", "input")]
+    with pytest.raises(TypeError, match="the model must be a torch.nn.Module, got OrderedDict"):
+        activation_stats(m.state_dict(), loader("mlp", 1))
+    with pytest.raises(TypeError, match="expert 0 must be a torch.nn.Module"):
+        tact(m, [m.state_dict()], [loader("mlp", 1)], sites=["0"])

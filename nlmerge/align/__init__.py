@@ -6,6 +6,11 @@
 - ``activation_matching``: assignment on the cross-correlation of activations (one streaming pass).
 - ``specs``: spec builders (MLP, CNN, ResNet, ViT of ``models``; Hugging Face ViT / CLIP vision).
 - ``models``: the small plain-torch models the builders describe.
+
+Rule: nothing the caller passes is changed. ``activation_matching`` runs the models in eval mode
+under ``torch.no_grad`` and leaves them as they were (parameters, buffers, every module's
+``training`` flag, no hooks), also when it raises; state dicts are read, never written. Numeric
+parameters are range-checked (ValueError, or TypeError for a non-int, naming the parameter).
 """
 from nlmerge.align.activation_matching import activation_matching
 from nlmerge.align.spec import PermutationSpec, apply_permutations, check_permutation

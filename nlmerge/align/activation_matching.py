@@ -1,9 +1,11 @@
 """Activation matching: assignment on the cross-correlation of two models' activations."""
 
 import torch
+from torch import nn
 
 from nlmerge.align._assign import solve_assignment
-from nlmerge.ops.activations import features_last, run_batch
+from nlmerge.align.spec import check_int
+from nlmerge.ops.activations import eval_mode, features_last, run_batch
 from nlmerge.ops.stats import StreamingStats
 
 
@@ -36,7 +38,10 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
     ``[reference unit, other unit]`` summed over its sites, and the linear assignment maximizes it
     (head-structured permutations: heads first on block-summed correlation, then units within
     each matched head pair). Activations are reduced over every axis but the feature axis: the
-    last axis, or axis 1 for 4-D and 5-D (convolution) outputs. Put the models in ``eval()`` mode.
+    last axis, or axis 1 for 4-D and 5-D (convolution) outputs. The models are run in eval mode
+    (BatchNorm on its running statistics, dropout off) under ``torch.no_grad`` and left as they
+    were: parameters, buffers, every module's ``training`` flag, no hooks, also when the call
+    raises.
 
     Parameters
     ----------
@@ -51,9 +56,9 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
         ``{perm_name: site}`` where a site is a module name (its output; the first element of a
         tuple output) or ``(module_name, "input" | "output")``.
     forward : callable, optional
-        ``forward(model, batch)`` runs one model on one batch.
+        ``forward(model, batch)`` runs one model on one batch (inside the eval-mode block).
     max_batches : int, optional
-        Stop after this many batches.
+        Stop after this many batches (>= 1).
     backend : str, optional
         Backend of ``StreamingStats``.
     return_correlations : bool
@@ -64,6 +69,14 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
     dict
         ``{perm_name: int64 tensor}`` (CPU), ``perms[p][i] = j``: unit i of the aligned model is
         unit j of ``other_model``. With ``return_correlations``, ``(perms, correlations)``.
+
+    Raises
+    ------
+    ValueError
+        Sites missing or unknown, a site module not in a model, activation shapes that differ, an
+        empty loader, ``max_batches`` < 1.
+    TypeError
+        A model that is not a ``torch.nn.Module``; ``max_batches`` not an int.
     """
     missing = [p for p in spec.perms if p not in sites]
     if missing:
@@ -71,6 +84,11 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
     unknown = [p for p in sites if p not in spec.perms]
     if unknown:
         raise ValueError(f"sites given for permutations not in the spec: {unknown}")
+    for label, model in (("reference_model", reference_model), ("other_model", other_model)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{label} must be a torch.nn.Module, got {type(model).__name__}")
+    if max_batches is not None:
+        max_batches = check_int(max_batches, "max_batches", 1)
     forward = forward or run_batch
     plan = {p: _sites_of(p, sites[p]) for p in spec.perms}
     ref_modules = dict(reference_model.named_modules())
@@ -90,11 +108,11 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
         return lambda module, args, output: store.__setitem__(site, args)
 
     stats = {}
-    try:
-        for store, modules in zip(captured, (ref_modules, oth_modules)):
-            for site in wanted:
-                handles.append(modules[site[0]].register_forward_hook(make_hook(store, site)))
-        with torch.no_grad():
+    with eval_mode(reference_model, other_model), torch.no_grad():
+        try:
+            for store, modules in zip(captured, (ref_modules, oth_modules)):
+                for site in wanted:
+                    handles.append(modules[site[0]].register_forward_hook(make_hook(store, site)))
             for index, batch in enumerate(data):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -113,9 +131,9 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
                     if site not in stats:
                         stats[site] = StreamingStats(x.shape[-1], y.shape[-1], backend=backend)
                     stats[site].update(x, y)
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
     if not stats:
         raise ValueError("data yielded no batch")
 

@@ -1,12 +1,26 @@
-"""Small plain-torch models whose permutation specs the builders in ``nlmerge.align.specs`` give."""
+"""Small plain-torch models whose permutation specs the builders in ``nlmerge.align.specs`` give.
+
+Every size argument is an int >= 1 (TypeError / ValueError naming it otherwise).
+"""
 import torch
 from torch import nn
+
+from nlmerge.align.spec import check_int
+
+
+def _sizes(values, name, least):
+    """``values`` as a list of at least ``least`` ints >= 1, each checked under ``name[i]``."""
+    values = list(values)
+    if len(values) < least:
+        raise ValueError(f"{name} needs at least {least} entries, got {values}")
+    return [check_int(v, f"{name}[{i}]", 1) for i, v in enumerate(values)]
 
 
 class MLP(nn.Sequential):
     """``Linear, ReLU, ..., Linear`` over ``sizes = (in, hidden..., out)``: Linear k is module ``2k``."""
 
     def __init__(self, sizes):
+        sizes = _sizes(sizes, "sizes", 2)
         layers = []
         for k in range(len(sizes) - 1):
             if k:
@@ -38,7 +52,9 @@ class CNN(nn.Module):
         super().__init__()
         if norm not in ("batch", "layer", None):
             raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
-        layers, c = [], in_channels
+        widths = _sizes(widths, "widths", 1)
+        num_classes = check_int(num_classes, "num_classes", 1)
+        layers, c = [], check_int(in_channels, "in_channels", 1)
         for w in widths:
             layers.append(nn.Conv2d(c, w, 3, padding=1))
             if norm == "batch":
@@ -81,6 +97,8 @@ class ResNet(nn.Module):
 
     def __init__(self, in_channels=3, widths=(8, 16), blocks_per_stage=2, num_classes=10):
         super().__init__()
+        in_channels, num_classes = check_int(in_channels, "in_channels", 1), check_int(num_classes, "num_classes", 1)
+        widths, blocks_per_stage = _sizes(widths, "widths", 1), check_int(blocks_per_stage, "blocks_per_stage", 1)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages, c = [], widths[0]
@@ -104,6 +122,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
+        dim, heads = check_int(dim, "dim", 1), check_int(heads, "heads", 1)
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
@@ -141,6 +160,12 @@ class ViT(nn.Module):
     def __init__(self, image_size=8, patch_size=4, in_channels=3, dim=16, depth=2, heads=4, mlp_dim=32,
                  num_classes=10):
         super().__init__()
+        image_size, patch_size, in_channels, dim, depth, mlp_dim, num_classes = (
+            check_int(v, n, 1) for v, n in ((image_size, "image_size"), (patch_size, "patch_size"),
+                                            (in_channels, "in_channels"), (dim, "dim"), (depth, "depth"),
+                                            (mlp_dim, "mlp_dim"), (num_classes, "num_classes")))
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         tokens = (image_size // patch_size) ** 2 + 1
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)

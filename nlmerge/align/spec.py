@@ -1,9 +1,24 @@
 """Permutation specs: which (parameter, axis) pairs each permutation acts on, and applying them."""
+import operator
 from collections.abc import Mapping
 
 import torch
 
 from nlmerge.ops.permute import permute_tensors
+
+
+def check_int(value, name, minimum=None):
+    """``value`` as an int: TypeError naming ``name`` unless it is an integer (not a bool), ValueError
+    naming it and the value when it is below ``minimum`` (None: no bound)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 class PermutationSpec:
@@ -53,9 +68,7 @@ class PermutationSpec:
         for name, count in dict(heads or {}).items():
             if name not in self.perms:
                 raise ValueError(f"heads given for unknown permutation {name!r}")
-            if not isinstance(count, int) or count < 1:
-                raise ValueError(f"permutation {name!r}: num_heads must be a positive int, got {count!r}")
-            self.heads[name] = count
+            self.heads[name] = check_int(count, f"num_heads of permutation {name!r}", 1)
         if state_dict is not None:
             self.validate(state_dict)
 
@@ -126,13 +139,22 @@ def check_permutation(name, perm, size, heads=None):
     Returns
     -------
     Tensor
-        The permutation, 1-D int64 on its own device (CPU for sequences).
+        The permutation, 1-D int64 on its own device (CPU for sequences); may be ``perm`` itself
+        when that already is one.
 
     Raises
     ------
     ValueError
-        Not 1-D integer, wrong length, not a bijection, or (with ``heads``) breaking head blocks.
+        Not 1-D integer, wrong length, not a bijection, or (with ``heads``) breaking head blocks;
+        ``size`` < 0, ``heads`` < 1 or not dividing ``size``.
+    TypeError
+        ``size`` or ``heads`` not an int.
     """
+    size = check_int(size, f"size of permutation {name!r}", 0)
+    if heads is not None:
+        heads = check_int(heads, f"heads of permutation {name!r}", 1)
+        if size % heads:
+            raise ValueError(f"permutation {name!r}: {heads} heads do not divide size {size}")
     perm = torch.as_tensor(perm)
     if perm.dim() != 1 or perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
         raise ValueError(f"permutation {name!r} must be a 1-D integer tensor, got {perm.dtype} "

@@ -6,7 +6,7 @@ Hugging Face ViT / CLIP vision parameter names.
 """
 from collections.abc import Mapping
 
-from nlmerge.align.spec import PermutationSpec
+from nlmerge.align.spec import PermutationSpec, check_int
 
 _BN = ("weight", "bias", "running_mean", "running_var")
 
@@ -31,9 +31,13 @@ def mlp_spec(num_layers, prefix=""):
     (PermutationSpec, dict)
         Permutations ``hidden.{k}`` (output units of Linear k) and their sites (Linear k's output,
         before the ReLU).
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``num_layers`` not an int >= 2 (fewer layers have no hidden permutation).
     """
-    if num_layers < 2:
-        raise ValueError(f"an MLP with {num_layers} layer(s) has no hidden permutation")
+    num_layers = check_int(num_layers, "num_layers", 2)
     perms, sites = {}, {}
     for k in range(num_layers - 1):
         perms[f"hidden.{k}"] = (_w(prefix, 2 * k, 0, ("weight", "bias")) + _w(prefix, 2 * (k + 1), 1))
@@ -58,10 +62,16 @@ def cnn_spec(num_layers, *, norm="batch", prefix=""):
     -------
     (PermutationSpec, dict)
         Permutations ``conv.{k}`` (output channels of conv k); sites: the conv outputs.
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``num_layers`` not an int >= 1; an unknown ``norm``.
     """
     names = {"batch": _BN, "layer": ("weight", "bias"), None: ()}
     if norm not in names:
         raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
+    num_layers = check_int(num_layers, "num_layers", 1)
     step = 3 if norm else 2
     perms, sites = {}, {}
     for k in range(num_layers):
@@ -92,7 +102,14 @@ def resnet_spec(num_stages, blocks_per_stage, prefix=""):
         and shortcut outputs, the next inputs, ``head``); ``stage{s}.block{b}``: ``conv1``/``bn1``
         outputs, ``conv2`` inputs. Sites: inputs of every block's ``act2`` (the residual sum) for a
         stage; ``conv1`` outputs for a block.
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``num_stages`` or ``blocks_per_stage`` not an int >= 1.
     """
+    num_stages = check_int(num_stages, "num_stages", 1)
+    blocks_per_stage = check_int(blocks_per_stage, "blocks_per_stage", 1)
     perms, sites = {}, {}
     stream = "stage0"
     perms[stream] = _w(prefix, "stem.0", 0) + _w(prefix, "stem.1", 0, _BN)
@@ -135,7 +152,13 @@ def vit_spec(depth, heads, prefix=""):
         ``blocks.{i}.attn`` (head-structured): q, k, v outputs and ``proj`` inputs;
         ``blocks.{i}.mlp``: fc1 outputs, fc2 inputs. Sites: block outputs; ``attn.proj`` input;
         ``mlp.fc1`` output.
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``depth`` or ``heads`` not an int >= 1.
     """
+    depth, heads = check_int(depth, "depth", 1), check_int(heads, "heads", 1)
     wb = ("weight", "bias")
     residual = (_w(prefix, "patch_embed", 0, wb) + [(f"{prefix}cls_token", 2), (f"{prefix}pos_embed", 2)]
                 + _w(prefix, "norm", 0, wb) + _w(prefix, "head", 1))
@@ -197,12 +220,19 @@ def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
         ``residual``, ``layer.{i}.attn`` (head-structured), ``layer.{i}.mlp``. Sites: layer outputs
         (first element of the tuple), the input of the attention output projection, the output of
         the first MLP Linear.
+
+    Raises
+    ------
+    ValueError, TypeError
+        An unknown ``flavor``; a config without the sizes, or with a size that is not an int >= 1,
+        or a head count that does not divide ``hidden_size``.
     """
     if flavor not in ("vit", "vit-v5", "clip"):
         raise ValueError(f"flavor must be 'vit', 'vit-v5' or 'clip', got {flavor!r}")
-    depth = int(_config_value(config, "num_hidden_layers", "num_layers"))
-    hidden = int(_config_value(config, "hidden_size", "hidden"))
-    heads = int(_config_value(config, "num_attention_heads", "num_heads", "heads"))
+    depth = check_int(_config_value(config, "num_hidden_layers", "num_layers"), "config's num_hidden_layers", 1)
+    hidden = check_int(_config_value(config, "hidden_size", "hidden"), "config's hidden_size", 1)
+    heads = check_int(_config_value(config, "num_attention_heads", "num_heads", "heads"),
+                      "config's num_attention_heads", 1)
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not divisible by {heads} heads")
     wb = ("weight", "bias")

@@ -4,7 +4,7 @@ import random
 import torch
 
 from nlmerge.align._assign import assignment_score, solve_assignment
-from nlmerge.align.spec import check_permutation
+from nlmerge.align.spec import check_int, check_permutation
 
 
 def _moved(w, axis, n):
@@ -26,11 +26,11 @@ def weight_matching(spec, reference, other, *, max_iter=100, seed=0, init=None, 
     spec : PermutationSpec
         Permutations and the (parameter, axis) pairs they act on.
     reference, other : Mapping[str, Tensor]
-        State dicts with the same shapes on every parameter of the spec.
+        State dicts with the same shapes on every parameter of the spec; read, never modified.
     max_iter : int
-        Maximum number of sweeps.
+        Maximum number of sweeps, >= 1.
     seed : int
-        Seed of the visiting order.
+        Seed of the visiting order (any int).
     init : Mapping[str, Tensor], optional
         Starting permutations (default: identities).
     return_info : bool
@@ -40,7 +40,14 @@ def weight_matching(spec, reference, other, *, max_iter=100, seed=0, init=None, 
     -------
     dict
         ``{perm_name: int64 tensor}`` (CPU), ``perms[p][i] = j``: unit i of the aligned model is
-        unit j of ``other``. With ``return_info``, ``(perms, info)``.
+        unit j of ``other`` (new tensors). With ``return_info``, ``(perms, info)``.
+
+    Raises
+    ------
+    ValueError
+        The spec does not fit a state dict, shapes differ, ``max_iter`` < 1, or a bad ``init``.
+    TypeError
+        ``max_iter`` or ``seed`` not an int.
     """
     sizes = spec.validate(reference)
     if spec.validate(other) != sizes:
@@ -49,13 +56,13 @@ def weight_matching(spec, reference, other, *, max_iter=100, seed=0, init=None, 
         if reference[param].shape != other[param].shape:
             raise ValueError(f"parameter {param!r}: shapes differ, {tuple(reference[param].shape)} "
                              f"vs {tuple(other[param].shape)}")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    max_iter = check_int(max_iter, "max_iter", 1)
+    seed = check_int(seed, "seed")
     perms = {p: torch.arange(n) for p, n in sizes.items()}
     for p, value in dict(init or {}).items():
         if p not in perms:
             raise ValueError(f"init has a permutation not in the spec: {p!r}")
-        perms[p] = check_permutation(p, value, sizes[p], spec.heads.get(p)).cpu()
+        perms[p] = check_permutation(p, value, sizes[p], spec.heads.get(p)).cpu().clone()  # never the caller's
     ref = {k: reference[k].detach().to(torch.float64) for k in spec.params}
     oth = {k: other[k].detach().to(torch.float64) for k in spec.params}
     rng = random.Random(seed)

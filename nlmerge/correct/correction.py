@@ -4,13 +4,19 @@ At each site (per channel c), ``z' = sigma_E * (z - mu_M) / sqrt(var_M + eps) + 
 ``z' = scale * z + shift``. Sites are corrected in forward order: the merged statistics of a site
 are measured with the corrections of the sites before it already active (one pass per site, cut
 short after the site).
+
+The caller's models are run in eval mode and left as they were (parameters, buffers, every module's
+``training`` flag, no hooks), also when a call raises; see ``nlmerge.ops.activations.eval_mode``.
 """
+import math
+import numbers
+
 import torch
 from torch import nn
 
 from nlmerge.correct.sites import (_LINEAR, _NORM, check_channels, check_sites, collect, default_sites,
                                    hooks_at, reiterable, site_label, site_module)
-from nlmerge.ops.activations import run_batch
+from nlmerge.ops.activations import eval_mode, run_batch
 
 
 class CorrectedModel(nn.Module):
@@ -20,13 +26,27 @@ class CorrectedModel(nn.Module):
     ``CorrectedModel`` (one per task) can share one merged model. Site names refer to the merged
     model's modules (without the ``model.`` prefix).
 
+    The merged model is shared by design, not copied: building a ``CorrectedModel`` and adding sites
+    change nothing in it (parameters, buffers, flags, hooks), but the wrapper holds the caller's
+    module, so ``.train()``, ``.eval()``, ``.to()``, ``.half()`` or an optimizer step through the
+    wrapper act on the caller's merged model and on every other ``CorrectedModel`` of it. Pass a
+    ``copy.deepcopy`` of the merged model to keep them apart. ``forward`` runs the merged model in
+    whatever mode its modules are in.
+
     Parameters
     ----------
     model : torch.nn.Module
         The merged model (shared, not copied).
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ``torch.nn.Module``.
     """
 
     def __init__(self, model):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CorrectedModel wraps a torch.nn.Module, got {type(model).__name__}")
         super().__init__()
         self.model = model
         self.sites = []
@@ -35,9 +55,31 @@ class CorrectedModel(nn.Module):
         return self.model
 
     def add_site(self, site, scale, shift):
-        """Add (or replace) the correction ``scale * z + shift`` at ``site``."""
-        scale = torch.as_tensor(scale).detach().to(torch.float32).reshape(-1)
-        shift = torch.as_tensor(shift).detach().to(torch.float32).reshape(-1)
+        """Add (or replace) the correction ``scale * z + shift`` at ``site``.
+
+        Parameters
+        ----------
+        site : str or (str, "input")
+            A module of the merged model (its output, or its first input).
+        scale, shift : Tensor or sequence of float
+            One value per channel, stored as float32 [C] (copies).
+
+        Raises
+        ------
+        ValueError
+            A site that is not a module of the merged model, ``scale`` and ``shift`` of different
+            lengths, or a value that is not finite in float32 (naming the site).
+        """
+        (site,) = check_sites(self.model, [site], "merged model")
+        label = site_label(site)
+        scale, shift = (torch.as_tensor(v).detach().to(torch.float32).reshape(-1).clone() for v in (scale, shift))
+        if scale.shape != shift.shape:
+            raise ValueError(f"site {label!r}: scale has {scale.numel()} channels, shift has {shift.numel()}")
+        for name, value in (("scale", scale), ("shift", shift)):
+            bad = (~torch.isfinite(value)).nonzero()
+            if bad.numel():
+                raise ValueError(f"site {label!r}: the correction's {name} is not finite in float32 "
+                                 f"(channel {int(bad[0])}: {float(value[bad[0]])})")
         if site in self.sites:
             i = self.sites.index(site)
         else:
@@ -131,6 +173,17 @@ class _Chain:
             yield from loader
 
 
+def _check_eps(eps):
+    """``eps`` as a float: a real number (TypeError), finite and > 0 (ValueError): a channel of merged
+    variance 0 would give NaN at 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and > 0 (it is added to the merged variance under a square root), "
+                         f"got {eps!r}")
+    return float(eps)
+
+
 def _solve(mu_e, sd_e, mu_m, var_m, eps):
     scale = sd_e / torch.sqrt(var_m + eps)
     return scale, mu_e - scale * mu_m
@@ -146,12 +199,14 @@ def _check_inputs(experts, data):
     return experts, [reiterable(d, f"data[{t}]") for t, d in enumerate(data)]
 
 
-def _expert_stats(experts, data, sites, backend):
-    out = []
-    for t, (expert, loader) in enumerate(zip(experts, data)):
+def _check_experts(experts, sites):
+    for t, expert in enumerate(experts):
         check_sites(expert, sites, f"expert {t}")
-        out.append(collect(expert, loader, sites, backend=backend, label=f"data[{t}]"))
-    return out
+
+
+def _expert_stats(experts, data, sites, backend):
+    return [collect(expert, loader, sites, backend=backend, label=f"data[{t}]")
+            for t, (expert, loader) in enumerate(zip(experts, data))]
 
 
 def _correct(merged, sites, targets, loader, eps, backend, label):
@@ -173,8 +228,10 @@ def tact(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
 
     For task t, expert t's per-channel mean and std on ``data[t]`` are the target; the merged model
     is measured on ``data[t]`` site by site in forward order with the corrections of the earlier
-    sites active, and corrected by ``z' = sigma_E (z - mu_M) / sqrt(var_M + eps) + mu_E``. Put all
-    models in ``eval()`` mode first.
+    sites active, and corrected by ``z' = sigma_E (z - mu_M) / sqrt(var_M + eps) + mu_E``. The
+    models are run in eval mode and left as they were (parameters, buffers, every module's
+    ``training`` flag, no hooks), also when the call raises: the statistics are eval-mode statistics
+    (BatchNorm on its running statistics), whatever mode the models came in.
 
     Parameters
     ----------
@@ -187,20 +244,25 @@ def tact(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     sites : list, optional
         Module names (outputs) and ``(name, "input")`` pairs; default ``default_sites(merged)``.
     eps : float
-        Added to the merged variance.
+        Added to the merged variance; finite and > 0.
     backend : str, optional
         Backend of ``StreamingStats``.
 
     Returns
     -------
     list of CorrectedModel
-        One per task, all sharing the merged model's weights (when one merged model is given).
+        One per task, all sharing the merged model's weights (when one merged model is given; see
+        ``CorrectedModel`` for what sharing means).
 
     Raises
     ------
     ValueError
-        A site that is not a module, an empty loader, or channel counts that differ at a site.
+        A site that is not a module, an empty loader, channel counts that differ at a site, ``eps``
+        not finite or not > 0, or a correction that is not finite in float32 (naming the site).
+    TypeError
+        ``eps`` is not a real number.
     """
+    eps = _check_eps(eps)
     experts, data = _check_inputs(experts, data)
     models = list(merged) if isinstance(merged, (list, tuple)) else [merged] * len(experts)
     if len(models) != len(experts):
@@ -208,11 +270,13 @@ def tact(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     sites = check_sites(models[0], default_sites(models[0]) if sites is None else sites, "merged model")
     for m in models[1:]:
         check_sites(m, sites, "merged model")
-    ex = _expert_stats(experts, data, sites, backend)
+    _check_experts(experts, sites)
     out = []
-    for t in range(len(experts)):
-        targets = {s: (ex[t][s].mean, ex[t][s].std) for s in sites}
-        out.append(_correct(models[t], sites, targets, data[t], eps, backend, f"data[{t}]"))
+    with eval_mode(*models, *experts):
+        ex = _expert_stats(experts, data, sites, backend)
+        for t in range(len(experts)):
+            targets = {s: (ex[t][s].mean, ex[t][s].std) for s in sites}
+            out.append(_correct(models[t], sites, targets, data[t], eps, backend, f"data[{t}]"))
     return out
 
 
@@ -221,7 +285,8 @@ def repair(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
 
     The target of each channel is the average over tasks of expert t's mean and of its std (on
     ``data[t]``); the merged model is measured on all tasks' data together, site by site in forward
-    order with earlier corrections active, and corrected as in ``tact``.
+    order with earlier corrections active, and corrected as in ``tact``. The models are run in eval
+    mode and left as they were, also when the call raises (as in ``tact``).
 
     Parameters
     ----------
@@ -232,10 +297,12 @@ def repair(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     sites : list, optional
         Default ``default_sites(merged)``.
     eps : float
+        Added to the merged variance; finite and > 0.
 
     Returns
     -------
     CorrectedModel
+        Wrapping (sharing) ``merged``.
 
     Raises
     ------
@@ -244,15 +311,18 @@ def repair(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     """
     if isinstance(merged, (list, tuple)):
         raise ValueError("repair takes one merged model")
+    eps = _check_eps(eps)
     experts, data = _check_inputs(experts, data)
     sites = check_sites(merged, default_sites(merged) if sites is None else sites, "merged model")
-    ex = _expert_stats(experts, data, sites, backend)
-    targets = {}
-    for s in sites:
-        for t in range(1, len(experts)):
-            check_channels(s, ex[0][s].num_features, ex[t][s].num_features)
-        targets[s] = (torch.stack([e[s].mean for e in ex]).mean(0), torch.stack([e[s].std for e in ex]).mean(0))
-    return _correct(merged, sites, targets, _Chain(data), eps, backend, "data")
+    _check_experts(experts, sites)
+    with eval_mode(merged, *experts):
+        ex = _expert_stats(experts, data, sites, backend)
+        targets = {}
+        for s in sites:
+            for t in range(1, len(experts)):
+                check_channels(s, ex[0][s].num_features, ex[t][s].num_features)
+            targets[s] = (torch.stack([e[s].mean for e in ex]).mean(0), torch.stack([e[s].std for e in ex]).mean(0))
+        return _correct(merged, sites, targets, _Chain(data), eps, backend, "data")
 
 
 def fold(corrected):
@@ -263,6 +333,7 @@ def fold(corrected):
     dim, GroupNorm, InstanceNorm) does the same to its weight and bias; an input site of a
     ``Linear`` (the attention context) scales the weight's input columns and adds ``W @ shift`` to
     its bias. BatchNorm is folded for ``eval()`` mode. Call once per task for per-task copies.
+    Nothing is run and nothing of ``corrected`` or its merged model is changed.
 
     Parameters
     ----------

@@ -4,6 +4,10 @@ A site is a module name (the module's output) or ``(module_name, "input")`` (the
 input of the module, e.g. the attention context before its output projection). Activations are
 reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs
 (the convention of ``nlmerge.align.activation_matching``), read in place.
+
+The caller's models are run in eval mode and left as they were: the public functions measure under
+``eval_mode`` and ``torch.no_grad``, and every hook they add is removed on the way out, also when
+they raise.
 """
 import contextlib
 from dataclasses import dataclass
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nlmerge.ops.activations import activation, feature_axis, run_batch
+from nlmerge.ops.activations import activation, eval_mode, feature_axis, run_batch
 from nlmerge.ops.stats import StreamingStats
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -46,15 +50,19 @@ def site_label(site):
     return site if isinstance(site, str) else f"{site[0]} (input)"
 
 
-def unwrap(model):
-    """The plain model behind a ``CorrectedModel`` (or the model itself)."""
+def unwrap(model, label="model"):
+    """The plain model behind a ``CorrectedModel`` (or the model itself); TypeError naming ``label``
+    when it is not a ``torch.nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the {label} must be a torch.nn.Module, got {type(model).__name__}")
     inner = getattr(model, "_nlmerge_corrected_inner", None)
     return model if inner is None else inner()
 
 
 def check_sites(model, sites, label="model"):
-    """Normalized sites, each a module of ``unwrap(model)``; ValueError naming the first missing one."""
-    modules = dict(unwrap(model).named_modules())
+    """Normalized sites, each a module of ``unwrap(model)``; ValueError naming the first missing one,
+    TypeError when the model is not a ``torch.nn.Module``."""
+    modules = dict(unwrap(model, label).named_modules())
     out = []
     for s in sites:
         key = site_key(s)
@@ -228,8 +236,9 @@ class SiteStats:
 def activation_stats(model, data, sites=None, *, backend=None):
     """Per-site, per-channel count, mean and population variance of ``model``'s activations.
 
-    One pass over ``data`` with ``StreamingStats`` at every site (float64 state). Put the model in
-    ``eval()`` mode first.
+    One pass over ``data`` with ``StreamingStats`` at every site (float64 state). The model is run
+    in eval mode (BatchNorm on its running statistics, dropout off) and left as it was: parameters,
+    buffers, every module's ``training`` flag, no hooks, also when the call raises.
 
     Parameters
     ----------
@@ -253,7 +262,8 @@ def activation_stats(model, data, sites=None, *, backend=None):
         A site that is not a module of the model; an empty loader.
     """
     sites = check_sites(model, default_sites(model) if sites is None else sites)
-    stats = collect(model, reiterable(data), sites, backend=backend)
+    with eval_mode(model):
+        stats = collect(model, reiterable(data), sites, backend=backend)
     return {s: SiteStats(stats[s].count, stats[s].mean, stats[s].var) for s in sites}
 
 
@@ -261,6 +271,7 @@ def variance_ratio(merged, expert, data, sites=None, *, backend=None):
     """Per site, channel-averaged variance of ``merged`` over channel-averaged variance of ``expert``.
 
     A ratio of averages: ``mean_c var_M[c] / mean_c var_E[c]``; below 1 means variance collapse.
+    The models are run in eval mode and left as they were (see ``activation_stats``).
 
     Parameters
     ----------
@@ -284,8 +295,9 @@ def variance_ratio(merged, expert, data, sites=None, *, backend=None):
     data = reiterable(data)
     sites = check_sites(merged, default_sites(merged) if sites is None else sites, "merged model")
     check_sites(expert, sites, "expert")
-    sm = collect(merged, data, sites, backend=backend)
-    se = collect(expert, data, sites, backend=backend)
+    with eval_mode(merged, expert):
+        sm = collect(merged, data, sites, backend=backend)
+        se = collect(expert, data, sites, backend=backend)
     out = {}
     for s in sites:
         check_channels(s, sm[s].num_features, se[s].num_features)

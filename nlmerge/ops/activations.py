@@ -1,5 +1,7 @@
-"""Activation plumbing shared by alignment and correction: feeding a batch to a model, a hooked
-activation as a tensor and its feature axis (what ``StreamingStats.update`` reads), or moved last."""
+"""Activation plumbing shared by alignment and correction: running the caller's models in eval mode
+and leaving them as they were, feeding a batch to a model, a hooked activation as a tensor and its
+feature axis (what ``StreamingStats.update`` reads), or moved last."""
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -38,3 +40,30 @@ def run_batch(model, batch):
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """While the block runs, every module of ``models`` is in eval mode; on exit, also when the
+    block raises, each module's ``training`` flag is what it was before.
+
+    Statistics are measured in eval mode: BatchNorm normalizes with its running statistics and does
+    not update them, dropout is off. Only the flags are set (``module.training``), not through
+    ``train()``, which a subclass may override with other effects. A module shared by several
+    models, or listed twice, is recorded once, before any flag changes.
+
+    Parameters
+    ----------
+    *models : torch.nn.Module
+    """
+    flags = {}  # id -> (module, flag)
+    for model in models:
+        for module in model.modules():
+            flags.setdefault(id(module), (module, module.training))
+    try:
+        for module, _ in flags.values():
+            module.training = False
+        yield
+    finally:
+        for module, flag in flags.values():
+            module.training = flag
