@@ -1,0 +1,41 @@
+"""Checkpoints on disk: lazy validated readers, the planned-offset shard writer, the resume
+manifest.
+
+Reading::
+
+    with open_checkpoint("path/to/hf_folder") as ckpt:   # or a single .safetensors file
+        for key in ckpt.keys():                          # file order, then data offset
+            info = ckpt.info(key)     # TensorInfo(key, shape, dtype, file, nbytes)
+            t = ckpt.get(key)                             # one tensor, read alone
+        ckpt.config, ckpt.identity()                      # config.json dict; cheap fingerprint
+
+Every header is validated when the checkpoint is opened; problems raise ``CheckpointError``
+(a ValueError) naming the file and key.
+
+Writing (mergekit's output layout; see ``plan_shards`` for the shard-size rule)::
+
+    plans = plan_shards([(key, shape, dtype), ...], parse_size("5B"))
+    for plan in plans:
+        with ShardWriter(plan, out_dir) as w:
+            for key in plan.keys:
+                w.write(key, tensor_for(key))
+            manifest.record(w.finish(), extra={})         # WrittenShard(name, size, sha256)
+    rewrite_shard(plans[0], out_dir, {key: fixed})        # replace tensors of a finished shard
+    if (index := shard_index(plans)) is not None:
+        write_json_atomic(out_dir / "model.safetensors.index.json", index)
+
+Files appear under their final names only when complete (temporary ``.NAME.partial`` first).
+"""
+from nlmerge.io.checkpoint import WEIGHT_FILES, Checkpoint, TensorInfo, open_checkpoint
+from nlmerge.io.format import DTYPES, CheckpointError
+from nlmerge.io.manifest import MANIFEST_NAME, Manifest
+from nlmerge.io.writer import (ShardPlan, ShardWriter, WrittenShard, copy_file_atomic,
+                               file_sha256, parse_size, plan_shards, rewrite_shard,
+                               shard_index, write_json_atomic)
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "DTYPES", "MANIFEST_NAME", "Manifest", "ShardPlan",
+    "ShardWriter", "TensorInfo", "WEIGHT_FILES", "WrittenShard", "copy_file_atomic",
+    "file_sha256", "open_checkpoint", "parse_size", "plan_shards", "rewrite_shard", "shard_index",
+    "write_json_atomic",
+]

@@ -1,0 +1,316 @@
+"""The planned-offset shard writer and atomic file helpers.
+
+Output shards are planned from tensor headers alone (names, shapes, dtypes), so every tensor's
+offset is known before any data exists; each tensor is then written straight to its offset and
+nothing larger than one tensor is held in memory. Every file is written under a temporary name
+(``.NAME.partial`` in the same folder) and renamed when complete: nothing under a final name is
+ever partial.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from nlmerge.io.format import HeaderEntry, build_header, dtype_name, nbytes_of
+
+SHARD_METADATA = {"format": "pt"}
+
+
+def parse_size(value):
+    """A shard size as mergekit's ``--out-shard-size`` parses it: an int, a string of digits,
+    or digits followed by ``K``/``M``/``B`` (either case) meaning x1e3 / x1e6 / x1e9
+    (``"5B"`` -> 5_000_000_000). ValueError naming the value otherwise (``"1.5B"`` included,
+    as in mergekit)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}
+    if isinstance(value, str):
+        digits, unit = (value[:-1], value[-1].lower()) if value[-1:].isalpha() else (value, "")
+        if digits.isdigit() and (unit == "" or unit in scale):
+            return int(digits) * scale.get(unit, 1)
+    raise ValueError(f"shard size {value!r}: expected an integer, optionally followed by K, M "
+                     "or B (1e3, 1e6, 1e9)")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One planned output file: ``name`` (its final file name), ``entries`` ({key:
+    ``HeaderEntry``} in the order the keys were planned; offsets absolute in the file),
+    ``header`` (the header bytes, length prefix included), ``size`` (the file's total bytes) and
+    ``nbytes`` (its tensor data bytes)."""
+    name: str
+    entries: dict
+    header: bytes
+    size: int
+    nbytes: int
+
+    @property
+    def keys(self):
+        """The shard's keys in planned order."""
+        return list(self.entries)
+
+
+def plan_shards(entries, max_shard_bytes, basename="model"):
+    """Split ``(key, shape, dtype)`` entries into output shards the way mergekit's writer does.
+
+    Rule (mergekit's ``TensorWriter``): walk the entries in order; start a new shard when the
+    current one is non-empty and adding the tensor's bytes (numel x element size) would take it
+    over ``max_shard_bytes``; ``max_shard_bytes <= 0`` means one shard. So a tensor larger than
+    the limit gets a shard of its own. mergekit documents ``--out-shard-size`` as parameters per
+    shard, but its writer counts bytes; this follows the writer, so the output layout is
+    mergekit's. One shard is named ``{basename}.safetensors``; N > 1 are
+    ``{basename}-00001-of-0000N.safetensors``...; no entries give no shards. Inside a shard the
+    data is laid out as ``safetensors.torch.save_file`` lays it out (dtype rank, then name), so a
+    shard's bytes equal ``save_file(tensors, metadata={"format": "pt"})``.
+
+    Returns a list of ``ShardPlan``. ValueError naming the key for a repeated key, a dtype that
+    safetensors cannot store, or a shape that is not a sequence of non-negative ints.
+    """
+    groups, seen = [], set()
+    current, current_bytes = [], 0
+    for key, shape, dtype in entries:
+        shape = _checked_shape(key, shape)
+        dtype_name(dtype, key)
+        if key in seen:
+            raise ValueError(f"tensor {key!r} is planned twice")
+        seen.add(key)
+        nbytes = nbytes_of(shape, dtype)
+        if current and max_shard_bytes > 0 and current_bytes + nbytes > max_shard_bytes:
+            groups.append(current)
+            current, current_bytes = [], 0
+        current.append((key, shape, dtype))
+        current_bytes += nbytes
+    if current:
+        groups.append(current)
+    n = len(groups)
+    names = ([f"{basename}.safetensors"] if n == 1 else
+             [f"{basename}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    return [_plan_one(name, group) for name, group in zip(names, groups)]
+
+
+def _checked_shape(key, shape):
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if shape is None or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                for s in shape):
+        raise ValueError(f"tensor {key!r}: shape must be a sequence of non-negative ints")
+    return shape
+
+
+def _plan_one(name, group):
+    header, offsets = build_header(group, SHARD_METADATA)
+    start = len(header)
+    entries = {key: HeaderEntry(dtype, shape, start + offsets[key][0], start + offsets[key][1])
+               for key, shape, dtype in group}
+    nbytes = sum(e.end - e.begin for e in entries.values())
+    return ShardPlan(name, entries, header, start + nbytes, nbytes)
+
+
+def shard_index(plans):
+    """The ``model.safetensors.index.json`` object for ``plans``, or None for zero or one shard
+    (mergekit and transformers write no index then): ``{"metadata": {"total_size": tensor data
+    bytes over all shards}, "weight_map": {key: shard name}}`` in planned key order."""
+    if len(plans) <= 1:
+        return None
+    return {"metadata": {"total_size": sum(p.nbytes for p in plans)},
+            "weight_map": {key: p.name for p in plans for key in p.entries}}
+
+
+class WrittenShard(NamedTuple):
+    """A finished file: final ``name``, ``size`` in bytes, ``sha256`` hex digest."""
+    name: str
+    size: int
+    sha256: str
+
+
+def temp_path(final_path):
+    """The temporary name a file is written under before it becomes ``final_path``."""
+    folder, name = os.path.split(final_path)
+    return os.path.join(folder, f".{name}.partial")
+
+
+def _publish(tmp, final):
+    """Rename the complete, fsynced ``tmp`` to ``final`` and make the rename durable."""
+    os.replace(tmp, final)
+    fd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path):
+    """sha256 hex digest of the file at ``path``, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes one planned shard: ``write`` each key of ``plan`` once, in any order, then
+    ``finish``.
+
+    The file is created as ``.NAME.partial`` in ``out_dir``, preallocated to its final size,
+    with the header written first. With ``source`` (a finished file of this plan, see
+    ``rewrite_shard``) it starts as a copy of that file instead, every key counts as present and
+    ``write`` replaces keys (each at most once). Any error in ``write`` or ``finish`` aborts:
+    the temporary file is removed and the error re-raised; leaving a ``with`` block without
+    ``finish`` aborts too. Byte order is the host's, which must be little-endian (as safetensors
+    assumes).
+    """
+
+    def __init__(self, plan, out_dir, source=None):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors files are little-endian; this host is not")
+        self.plan = plan
+        self.final_path = os.path.join(os.fspath(out_dir), plan.name)
+        self.temp_path = temp_path(self.final_path)
+        self._written = set()
+        self._complete_from_start = source is not None
+        self._fd = None
+        try:
+            if source is not None:
+                _check_matches_plan(source, plan)
+                shutil.copyfile(source, self.temp_path)
+                self._fd = os.open(self.temp_path, os.O_RDWR)
+            else:
+                self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.posix_fallocate(self._fd, 0, plan.size)
+                except (AttributeError, OSError):  # not every file system preallocates
+                    os.ftruncate(self._fd, plan.size)
+                _pwrite_all(self._fd, memoryview(plan.header), 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, key, tensor):
+        """Write ``tensor`` (any device; its shape and dtype must equal the plan's) at the
+        planned offset of ``key``. ValueError naming the key and the shard for a key not in the
+        plan, one already written, or a shape or dtype mismatch (both values given)."""
+        with self._aborting():
+            entry = self.plan.entries.get(key)
+            where = f"shard {self.plan.name}: tensor {key!r}"
+            if entry is None:
+                raise ValueError(f"{where} is not planned for this shard")
+            if key in self._written:
+                raise ValueError(f"{where} is written twice")
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{where}: expected a tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+                raise ValueError(f"{where}: got shape {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"planned {entry.shape} {entry.dtype}")
+            # raw little-endian bytes; a uint8 view also carries bf16/fp8/bool, which numpy lacks
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            _pwrite_all(self._fd, memoryview(data), entry.begin)
+            self._written.add(key)
+
+    def finish(self):
+        """Check that every planned key was written, flush and fsync, hash, and rename to the
+        final name. Returns ``WrittenShard(name, size, sha256)``; ValueError naming the shard
+        and the missing keys otherwise."""
+        with self._aborting():
+            missing = ([] if self._complete_from_start else
+                       [k for k in self.plan.entries if k not in self._written])
+            if missing:
+                raise ValueError(f"shard {self.plan.name}: {len(missing)} planned tensor(s) never "
+                                 f"written: {missing[:5]}")
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            digest = file_sha256(self.temp_path)
+            _publish(self.temp_path, self.final_path)
+        return WrittenShard(self.plan.name, self.plan.size, digest)
+
+    def abort(self):
+        """Close and remove the temporary file (nothing under the final name is touched)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp_path)
+
+    @contextlib.contextmanager
+    def _aborting(self):
+        if self._fd is None:
+            raise ValueError(f"shard {self.plan.name}: writer is already finished or aborted")
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.abort()
+
+
+def rewrite_shard(plan, out_dir, tensors):
+    """Replace some tensors of the finished shard ``plan.name`` in ``out_dir``: a copy of the
+    file gets the bytes of ``tensors`` ({key: tensor}, shapes and dtypes as planned) at their
+    offsets and atomically replaces it. Returns the new ``WrittenShard``. ValueError naming the
+    file when it does not match the plan (size or header), or the key as ``ShardWriter.write``
+    does; on error the old file is untouched."""
+    source = os.path.join(os.fspath(out_dir), plan.name)
+    with ShardWriter(plan, out_dir, source=source) as writer:
+        for key, tensor in tensors.items():
+            writer.write(key, tensor)
+        return writer.finish()
+
+
+def _check_matches_plan(path, plan):
+    """``path`` holds ``plan.size`` bytes starting with ``plan.header``; ValueError otherwise."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(len(plan.header))
+    if size != plan.size or head != plan.header:
+        raise ValueError(f"{path}: not the planned shard ({size} bytes, planned {plan.size}; "
+                         f"header {'equal' if head == plan.header else 'differs'})")
+
+
+def _pwrite_all(fd, view, offset):
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+@contextlib.contextmanager
+def _atomic_file(path):
+    """Yield a binary file open at ``path``'s temporary name; on success fsync and rename it to
+    ``path``, on error remove it."""
+    path = os.fspath(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path, obj):
+    """Write ``obj`` as indented JSON (plus a newline) to ``path`` through a temporary name."""
+    with _atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def copy_file_atomic(src, dst):
+    """Copy the bytes of ``src`` to ``dst`` through a temporary name."""
+    with open(src, "rb") as fin, _atomic_file(dst) as fout:
+        shutil.copyfileobj(fin, fout)
