@@ -1,0 +1,175 @@
+"""The merge methods a config can name: each declares its parameters once, here.
+
+A :class:`Method` lists its parameters (name, type, shared or per model, default, range); config
+validation, parameter resolution (filters, gradients) and the README's table all come from it.
+``merge_key`` computes one key from that key's tensors, never a whole model:
+
+- mergekit's methods, with mergekit's semantics (``mergekit/merge_methods/registry.py``):
+  ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
+  ``breadcrumbs_ties`` (through :func:`nlmerge.merge.generalized.merge_tensor`, computed in fp32);
+- nlmerge's additions: ``ties`` with ``scope: global`` (one exact threshold per task over the
+  whole model: the job streams the model to find it) and ``convention: ties`` (the original TIES
+  code's trim and zero-sign rule), and ``consensus`` (TALL masks, keep where ``k`` tasks agree).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from nlmerge import ops
+
+REQUIRED = object()
+
+
+class ConfigError(ValueError):
+    """A merge configuration that nlmerge cannot run; the message names the key at fault."""
+
+
+def _float(value):
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got {value!r}")
+    number = float(value)  # YAML 1.1 reads 1e-3 as a string; mergekit accepts it as a number
+    if not math.isfinite(number):
+        raise ValueError(f"must be finite, got {value!r}")
+    return number
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise TypeError(f"expected true or false, got {value!r}")
+
+
+def _int(value):
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(float(value))
+
+
+def _choice(*choices):
+    def convert(value):
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return convert
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: ``convert`` types a setting's value (raising TypeError/ValueError)."""
+
+    name: str
+    convert: object
+    default: object = REQUIRED
+    help: str = ""
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its parameters and how one key is merged.
+
+    ``uses_base``: the base model is subtracted (task vectors); ``sparsify``/``consensus`` are
+    mergekit's generalized task arithmetic settings (None for the others).
+    """
+
+    name: str
+    shared: tuple
+    per_model: tuple
+    uses_base: bool = True
+    sparsify: str | None = None
+    consensus: str | None = None
+    random: bool = False
+
+    def check(self, shared, per_model, key, models):
+        """Range checks of resolved values; ConfigError naming parameter, model and key."""
+        for model, values in zip(models, per_model):
+            density = values.get("density")
+            if density is not None and not 0 < density <= 1:
+                raise ConfigError(f"density of model {model!r} for tensor {key!r} must be in (0, 1], got {density}")
+            gamma = values.get("gamma")
+            if gamma is not None and not 0 <= gamma < 1:
+                raise ConfigError(f"gamma of model {model!r} for tensor {key!r} must be in [0, 1), got {gamma}")
+            lam = values.get("tall_lambda")
+            if lam is not None and lam < 0:
+                raise ConfigError(f"tall_lambda of model {model!r} for tensor {key!r} must be >= 0, got {lam}")
+        k = shared.get("k")
+        if k is not None and not 1 <= k <= len(per_model) - 1:
+            raise ConfigError(f"k for tensor {key!r} must be in [1, {len(per_model) - 1}] (the number of experts), got {k}")
+        if self.name == "ties" and shared.get("scope") == "global" and shared.get("convention") == "mergekit":
+            raise ConfigError("ties with scope: global follows the original TIES code: set convention: ties "
+                              "(mergekit's convention trims each tensor on its own)")
+
+
+WEIGHT = Param("weight", _float, help="scale of the model's task vector (linear: of the model)")
+DENSITY = Param("density", _float, 1.0, "fraction of the task vector kept")
+GAMMA = Param("gamma", _float, 0.01, "fraction of the largest magnitudes dropped (breadcrumbs)")
+_GTA_SHARED = (
+    Param("int8_mask", _bool, False, "accepted for mergekit compatibility (masks are bit-packed here)"),
+    Param("lambda", _float, 1.0, "scale of the merged task vector"),
+)
+
+
+def _gta(name, sparsify, consensus, normalize, rescale, extra_shared=(), extra_model=()):
+    shared = _GTA_SHARED + (Param("normalize", _bool, normalize, "divide by the summed weights"),
+                            Param("rescale", _bool, rescale, "rescale kept values to the task vector's L1 norm"))
+    per_model = (WEIGHT, DENSITY) + ((GAMMA,) if sparsify == "magnitude_outliers" else ()) + extra_model
+    return Method(name, shared + extra_shared, per_model, sparsify=sparsify, consensus=consensus,
+                  random=sparsify == "random")
+
+
+METHODS = {m.name: m for m in (
+    Method("linear", (Param("normalize", _bool, True, "divide by the summed weights"),), (WEIGHT,), uses_base=False),
+    _gta("task_arithmetic", None, None, False, False),
+    _gta("ties", "magnitude", "sum", True, False, extra_shared=(
+        Param("scope", _choice("tensor", "global"), "tensor", "nlmerge: trim per tensor or over the whole model"),
+        Param("convention", _choice("mergekit", "ties"), "mergekit", "nlmerge: mergekit's or the TIES code's rules"),
+    )),
+    _gta("dare_ties", "random", "sum", False, True),
+    _gta("dare_linear", "random", None, False, True),
+    _gta("breadcrumbs", "magnitude_outliers", None, False, False),
+    _gta("breadcrumbs_ties", "magnitude_outliers", "sum", False, False),
+    Method("consensus", (Param("k", _int, 2, "minimum number of agreeing TALL masks"),
+                         Param("lambda", _float, 1.0, "scale of the kept multi-task vector (alpha)")),
+           (Param("tall_lambda", _float, 0.4, "TALL mask parameter of the task"),)),
+)}
+
+
+def merge_key(method, key, tensors, shared, per_model, *, seed, backend):
+    """Merge one key: ``tensors`` are the inputs of ``MergeConfig.inputs()`` (base first when the
+    method has one), any float dtype; returns the fp32 result (per-tensor methods only: global
+    TIES is driven by the job)."""
+    if method.name == "linear":
+        weights = [p["weight"] for p in per_model]
+        total = sum(weights)
+        if shared["normalize"]:
+            if abs(total) < 1e-8:
+                raise ValueError(f"tensor {key!r}: linear weights sum to {total}; cannot normalize")
+            weights = [w / total for w in weights]
+        return ops.task_arithmetic([x.float() for x in tensors], weights=weights, backend=backend)
+    base, experts = tensors[0].float(), tensors[1:]
+    experts_params = per_model[1:]
+    if method.name == "consensus":
+        taus = torch.stack([x.float() - base for x in experts])
+        return ops.consensus_merge(taus, taus.sum(0), [p["tall_lambda"] for p in experts_params], k=shared["k"],
+                                   base=base, alpha=shared["lambda"], backend=backend)
+    if method.name == "ties" and shared["convention"] == "ties":
+        taus = torch.stack([x.float() - base for x in experts])
+        thresholds = torch.stack([ops.magnitude_threshold(taus[t], p["density"], backend=backend)
+                                  for t, p in enumerate(experts_params)])
+        return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base,
+                              lam=shared["lambda"], disjoint="mean" if shared["normalize"] else "sum",
+                              zero_sign="majority", backend=backend)
+    from nlmerge.merge import generalized  # TEMP
+
+    return generalized.merge_tensor(
+        base, [x.float() for x in experts], sparsify=method.sparsify, consensus=method.consensus,
+        weights=[p["weight"] for p in experts_params], density=[p["density"] for p in experts_params],
+        gamma=[p.get("gamma", 0.0) for p in experts_params], rescale=shared["rescale"],
+        normalize=shared["normalize"], lam=shared["lambda"], seed=seed, name=key, backend=backend)

@@ -1,0 +1,294 @@
+"""The merge job (`nlmerge merge CONFIG OUT`): generated HF checkpoints, every method against the
+in-memory API and against mergekit, resume, validation errors, the output layout."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nlmerge import merge
+from nlmerge.io import CheckpointError
+from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge
+
+transformers = pytest.importorskip("transformers")
+
+NUM_EXPERTS = 3
+
+
+def _llama_config(vocab=96):
+    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                    tie_word_embeddings=False)
+
+
+def _save_llama(path, state, dtype, vocab=96, shard="20KB"):
+    model = transformers.LlamaForCausalLM(_llama_config(vocab)).to(dtype)
+    model.load_state_dict(state)
+    model.save_pretrained(path, max_shard_size=shard)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_family(tmp_path_factory):
+    """A tiny Llama base (fp32, sharded, with a tokenizer file) and three experts: base + tie-free noise."""
+    root = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(_llama_config()).state_dict()
+    paths = {"base": _save_llama(root / "base", base, torch.float32)}
+    (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    experts = []
+    g = torch.Generator().manual_seed(1)
+    for i in range(NUM_EXPERTS):
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        experts.append(sd)
+        paths[f"e{i}"] = _save_llama(root / f"e{i}", sd, torch.float32)
+    return root, paths, base, experts
+
+
+def _config(paths, method, shared=None, per_model=None, **extra):
+    models = [{"model": str(paths[f"e{i}"]), "parameters": dict((per_model or [{}] * NUM_EXPERTS)[i])}
+              for i in range(NUM_EXPERTS)]
+    cfg = {"merge_method": method, "base_model": str(paths["base"]), "models": models}
+    if shared:
+        cfg["parameters"] = shared
+    cfg.update(extra)
+    return cfg
+
+
+def _load_out(out):
+    out = str(out)
+    index = os.path.join(out, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(out, f)))
+    return sd
+
+
+WEIGHTS = [{"weight": 1.0, "density": 0.5}, {"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.5}]
+
+
+def test_task_arithmetic_equals_in_memory(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    run_merge(_config(paths, "task_arithmetic", {"lambda": 0.6}, WEIGHTS), tmp_path / "out", progress=False)
+    got = _load_out(tmp_path / "out")
+    want = merge.task_arithmetic(base, experts, lam=0.6, weights=[w["weight"] for w in WEIGHTS])
+    assert list(got) == list(want) or set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
+
+
+def test_global_ties_equals_in_memory_bit_for_bit(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    cfg = _config(paths, "ties", {"scope": "global", "convention": "ties", "lambda": 1.0}, WEIGHTS)
+    run_merge(cfg, tmp_path / "out", progress=False, out_shard_size="30K")
+    got = _load_out(tmp_path / "out")
+    want = merge.ties(base, experts, keep=0.5, scope="global", weights=[w["weight"] for w in WEIGHTS])
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_tensor_ties_mergekit_convention_equals_in_memory(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    run_merge(_config(paths, "ties", None, WEIGHTS), tmp_path / "out", progress=False)
+    got = _load_out(tmp_path / "out")
+    want = merge.ties(base, experts, keep=0.5, convention="mergekit", weights=[w["weight"] for w in WEIGHTS])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def test_linear_normalizes_weights(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    cfg = {"merge_method": "linear", "models": [{"model": str(paths[f"e{i}"]), "parameters": {"weight": w}}
+                                               for i, w in enumerate((1.0, 2.0, 1.0))]}
+    run_merge(cfg, tmp_path / "out", progress=False)
+    got = _load_out(tmp_path / "out")
+    want = merge.average(experts, weights=[1.0, 2.0, 1.0])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+def test_consensus_equals_in_memory(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    cfg = _config(paths, "consensus", {"k": 2, "lambda": 0.8}, [{"tall_lambda": 0.4}] * NUM_EXPERTS)
+    run_merge(cfg, tmp_path / "out", progress=False)
+    got = _load_out(tmp_path / "out")
+    want = merge.consensus(base, experts, k=2, lam=0.4, alpha=0.8)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+
+
+MERGEKIT_CASES = [
+    ("linear", None, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.25}]),
+    ("task_arithmetic", {"lambda": 0.7}, WEIGHTS),
+    ("ties", None, [{"weight": 1.0, "density": 0.3}, {"weight": 0.5, "density": 0.6}, {"weight": 0.8, "density": 0.9}]),
+    ("ties", {"normalize": False, "lambda": 0.5}, WEIGHTS),
+    ("breadcrumbs", None, [{"weight": 1.0, "density": 0.5, "gamma": 0.05}] * NUM_EXPERTS),
+    ("breadcrumbs_ties", {"rescale": True}, [{"weight": 1.0, "density": 0.4, "gamma": 0.02}] * NUM_EXPERTS),
+    ("ties", None, [{"weight": [0.2, 1.0], "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}] * NUM_EXPERTS),
+    ("dare_ties", None, [{"weight": 1.0, "density": 1.0}] * NUM_EXPERTS),
+]
+
+
+@pytest.mark.parametrize("method,shared,per_model", MERGEKIT_CASES)
+def test_equals_mergekit(llama_family, tmp_path, method, shared, per_model):
+    """mergekit's own code on the same config (fp32, tie-free): the same tensors to fp32 rounding."""
+    mk_merge = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, method, shared, per_model)
+    if method == "linear":
+        cfg.pop("base_model")
+    run_merge(cfg, tmp_path / "ours", progress=False)
+    mk_merge.run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "theirs"),
+                       options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours, theirs = _load_out(tmp_path / "ours"), _load_out(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=2e-6, atol=2e-7, msg=key)
+
+
+def test_output_layout_loads_and_runs(llama_family, tmp_path):
+    _, paths, base, _ = llama_family
+    out = tmp_path / "out"
+    run_merge(_config(paths, "ties", None, WEIGHTS, out_dtype="bfloat16"), out,
+              progress=False, out_shard_size="20K")
+    names = sorted(os.listdir(out))
+    index = json.load(open(out / "model.safetensors.index.json"))
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(n.startswith("model-") and f"-of-{len(shards):05d}" in n for n in shards)
+    assert set(index["weight_map"]) == set(base)
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in _load_out(out).values())
+    for s in shards:
+        with safe_open(str(out / s), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+    assert "tokenizer_config.json" in names and "nlmerge_config.yml" in names
+    assert not [n for n in names if n.endswith(".partial")]
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert bool(torch.isfinite(logits.float()).all())
+
+
+def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
+    from nlmerge.io import writer as writer_module
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "ties", {"scope": "global", "convention": "ties"}, WEIGHTS)
+    run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size="20K")
+    calls = {"n": 0}
+    real_write = writer_module.ShardWriter.write
+
+    def dying_write(self, key, tensor):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, key, tensor)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
+    partial = sorted(os.listdir(tmp_path / "resumed"))
+    assert not [n for n in partial if n.endswith(".partial")]
+    done_before = [n for n in partial if n.startswith("model-")]
+    assert done_before, "the kill should come after at least one finished shard"
+    monkeypatch.setattr(writer_module.ShardWriter, "write", real_write)
+    with pytest.raises(FileExistsError):
+        run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
+    clean, resumed = sorted(os.listdir(tmp_path / "clean")), sorted(os.listdir(tmp_path / "resumed"))
+    assert clean == resumed
+    for name in clean:
+        if name != "nlmerge-manifest.json":
+            assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_vocab_mismatch_names_key_shapes_and_files(llama_family, tmp_path):
+    root, paths, base, experts = llama_family
+    odd = transformers.LlamaForCausalLM(_llama_config(vocab=98)).state_dict()
+    odd_path = _save_llama(tmp_path / "odd", odd, torch.float32, vocab=98)
+    cfg = _config({**paths, "e1": odd_path}, "task_arithmetic", None, WEIGHTS)
+    with pytest.raises(CheckpointError) as err:
+        run_merge(cfg, tmp_path / "out", progress=False)
+    msg = str(err.value)
+    assert "model.embed_tokens.weight" in msg and "(98, 32)" in msg and "(96, 32)" in msg and "odd" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_refused_config_keys(llama_family, tmp_path):
+    _, paths, _, _ = llama_family
+    for bad, word in [({"slices": []}, "slices"), ({"chat_template": "x"}, "chat_template"),
+                      ({"merge_method": "slerp"}, "slerp"), ({"tokenizer_source": "union"}, "union")]:
+        cfg = {**_config(paths, "ties", None, WEIGHTS), **bad}
+        with pytest.raises(ConfigError, match=word):
+            load_config(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config({**_config(paths, "ties", None, WEIGHTS), "base_model": "meta-llama/Llama-3.2-1B"})
+    with pytest.raises(ConfigError, match="density"):
+        plan_merge(_config(paths, "ties", None, [{"weight": 1.0, "density": 1.5}] * NUM_EXPERTS), tmp_path / "o")
+    with pytest.raises(ConfigError, match="missing parameter 'weight'"):
+        plan_merge(_config(paths, "ties", None, [{"density": 0.5}] * NUM_EXPERTS), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_gradient_and_filter_resolution(llama_family):
+    _, paths, _, _ = llama_family
+    per = [{"weight": [0.0, 1.0], "density": [{"filter": "self_attn", "value": 0.25}, {"value": [0.5, 0.9]}]}] * 3
+    plan = plan_merge(_config(paths, "ties", None, per), "unused")
+    try:
+        k = plan.keys
+        # 3 layers: t = 0, 0.5, 1; outside the layers t = 0
+        assert k["model.layers.1.mlp.up_proj.weight"].per_model[1] == {"weight": 0.5, "density": 0.7}
+        assert k["model.layers.2.self_attn.q_proj.weight"].per_model[1]["density"] == 0.25
+        assert k["model.layers.2.self_attn.q_proj.weight"].per_model[1]["weight"] == 1.0
+        assert k["model.embed_tokens.weight"].per_model[2] == {"weight": 0.0, "density": 0.5}
+    finally:
+        for c in plan.checkpoints:
+            c.close()
+
+
+def test_overflow_is_an_error_naming_the_key_and_nothing_is_written(tmp_path):
+    for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
+        (tmp_path / name).mkdir()
+        save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16), "b": torch.ones(2, dtype=torch.float16)},
+                  str(tmp_path / name / "model.safetensors"))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in ("e0", "e1")]}
+    with pytest.raises(ValueError, match="'a.weight'.*float32"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert [n for n in os.listdir(tmp_path / "out") if n.startswith("model")] == []
+    run_merge({**cfg, "out_dtype": "float32"}, tmp_path / "out32", progress=False)
+    assert torch.equal(load_file(str(tmp_path / "out32" / "model.safetensors"))["a.weight"],
+                       torch.full((4,), 1.2e5, dtype=torch.float16).float())
+
+
+def test_dare_is_keyed_by_seed_and_name(llama_family, tmp_path):
+    _, paths, _, _ = llama_family
+    per = [{"weight": 1.0, "density": 0.5}] * NUM_EXPERTS
+    run_merge(_config(paths, "dare_linear", None, per), tmp_path / "a", progress=False, random_seed=3)
+    run_merge(_config(paths, "dare_linear", None, per), tmp_path / "b", progress=False, random_seed=3,
+              out_shard_size="10K", backend="torch")
+    run_merge(_config(paths, "dare_linear", None, per), tmp_path / "c", progress=False, random_seed=4)
+    a, b, c = _load_out(tmp_path / "a"), _load_out(tmp_path / "b"), _load_out(tmp_path / "c")
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[key], c[key])
+
+
+def test_yaml_file_and_exclude(llama_family, tmp_path):
+    _, paths, base, _ = llama_family
+    cfg = _config(paths, "task_arithmetic", None, WEIGHTS, exclude=["lm_head.*"])
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    run_merge(str(path), tmp_path / "out", progress=False)
+    got = _load_out(tmp_path / "out")
+    assert torch.equal(got["lm_head.weight"], base["lm_head.weight"])
+    assert not torch.equal(got["model.norm.weight"], base["model.norm.weight"])
