@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job (README: "Quick start"): set-up, then `nlmerge demo` (three seeds, about a minute on
-# 2 CPU cores). Extra arguments go to the demo (e.g. --quick, --out DIR, --seeds 0,1,2,3).
+# 2 CPU cores). Extra arguments go to the demo (e.g. --quick, --out DIR, --seeds 0,1,2,3); the demo
+# runs in the caller's directory, so a relative --out (and the default nlmerge-demo/) is there.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash "$(dirname "$0")/setup.sh"
 exec "${PYTHON:-python3}" -m nlmerge.cli demo "$@"

@@ -5,6 +5,7 @@ task arithmetic, TIES, TIES + TALL masks, consensus) and corrected (none, REPAIR
 merges of experts from one foundation are the control. ``run_demo`` writes ``results.json``,
 ``accuracy.png`` and ``variance.png`` (README: "The demo").
 
+- ``options``: the options' defaults and checks (shared with ``nlmerge demo``).
 - ``data``: the digits, the four tasks (label split + input-domain shift), augmentation.
 - ``training``: the MLPs, foundations, experts (linear probe, then fine-tuning).
 - ``pipeline``: one seed: align, merge, correct, evaluate.
@@ -18,53 +19,59 @@ import time
 
 import torch
 
-from nlmerge.demo.pipeline import run_seed, steps_per_seed
-from nlmerge.demo.report import aggregate, claims, plot, table, write_json
+from nlmerge.demo import options
 from nlmerge.demo.data import TASKS
+from nlmerge.demo.pipeline import run_seed, steps_per_seed
+from nlmerge.demo.report import aggregate, claims_report, plot, table, write_json
 from nlmerge.demo.training import Schedule
 
 QUICK_SCHEDULE = Schedule(foundation=1000, probe=100, finetune=500)
 
 
-def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight", quick=False, threads=2,
-             progress=True, stream=sys.stdout):
+def run_demo(out="nlmerge-demo", *, seeds=None, device="cpu", align="weight", quick=False, threads=2,
+             progress=True, stream=None):
     """Run the demo and write its outputs to ``out``.
 
     Parameters
     ----------
-    out : str
+    out : str or path
         Output directory (created): ``results.json``, ``accuracy.png``, ``variance.png``.
-    seeds : sequence of int
-        One full run (data split, foundations, experts, merges) per seed; results are averaged.
+    seeds : sequence of int, optional
+        Distinct seeds >= 0, one full run each (data split, foundations, experts, merges); results
+        are averaged. Default: 0, 1, 2; with ``quick``: 0.
     device : "cpu" or "cuda"
     align : "weight" or "activation"
         How foundation B is aligned to A.
     quick : bool
-        One seed (the first) and shorter training: a smoke test of the whole pipeline.
+        Shorter training: a smoke test of the whole pipeline, which checks the direction of each
+        claim (``report.quick_claims``); the full run checks the claims' numbers
+        (``report.full_claims``), which are set for averages over seeds of the full training.
     threads : int
-        torch's CPU thread count, pinned so that a run is reproducible on one machine.
+        torch's CPU thread count (>= 1), pinned so that a run is reproducible on one machine.
     progress : bool
         Show a progress bar (on stderr).
-    stream : file
-        Where the table and the claims are printed.
+    stream : file, optional
+        Where the table and the claims are printed (default: ``sys.stdout`` at the time of the call).
 
     Returns
     -------
     dict
         The contents of ``results.json``.
+
+    Raises
+    ------
+    ValueError
+        An option out of range (``options.check_*``), before any work.
+    ImportError
+        A dependency of the demo (scikit-learn, matplotlib, tqdm) is missing.
     """
     _require("sklearn", "matplotlib", "tqdm")  # before minutes of training, not after
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds is empty: give at least one seed")
-    if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be >= 0 (they seed scikit-learn's split too), got {seeds}")
-    if align not in ("weight", "activation"):
-        raise ValueError(f"align must be 'weight' or 'activation', got {align!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    if quick:
-        seeds = seeds[:1]
+    seeds = options.resolve_seeds(seeds, quick)
+    options.check_device(device)
+    options.check_align(align)
+    options.check_threads(threads)
+    options.check_out(out)
+    stream = sys.stdout if stream is None else stream
     schedule = QUICK_SCHEDULE if quick else Schedule()
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
@@ -79,6 +86,7 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
         "align": align,
+        "quick": quick,
         "tasks": [t.name for t in TASKS],
         "schedule": dataclasses.asdict(schedule),
         "settings": aggregate(per_seed),
@@ -86,11 +94,9 @@ def run_demo(out="nlmerge-demo", *, seeds=(0, 1, 2), device="cpu", align="weight
     write_json(results, os.path.join(out, "results.json"))
     plot(results, out)
     print(table(per_seed), file=stream)
-    print("\nWhat the demo shows (seed averages):", file=stream)
-    for statement, measured, holds in claims(results):
-        print(f"  [{'yes' if holds else 'NO '}] {statement}: {measured}", file=stream)
-    print(f"\n{len(seeds)} seed(s) in {results['seconds']:.0f} s; wrote results.json, accuracy.png, variance.png to {out}",
-          file=stream)
+    print(claims_report(results), file=stream)
+    print(f"\n{len(seeds)} seed{'s' if len(seeds) > 1 else ''} in {results['seconds']:.0f} s; "
+          f"wrote results.json, accuracy.png, variance.png to {out}", file=stream)
     return results
 
 
