@@ -4,6 +4,7 @@
 - ``ties``: fused TIES passes and task arithmetic over stacked task vectors.
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
+- ``random``: counter-based random draws (Philox4x32-10) keyed by (seed, name, index): DARE.
 - ``permute``: batched permutation gathers (applying an alignment's permutations).
 - ``activations``: feeding batches to a model and hooked activations and their feature axis
   (shared by alignment and correction).
@@ -12,6 +13,7 @@ Every op takes ``backend=None | "torch" | "cpu" | "triton"`` (see ``_dispatch``)
 """
 from nlmerge.ops._checks import NonFiniteError
 from nlmerge.ops.permute import permute_tensors
+from nlmerge.ops.random import keep_mask, random_bits, uniform
 from nlmerge.ops.selection import kth_smallest_magnitude, magnitude_threshold
 from nlmerge.ops.stats import StreamingStats
 from nlmerge.ops.tall import apply_mask, consensus_merge, pack_masks, packed_size, tall_masks, unpack_masks
@@ -23,15 +25,18 @@ __all__ = [
     "TiesPass",
     "apply_mask",
     "consensus_merge",
+    "keep_mask",
     "kth_smallest_magnitude",
     "magnitude_threshold",
     "pack_masks",
     "packed_size",
     "permute_tensors",
+    "random_bits",
     "same_fill_result",
     "tall_masks",
     "task_arithmetic",
     "ties_merge",
     "ties_merge_pass",
+    "uniform",
     "unpack_masks",
 ]
