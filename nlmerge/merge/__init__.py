@@ -5,6 +5,8 @@
 - :func:`task_arithmetic`: ``theta_base + lam * sum_t w_t tau_t``.
 - :func:`ties`: TIES (trim, elect sign, disjoint merge), TIES or mergekit convention.
 - :func:`tall`: TALL masks (:class:`TallMasks` rebuilds, saves and loads every task's model).
+- :func:`generalized_task_arithmetic` (:func:`dare_linear`, :func:`dare_ties`, :func:`breadcrumbs`,
+  :func:`breadcrumbs_ties`; :func:`merge_tensor` per key, :data:`METHODS`): mergekit's family.
 - :func:`consensus`: keep ``tau_MTL`` where at least ``k`` TALL masks agree.
 
 Common rules: every function returns new dicts in the base's key order and dtypes and never
@@ -15,7 +17,11 @@ devices that differ from the base's, raise ValueError naming the key and the mod
 raise ValueError naming the key and the model. ``backend`` is passed to every op.
 """
 from nlmerge.merge.basic import average, task_arithmetic, task_vectors
+from nlmerge.merge.generalized import (METHODS, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties,
+                                      generalized_task_arithmetic, merge_tensor)
 from nlmerge.merge.tall import TallMasks, consensus, tall
 from nlmerge.merge.ties import ties
 
 __all__ = ["TallMasks", "average", "consensus", "tall", "task_arithmetic", "task_vectors", "ties"]
+__all__ += ["METHODS", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "generalized_task_arithmetic",
+            "merge_tensor"]
