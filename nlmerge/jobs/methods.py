@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nlmerge import ops
+from nlmerge.merge import generalized
 
 REQUIRED = object()
 
@@ -88,53 +89,58 @@ class Method:
     random: bool = False
 
     def check(self, shared, per_model, key, models):
-        """Range checks of resolved values; ConfigError naming parameter, model and key."""
-        for model, values in zip(models, per_model):
-            density = values.get("density")
-            if density is not None and not 0 < density <= 1:
-                raise ConfigError(f"density of model {model!r} for tensor {key!r} must be in (0, 1], got {density}")
-            gamma = values.get("gamma")
-            if gamma is not None and not 0 <= gamma < 1:
-                raise ConfigError(f"gamma of model {model!r} for tensor {key!r} must be in [0, 1), got {gamma}")
+        """Range checks of the values resolved for tensor ``key`` (``per_model`` in the order of
+        ``models``); ConfigError naming the tensor and, for a per-model value, the model."""
+        experts = per_model[1:] if self.uses_base else per_model
+        names = models[1:] if self.uses_base else models
+        if self.name in generalized.METHODS:
+            values = {k: v for k, v in shared.items() if k not in ("scope", "convention")}
+            for p in self.per_model:
+                values[p.name] = [e[p.name] for e in experts]
+            try:
+                options = {"gamma": 0.0, **generalized.METHODS[self.name].kwargs(values)}
+                generalized.check_options(len(experts), seed=0, **options)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"tensor {key!r}: {err} (experts in order: {', '.join(names)})") from None
+        for model, values in zip(names, experts):
             lam = values.get("tall_lambda")
             if lam is not None and lam < 0:
                 raise ConfigError(f"tall_lambda of model {model!r} for tensor {key!r} must be >= 0, got {lam}")
         k = shared.get("k")
-        if k is not None and not 1 <= k <= len(per_model) - 1:
-            raise ConfigError(f"k for tensor {key!r} must be in [1, {len(per_model) - 1}] (the number of experts), got {k}")
+        if k is not None and not 1 <= k <= len(experts):
+            raise ConfigError(f"k for tensor {key!r} must be in [1, {len(experts)}] (the number of experts), got {k}")
         if self.name == "ties" and shared.get("scope") == "global" and shared.get("convention") == "mergekit":
             raise ConfigError("ties with scope: global follows the original TIES code: set convention: ties "
                               "(mergekit's convention trims each tensor on its own)")
 
 
-WEIGHT = Param("weight", _float, help="scale of the model's task vector (linear: of the model)")
-DENSITY = Param("density", _float, 1.0, "fraction of the task vector kept")
-GAMMA = Param("gamma", _float, 0.01, "fraction of the largest magnitudes dropped (breadcrumbs)")
-_GTA_SHARED = (
-    Param("int8_mask", _bool, False, "accepted for mergekit compatibility (masks are bit-packed here)"),
-    Param("lambda", _float, 1.0, "scale of the merged task vector"),
-)
+_CONVERT = {float: _float, bool: _bool, int: _int}
+WEIGHT = Param("weight", _float)
 
 
-def _gta(name, sparsify, consensus, normalize, rescale, extra_shared=(), extra_model=()):
-    shared = _GTA_SHARED + (Param("normalize", _bool, normalize, "divide by the summed weights"),
-                            Param("rescale", _bool, rescale, "rescale kept values to the task vector's L1 norm"))
-    per_model = (WEIGHT, DENSITY) + ((GAMMA,) if sparsify == "magnitude_outliers" else ()) + extra_model
-    return Method(name, shared + extra_shared, per_model, sparsify=sparsify, consensus=consensus,
-                  random=sparsify == "random")
+def _gta(name, extra_shared=()):
+    """One of mergekit's generalized task arithmetic methods, declared by
+    :data:`nlmerge.merge.generalized.METHODS` (switches, defaults, parameters); ``extra_shared``
+    are nlmerge's additions."""
+    spec = generalized.METHODS[name]
+    params = [Param(p.name, _CONVERT[p.type], REQUIRED if p.required else p.default) for p in spec.parameters]
+    shared = tuple(p for p, q in zip(params, spec.parameters) if not q.per_model) + extra_shared
+    per_model = tuple(p for p, q in zip(params, spec.parameters) if q.per_model)
+    return Method(name, shared, per_model, sparsify=spec.sparsify, consensus=spec.consensus,
+                  random=spec.sparsify == "random")
 
 
 METHODS = {m.name: m for m in (
     Method("linear", (Param("normalize", _bool, True, "divide by the summed weights"),), (WEIGHT,), uses_base=False),
-    _gta("task_arithmetic", None, None, False, False),
-    _gta("ties", "magnitude", "sum", True, False, extra_shared=(
+    _gta("task_arithmetic"),
+    _gta("ties", extra_shared=(
         Param("scope", _choice("tensor", "global"), "tensor", "nlmerge: trim per tensor or over the whole model"),
         Param("convention", _choice("mergekit", "ties"), "mergekit", "nlmerge: mergekit's or the TIES code's rules"),
     )),
-    _gta("dare_ties", "random", "sum", False, True),
-    _gta("dare_linear", "random", None, False, True),
-    _gta("breadcrumbs", "magnitude_outliers", None, False, False),
-    _gta("breadcrumbs_ties", "magnitude_outliers", "sum", False, False),
+    _gta("dare_ties"),
+    _gta("dare_linear"),
+    _gta("breadcrumbs"),
+    _gta("breadcrumbs_ties"),
     Method("consensus", (Param("k", _int, 2, "minimum number of agreeing TALL masks"),
                          Param("lambda", _float, 1.0, "scale of the kept multi-task vector (alpha)")),
            (Param("tall_lambda", _float, 0.4, "TALL mask parameter of the task"),)),
@@ -166,10 +172,7 @@ def merge_key(method, key, tensors, shared, per_model, *, seed, backend):
         return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base,
                               lam=shared["lambda"], disjoint="mean" if shared["normalize"] else "sum",
                               zero_sign="majority", backend=backend)
-    from nlmerge.merge import generalized  # TEMP
-
-    return generalized.merge_tensor(
-        base, [x.float() for x in experts], sparsify=method.sparsify, consensus=method.consensus,
-        weights=[p["weight"] for p in experts_params], density=[p["density"] for p in experts_params],
-        gamma=[p.get("gamma", 0.0) for p in experts_params], rescale=shared["rescale"],
-        normalize=shared["normalize"], lam=shared["lambda"], seed=seed, name=key, backend=backend)
+    values = {k: v for k, v in shared.items() if k not in ("scope", "convention")}
+    values.update({p.name: [e[p.name] for e in experts_params] for p in method.per_model})
+    return generalized.merge_tensor(base, [x.float() for x in experts], **generalized.METHODS[method.name].kwargs(values),
+                                    seed=seed, name=key, backend=backend)
