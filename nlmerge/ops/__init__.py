@@ -1,6 +1,7 @@
 """Tensor-level ops of nlmerge, one module per family; each holds its reference and dispatch.
 
-- ``selection``: exact magnitude selection (the TIES threshold) by radix histograms.
+- ``selection``: exact magnitude selection (the TIES threshold) by radix histograms;
+  ``streaming_selection``: the same over tensors that arrive one at a time (the merge job).
 - ``ties``: fused TIES passes and task arithmetic over stacked task vectors.
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
@@ -16,10 +17,12 @@ from nlmerge.ops.permute import permute_tensors
 from nlmerge.ops.random import keep_mask, random_bits, uniform
 from nlmerge.ops.selection import kth_smallest_magnitude, magnitude_threshold
 from nlmerge.ops.stats import StreamingStats
+from nlmerge.ops.streaming_selection import MagnitudeSelector
 from nlmerge.ops.tall import apply_mask, consensus_merge, pack_masks, packed_size, tall_masks, unpack_masks
 from nlmerge.ops.ties import TiesPass, same_fill_result, task_arithmetic, ties_merge, ties_merge_pass
 
 __all__ = [
+    "MagnitudeSelector",
     "NonFiniteError",
     "StreamingStats",
     "TiesPass",
