@@ -3,9 +3,11 @@
 Layers (each imports only the ones above it): ``nlmerge.ops`` (tensor ops: references and
 dispatch) -> ``nlmerge.kernels`` (fused C++ and Triton kernels, called only by ``ops``) ->
 ``nlmerge.align`` (permutation alignment), ``nlmerge.merge`` (state-dict merging) and
-``nlmerge.correct`` (variance-collapse correction: TACT, REPAIR).
+``nlmerge.correct`` (variance-collapse correction: TACT, REPAIR) -> ``nlmerge.io`` (checkpoints on
+disk) -> ``nlmerge.jobs`` (the commands' engines: :func:`run_merge` is ``nlmerge merge``).
 """
 from nlmerge import align, correct, merge, ops
+from nlmerge.jobs import run_merge
 
 __version__ = "0.1.0"
-__all__ = ["align", "correct", "merge", "ops", "__version__"]
+__all__ = ["align", "correct", "merge", "ops", "run_merge", "__version__"]

@@ -292,3 +292,55 @@ def test_yaml_file_and_exclude(llama_family, tmp_path):
     got = _load_out(tmp_path / "out")
     assert torch.equal(got["lm_head.weight"], base["lm_head.weight"])
     assert not torch.equal(got["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_permutations_are_applied_as_models_are_read(llama_family, tmp_path):
+    """An expert whose MLP units are shuffled, merged with the permutations file that undoes the
+    shuffle, gives the same bytes as the unshuffled expert."""
+    from nlmerge.align import PermutationSpec
+    from nlmerge.io.permutations import save_permutations
+
+    _, paths, _, experts = llama_family
+    p = "model.layers.1.mlp."
+    spec = PermutationSpec({"mlp1": [(p + "gate_proj.weight", 0), (p + "up_proj.weight", 0), (p + "down_proj.weight", 1)]})
+    shuffle = torch.randperm(48, generator=torch.Generator().manual_seed(5))
+    shuffled = dict(experts[1])
+    for key, axis in spec.perms["mlp1"]:
+        shuffled[key] = experts[1][key].index_select(axis, torch.argsort(shuffle))
+    shuffled_path = _save_llama(tmp_path / "shuffled", shuffled, torch.float32)
+    # aligned = shuffled.index_select(axis, shuffle) undoes it
+    save_permutations(tmp_path / "perms.safetensors", spec, {"mlp1": shuffle})
+    cfg = _config(paths, "ties", None, WEIGHTS)
+    run_merge(cfg, tmp_path / "plain", progress=False)
+    cfg_perm = _config({**paths, "e1": shuffled_path}, "ties", None, WEIGHTS,
+                       permutations=[{"file": str(tmp_path / "perms.safetensors"), "models": [str(shuffled_path)]}])
+    run_merge(cfg_perm, tmp_path / "aligned", progress=False)
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "aligned" / "model.safetensors").read_bytes()
+    bad = PermutationSpec({"mlp1": [(p + "gate_proj.weight", 1)]})
+    save_permutations(tmp_path / "bad.safetensors", bad, {"mlp1": torch.arange(48)})
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        plan_merge({**cfg_perm, "permutations": [{"file": str(tmp_path / "bad.safetensors"),
+                                                  "models": [str(shuffled_path)]}]}, tmp_path / "x")
+
+
+def test_single_files_bin_and_tied_embeddings(tmp_path):
+    """A single .safetensors file and a pytorch_model.bin folder merge as folders do; a checkpoint
+    with embed_tokens and no lm_head (tied embeddings) merges as it is."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (10, 4), "model.layers.0.mlp.up_proj.weight": (6, 4),
+              "model.norm.weight": (4,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(experts[0], str(tmp_path / "e0.safetensors"))
+    (tmp_path / "e1").mkdir()
+    torch.save(experts[1], tmp_path / "e1" / "pytorch_model.bin")
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base.safetensors"),
+           "models": [{"model": str(tmp_path / "e0.safetensors"), "parameters": {"weight": 0.5}},
+                      {"model": str(tmp_path / "e1"), "parameters": {"weight": 0.5}}]}
+    run_merge(cfg, tmp_path / "out", progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = merge.task_arithmetic(base, experts, weights=[0.5, 0.5])
+    assert list(got) == list(base) or set(got) == set(base)
+    for k in base:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)

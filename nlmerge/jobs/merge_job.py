@@ -363,6 +363,7 @@ def _merge_shards(plan, manifest, thresholds, progress):
     todo = [s for s in plan.shards if not manifest.is_done(s.name)]
     sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in plan.shards if s not in todo)
     rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in plan.shards if s not in todo}
+    done, count = 0, sum(len(s.keys) for s in todo)
     with _bar(plan, sum(s.nbytes for s in todo), "merge", progress) as bar:
         for shard in todo:
             shard_sum, fills = 0, {}
@@ -380,7 +381,9 @@ def _merge_shards(plan, manifest, thresholds, progress):
                     else:
                         out = tensors[plan.copy_source].cpu()
                     writer.write(key, out)
+                    done += 1
                     if bar is not None:
+                        bar.set_postfix_str(f"{done}/{count} tensors", refresh=False)
                         bar.update(_nbytes(k))
                 written = writer.finish()
             sign_sum += shard_sum
