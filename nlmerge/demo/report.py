@@ -237,7 +237,7 @@ def variance_figure(results):
                             label=correction)
             ax.axhline(1, color="k", lw=0.8, ls="--")
             ax.set_title(method, fontsize=10)
-        row[0].set_ylabel(f"{setting}\nvar(merged) / var(expert)")
+        row[0].set_ylabel(f"{SETTING_NAMES[setting].split(':')[0]}\nvar(merged) / var(expert)")
     for ax in axes[-1]:
         ax.set_xlabel("hidden layer")
     fig.suptitle("Variance collapse and its correction: var(merged) / var(expert) per layer on each task's test "
