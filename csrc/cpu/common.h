@@ -133,18 +133,25 @@ static inline int64_t load_block(int d, const void* src, int64_t off, int n, flo
     }
 }
 
-// dst[off:off+n] = dtype(src[0:n]) (round to nearest even).
+// dst[off:off+n] = dtype(src[0:n]) (round to nearest even); returns how many stored values are
+// NaN/Inf: a finite fp32 value that overflows the output dtype counts (the merges' result check).
 template <int D>
-static inline void store_block_t(void* dst, int64_t off, int n, const float* __restrict src) {
+static inline int64_t store_block_t(void* dst, int64_t off, int n, const float* __restrict src) {
     typename DT<D>::S* __restrict o = static_cast<typename DT<D>::S*>(dst) + off;
-    for (int i = 0; i < n; i++) o[i] = DT<D>::store(src[i]);
+    int32_t nf = 0;
+    for (int i = 0; i < n; i++) {
+        const typename DT<D>::S v = DT<D>::store(src[i]);
+        o[i] = v;
+        nf += DT<D>::nonfinite(v);
+    }
+    return nf;
 }
 
-static inline void store_block(int d, void* dst, int64_t off, int n, const float* __restrict src) {
+static inline int64_t store_block(int d, void* dst, int64_t off, int n, const float* __restrict src) {
     switch (d) {
-        case F16: store_block_t<F16>(dst, off, n, src); break;
-        case BF16: store_block_t<BF16>(dst, off, n, src); break;
-        default: store_block_t<F32>(dst, off, n, src); break;
+        case F16: return store_block_t<F16>(dst, off, n, src);
+        case BF16: return store_block_t<BF16>(dst, off, n, src);
+        default: return store_block_t<F32>(dst, off, n, src);
     }
 }
 

@@ -14,6 +14,8 @@ void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shif
 // For fp32 x: hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix; 65536 bins.
 void hist_magnitude_low(const float* x, int64_t n, int64_t* hist, int64_t prefix, int nthreads);
 
+// nonfinite (here and in the returns below): NaN/Inf inputs plus results that are NaN/Inf in the
+// output dtype.
 struct TiesResult {
     int64_t sign_sum, ambiguous, nonfinite;
 };
@@ -33,8 +35,9 @@ int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* t
                   const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
                   float alpha, int nthreads);
 
-void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
-                const void* base, int base_dtype, int nthreads);
+// Returns how many results are NaN/Inf in the output dtype (inputs are checked by the caller).
+int64_t apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
+                   const void* base, int base_dtype, int nthreads);
 
 // Conversions over whole arrays (exposed for tests).
 void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, int nthreads);

@@ -9,7 +9,8 @@
 // Every element's arithmetic is independent of the partition, so outputs do not depend on the
 // thread count; the counters are integers. Non-finite task vector entries are detected cheaply
 // (a running max of the |x| bit patterns, >= 0x7f800000 iff NaN/Inf) and counted exactly only
-// in a block that has one.
+// in a block that has one. The non-finite count also counts the results that are NaN/Inf in the
+// output dtype (finite inputs whose merge overflows it): the caller tells the two apart.
 #include <vector>
 
 #include "common.h"
@@ -105,7 +106,7 @@ Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void*
             c.nonfinite += load_block(base_dtype, base, off, n, bas);
             for (int i = 0; i < n; i++) res[i] = bas[i] + res[i];
         }
-        store_block(out_dtype, out, off, n, res);
+        c.nonfinite += store_block(out_dtype, out, off, n, res);
     }
     return c;
 }

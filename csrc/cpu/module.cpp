@@ -275,7 +275,7 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("tv"), py::arg("dtype"), py::arg("weights"), py::arg("out"), py::arg("out_dtype"), py::arg("base"),
         py::arg("base_dtype"), py::arg("lam"), py::arg("nthreads") = 0,
-        "out = base + lam * sum_t w_t tv[t]; returns the non-finite count");
+        "out = base + lam * sum_t w_t tv[t]; returns the non-finite input and result count");
 
     m.def(
         "tall_masks",
@@ -316,7 +316,7 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("tv"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("lam"), py::arg("k"),
         py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("alpha"),
-        py::arg("nthreads") = 0, "Consensus merge with on-the-fly TALL masks; returns the non-finite count");
+        py::arg("nthreads") = 0, "Consensus merge with on-the-fly TALL masks; returns the non-finite input and result count");
 
     m.def(
         "apply_mask",
@@ -331,12 +331,12 @@ PYBIND11_MODULE(_C, m) {
             int bd;
             const void* bp = optional_data(base, base_dtype, N, "base", bd);
             py::gil_scoped_release release;
-            nlm::apply_mask(static_cast<const uint8_t*>(pb.ptr), N, ub.ptr, td, ob.ptr, od, bp, bd,
-                            threads(nthreads));
+            return nlm::apply_mask(static_cast<const uint8_t*>(pb.ptr), N, ub.ptr, td, ob.ptr, od, bp, bd,
+                                   threads(nthreads));
         },
         py::arg("packed"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("out"), py::arg("out_dtype"),
         py::arg("base"), py::arg("base_dtype"), py::arg("nthreads") = 0,
-        "out = base + (bit ? tau : 0) (without base: an exact masked copy)");
+        "out = base + (bit ? tau : 0) (without base: an exact masked copy); returns the non-finite result count");
 
     m.def(
         "convert",
@@ -419,7 +419,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 3;
+    m.attr("api_version") = 4;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

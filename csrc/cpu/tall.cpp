@@ -93,22 +93,22 @@ int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* 
     }
 }
 
-void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
-                const void* base, int base_dtype, int nthreads) {
-    if (N <= 0) return;
-    if (base == nullptr && out_dtype == tau_dtype) {
+int64_t apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,
+                   const void* base, int base_dtype, int nthreads) {
+    if (N <= 0) return 0;
+    if (base == nullptr && out_dtype == tau_dtype) {  // copies of (finite) inputs: nothing to count
         if (tau_dtype == F32) {
             apply_mask_copy(packed, N, static_cast<const uint32_t*>(tau), static_cast<uint32_t*>(out), nthreads);
         } else {
             apply_mask_copy(packed, N, static_cast<const uint16_t*>(tau), static_cast<uint16_t*>(out), nthreads);
         }
-        return;
+        return 0;
     }
     struct Scratch {
         alignas(64) float tb[BLOCK], res[BLOCK];
         alignas(64) int32_t bits[BLOCK];
     };
-    for_each_block<Scratch>(N, threads_for(N, nthreads), [&](Scratch& sc, int64_t off, int n) {
+    return for_each_block<Scratch>(N, threads_for(N, nthreads), [&](Scratch& sc, int64_t off, int n) {
         load_block(tau_dtype, tau, off, n, sc.tb);
         unpack_bits(packed + off / 8, n, sc.bits);
         if (base != nullptr) {
@@ -117,7 +117,7 @@ void apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype
         } else {
             for (int i = 0; i < n; i++) sc.res[i] = sc.bits[i] ? sc.tb[i] : 0.0f;
         }
-        store_block(out_dtype, out, off, n, sc.res);
+        return store_block(out_dtype, out, off, n, sc.res);
     });
 }
 

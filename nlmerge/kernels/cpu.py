@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 3  # must match csrc/cpu/module.cpp
+_API_VERSION = 4  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -109,7 +109,8 @@ def hist_magnitude_low(x, hist, prefix):
 
 
 def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign):
-    """Fused TIES pass into ``out``; returns ``(sign_sum, ambiguous, nonfinite)`` as Python ints."""
+    """Fused TIES pass into ``out``; returns ``(sign_sum, ambiguous, nonfinite)`` as Python ints
+    (``nonfinite``: NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype)."""
     tv_np, dtype = _tv(tv)
     base_np, base_dtype = _base(base)
     sign_sum, ambiguous, nonfinite = _C.ties_merge(
@@ -131,7 +132,8 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
 
 
 def task_arithmetic(tv, weights, out, base, lam):
-    """``out = base + lam * sum_t weights[t] * tv[t]`` (fp32, task order); returns the non-finite count."""
+    """``out = base + lam * sum_t weights[t] * tv[t]`` (fp32, task order); returns the count of NaN/Inf
+    inputs and results (in ``out``'s dtype)."""
     tv_np, dtype = _tv(tv)
     base_np, base_dtype = _base(base)
     return int(
@@ -152,7 +154,8 @@ def tall_masks(tv, tau_mtl, lam, out):
 
 
 def consensus(tv, tau_mtl, lam, k, out, base, alpha):
-    """``out = base + alpha * (#masks >= k ? tau_mtl : 0)``; returns the non-finite count."""
+    """``out = base + alpha * (#masks >= k ? tau_mtl : 0)``; returns the count of NaN/Inf inputs and
+    results (in ``out``'s dtype)."""
     tv_np, dtype = _tv(tv)
     base_np, base_dtype = _base(base)
     return int(
@@ -174,17 +177,20 @@ def consensus(tv, tau_mtl, lam, k, out, base, alpha):
 
 
 def apply_mask(packed, tau_mtl, out, base):
-    """``out = base + (bit ? tau_mtl : 0)``; without base an exact masked copy of ``tau_mtl``."""
+    """``out = base + (bit ? tau_mtl : 0)``; without base an exact masked copy of ``tau_mtl``.
+    Returns how many results are NaN/Inf in ``out``'s dtype (the inputs are checked by the caller)."""
     base_np, base_dtype = _base(base)
-    _C.apply_mask(
-        _in(packed.reshape(-1)),
-        _in(tau_mtl.reshape(-1)),
-        _name(tau_mtl),
-        _out(out, "out"),
-        _name(out),
-        base_np,
-        base_dtype,
-        _threads(),
+    return int(
+        _C.apply_mask(
+            _in(packed.reshape(-1)),
+            _in(tau_mtl.reshape(-1)),
+            _name(tau_mtl),
+            _out(out, "out"),
+            _name(out),
+            base_np,
+            base_dtype,
+            _threads(),
+        )
     )
 
 

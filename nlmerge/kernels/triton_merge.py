@@ -17,7 +17,10 @@ Design notes (for the GPU):
   The same code runs in the interpreter (whose bf16 cast is not round-to-nearest-even) and on GPU.
 - Reductions over tasks run ``for t in range(T)`` in order. TIES reads each task row twice (elect,
   then merge); the first read asks L2 to keep the lines (``evict_last``) so the second one hits.
-- Counters: per-program ``tl.sum`` then one relaxed int64 atomic per program and counter.
+- Counters: per-program ``tl.sum`` then one relaxed int64 atomic per program and counter. The
+  non-finite counter of a merge counts NaN/Inf inputs and stored results that are NaN/Inf in the
+  output dtype (an fp32 value that overflows fp16 or bf16 when rounded), which ops turns into an
+  error: a merge never hands back Inf.
 - Histograms: one relaxed int64 atomic per element, except that each program first counts the
   elements of its smallest bin (zeros, or the single value of constant data) and adds them with
   one atomic, which removes the worst same-address contention.
@@ -57,23 +60,29 @@ def _load_f32(ptr, mask, KIND: tl.constexpr, EVICT: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite(x):
+    """1 where fp32 ``x`` is NaN or +-Inf (exponent bits all ones), else 0 (int32)."""
+    return ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000).to(tl.int32)
+
+
+@triton.jit
 def _store_f32(ptr, x, mask, KIND: tl.constexpr):
-    """Store fp32 ``x`` rounded to nearest even into a KIND tensor (bf16 as int16 bits)."""
+    """Store fp32 ``x`` rounded to nearest even into a KIND tensor (bf16 as int16 bits); return 1
+    where the stored value is NaN or +-Inf (int32): a finite ``x`` that overflows KIND counts."""
     if KIND == 2:
         u = x.to(tl.uint32, bitcast=True)
         r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
         r = tl.where(x != x, 0x7FC0, r)
         tl.store(ptr, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        bad = ((r & 0x7F80) == 0x7F80).to(tl.int32)
     elif KIND == 1:
-        tl.store(ptr, x.to(tl.float16), mask=mask)
+        h = x.to(tl.float16)
+        tl.store(ptr, h, mask=mask)
+        bad = _nonfinite(h.to(tl.float32))
     else:
         tl.store(ptr, x, mask=mask)
-
-
-@triton.jit
-def _nonfinite(x):
-    """1 where fp32 ``x`` is NaN or +-Inf (exponent bits all ones), else 0 (int32)."""
-    return ((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) >= 0x7F800000).to(tl.int32)
+        bad = _nonfinite(x)
+    return bad
 
 
 @triton.jit
@@ -113,12 +122,13 @@ def _tall_keep(x, mtl, lam):
 def _store_with_base(res, bad, out_ptr, base_ptr, offs, inb, cnt_ptr, OUT_KIND: tl.constexpr,
                      BASE_KIND: tl.constexpr, HAS_BASE: tl.constexpr):
     """Store ``base + res`` (``res`` without base) and add the block's non-finite count (``bad``,
-    plus the base's) to the counter at ``cnt_ptr``. ``out_ptr``/``base_ptr`` point at the block."""
+    plus the base's and the stored results') to the counter at ``cnt_ptr``. ``out_ptr``/``base_ptr``
+    point at the block."""
     if HAS_BASE:
         b = _load_f32(base_ptr + offs, inb, BASE_KIND, "evict_first")
         bad += _nonfinite(b)
         res = b + res
-    _store_f32(out_ptr + offs, res, inb, OUT_KIND)
+    bad += _store_f32(out_ptr + offs, res, inb, OUT_KIND)
     _add_counter(cnt_ptr, tl.sum(tl.where(inb, bad, 0), axis=0))
 
 
@@ -334,6 +344,7 @@ def _apply_mask_kernel(
     mtl_ptr,
     out_ptr,
     base_ptr,
+    cnt_ptr,  # int64 [1]: non-finite results
     N,
     NB,
     MTL_KIND: tl.constexpr,
@@ -355,7 +366,8 @@ def _apply_mask_kernel(
         if HAS_BASE:
             b = _load_f32(base_ptr + start + offs, inb, BASE_KIND, "evict_first")
             res = b + res
-        _store_f32(out_ptr + start + offs, res, inb, OUT_KIND)
+        bad = _store_f32(out_ptr + start + offs, res, inb, OUT_KIND)
+        _add_counter(cnt_ptr, tl.sum(tl.sum(tl.where(inb, bad, 0), axis=1), axis=0))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -416,7 +428,8 @@ def hist_magnitude_low(x, hist, prefix):
 
 
 def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign):
-    """Fused TIES pass; returns ``(sign_sum, ambiguous, nonfinite)`` as python ints."""
+    """Fused TIES pass; returns ``(sign_sum, ambiguous, nonfinite)`` as python ints (``nonfinite``:
+    NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype)."""
     if sign_mode not in _SIGN_MODES:
         raise ValueError(f"sign_mode must be one of {tuple(_SIGN_MODES)}, got {sign_mode!r}")
     if disjoint not in _DISJOINT:
@@ -438,7 +451,7 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
 
 
 def task_arithmetic(tv, weights, out, base, lam):
-    """``out = base + lam * sum_t weights[t] * tv[t]``; returns the non-finite input count."""
+    """``out = base + lam * sum_t weights[t] * tv[t]``; returns the count of NaN/Inf inputs and results."""
     num_tasks, n = _tasks(tv)
     if n == 0:
         return 0
@@ -470,7 +483,8 @@ def tall_masks(tv, tau_mtl, lam, out):
 
 
 def consensus(tv, tau_mtl, lam, k, out, base, alpha):
-    """``out = base + alpha * (#t with m_t >= k ? tau_mtl : 0)``; returns the non-finite count."""
+    """``out = base + alpha * (#t with m_t >= k ? tau_mtl : 0)``; returns the count of NaN/Inf inputs
+    and results."""
     num_tasks, n = _tasks(tv)
     if n == 0:
         return 0
@@ -487,17 +501,19 @@ def consensus(tv, tau_mtl, lam, k, out, base, alpha):
 
 
 def apply_mask(packed, tau_mtl, out, base):
-    """``out = base + (bit n of packed ? tau_mtl : 0)``; without base an exact masked copy."""
+    """``out = base + (bit n of packed ? tau_mtl : 0)``; without base an exact masked copy.
+    Returns how many results are NaN/Inf in ``out``'s dtype (the inputs are checked by the caller)."""
     n = tau_mtl.numel()
     if n == 0:
-        return None
+        return 0
     nb = (n + 7) // 8
     nbytes = _BLOCK // 8
+    counters = torch.zeros(1, dtype=torch.int64, device=tau_mtl.device)
     with _device(tau_mtl):
         _apply_mask_kernel[_grid(n, _BLOCK)](
-            packed, _arg(tau_mtl), _arg(out), _arg(base if base is not None else out), n, nb,
+            packed, _arg(tau_mtl), _arg(out), _arg(base if base is not None else out), counters, n, nb,
             MTL_KIND=_kind(tau_mtl), OUT_KIND=_kind(out), BASE_KIND=_kind(base if base is not None else out),
             HAS_BASE=base is not None, COPY=base is None and out.dtype == tau_mtl.dtype,
             BYTES=nbytes, **_LAUNCH,
         )  # fmt: skip
-    return None
+    return int(counters.item())

@@ -1,9 +1,14 @@
-"""Shared plumbing of the state-dict merges: key plans, checks, task vectors, error naming.
+"""Shared plumbing of the state-dict merges: key plans, checks, task vectors, BatchNorm running
+statistics, results and error naming (reusable by every merge method).
 
-Every merge walks the base's keys in order. A key is *merged* when its value is a floating tensor
-(fp32, fp16 or bf16) not matched by an ``exclude`` pattern; every other key (excluded, integer or
-bool buffers, non-tensor entries) is *copied* from the base. Task vectors are computed in fp32
-(exact differences for fp16/bf16 models; results are rounded once to the base's dtype).
+Every merge walks the base's keys in order. A floating tensor (fp32, fp16 or bf16) not matched by
+an ``exclude`` pattern is *computed*: a BatchNorm running statistic (:func:`is_running_stat`) by
+the running-statistics rule (:func:`running_stat_values`), every other such key by the merge method
+(``Plan.merged``). Every other key (excluded, integer or bool buffers, non-tensor entries) is
+*copied* from the base. Task vectors are computed in fp32; a computed key is rounded once to its
+output dtype (``out_dtype``, default the base's dtype), and a value that does not fit it raises
+``NonFiniteResultError`` naming the key (:func:`cast_result` for results computed in torch,
+:func:`naming_nonfinite` around the ops, whose kernels count such values as they store them).
 """
 import copy
 import fnmatch
@@ -14,19 +19,39 @@ from dataclasses import dataclass
 import torch
 
 from nlmerge import ops
+from nlmerge.ops._checks import NonFiniteResultError, check_bound, check_out_dtype, layout_mismatch, result_error
 from nlmerge.ops._checks import finite_scalar as check_scalar  # one definition of "a finite float"
-from nlmerge.ops._checks import layout_mismatch
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPUTE_DTYPE = torch.float32
+RUNNING_STAT_NAMES = ("running_mean", "running_var")
+RUNNING_STATS_MODES = ("average", "base")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Keys of a merge: ``keys`` (the base's order), ``merged`` (floating, not excluded)."""
+    """Keys of a merge: ``keys`` (the base's order), ``merged`` (computed by the method),
+    ``stats`` (BatchNorm running statistics, computed by :func:`running_stat_values`) and ``out_dtype``
+    (the output dtype of every computed key)."""
 
     keys: list
     merged: list
+    stats: list
+    out_dtype: dict
+
+
+def is_running_stat(key):
+    """Whether ``key`` names a BatchNorm running statistic: its last dotted component is
+    ``running_mean`` or ``running_var``. A state dict carries no module types, so the name decides
+    (the names of ``torch.nn`` BatchNorm/InstanceNorm buffers)."""
+    return key.rsplit(".", 1)[-1] in RUNNING_STAT_NAMES
+
+
+def check_running_stats(mode):
+    """The ``running_stats`` option: "average" or "base"."""
+    if mode not in RUNNING_STATS_MODES:
+        raise ValueError(f"running_stats must be one of {RUNNING_STATS_MODES}, got {mode!r}")
+    return mode
 
 
 def exclude_patterns(exclude):
@@ -60,17 +85,19 @@ def check_experts(experts, what="experts"):
     return experts
 
 
-def make_plan(base, experts, exclude, *, base_name="the base", item="expert", first_index=0):
+def make_plan(base, experts, exclude, *, out_dtype=None, base_name="the base", item="expert", first_index=0):
     """Check every model against ``base`` and return the :class:`Plan`.
 
     Non-excluded tensor keys must exist in every model with the base's shape, dtype and device;
     keys a model has that the base lacks (and that are not excluded) are refused as well.
+    ``out_dtype`` (None: each key's own dtype) is checked and recorded per computed key.
     ``item`` and ``first_index`` name the models in messages ("expert 2", "model 1").
     """
     if not isinstance(base, Mapping):
         raise TypeError(f"the base must be a state dict (a mapping), got {type(base).__name__}")
+    check_out_dtype(out_dtype)
     patterns = exclude_patterns(exclude)
-    keys, merged = list(base.keys()), []
+    keys, merged, stats, dtypes = list(base.keys()), [], [], {}
     for key in keys:
         if not isinstance(key, str):
             raise TypeError(f"state dict keys must be strings, got {key!r}")
@@ -93,7 +120,8 @@ def make_plan(base, experts, exclude, *, base_name="the base", item="expert", fi
                     f"key {key!r} has dtype {ref.dtype}; merges support float32, float16 and bfloat16 "
                     "(cast it, or exclude it to copy it from the base)"
                 )
-            merged.append(key)
+            (stats if is_running_stat(key) else merged).append(key)
+            dtypes[key] = out_dtype or ref.dtype
         elif ref.is_complex():
             raise ValueError(f"key {key!r} has complex dtype {ref.dtype}; exclude it to copy it from the base")
     base_keys = set(keys)
@@ -101,7 +129,7 @@ def make_plan(base, experts, exclude, *, base_name="the base", item="expert", fi
         for key in sd.keys():
             if key not in base_keys and not (isinstance(key, str) and is_excluded(key, patterns)):
                 raise ValueError(f"{item} {i} has key {key!r} that {base_name} lacks")
-    return Plan(keys, merged)
+    return Plan(keys, merged, stats, dtypes)
 
 
 def copy_value(value):
@@ -111,15 +139,10 @@ def copy_value(value):
     return copy.deepcopy(value)
 
 
-def assemble(plan, base, merged):
-    """The result: a new dict in the base's key order, merged tensors in the base's dtypes."""
-    out = {}
-    for key in plan.keys:
-        if key in merged:
-            out[key] = merged[key].to(base[key].dtype)
-        else:
-            out[key] = copy_value(base[key])
-    return out
+def assemble(plan, base, computed):
+    """The result: a new dict in the base's key order, ``computed[key]`` (already in the plan's
+    output dtype) for computed keys, copies of the base's entries elsewhere."""
+    return {key: computed[key] if key in computed else copy_value(base[key]) for key in plan.keys}
 
 
 def as_compute(x):
@@ -142,8 +165,9 @@ def task_tensors(key, base, experts):
     return out
 
 
-def check_weights(weights, num, *, positive=False, what="weights", per="expert"):
-    """``None`` or a list of ``num`` finite floats (all > 0 when ``positive``)."""
+def check_weights(weights, num, *, bound=None, what="weights", per="expert"):
+    """``None`` or a list of ``num`` finite floats, each within ``bound`` (None, "positive" or
+    "nonnegative"; see ``nlmerge.ops._checks.check_bound``)."""
     if weights is None:
         return None
     if isinstance(weights, torch.Tensor):
@@ -152,21 +176,16 @@ def check_weights(weights, num, *, positive=False, what="weights", per="expert")
         raise TypeError(f"{what} must be a sequence of {num} numbers, one per {per}")
     if len(weights) != num:
         raise ValueError(f"{what} has {len(weights)} entries for {num} {per}s")
-    weights = [check_scalar(w, f"{what}[{i}]") for i, w in enumerate(weights)]
-    if positive:
-        bad = [i for i, w in enumerate(weights) if w <= 0]
-        if bad:
-            raise ValueError(f"{what} must all be positive; {what}[{bad[0]}] = {weights[bad[0]]}")
-    return weights
+    return [check_bound(check_scalar(w, f"{what}[{i}]"), f"{what}[{i}]", bound) for i, w in enumerate(weights)]
 
 
-def check_lam(lam, num, name="lam"):
-    """A finite float, or a list of ``num`` finite floats (one per task)."""
+def check_lam(lam, num, name="lam", *, bound=None):
+    """A finite float, or a list of ``num`` finite floats (one per task), within ``bound``."""
     if isinstance(lam, torch.Tensor):
         lam = lam.item() if lam.dim() == 0 else lam.detach().reshape(-1).tolist()
     if isinstance(lam, Sequence) and not isinstance(lam, (str, bytes)):
-        return check_weights(lam, num, what=name, per="task")
-    return check_scalar(lam, name)
+        return check_weights(lam, num, bound=bound, what=name, per="task")
+    return check_bound(check_scalar(lam, name), name, bound)
 
 
 def _nonfinite(x):
@@ -188,10 +207,73 @@ def nonfinite_error(keys, base, experts, *, base_name="the base", item="expert",
     return ValueError(f"non-finite values while merging key(s) {where}: {err}")
 
 
+def _label(keys):
+    return f"key {keys[0]!r}" if len(keys) == 1 else "keys " + ", ".join(repr(k) for k in keys)
+
+
 @contextmanager
-def naming_nonfinite(keys, base, experts, **names):
-    """Re-raise ``ops.NonFiniteError`` as a ValueError naming the key and the model."""
+def naming_nonfinite(keys, base=None, experts=(), **names):
+    """Re-raise the ops' non-finite errors naming the key(s): a result that does not fit its dtype
+    as ``NonFiniteResultError`` (a ValueError), a NaN/Inf input as a ValueError that also names the
+    model (when ``base`` and ``experts`` are given; ``names`` as in :func:`make_plan`)."""
+    keys = list(keys)
     try:
         yield
+    except NonFiniteResultError as err:
+        raise NonFiniteResultError(_label(keys), err.dtype, err.fits) from err
     except ops.NonFiniteError as err:
-        raise nonfinite_error(list(keys), base, experts, err=err, **names) from err
+        if base is None:
+            raise ValueError(f"{_label(keys)}: {err}") from err
+        raise nonfinite_error(keys, base, experts, err=err, **names) from err
+
+
+def cast_result(key, result, dtype, *, label=None):
+    """``result`` (an fp32 tensor computed for ``key`` from finite inputs) rounded once to ``dtype``,
+    as a new tensor.
+
+    Raises NonFiniteResultError naming ``label`` (default: the key) when a value does not fit
+    ``dtype`` (it would be Inf), suggesting ``out_dtype=torch.float32`` when the fp32 result holds.
+    """
+    out = result.to(dtype, copy=True)
+    if not bool(torch.isfinite(out).all()):
+        raise result_error(dtype, lambda: result, label or f"key {key!r}")
+    return out
+
+
+def _check_stat(key, name, x):
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"key {key!r}: {name} contains NaN or Inf; non-finite values are never merged")
+    if key.rsplit(".", 1)[-1] == "running_var" and bool((x < 0).any()):
+        raise ValueError(
+            f"key {key!r}: {name} holds a negative running variance ({float(x.min())}): not a BatchNorm state"
+        )
+
+
+def running_stat_values(
+    plan, base, experts, mode, *, dtype=None, backend=None, base_name="the base", item="expert", first_index=0
+):
+    """The values of the plan's BatchNorm running statistics (``plan.stats``).
+
+    Running statistics are not task vectors: no merge method touches them. ``mode="average"``
+    gives the plain (unweighted) mean of the experts' values, so a merged variance is never
+    negative; ``mode="base"`` gives the base's values. Either way they are estimates to refresh
+    (REPAIR/TACT, or a pass over data). The values read must be finite, and running variances
+    >= 0 (else ValueError naming the key and the model). Each value is in ``dtype`` (default: the
+    plan's output dtype of its key); ``names`` as in :func:`make_plan`.
+    """
+    out = {}
+    for key in plan.stats:
+        if mode == "base":
+            sources = [(base_name, base[key])]
+        else:
+            sources = [(f"{item} {i}", sd[key]) for i, sd in enumerate(experts, start=first_index)]
+        for name, x in sources:
+            _check_stat(key, name, x)
+        with naming_nonfinite([key]):  # the mean rounded to a narrower out_dtype may not fit
+            out[key] = ops.task_arithmetic(
+                [x.detach() for _, x in sources],
+                weights=[1.0 / len(sources)] * len(sources),  # scaled before summing: no overflow
+                out_dtype=dtype or plan.out_dtype[key],
+                backend=backend,
+            )
+    return out

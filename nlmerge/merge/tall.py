@@ -7,21 +7,27 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge._common import (
+    COMPUTE_DTYPE,
     assemble,
+    cast_result,
     check_experts,
     check_lam,
+    check_running_stats,
     check_scalar,
     copy_value,
     make_plan,
     naming_nonfinite,
+    running_stat_values,
     task_tensors,
 )
 from nlmerge.merge.ties import check_ties_options, ties_vectors
+from nlmerge.ops._checks import check_out_dtype
+from nlmerge.ops.tall import check_k
 
 MTL_METHODS = ("task_arithmetic", "ties")
 TIES_OPTIONS = ("keep", "scope", "sign", "disjoint", "weights", "convention")
 FORMAT = "nlmerge.TallMasks"
-VERSION = 1
+VERSION = 2  # 2: running statistics stored apart (version 1 merged them as task vectors)
 
 
 def _mtl_setup(mtl, ties_kwargs, num_tasks):
@@ -74,33 +80,49 @@ class TallMasks:
 
     Holds the base state dict (every key, so that excluded keys and integer buffers come back),
     the multi-task vector ``tau_MTL`` (fp32) and the bit-packed masks (uint8 ``[T, ceil(N/8)]``)
-    of every merged key, and ``lam`` (a float or one float per task). Build it with :func:`tall`
-    or :meth:`load`.
+    of every merged key, the values of the BatchNorm running statistics that every task model
+    takes (``stats``, fp32: no mask and no ``tau_MTL`` for them, see :mod:`nlmerge.merge`), and
+    ``lam`` (a float or one float per task). Build it with :func:`tall` or :meth:`load`.
 
     Parameters
     ----------
     base : Mapping[str, Tensor]
-        The base state dict; its key order and dtypes are those of every rebuilt model.
+        The base state dict; its key order and dtypes are those of every rebuilt model (unless
+        ``out_dtype`` says otherwise).
     tau_mtl : Mapping[str, Tensor]
         The multi-task vector of each merged key (a floating tensor of the base's shape).
     masks : Mapping[str, Tensor]
         The packed masks of each key of ``tau_mtl``.
     lam : float or list of float
-        The TALL parameter the masks were computed with.
+        The TALL parameter the masks were computed with (finite, >= 0).
+    stats : Mapping[str, Tensor], optional
+        Keys of the base (not in ``tau_mtl``) whose value, the same in every task model, is given
+        here (a floating tensor of the base's shape): the running statistics.
     num_tasks : int, optional
         T; inferred from the masks (or a per-task ``lam``) when not given.
     backend : None, "torch", "cpu" or "triton"
         Default backend of :meth:`task_state_dict`.
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Default ``out_dtype`` of :meth:`task_state_dict`.
     copy : bool
         Clone the tensors (True), or keep them as given (False).
     """
 
-    def __init__(self, base, tau_mtl, masks, lam, *, num_tasks=None, backend=None, copy=True):
-        for name, value in (("base", base), ("tau_mtl", tau_mtl), ("masks", masks)):
+    def __init__(self, base, tau_mtl, masks, lam, *, stats=None, num_tasks=None, backend=None, out_dtype=None, copy=True):
+        stats = {} if stats is None else stats
+        for name, value in (("base", base), ("tau_mtl", tau_mtl), ("masks", masks), ("stats", stats)):
             if not isinstance(value, Mapping):
                 raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
         if set(masks) != set(tau_mtl):
             raise ValueError("masks and tau_mtl must have the same keys")
+        for key, value in stats.items():
+            if key not in base or key in tau_mtl:
+                raise ValueError(f"key {key!r} of stats must be a key of the base and not of tau_mtl")
+            ref = base[key]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.shape != ref.shape:
+                raise ValueError(f"key {key!r}: stats must be a floating tensor of the base's shape {tuple(ref.shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"key {key!r}: stats contains NaN or Inf")
         for key, mtl in tau_mtl.items():
             if key not in base:
                 raise ValueError(f"key {key!r} of tau_mtl is not in the base")
@@ -124,12 +146,14 @@ class TallMasks:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError("TALL masks need at least one task")
         clone = copy_value if copy else (lambda v: v)
-        self._lam = check_lam(list(lam) if isinstance(lam, tuple) else lam, num_tasks)
+        self._lam = check_lam(list(lam) if isinstance(lam, tuple) else lam, num_tasks, bound="nonnegative")
         self._num_tasks = num_tasks
         self._base = {key: clone(value) for key, value in base.items()}
         self._tau_mtl = {key: clone(tau_mtl[key]) for key in base if key in tau_mtl}
         self._masks = {key: clone(masks[key]) for key in base if key in masks}
+        self._stats = {key: clone(stats[key]) for key in base if key in stats}
         self.backend = backend
+        self.out_dtype = check_out_dtype(out_dtype)
 
     @property
     def num_tasks(self):
@@ -166,6 +190,11 @@ class TallMasks:
         """The packed masks, uint8 ``[T, ceil(N/8)]``, of each merged key (stored tensors)."""
         return dict(self._masks)
 
+    @property
+    def stats(self):
+        """The running statistics every task model takes, by key (the stored tensors)."""
+        return dict(self._stats)
+
     def mask(self, t, key):
         """Task ``t``'s mask of ``key`` as a bool tensor of the key's shape.
 
@@ -194,33 +223,44 @@ class TallMasks:
             raise IndexError(f"task {t} out of range for {self._num_tasks} tasks")
         return t
 
-    def task_state_dict(self, t, *, backend=None):
-        """Task ``t``'s model: ``theta_base + m_t * tau_MTL`` on merged keys, the base elsewhere.
+    def task_state_dict(self, t, *, out_dtype=None, backend=None):
+        """Task ``t``'s model: ``theta_base + m_t * tau_MTL`` on merged keys, the stored ``stats``
+        on running statistics, the base elsewhere.
 
         Parameters
         ----------
         t : int
             Task index, ``0 <= t < num_tasks``.
+        out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+            Dtype of the merged keys and running statistics (default: this object's
+            ``out_dtype``, else the base's dtype of each key).
         backend : None, "torch", "cpu" or "triton"
             Passed to ``nlmerge.ops.apply_mask`` (default: the one this object was built with).
 
         Returns
         -------
         dict
-            A new state dict in the base's key order and dtypes.
+            A new state dict in the base's key order (computed in fp32, rounded once).
+
+        Raises
+        ------
+        NonFiniteResultError
+            (a ValueError) A value does not fit its output dtype (it would be Inf): names the key.
         """
         t = self._task(t)
         backend = self.backend if backend is None else backend
-        merged = {}
+        out_dtype = check_out_dtype(out_dtype) or self.out_dtype
+        computed = {}
         with torch.no_grad():
             for key, mtl in self._tau_mtl.items():
                 base = self._base[key]
-                base = base.to(mtl.dtype) if base.dtype != mtl.dtype else base
-                merged[key] = ops.apply_mask(self._masks[key][t], mtl, base=base, backend=backend)
-        out = {}
-        for key, value in self._base.items():
-            out[key] = merged[key].to(value.dtype) if key in merged else copy_value(value)
-        return out
+                with naming_nonfinite([key]):
+                    computed[key] = ops.apply_mask(
+                        self._masks[key][t], mtl, base=base, out_dtype=out_dtype or base.dtype, backend=backend
+                    )
+            for key, value in self._stats.items():
+                computed[key] = cast_result(key, value, out_dtype or self._base[key].dtype)
+        return {key: computed[key] if key in computed else copy_value(value) for key, value in self._base.items()}
 
     def save(self, path):
         """Write everything needed to rebuild every task's model to ``path`` (``torch.save``).
@@ -242,6 +282,7 @@ class TallMasks:
             "base": self._base,
             "tau_mtl": self._tau_mtl,
             "masks": self._masks,
+            "stats": self._stats,
         }
         directory, name = os.path.split(os.path.abspath(path))
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -260,8 +301,10 @@ class TallMasks:
             raise
 
     @classmethod
-    def load(cls, path, *, map_location=None, backend=None):
+    def load(cls, path, *, map_location=None, backend=None, out_dtype=None):
         """Read a file written by :meth:`save` (``torch.load(weights_only=True)``).
+
+        Files of version 1 (which merged running statistics as task vectors) are refused.
 
         Parameters
         ----------
@@ -270,6 +313,8 @@ class TallMasks:
             Passed to ``torch.load``.
         backend : None, "torch", "cpu" or "triton"
             Default backend of :meth:`task_state_dict`.
+        out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+            Default ``out_dtype`` of :meth:`task_state_dict`.
 
         Returns
         -------
@@ -279,25 +324,44 @@ class TallMasks:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a TallMasks file")
         if payload.get("version") != VERSION:
-            raise ValueError(f"{os.fspath(path)!r}: unsupported TallMasks version {payload.get('version')!r}")
+            raise ValueError(
+                f"{os.fspath(path)!r}: unsupported TallMasks version {payload.get('version')!r} (this nlmerge reads "
+                f"version {VERSION}; rebuild the file with merge.tall)"
+            )
         try:
             return cls(
                 payload["base"],
                 payload["tau_mtl"],
                 payload["masks"],
                 payload["lam"],
+                stats=payload["stats"],
                 num_tasks=payload["num_tasks"],
                 backend=backend,
+                out_dtype=out_dtype,
                 copy=False,
             )
         except KeyError as err:
             raise ValueError(f"{os.fspath(path)!r}: TallMasks file lacks {err}") from None
 
     def __repr__(self):
-        return f"TallMasks(num_tasks={self._num_tasks}, keys={len(self._base)}, merged={len(self._tau_mtl)}, lam={self._lam})"
+        return (
+            f"TallMasks(num_tasks={self._num_tasks}, keys={len(self._base)}, merged={len(self._tau_mtl)}, "
+            f"stats={len(self._stats)}, lam={self._lam})"
+        )
 
 
-def tall(base, experts, *, lam=0.4, mtl="task_arithmetic", ties_kwargs=None, exclude=(), backend=None):
+def tall(
+    base,
+    experts,
+    *,
+    lam=0.4,
+    mtl="task_arithmetic",
+    ties_kwargs=None,
+    exclude=(),
+    running_stats="average",
+    out_dtype=None,
+    backend=None,
+):
     """TALL masks: per task, the entries of ``tau_MTL`` that matter to it.
 
     ``m_t = |tau_t| > lam_t * |tau_MTL - tau_t|``; task t's model is ``theta_base + m_t * tau_MTL``.
@@ -309,7 +373,7 @@ def tall(base, experts, *, lam=0.4, mtl="task_arithmetic", ties_kwargs=None, exc
     experts : sequence of Mapping[str, Tensor]
         Expert state dicts with the base's keys, shapes and dtypes.
     lam : float or sequence of float
-        TALL parameter, one for all tasks or one per task.
+        TALL parameter, one for all tasks or one per task (finite, >= 0).
     mtl : "task_arithmetic" or "ties"
         ``tau_MTL``: the sum of the task vectors (unscaled), or the TIES merged vector (no lam).
     ties_kwargs : dict, optional
@@ -317,29 +381,64 @@ def tall(base, experts, *, lam=0.4, mtl="task_arithmetic", ties_kwargs=None, exc
         weights, convention.
     exclude : str or sequence of str
         Glob patterns of keys copied from the base (as are integer/bool buffers).
+    running_stats : "average" or "base"
+        BatchNorm running statistics get no mask: every task model takes the plain mean of the
+        experts' values (default) or the base's values, stored in :attr:`TallMasks.stats`.
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Default dtype of the computed keys of :meth:`TallMasks.task_state_dict` (default: the
+        base's dtype of each key).
     backend : None, "torch", "cpu" or "triton"
         Passed to ``nlmerge.ops``; also the default of :meth:`TallMasks.task_state_dict`.
 
     Returns
     -------
     TallMasks
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, structural mismatches or NaN/Inf inputs (naming the key and the model);
+        ``NonFiniteResultError`` (a ValueError) when ``tau_MTL`` overflows fp32.
     """
     experts = check_experts(experts)
-    lam = check_lam(lam, len(experts))
+    lam = check_lam(lam, len(experts), bound="nonnegative")
     ties_options = _mtl_setup(mtl, ties_kwargs, len(experts))
-    plan = make_plan(base, experts, exclude)
+    mode = check_running_stats(running_stats)
+    plan = make_plan(base, experts, exclude, out_dtype=out_dtype)
     tau_mtl, masks = {}, {}
     with torch.no_grad():
+        stats = running_stat_values(plan, base, experts, mode, dtype=COMPUTE_DTYPE, backend=backend)
         for key, taus, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
             with naming_nonfinite([key], base, experts):
                 masks[key] = ops.tall_masks(taus, mtl_vector, lam, backend=backend)
             tau_mtl[key] = mtl_vector
         stored_base = {key: copy_value(value) for key, value in base.items()}
-    return TallMasks(stored_base, tau_mtl, masks, lam, num_tasks=len(experts), backend=backend, copy=False)
+    return TallMasks(
+        stored_base,
+        tau_mtl,
+        masks,
+        lam,
+        stats=stats,
+        num_tasks=len(experts),
+        backend=backend,
+        out_dtype=out_dtype,
+        copy=False,
+    )
 
 
 def consensus(
-    base, experts, *, k=2, lam=0.4, alpha=1.0, mtl="task_arithmetic", ties_kwargs=None, exclude=(), backend=None
+    base,
+    experts,
+    *,
+    k=2,
+    lam=0.4,
+    alpha=1.0,
+    mtl="task_arithmetic",
+    ties_kwargs=None,
+    exclude=(),
+    running_stats="average",
+    out_dtype=None,
+    backend=None,
 ):
     """Consensus merge: keep ``tau_MTL`` where at least ``k`` tasks' TALL masks are set.
 
@@ -352,37 +451,55 @@ def consensus(
     experts : sequence of Mapping[str, Tensor]
         Expert state dicts with the base's keys, shapes and dtypes.
     k : int
-        Minimum number of tasks (``>= 0``) whose mask must be set.
+        Minimum number of tasks whose mask must be set, ``1 <= k <= T``.
     lam : float or sequence of float
-        TALL parameter, one for all tasks or one per task.
+        TALL parameter, one for all tasks or one per task (finite, >= 0).
     alpha : float
-        Scale of the kept multi-task vector.
+        Scale of the kept multi-task vector (finite).
     mtl : "task_arithmetic" or "ties"
         ``tau_MTL``: the sum of the task vectors (unscaled), or the TIES merged vector (no lam).
     ties_kwargs : dict, optional
         Options of :func:`nlmerge.merge.ties` for ``mtl="ties"``.
     exclude : str or sequence of str
         Glob patterns of keys copied from the base (as are integer/bool buffers).
+    running_stats : "average" or "base"
+        BatchNorm running statistics: the plain mean of the experts' values (default) or the
+        base's values (see :mod:`nlmerge.merge`).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of every computed key (default: the base's dtype of the key).
     backend : None, "torch", "cpu" or "triton"
         Passed to ``nlmerge.ops``.
 
     Returns
     -------
     dict
-        A new state dict in the base's key order and dtypes.
+        A new state dict in the base's key order.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, structural mismatches or NaN/Inf inputs (naming the key and the model);
+        ``NonFiniteResultError`` (a ValueError) when a result does not fit its output dtype.
     """
     experts = check_experts(experts)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be an integer >= 0, got {k!r}")
-    lam = check_lam(lam, len(experts))
+    k = check_k(k, len(experts))
+    lam = check_lam(lam, len(experts), bound="nonnegative")
     alpha = check_scalar(alpha, "alpha")
     ties_options = _mtl_setup(mtl, ties_kwargs, len(experts))
-    plan = make_plan(base, experts, exclude)
-    merged = {}
+    mode = check_running_stats(running_stats)
+    plan = make_plan(base, experts, exclude, out_dtype=out_dtype)
     with torch.no_grad():
+        merged = running_stat_values(plan, base, experts, mode, backend=backend)
         for key, taus, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
             with naming_nonfinite([key], base, experts):
                 merged[key] = ops.consensus_merge(
-                    taus, mtl_vector, lam, k=k, base=base[key].detach(), alpha=alpha, backend=backend
+                    taus,
+                    mtl_vector,
+                    lam,
+                    k=k,
+                    base=base[key].detach(),
+                    alpha=alpha,
+                    out_dtype=plan.out_dtype[key],
+                    backend=backend,
                 )
     return assemble(plan, base, merged)

@@ -5,10 +5,12 @@ from nlmerge import ops
 from nlmerge.merge._common import (
     assemble,
     check_experts,
+    check_running_stats,
     check_scalar,
     check_weights,
     make_plan,
     naming_nonfinite,
+    running_stat_values,
     task_tensors,
 )
 
@@ -35,24 +37,30 @@ def check_ties_options(num_tasks, *, keep, scope, sign, disjoint, weights, conve
     keep = check_scalar(keep, "keep")
     if keep <= 0:
         raise ValueError(f"keep must be > 0 (the fraction of magnitudes kept), got {keep}")
-    weights = check_weights(weights, num_tasks, positive=True)
+    weights = check_weights(weights, num_tasks, bound="positive")
     return keep, scope, weights
 
 
-def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, weights, convention, backend, naming):
-    """TIES over ``keys``; returns ``{key: base + lam * merged}`` (in the base's dtype), or
-    ``lam * merged`` (fp32) without base.
+def ties_vectors(
+    keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, weights, convention, backend, naming, out_dtype=None
+):
+    """TIES over ``keys``; returns ``{key: base + lam * merged}``, or ``lam * merged`` without base.
 
     ``get_taus(key)`` gives the fp32 task vectors ``[T, *shape]`` of a key, ``get_base(key)`` its
-    base (any float dtype; the kernels read it as fp32) or None; ``naming(keys)`` is a context manager that names non-finite inputs.
-    Options are already checked.
+    base (any float dtype; the kernels read it as fp32) or None; ``naming(keys)`` is a context
+    manager that names non-finite inputs and results; ``out_dtype`` maps each key to its result's
+    dtype (None: the base's dtype, else fp32). Options are already checked.
     """
     out = {}
     common = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, backend=backend)
 
+    def dtype_of(key):
+        return None if out_dtype is None else out_dtype[key]
+
     def empty(key, taus):  # nothing to trim or merge in a tensor without elements
         base = get_base(key)
-        out[key] = taus[0].clone() if base is None else base.clone()
+        value = taus[0] if base is None else base
+        out[key] = value.to(dtype_of(key) or value.dtype, copy=True)
 
     if scope == "tensor":  # one key at a time: only its T task vectors are held
         for key in keys:
@@ -70,7 +78,7 @@ def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, 
                     thresholds = [ops.magnitude_threshold(x, keep, backend=backend) for x in taus]
                     zero_sign = "majority"
                 out[key] = ops.ties_merge(
-                    taus, torch.stack(thresholds), base=get_base(key), zero_sign=zero_sign, **common
+                    taus, torch.stack(thresholds), base=get_base(key), zero_sign=zero_sign, out_dtype=dtype_of(key), **common
                 )
         return out
     nonempty = []
@@ -89,21 +97,26 @@ def ties_vectors(keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, 
         with naming([key for key, _ in nonempty]):
             thresholds.append(ops.magnitude_threshold([taus[t] for _, taus in nonempty], keep, backend=backend))
     thresholds = torch.stack(thresholds)
-    sign_sum, ambiguous = 0, []
+    sign_sum, passes = 0, []
     for key, taus in nonempty:
-        # zero signs take the majority so far: the final one rarely differs, so few tensors rerun
+        # zero signs take the majority so far: the final one rarely differs, so few tensors rerun;
+        # an overflow is judged on the final pass
         fill = (sign_sum > 0) - (sign_sum < 0)
         with naming([key]):
-            first = ops.ties_merge_pass(taus, thresholds, fill_sign=fill, base=get_base(key), **common)
+            first = ops.ties_merge_pass(
+                taus, thresholds, fill_sign=fill, base=get_base(key), out_dtype=dtype_of(key), check_result=False, **common
+            )
         out[key] = first.merged
         sign_sum += first.sign_sum
-        if first.ambiguous:
-            ambiguous.append((key, taus, fill))
+        passes.append((key, taus, fill, first))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    for key, taus, fill in ambiguous:
-        if not ops.same_fill_result(fill, majority, disjoint):
+    for key, taus, fill, first in passes:
+        final = majority if first.ambiguous and not ops.same_fill_result(fill, majority, disjoint) else fill
+        if final != fill or first.overflow:  # the majority's pass; or, rerun checked, an overflow raises
             with naming([key]):
-                ops.ties_merge_pass(taus, thresholds, fill_sign=majority, base=get_base(key), out=out[key], **common)
+                ops.ties_merge_pass(
+                    taus, thresholds, fill_sign=final, base=get_base(key), out_dtype=dtype_of(key), out=out[key], **common
+                )
     return out
 
 
@@ -119,6 +132,8 @@ def ties(
     weights=None,
     convention="ties",
     exclude=(),
+    running_stats="average",
+    out_dtype=None,
     backend=None,
 ):
     """TIES merge: trim each task vector, elect signs, merge the agreeing entries.
@@ -149,21 +164,35 @@ def ties(
         (all ties at the threshold are kept), zero signs become +.
     exclude : str or sequence of str
         Glob patterns of keys copied from the base (as are integer/bool buffers).
+    running_stats : "average" or "base"
+        BatchNorm running statistics are not trimmed or merged (nor counted in a global
+        threshold): the plain mean of the experts' values (default) or the base's values (see
+        :mod:`nlmerge.merge`).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of every computed key (default: the base's dtype of the key).
     backend : None, "torch", "cpu" or "triton"
         Passed to ``nlmerge.ops``.
 
     Returns
     -------
     dict
-        A new state dict in the base's key order and dtypes.
+        A new state dict in the base's key order.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, structural mismatches or NaN/Inf inputs (naming the key and the model);
+        ``NonFiniteResultError`` (a ValueError) when a result does not fit its output dtype.
     """
     experts = check_experts(experts)
     keep, scope, weights = check_ties_options(
         len(experts), keep=keep, scope=scope, sign=sign, disjoint=disjoint, weights=weights, convention=convention
     )
     lam = check_scalar(lam, "lam")
-    plan = make_plan(base, experts, exclude)
+    mode = check_running_stats(running_stats)
+    plan = make_plan(base, experts, exclude, out_dtype=out_dtype)
     with torch.no_grad():
+        stats = running_stat_values(plan, base, experts, mode, backend=backend)
         merged = ties_vectors(
             plan.merged,
             lambda key: task_tensors(key, base, experts),
@@ -177,5 +206,6 @@ def ties(
             convention=convention,
             backend=backend,
             naming=lambda keys: naming_nonfinite(keys, base, experts),
+            out_dtype=plan.out_dtype,
         )
-    return assemble(plan, base, merged)
+    return assemble(plan, base, {**stats, **merged})

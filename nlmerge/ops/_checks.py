@@ -16,6 +16,52 @@ class NonFiniteError(ValueError):
         super().__init__(f"{label} contains NaN or Inf; non-finite values are never merged")
 
 
+class NonFiniteResultError(NonFiniteError):
+    """A merge of finite inputs has a result that is NaN/Inf in its output dtype (an overflow).
+
+    ``tensor`` names the result (``"result"``, or a key), ``dtype`` the output dtype, ``fits`` a
+    wider dtype that holds the result (``torch.float32``) or None when none does (the fp32
+    computation overflows too).
+    """
+
+    def __init__(self, tensor, dtype, fits):
+        self.tensor, self.task, self.dtype, self.fits = tensor, None, dtype, fits
+        hint = f"pass out_dtype={fits}" if fits is not None else "it overflows float32 as well: scale the merge down"
+        ValueError.__init__(self, f"{tensor}: the merged result does not fit {dtype} (it would be Inf); {hint}")
+
+
+def result_error(dtype, fp32_result, tensor="result"):
+    """The NonFiniteResultError of a result that is not finite in ``dtype``.
+
+    ``fp32_result()`` computes the same result in fp32; it is called only here, on the error path,
+    to tell whether ``out_dtype=torch.float32`` would hold it.
+    """
+    fits = None
+    if dtype != torch.float32 and bool(torch.isfinite(fp32_result()).all()):
+        fits = torch.float32
+    return NonFiniteResultError(tensor, dtype, fits)
+
+
+def check_finite_result(out, fp32_result):
+    """Raise ``result_error`` when ``out`` holds NaN/Inf (the reference path's result check)."""
+    if not bool(torch.isfinite(out).all()):
+        raise result_error(out.dtype, fp32_result)
+
+
+def raise_counted(tensors, dtype, fp32_result):
+    """A merge kernel counted NaN/Inf among its inputs or results: raise NonFiniteError naming the
+    first non-finite input, else the result's ``result_error`` (finite inputs: an overflow)."""
+    check_finite(tensors)
+    raise result_error(dtype, fp32_result)
+
+
+def check_out_dtype(out_dtype, name="out_dtype"):
+    """``None`` or one of the float dtypes results can be written in."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be None, torch.float32, torch.float16 or torch.bfloat16, got {out_dtype!r}")
+    return out_dtype
+
+
 def check_float(x, name):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -89,8 +135,16 @@ def finite_scalar(value, name):
     return value
 
 
-def per_task(values, num_tasks, name, device, *, default=None, positive=False):
-    """A float32 tensor [T] from a scalar or a sequence of T finite numbers."""
+def check_bound(value, name, bound):
+    """``value`` (a float) against ``bound``: None, ``"positive"`` (> 0) or ``"nonnegative"`` (>= 0)."""
+    if (bound == "positive" and value <= 0) or (bound == "nonnegative" and value < 0):
+        raise ValueError(f"{name} must be {'positive (> 0)' if bound == 'positive' else 'non-negative (>= 0)'}, got {value}")
+    return value
+
+
+def per_task(values, num_tasks, name, device, *, default=None, bound=None):
+    """A float32 tensor [T] from a scalar or a sequence of T finite numbers, each within ``bound``
+    (see ``check_bound``)."""
     if values is None:
         values = default
     if isinstance(values, torch.Tensor):
@@ -99,9 +153,7 @@ def per_task(values, num_tasks, name, device, *, default=None, positive=False):
         values = [values] * num_tasks
     if len(values) != num_tasks:
         raise ValueError(f"{name} has {len(values)} entries for {num_tasks} task vectors")
-    values = [finite_scalar(v, f"{name}[{t}]") for t, v in enumerate(values)]
-    if positive and any(v <= 0 for v in values):
-        raise ValueError(f"{name} must all be positive, got {values}")
+    values = [check_bound(finite_scalar(v, f"{name}[{t}]"), f"{name}[{t}]", bound) for t, v in enumerate(values)]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 

@@ -5,15 +5,23 @@ bit ``n % 8`` of byte ``n // 8`` of row t is ``m_t[n]`` (little-endian within ea
 ``numpy.packbits(..., bitorder="little")``). Task t's tensor is ``base + m_t * tau_MTL``.
 Consensus keeps ``tau_MTL`` where at least ``k`` masks are set: ``base + alpha * (count >= k) *
 tau_MTL``; its fused kernel computes the masks on the fly and never stores them.
+
+``lam`` is finite and >= 0 per task (a negative one would set every mask); consensus needs
+``1 <= k <= T``. Results are written in ``out_dtype`` (default: the base's dtype, else tau_MTL's)
+and a result that is not finite there raises ``NonFiniteResultError`` (counted by the kernels as
+they store it).
 """
 import torch
 
 from nlmerge.ops._checks import (
     check_finite,
+    check_finite_result,
     finite_scalar,
     flat_like,
     per_task,
+    raise_counted,
     raise_nonfinite,
+    result_error,
     stack_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
@@ -23,7 +31,9 @@ _BIT_WEIGHTS = [1 << j for j in range(8)]
 
 
 def packed_size(numel):
-    """Bytes of one task's packed mask for ``numel`` elements."""
+    """Bytes of one task's packed mask for ``numel`` elements (an integer >= 0)."""
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise ValueError(f"numel must be an integer >= 0, got {numel!r}")
     return (numel + 7) // 8
 
 
@@ -58,7 +68,7 @@ def _prepare(task_vectors, tau_mtl, lam):
     mtl = flat_like(tau_mtl, "tau_mtl", tv, shape)
     if mtl is None:
         raise ValueError("tau_mtl is required")
-    lam = per_task(lam, tv.shape[0], "lam", tv.device)
+    lam = per_task(lam, tv.shape[0], "lam", tv.device, bound="nonnegative")
     return tv, shape, mtl, lam
 
 
@@ -71,6 +81,7 @@ def tall_masks(task_vectors, tau_mtl, lam, *, backend=None):
     tau_mtl : Tensor
         The multi-task vector (e.g. the task-arithmetic sum), shape and dtype of one task vector.
     lam : float or sequence of T floats
+        Finite, >= 0.
     backend : None, "torch", "cpu" or "triton"
 
     Returns
@@ -90,7 +101,15 @@ def tall_masks(task_vectors, tau_mtl, lam, *, backend=None):
     return out
 
 
-def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, backend=None):
+def check_k(k, num_tasks):
+    """Consensus's ``k``: an integer in ``[1, num_tasks]`` (0 would keep everything, more than T
+    nothing)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_tasks:
+        raise ValueError(f"k must be an integer in [1, {num_tasks}] (the number of tasks), got {k!r}")
+    return k
+
+
+def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, out_dtype=None, backend=None):
     """Consensus merge: ``base + alpha * (sum_t m_t >= k) * tau_MTL`` with TALL masks ``m_t``.
 
     Parameters
@@ -98,37 +117,62 @@ def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, ba
     task_vectors : Tensor [T, *shape] or sequence of T tensors
     tau_mtl : Tensor
     lam : float or sequence of T floats
-        TALL mask parameter per task.
+        TALL mask parameter per task (finite, >= 0).
     k : int
-        Minimum number of tasks whose mask must be set (``k >= 0``).
+        Minimum number of tasks whose mask must be set, ``1 <= k <= T``.
     base : Tensor, optional
     alpha : float
+        Finite.
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's if given, else tau_mtl's).
     backend : None, "torch", "cpu" or "triton"
 
     Returns
     -------
     Tensor
-        Shape of ``tau_mtl``; dtype of ``base`` if given, else of ``tau_mtl``.
+        Shape of ``tau_mtl``, in ``out_dtype``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the task vectors, tau_mtl or the base.
+    NonFiniteResultError
+        The result does not fit ``out_dtype`` (it would be Inf).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be an integer >= 0, got {k!r}")
     tv, shape, mtl, lam = _prepare(task_vectors, tau_mtl, lam)
+    k = check_k(k, tv.shape[0])
     base = flat_like(base, "base", tv, shape)
     alpha = finite_scalar(alpha, "alpha")
+    dtype = result_dtype(mtl, base, out_dtype)
     checked = [("task_vectors", tv, True), ("tau_mtl", mtl, False), ("base", base, False)]
+
+    def reference(dt):
+        keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
+        return _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, dt)
+
     _, kernels = resolve(backend, tv.device, "consensus_merge")
     if kernels is None:
         check_finite(checked)
-        keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
-        out = _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, result_dtype(mtl, base))
+        out = reference(dtype)
+        check_finite_result(out, lambda: reference(torch.float32))
     else:
-        out = torch.empty(mtl.shape, dtype=result_dtype(mtl, base), device=mtl.device)
+        out = torch.empty(mtl.shape, dtype=dtype, device=mtl.device)
         if kernels.consensus(tv, mtl, lam, k, out, base, alpha):
-            raise_nonfinite(checked)
+            raise_counted(checked, dtype, lambda: reference(torch.float32))
     return out.view(shape)
 
 
-def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
+def apply_mask_reference(packed_row, mtl, base, dtype):
+    """The specification: ``base + m_t * tau_MTL`` in fp32, in ``dtype``; without base and in
+    tau_MTL's dtype an exact masked copy."""
+    mask = unpack_masks(packed_row, mtl.numel())
+    if base is None and dtype == mtl.dtype:
+        return torch.where(mask, mtl, torch.zeros_like(mtl))
+    kept = torch.where(mask, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32))
+    return (kept if base is None else base.float() + kept).to(dtype)
+
+
+def apply_mask(packed_row, tau_mtl, *, base=None, out_dtype=None, backend=None):
     """Rebuild one task's tensor from its packed TALL mask: ``base + m_t * tau_MTL``.
 
     Parameters
@@ -138,12 +182,21 @@ def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
     tau_mtl : Tensor
     base : Tensor, optional
         Without it, the masked ``tau_MTL`` itself (an exact copy where the mask is set).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's if given, else tau_mtl's).
     backend : None, "torch", "cpu" or "triton"
 
     Returns
     -------
     Tensor
-        Shape of ``tau_mtl``; dtype of ``base`` if given, else of ``tau_mtl``.
+        Shape of ``tau_mtl``, in ``out_dtype``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in tau_mtl or the base.
+    NonFiniteResultError
+        The result does not fit ``out_dtype`` (it would be Inf).
     """
     flat_mtl, shape = stack_task_vectors([tau_mtl], "tau_mtl")
     mtl = flat_mtl[0]
@@ -155,14 +208,17 @@ def apply_mask(packed_row, tau_mtl, *, base=None, backend=None):
     if packed_row.device != mtl.device:
         raise ValueError(f"packed_row is on {packed_row.device} but tau_mtl is on {mtl.device}")
     check_finite([("tau_mtl", mtl, False), ("base", base, False)])
+    dtype = result_dtype(mtl, base, out_dtype)
+
+    def reference(dt):
+        return apply_mask_reference(packed_row, mtl, base, dt)
+
     _, kernels = resolve(backend, mtl.device, "apply_mask")
     if kernels is None:
-        mask = unpack_masks(packed_row, numel)
-        if base is None:
-            out = torch.where(mask, mtl, torch.zeros_like(mtl))
-        else:
-            out = (base.float() + torch.where(mask, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32))).to(base.dtype)
+        out = reference(dtype)
+        check_finite_result(out, lambda: reference(torch.float32))
     else:
-        out = torch.empty(mtl.shape, dtype=result_dtype(mtl, base), device=mtl.device)
-        kernels.apply_mask(packed_row.contiguous(), mtl, out, base)
+        out = torch.empty(mtl.shape, dtype=dtype, device=mtl.device)
+        if kernels.apply_mask(packed_row.contiguous(), mtl, out, base):
+            raise result_error(dtype, lambda: reference(torch.float32))
     return out.view(shape)

@@ -12,12 +12,26 @@ needs the whole scope before any element can be finished. One pass with ``fill_s
 returns the scope's sign sum and how many elements were ambiguous (zero sign, some non-zero
 trimmed entry); only when there are some, and the majority's fill would write something else
 (``same_fill_result``), does a second pass with the majority sign follow.
+
+Results are written in ``out_dtype`` (default: the base's dtype, else the task vectors'); a result
+that is not finite there (an overflow: inputs are checked) raises ``NonFiniteResultError``. The
+fast kernels count such results as they store them, so the check costs no extra read.
 """
 from typing import NamedTuple
 
 import torch
 
-from nlmerge.ops._checks import check_finite, finite_scalar, flat_like, per_task, raise_nonfinite, stack_task_vectors
+from nlmerge.ops._checks import (
+    check_finite,
+    check_out_dtype,
+    check_finite_result,
+    finite_scalar,
+    flat_like,
+    per_task,
+    raise_counted,
+    result_error,
+    stack_task_vectors,
+)
 from nlmerge.ops._dispatch import resolve
 
 SIGN_MODES = ("mass", "count")
@@ -25,15 +39,18 @@ DISJOINT_MODES = ("mean", "sum", "max")
 
 
 class TiesPass(NamedTuple):
-    """One TIES pass: the merged tensor, the sum of elected signs, the count of ambiguous elements."""
+    """One TIES pass: the merged tensor, the sum of elected signs, the count of ambiguous elements,
+    and whether the result overflowed its dtype (only ever True with ``check_result=False``)."""
 
     merged: torch.Tensor
     sign_sum: int
     ambiguous: int
+    overflow: bool = False
 
 
-def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign):
-    """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``."""
+def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
+    """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``
+    with ``out`` in ``dtype``."""
     x = tv.float()
     trimmed = torch.where(x.abs() >= thresholds[:, None], x, torch.zeros_like(x))
     election = torch.zeros_like(x[0])
@@ -52,19 +69,22 @@ def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign
             num = num + torch.where(agree[t], weights[t] * trimmed[t], torch.zeros_like(s))
             den = den + torch.where(agree[t], weights[t], torch.zeros_like(s))
         merged = num if disjoint == "sum" else torch.where(den != 0, num / den, torch.zeros_like(s))
-    return _finish(merged, base, lam, result_dtype(tv, base)), sign_sum, ambiguous
+    return _finish(merged, base, lam, dtype), sign_sum, ambiguous
 
 
-def task_arithmetic_reference(tv, weights, base, lam):
-    """The specification of task arithmetic on ``tv`` [T, N]: ``base + lam * sum_t w_t x_t``."""
+def task_arithmetic_reference(tv, weights, base, lam, dtype):
+    """The specification of task arithmetic on ``tv`` [T, N]: ``base + lam * sum_t w_t x_t`` in ``dtype``."""
     acc = torch.zeros(tv.shape[1], dtype=torch.float32, device=tv.device)
     for t in range(tv.shape[0]):
         acc = acc + weights[t] * tv[t].float()
-    return _finish(acc, base, lam, result_dtype(tv, base))
+    return _finish(acc, base, lam, dtype)
 
 
-def result_dtype(data, base):
-    """Results are in the base's dtype when there is a base (it is the model), else the data's."""
+def result_dtype(data, base, out_dtype=None):
+    """``out_dtype`` when given (checked), else the base's dtype when there is a base (it is the
+    model), else the data's."""
+    if check_out_dtype(out_dtype) is not None:
+        return out_dtype
     return data.dtype if base is None else base.dtype
 
 
@@ -84,7 +104,9 @@ def ties_merge_pass(
     weights=None,
     base=None,
     lam=1.0,
+    out_dtype=None,
     out=None,
+    check_result=True,
     backend=None,
 ):
     """One fused TIES pass with a given sign for elements whose elected sign is zero.
@@ -96,18 +118,29 @@ def ties_merge_pass(
         Trim thresholds (``magnitude_threshold`` per task); ``|x_t| >= thr_t`` is kept.
     fill_sign : -1, 0 or 1
         Sign given to elements whose elected sign is zero.
-    sign, disjoint, weights, base, lam, backend
+    sign, disjoint, weights, base, lam, out_dtype, backend
         As in ``ties_merge``.
     out : Tensor, optional
         Where to write the result (contiguous, the result's shape and dtype), e.g. an earlier
         pass's ``merged`` when rerunning with the majority sign: no second buffer.
+    check_result : bool
+        Raise ``NonFiniteResultError`` when the result does not fit its dtype (True), or report
+        it in ``overflow`` (False: for a caller that reruns the pass, e.g. with the majority sign,
+        and checks the final one).
 
     Returns
     -------
     TiesPass
         ``merged`` (shape of one task vector, dtype as in ``ties_merge``), ``sign_sum`` (sum of the elected signs
-        before filling) and ``ambiguous`` (elements with zero elected sign and a non-zero
-        trimmed entry: those whose result depends on ``fill_sign``).
+        before filling), ``ambiguous`` (elements with zero elected sign and a non-zero
+        trimmed entry: those whose result depends on ``fill_sign``) and ``overflow``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the task vectors or the base (naming which).
+    NonFiniteResultError
+        With ``check_result``: the result is not finite in its dtype.
     """
     if sign not in SIGN_MODES:
         raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
@@ -117,29 +150,36 @@ def ties_merge_pass(
         raise ValueError(f"fill_sign must be -1, 0 or 1, got {fill_sign!r}")
     tv, shape = stack_task_vectors(task_vectors)
     num_tasks = tv.shape[0]
-    thresholds = per_task(thresholds, num_tasks, "thresholds", tv.device)
-    if bool((thresholds < 0).any()):
-        raise ValueError(f"thresholds must be >= 0, got {thresholds.tolist()}")
-    weights = per_task(weights, num_tasks, "weights", tv.device, default=1.0, positive=True)
+    thresholds = per_task(thresholds, num_tasks, "thresholds", tv.device, bound="nonnegative")
+    weights = per_task(weights, num_tasks, "weights", tv.device, default=1.0, bound="positive")
     base = flat_like(base, "base", tv, shape)
     lam = finite_scalar(lam, "lam")
     checked = [("task_vectors", tv, True), ("base", base, False)]
-    dtype = result_dtype(tv, base)
+    dtype = result_dtype(tv, base, out_dtype)
     if out is not None and (out.shape != shape or out.dtype != dtype or out.device != tv.device or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {tv.device}")
+
+    def reference(dt):
+        return ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dt)
+
     _, kernels = resolve(backend, tv.device, "ties_merge")
     if kernels is None:
         check_finite(checked)
-        merged, sign_sum, ambiguous = ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign)
+        merged, sign_sum, ambiguous = reference(dtype)
+        overflow = not bool(torch.isfinite(merged).all())
         if out is None:
-            return TiesPass(merged.view(shape), sign_sum, ambiguous)
-        out.copy_(merged.view(shape))
-        return TiesPass(out, sign_sum, ambiguous)
-    flat = torch.empty(tv.shape[1], dtype=dtype, device=tv.device) if out is None else out.view(-1)
-    sign_sum, ambiguous, nonfinite = kernels.ties_merge(tv, thresholds, weights, flat, base, lam, sign, disjoint, fill_sign)
-    if nonfinite:
-        raise_nonfinite(checked)
-    return TiesPass(flat.view(shape), sign_sum, ambiguous)
+            out = merged.view(shape)
+        else:
+            out.copy_(merged.view(shape))
+    else:
+        flat = torch.empty(tv.shape[1], dtype=dtype, device=tv.device) if out is None else out.view(-1)
+        sign_sum, ambiguous, nonfinite = kernels.ties_merge(tv, thresholds, weights, flat, base, lam, sign, disjoint, fill_sign)
+        if nonfinite:
+            check_finite(checked)  # a non-finite input raises here; else the result overflowed
+        overflow, out = nonfinite > 0, flat.view(shape)
+    if overflow and check_result:
+        raise result_error(dtype, lambda: reference(torch.float32)[0])
+    return TiesPass(out, sign_sum, ambiguous, overflow)
 
 
 def ties_merge(
@@ -152,6 +192,7 @@ def ties_merge(
     base=None,
     lam=1.0,
     zero_sign="majority",
+    out_dtype=None,
     backend=None,
 ):
     """Fused TIES merge of T task vectors of one tensor: trim, elect sign, disjoint merge.
@@ -173,23 +214,34 @@ def ties_merge(
         Scale of the merged task vector.
     zero_sign : "majority" or "positive"
         Sign for zero elections: the majority sign over this tensor (TIES), or + (mergekit).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's if given, else the task vectors').
     backend : None, "torch", "cpu" or "triton"
 
     Returns
     -------
     Tensor
-        Shape of one task vector; dtype of ``base`` if given, else of the task vectors.
+        Shape of one task vector, in ``out_dtype`` (computed in fp32, rounded once).
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the task vectors or the base.
+    NonFiniteResultError
+        The result does not fit ``out_dtype`` (it would be Inf).
     """
     if zero_sign not in ("majority", "positive"):
         raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
-    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, backend=backend)
+    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype, backend=backend)
     if zero_sign == "positive":
         return ties_merge_pass(task_vectors, thresholds, fill_sign=1, **kwargs).merged
-    first = ties_merge_pass(task_vectors, thresholds, fill_sign=0, **kwargs)
+    first = ties_merge_pass(task_vectors, thresholds, fill_sign=0, check_result=False, **kwargs)
     majority = (first.sign_sum > 0) - (first.sign_sum < 0)
-    if first.ambiguous == 0 or same_fill_result(0, majority, disjoint):
+    fill = 0 if first.ambiguous == 0 or same_fill_result(0, majority, disjoint) else majority
+    if fill == 0 and not first.overflow:
         return first.merged
-    return ties_merge_pass(task_vectors, thresholds, fill_sign=majority, out=first.merged, **kwargs).merged
+    # the majority's pass; or the first pass again, checked: its result overflowed, so this raises
+    return ties_merge_pass(task_vectors, thresholds, fill_sign=fill, out=first.merged, **kwargs).merged
 
 
 def same_fill_result(fill_a, fill_b, disjoint):
@@ -203,7 +255,7 @@ def same_fill_result(fill_a, fill_b, disjoint):
     return fill_a == fill_b or (disjoint != "max" and {fill_a, fill_b} <= {0, -1})
 
 
-def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=None):
+def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, out_dtype=None, backend=None):
     """Fused task arithmetic: ``base + lam * sum_t w_t * tau_t`` (``lam * sum`` without base).
 
     Parameters
@@ -212,25 +264,40 @@ def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, backend=N
     weights : None, number or sequence of T finite numbers (negative allowed: task negation)
     base : Tensor, optional
     lam : float
+        Finite.
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's if given, else the task vectors').
     backend : None, "torch", "cpu" or "triton"
 
     Returns
     -------
     Tensor
-        Shape of one task vector, dtype of ``base`` if given, else of the task vectors;
-        accumulated in fp32 in task order.
+        Shape of one task vector, in ``out_dtype``; accumulated in fp32 in task order.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the task vectors or the base.
+    NonFiniteResultError
+        The result does not fit ``out_dtype`` (it would be Inf).
     """
     tv, shape = stack_task_vectors(task_vectors)
     weights = per_task(weights, tv.shape[0], "weights", tv.device, default=1.0)
     base = flat_like(base, "base", tv, shape)
     lam = finite_scalar(lam, "lam")
+    dtype = result_dtype(tv, base, out_dtype)
     checked = [("task_vectors", tv, True), ("base", base, False)]
+
+    def reference(dt):
+        return task_arithmetic_reference(tv, weights, base, lam, dt)
+
     _, kernels = resolve(backend, tv.device, "task_arithmetic")
     if kernels is None:
         check_finite(checked)
-        out = task_arithmetic_reference(tv, weights, base, lam)
+        out = reference(dtype)
+        check_finite_result(out, lambda: reference(torch.float32))
     else:
-        out = torch.empty(tv.shape[1], dtype=result_dtype(tv, base), device=tv.device)
+        out = torch.empty(tv.shape[1], dtype=dtype, device=tv.device)
         if kernels.task_arithmetic(tv, weights, out, base, lam):
-            raise_nonfinite(checked)
+            raise_counted(checked, dtype, lambda: reference(torch.float32))
     return out.view(shape)
