@@ -3,6 +3,8 @@
     nlmerge --version
     nlmerge demo [--out DIR] [--seeds 0,1,2] [--device cpu|cuda] [--align weight|activation]
                  [--quick] [--threads N] [--no-progress]
+    nlmerge merge CONFIG.yml OUT [--device cpu|cuda] [--cuda] [--out-shard-size 5B] [--random-seed N]
+                  [--copy-tokenizer|--no-copy-tokenizer] [--force] [--resume] [--no-progress]
 
 Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and sets
 ``run=_<name>``, the function that runs it (listed in ``SUBCOMMANDS``). Arguments are checked
@@ -60,7 +62,99 @@ def _demo(args):
     return 0
 
 
-SUBCOMMANDS = (_add_demo,)
+# mergekit-yaml flags that nlmerge does not do, refused by name with the reason
+_REFUSED_MERGEKIT_FLAGS = {
+    "--allow-crimes": "nlmerge merges models with one set of keys and shapes",
+    "--trust-remote-code": "nlmerge runs no code from checkpoints",
+    "--lora-merge-cache": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
+    "--lora-merge-dtype": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
+    "--no-safe-serialization": "nlmerge writes safetensors only",
+    "--write-model-card": "nlmerge writes no model card (the config is kept as nlmerge_config.yml)",
+    "--clone-tensors": "nlmerge writes every tensor of the base once; nothing is shared",
+    "--multi-gpu": "one device per process; many processes come with torch.distributed (not yet)",
+    "--gpu-rich": "one device per process; many processes come with torch.distributed (not yet)",
+    "--async-write": "reading, computing and writing already overlap",
+}
+# mergekit-yaml flags accepted with nothing to do: nlmerge always does what they ask for
+_NO_OP_MERGEKIT_FLAGS = {
+    "--lazy-unpickle": "tensors are always read lazily",
+    "--low-cpu-memory": "one key is held at a time",
+    "--safe-serialization": "the output is always safetensors",
+    "--no-write-model-card": "nlmerge writes no model card",
+}
+
+
+class _Refused(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} (a mergekit-yaml flag) is not supported: "
+                     f"{_REFUSED_MERGEKIT_FLAGS[option_string]}")
+
+
+def _add_merge(commands):
+    from nlmerge.io import parse_size
+
+    merge = commands.add_parser(
+        "merge", help="merge checkpoints on disk from a mergekit YAML config (a drop-in for mergekit-yaml)",
+        description="Merge Hugging Face checkpoints (safetensors or .bin, sharded or not) as a mergekit config "
+                    "says, streaming one tensor at a time, in fp32, into OUT in the Hugging Face layout. "
+                    "Methods: linear, task_arithmetic, ties (also scope: global, convention: ties), dare_linear, "
+                    "dare_ties, breadcrumbs, breadcrumbs_ties, consensus.")
+    merge.add_argument("config", metavar="CONFIG.yml", help="mergekit-style YAML (the models: form)")
+    merge.add_argument("out", metavar="OUT", help="output folder")
+    merge.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                       help="where the arithmetic runs (default: cpu)")
+    merge.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
+    merge.add_argument("--out-shard-size", metavar="SIZE", default="5B", type=_checked(parse_size, "SIZE"),
+                       help="bytes per output shard, K/M/B = 1e3/1e6/1e9, counted as mergekit's writer counts "
+                            "(default: %(default)s)")
+    merge.add_argument("--random-seed", metavar="N", type=int, default=None,
+                       help="seed of DARE's drops, keyed by (seed, tensor name, element) (default: 0)")
+    merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="copy the base model's tokenizer files (default: yes)")
+    merge.add_argument("--force", action="store_true", help="write into an existing output folder")
+    merge.add_argument("--resume", action="store_true",
+                       help="continue an interrupted job: finished shards (size and sha256 checked) are kept")
+    merge.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--num-threads", metavar="N", type=_checked(_positive_int, "N"), default=None,
+                       help="torch CPU threads (default: torch's)")
+    merge.add_argument("--backend", choices=("torch", "cpu", "triton"), default=None,
+                       help="kernel backend (default: auto, see the README)")
+    for flag, reason in _NO_OP_MERGEKIT_FLAGS.items():
+        merge.add_argument(flag, action="store_true", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
+    for flag in _REFUSED_MERGEKIT_FLAGS:
+        merge.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
+    merge.set_defaults(run=_merge)
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _merge(args):
+    import torch
+
+    from nlmerge.jobs import run_merge
+
+    if args.cuda and args.device == "cpu":
+        raise SystemExit("nlmerge merge: error: --cuda contradicts --device cpu")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    try:
+        out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
+                        out_shard_size=args.out_shard_size, random_seed=args.random_seed,
+                        copy_tokenizer=args.copy_tokenizer, force=args.force, resume=args.resume,
+                        progress=not args.no_progress, backend=args.backend)
+    except (ValueError, FileExistsError, OSError) as err:
+        print(f"nlmerge merge: error: {err}", file=sys.stderr)
+        return 1
+    print(f"merged into {out}")
+    return 0
+
+
+SUBCOMMANDS = (_add_demo, _add_merge)
 
 
 def build_parser():

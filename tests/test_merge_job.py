@@ -344,3 +344,22 @@ def test_single_files_bin_and_tied_embeddings(tmp_path):
     assert list(got) == list(base) or set(got) == set(base)
     for k in base:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_command_line(llama_family, tmp_path, capsys):
+    from nlmerge.cli import main
+
+    _, paths, _, _ = llama_family
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(_config(paths, "ties", None, WEIGHTS)))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress", "--lazy-unpickle",
+                 "--out-shard-size", "20K", "--no-copy-tokenizer"]) == 0
+    assert "tokenizer_config.json" not in os.listdir(tmp_path / "out")
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["merge", str(path), str(tmp_path / "o2"), "--allow-crimes"])
+    assert exit_.value.code == 2 and "--allow-crimes" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**_config(paths, "ties", None, WEIGHTS), "slices": []}))
+    assert main(["merge", str(path), str(tmp_path / "o3"), "--no-progress"]) == 1
+    assert "'slices'" in capsys.readouterr().err and not (tmp_path / "o3").exists()
