@@ -363,3 +363,24 @@ def test_command_line(llama_family, tmp_path, capsys):
     path.write_text(yaml.safe_dump({**_config(paths, "ties", None, WEIGHTS), "slices": []}))
     assert main(["merge", str(path), str(tmp_path / "o3"), "--no-progress"]) == 1
     assert "'slices'" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+
+
+def test_batchnorm_running_statistics_are_the_experts_mean(tmp_path):
+    """Running statistics are not task vectors (nlmerge.merge's rule): the job gives the in-memory result."""
+    g = torch.Generator().manual_seed(0)
+    base = {"conv.weight": torch.randn(4, 3, generator=g), "bn.running_mean": torch.randn(4, generator=g),
+            "bn.running_var": torch.rand(4, generator=g) + 0.1, "bn.num_batches_tracked": torch.tensor(7)}
+    experts = [{**base, "conv.weight": base["conv.weight"] + 1, "bn.running_var": torch.rand(4, generator=g) * 0.1,
+                "bn.running_mean": torch.randn(4, generator=g)} for _ in range(3)]
+    for name, sd in [("base", base)] + [(f"e{i}", e) for i, e in enumerate(experts)]:
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base.safetensors"),
+           "parameters": {"lambda": 2.0},
+           "models": [{"model": str(tmp_path / f"e{i}.safetensors"), "parameters": {"weight": 1.0}} for i in range(3)]}
+    run_merge(cfg, tmp_path / "out", progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = merge.task_arithmetic(base, experts, lam=2.0)
+    assert bool((got["bn.running_var"] >= 0).all())
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got["bn.running_var"], torch.stack([e["bn.running_var"] for e in experts]).mean(0))

@@ -22,6 +22,7 @@ from nlmerge import ops
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key
 from nlmerge.jobs.permutations import load_permutations
+from nlmerge.merge._common import Plan, cast_result, is_running_stat, running_stat_values
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -43,6 +44,7 @@ class KeyPlan:
     merged: bool
     shared: dict | None = None
     per_model: list | None = None
+    running_stat: bool = False
 
 
 @dataclass
@@ -154,8 +156,12 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
             if not merged:
                 keys[key] = KeyPlan(key, info.shape, info.dtype, False)
                 continue
+            dtype = cfg.out_dtype or cfg.dtype or info.dtype
+            if is_running_stat(key):  # not a task vector: the models' plain mean (nlmerge.merge's rule)
+                keys[key] = KeyPlan(key, info.shape, dtype, True, running_stat=True)
+                continue
             shared, per_model = cfg.resolve(key, layer_position(key, num_layers))
-            keys[key] = KeyPlan(key, info.shape, cfg.out_dtype or cfg.dtype or info.dtype, True, shared, per_model)
+            keys[key] = KeyPlan(key, info.shape, dtype, True, shared, per_model)
         global_ties = _uniform_scope(cfg, keys)
         shards = ckio.plan_shards([(k.key, k.shape, k.dtype) for k in keys.values()], max_bytes)
     except BaseException:
@@ -202,20 +208,22 @@ def _uniform_scope(cfg, keys):
     """Whether the job is a global TIES; ``scope`` must not vary between tensors."""
     if cfg.method.name != "ties":
         return False
-    scopes = {k.shared["scope"] for k in keys.values() if k.merged}
+    scopes = {k.shared["scope"] for k in _by_method(keys)}
     if len(scopes) > 1:
         raise ConfigError("ties: scope must be the same for every tensor (global or tensor), not set by filters")
     if scopes == {"global"}:
-        for k in keys.values():
-            if k.merged and [p.get("density") for p in k.per_model] != [p.get("density") for p in _first_merged(keys).per_model]:
+        first = next(_by_method(keys))
+        for k in _by_method(keys):
+            if [p.get("density") for p in k.per_model] != [p.get("density") for p in first.per_model]:
                 raise ConfigError(f"ties with scope: global keeps one density per model over the whole model; "
                                   f"tensor {k.key!r} resolves another (filters and gradients of density are per-tensor)")
         return True
     return False
 
 
-def _first_merged(keys):
-    return next(k for k in keys.values() if k.merged)
+def _by_method(keys):
+    """The key plans the merge method computes (not copied, not running statistics)."""
+    return (k for k in keys.values() if k.merged and not k.running_stat)
 
 
 def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
@@ -291,7 +299,7 @@ def _task_vectors(tensors):
 
 def _global_thresholds(plan, progress):
     """Exact per-task TIES thresholds over the whole model: two streaming histogram passes."""
-    merged = [k for k in plan.keys.values() if k.merged]
+    merged = list(_by_method(plan.keys))
     densities = [p["density"] for p in merged[0].per_model[1:]]
     selectors = [ops.MagnitudeSelector(plan.device, backend=plan.backend) for _ in densities]
     total = sum(_nbytes(k) for k in merged)
@@ -339,6 +347,11 @@ def _naming(key, plan, index=None):
 def _merge_one(plan, k, tensors, thresholds, fill):
     """The merged fp32 result of one key, and the TIES pass info of a global TIES (or None)."""
     method = plan.config.method
+    if k.running_stat:
+        experts = tensors[1:] if method.uses_base else tensors
+        stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: torch.float32}), {k.key: tensors[0]},
+                                    [{k.key: x} for x in experts], "average", backend=plan.backend)
+        return stats[k.key], None
     with _naming(k.key, plan):
         if thresholds is None:
             return merge_key(method, k.key, tensors, k.shared, k.per_model, seed=plan.seed, backend=plan.backend), None
@@ -351,11 +364,9 @@ def _merge_one(plan, k, tensors, thresholds, fill):
 
 
 def _to_output(k, result):
-    out = result.to(k.dtype)
-    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"tensor {k.key!r}: the merged result does not fit {k.dtype} (it overflows to Inf); "
-                         "set out_dtype: float32 in the config to write it in a wider dtype")
-    return out.cpu()
+    """The fp32 result in the key's output dtype; NonFiniteResultError naming the key when it
+    does not fit (set ``out_dtype: float32`` in the config then)."""
+    return cast_result(k.key, result, k.dtype).cpu()
 
 
 def _merge_shards(plan, manifest, thresholds, progress):
@@ -398,7 +409,7 @@ def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):
     whose result depends on it are merged again and their shard rewritten (rare: an elected sign
     of exactly 0 with a kept entry)."""
     majority = (sign_sum > 0) - (sign_sum < 0)
-    disjoint = "mean" if _first_merged(plan.keys).shared["normalize"] else "sum"
+    disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"
     for shard in plan.shards:
         stale = [key for key, fill in rerun.get(shard.name, {}).items()
                  if not ops.same_fill_result(fill, majority, disjoint)]
