@@ -20,9 +20,9 @@ import torch
 from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
-from nlmerge.jobs.methods import merge_key
+from nlmerge.jobs.methods import merge_key, task_vectors
 from nlmerge.jobs.permutations import load_permutations
-from nlmerge.merge._common import Plan, cast_result, is_running_stat, running_stat_values
+from nlmerge.merge._common import Plan, is_running_stat, running_stat_values
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -273,13 +273,13 @@ def _read_inputs(plan, key):
 
 
 def _stream(plan, keys):
-    """Yield ``(key, tensors)`` for ``keys``, reading the next keys on a thread while one is merged."""
+    """Yield ``(key, tensors)`` for ``keys``, reading the next key on a thread while one is merged."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-read") as pool:
-        pending = [pool.submit(_read_inputs, plan, k) for k in keys[:2]]
+        pending = [pool.submit(_read_inputs, plan, k) for k in keys[:1]]
         for i, key in enumerate(keys):
             tensors = pending[i].result()
-            if i + 2 < len(keys):
-                pending.append(pool.submit(_read_inputs, plan, keys[i + 2]))
+            if i + 1 < len(keys):  # one key ahead: memory stays at two keys' inputs
+                pending.append(pool.submit(_read_inputs, plan, keys[i + 1]))
             pending[i] = None
             yield key, tensors
 
@@ -290,11 +290,6 @@ def _bar(plan, total, desc, progress):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
-
-
-def _task_vectors(tensors):
-    base = tensors[0].float()
-    return [x.float() - base for x in tensors[1:]]
 
 
 def _global_thresholds(plan, progress):
@@ -314,7 +309,7 @@ def _global_thresholds(plan, progress):
                 break
         with _bar(plan, total, f"TIES thresholds ({step} bits)", progress) as bar:
             for key, tensors in _stream(plan, [k.key for k in merged]):
-                for t, tau in enumerate(_task_vectors(tensors)):
+                for t, tau in enumerate(task_vectors(tensors)):
                     if step == "high":
                         sel = selectors[t]
                         with _naming(key, plan, t + 1):
@@ -345,28 +340,26 @@ def _naming(key, plan, index=None):
 
 
 def _merge_one(plan, k, tensors, thresholds, fill):
-    """The merged fp32 result of one key, and the TIES pass info of a global TIES (or None)."""
+    """One key's result in its output dtype (on the CPU), and the TIES pass of a global TIES (or
+    None). A result that does not fit the output dtype raises NonFiniteResultError naming the key
+    (``out_dtype: float32`` in the config writes it wider)."""
     method = plan.config.method
     if k.running_stat:
         experts = tensors[1:] if method.uses_base else tensors
-        stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: torch.float32}), {k.key: tensors[0]},
+        stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: k.dtype}), {k.key: tensors[0]},
                                     [{k.key: x} for x in experts], "average", backend=plan.backend)
-        return stats[k.key], None
+        return stats[k.key].cpu(), None
     with _naming(k.key, plan):
         if thresholds is None:
-            return merge_key(method, k.key, tensors, k.shared, k.per_model, seed=plan.seed, backend=plan.backend), None
+            result = merge_key(method, k.key, tensors, k.shared, k.per_model, out_dtype=k.dtype, seed=plan.seed,
+                               backend=plan.backend)
+            return result.cpu(), None
         experts = k.per_model[1:]
         result = ops.ties_merge_pass(
-            torch.stack(_task_vectors(tensors)), thresholds, fill_sign=fill, weights=[p["weight"] for p in experts],
-            base=tensors[0].float(), lam=k.shared["lambda"], disjoint="mean" if k.shared["normalize"] else "sum",
-            backend=plan.backend)
-        return result.merged, result
-
-
-def _to_output(k, result):
-    """The fp32 result in the key's output dtype; NonFiniteResultError naming the key when it
-    does not fit (set ``out_dtype: float32`` in the config then)."""
-    return cast_result(k.key, result, k.dtype).cpu()
+            task_vectors(tensors), thresholds, fill_sign=fill, weights=[p["weight"] for p in experts],
+            base=tensors[0], lam=k.shared["lambda"], disjoint="mean" if k.shared["normalize"] else "sum",
+            out_dtype=k.dtype, backend=plan.backend)
+        return result.merged.cpu(), result
 
 
 def _merge_shards(plan, manifest, thresholds, progress):
@@ -388,7 +381,7 @@ def _merge_shards(plan, manifest, thresholds, progress):
                             shard_sum += info.sign_sum
                             if info.ambiguous:
                                 fills[key] = fill
-                        out = _to_output(k, result)
+                        out = result
                     else:
                         out = tensors[plan.copy_source].cpu()
                     writer.write(key, out)
@@ -417,8 +410,7 @@ def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):
             continue
         fixed = {}
         for key, tensors in _stream(plan, stale):
-            result, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
-            fixed[key] = _to_output(plan.keys[key], result)
+            fixed[key], _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
         written = ckio.rewrite_shard(shard, plan.out, fixed)
         manifest.record(written, extra={**manifest.extra(shard.name), "fills": {}})
 

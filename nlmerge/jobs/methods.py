@@ -18,6 +18,7 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge import generalized
+from nlmerge.merge._common import task_tensors
 
 REQUIRED = object()
 
@@ -147,10 +148,23 @@ METHODS = {m.name: m for m in (
 )}
 
 
-def merge_key(method, key, tensors, shared, per_model, *, seed, backend):
-    """Merge one key: ``tensors`` are the inputs of ``MergeConfig.inputs()`` (base first when the
-    method has one), any float dtype; returns the fp32 result (per-tensor methods only: global
-    TIES is driven by the job)."""
+def task_vectors(tensors):
+    """``[T, *shape]`` fp32 task vectors ``expert - base`` of one key (``tensors``: base first, any
+    float dtypes); one expert is converted at a time."""
+    base = tensors[0]
+    return task_tensors("", {"": base}, [{"": x} for x in tensors[1:]])
+
+
+def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backend):
+    """Merge one key with a per-tensor method (global TIES is driven by the job).
+
+    ``tensors`` are the inputs of ``MergeConfig.inputs()`` (base first when the method has one)
+    in their storage dtypes; ``shared``/``per_model`` the resolved parameters. Computed in fp32,
+    returned in ``out_dtype`` (NonFiniteResultError naming the key when it does not fit).
+    """
+    if len({x.dtype for x in tensors}) > 1:  # models stored in different float dtypes
+        tensors = [x.float() for x in tensors]
+    common = dict(out_dtype=out_dtype, backend=backend)
     if method.name == "linear":
         weights = [p["weight"] for p in per_model]
         total = sum(weights)
@@ -158,21 +172,20 @@ def merge_key(method, key, tensors, shared, per_model, *, seed, backend):
             if abs(total) < 1e-8:
                 raise ValueError(f"tensor {key!r}: linear weights sum to {total}; cannot normalize")
             weights = [w / total for w in weights]
-        return ops.task_arithmetic([x.float() for x in tensors], weights=weights, backend=backend)
-    base, experts = tensors[0].float(), tensors[1:]
-    experts_params = per_model[1:]
+        return ops.task_arithmetic(tensors, weights=weights, **common)
+    base, experts, experts_params = tensors[0], tensors[1:], per_model[1:]
     if method.name == "consensus":
-        taus = torch.stack([x.float() - base for x in experts])
+        taus = task_vectors(tensors)
         return ops.consensus_merge(taus, taus.sum(0), [p["tall_lambda"] for p in experts_params], k=shared["k"],
-                                   base=base, alpha=shared["lambda"], backend=backend)
+                                   base=base, alpha=shared["lambda"], **common)
     if method.name == "ties" and shared["convention"] == "ties":
-        taus = torch.stack([x.float() - base for x in experts])
+        taus = task_vectors(tensors)
         thresholds = torch.stack([ops.magnitude_threshold(taus[t], p["density"], backend=backend)
                                   for t, p in enumerate(experts_params)])
         return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base,
                               lam=shared["lambda"], disjoint="mean" if shared["normalize"] else "sum",
-                              zero_sign="majority", backend=backend)
+                              zero_sign="majority", **common)
     values = {k: v for k, v in shared.items() if k not in ("scope", "convention")}
     values.update({p.name: [e[p.name] for e in experts_params] for p in method.per_model})
-    return generalized.merge_tensor(base, [x.float() for x in experts], **generalized.METHODS[method.name].kwargs(values),
-                                    seed=seed, name=key, backend=backend)
+    return generalized.merge_tensor(base, list(experts), **generalized.METHODS[method.name].kwargs(values),
+                                    seed=seed, name=key, **common)
