@@ -1,10 +1,16 @@
 """nlmerge.ops.random: Philox4x32-10 against Random123's known answers and Triton's tl.philox;
-draws that are a pure function of (seed, name, stream, index); uniformity of 1e6 draws."""
+draws that are a pure function of (seed, name, stream, index); uniformity of 1e6 draws; the C++
+backend bit-identical to the torch reference (any thread count, any cut of the range)."""
+import numpy as np
 import pytest
 import torch
 from conftest import ON_GPU
 
+from nlmerge import kernels
 from nlmerge.ops import random as rnd
+
+cpu_kernels, cpu_reason = kernels.load("cpu")
+needs_cpu = pytest.mark.skipif(cpu_kernels is None, reason=f"C++ extension not built: {cpu_reason}")
 
 # Random123's kat_vectors for philox4x32-10: counter, key, result
 KNOWN_ANSWERS = [
@@ -128,3 +134,99 @@ def test_name_must_be_a_string():
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_cuda_draws_equal_cpu_draws():
     assert torch.equal(rnd.random_bits(5, "w", 10**5, offset=9, stream=1, device="cuda").cpu(), rnd.random_bits(5, "w", 10**5, offset=9, stream=1))
+
+
+def _all_draws(backend, seed, name, count, offset, stream, density):
+    """random_bits, uniform and keep_mask of one range on one backend."""
+    return (
+        rnd.random_bits(seed, name, count, offset=offset, stream=stream, backend=backend),
+        rnd.uniform(seed, name, count, offset=offset, stream=stream, backend=backend),
+        rnd.keep_mask(seed, name, count, density, offset=offset, stream=stream, backend=backend),
+    )
+
+
+def _assert_same(got, expected, what):
+    for g, e, op in zip(got, expected, ("random_bits", "uniform", "keep_mask")):
+        assert g.dtype == e.dtype and g.shape == e.shape, (op, what, g.dtype, g.shape)
+        assert torch.equal(g, e), (op, what, int((g != e).sum()))
+
+
+def _random_cases(generator, n_cases):
+    """(seed, name, count, offset, stream, density): fresh keys; counts 0, 1, 3 and odd ones;
+    offsets off multiples of 4, at the 2**32-th counter (the counter's second word) and near 2**62."""
+    def draw(high):
+        return int(torch.randint(0, high, (), generator=generator, dtype=torch.int64))
+
+    counts = [0, 1, 2, 3, 4, 5, 17, 4099] + [draw(20_000) for _ in range(n_cases - 8)]
+    offset_bases = [0, 4 * 2**32 - 9, 2**62 - 30_000, 2**40]
+    cases = []
+    for k, count in enumerate(counts):
+        seed = draw(2**62) * 4 + draw(4)  # up to 2**64 - 1
+        name = f"model.layers.{draw(100)}.mlp.{'é' * (k % 2)}w"
+        offset = offset_bases[k % len(offset_bases)] + draw(1000)
+        offset = min(offset, 2**62 - count)
+        cases.append((seed, name, count, offset, draw(2**32), float(torch.rand((), generator=generator))))
+    return cases
+
+
+@needs_cpu
+def test_cpu_draws_equal_the_reference(generator):
+    for case in _random_cases(generator, 24):
+        _assert_same(_all_draws("cpu", *case), _all_draws("torch", *case), case)
+    # densities at the integer threshold's edges: 0, 1, and one draw's own value
+    bits = rnd.random_bits(3, "edge", 64, backend="torch")
+    for density in (0.0, 1.0, int(bits[5]) / 2**24, (int(bits[5]) + 1) / 2**24, 2**-24, 1 - 2**-24):
+        assert torch.equal(rnd.keep_mask(3, "edge", (8, 8), density, backend="cpu"), rnd.keep_mask(3, "edge", (8, 8), density, backend="torch")), density
+
+
+@needs_cpu
+def test_cpu_draws_do_not_depend_on_threads_or_chunks(generator):
+    seed, name, offset, stream = int(torch.randint(0, 2**62, (), generator=generator)), "embed.weight", 4 * 2**32 - 70_001, 3
+    count = 300_007  # enough elements for several threads
+    expected = _all_draws("torch", seed, name, count, offset, stream, 0.35)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            _assert_same(_all_draws("cpu", seed, name, count, offset, stream, 0.35), expected, f"{n} threads")
+    finally:
+        torch.set_num_threads(threads)
+    # cut at arbitrary points (inside counters, across the kernel's chunks) and concatenated
+    cuts = sorted({0, count, 1, 2, 4097, 4100, count - 3, *torch.randint(0, count, (6,), generator=generator).tolist()})
+    pieces = [_all_draws("cpu", seed, name, b - a, offset + a, stream, 0.35) for a, b in zip(cuts, cuts[1:])]
+    _assert_same([torch.cat(parts) for parts in zip(*pieces)], expected, "chunks")
+
+
+@needs_cpu
+def test_auto_backend_uses_the_cpu_kernel_on_cpu_tensors(monkeypatch):
+    calls = []
+    real = cpu_kernels.random_draws
+    monkeypatch.setattr(cpu_kernels, "random_draws", lambda out, *args: calls.append(out.dtype) or real(out, *args))
+    monkeypatch.delenv("NLMERGE_BACKEND", raising=False)
+    mask = rnd.keep_mask(1, "x", (3, 5), 0.5)
+    rnd.random_bits(1, "x", 15)
+    rnd.random_bits(1, "x", 15, backend="torch")
+    assert calls == [torch.bool, torch.int64]
+    assert torch.equal(mask, rnd.keep_mask(1, "x", (3, 5), 0.5, backend="torch"))
+
+
+@needs_cpu
+def test_cpu_binding_refuses_bad_buffers():
+    from nlmerge import _C
+
+    with pytest.raises(ValueError, match="out must be int64 .* got dtype kind 'i' itemsize 4"):
+        _C.random_draws(np.zeros(4, np.int32), 1, 2, 0, 3, 0)
+    with pytest.raises(ValueError, match=r"threshold in \[0, 2\*\*24\], got -1"):
+        _C.random_draws(np.zeros(4, np.bool_), 1, 2, 0, 3, 0)
+    with pytest.raises(ValueError, match=r"offset \+ out.size <= 2\*\*62, got offset 4611686018427387901 for 4"):
+        _C.random_draws(np.zeros(4, np.int64), 1, 2, 0, 3, 2**62 - 3)
+    with pytest.raises(ValueError, match="out must be writable"):
+        frozen = np.zeros(4, np.float32)
+        frozen.flags.writeable = False
+        _C.random_draws(frozen, 1, 2, 0, 3, 0)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match=r"backend='numpy' is not a backend"):
+        rnd.keep_mask(0, "x", 4, 0.5, backend="numpy")
+

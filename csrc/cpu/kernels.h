@@ -67,4 +67,16 @@ constexpr int F64 = 3;
 bool channel_stats(const void* x, int dtype, int64_t outer, int64_t C, int64_t inner, const double* shift,
                    double* sum, double* sumsq, int nthreads);
 
+// Counter-based draws (random.cpp): element i of a stream is lane i % 4 of Philox4x32-10 of the
+// counter (i / 4 mod 2^32, i / 4 >> 32, stream, h) under the key (k0, k1); its draw is the word's
+// top 24 bits. For the elements [offset, offset + n), offset + n <= 2^62, into out[0, n):
+// random_bits the draws, random_uniform draw * 2^-24 (exact), random_keep draw < threshold as 0/1.
+// Pure functions of the index: the same for any thread count or cut of the range.
+struct PhiloxStream {
+    uint32_t k0, k1, stream, h;
+};
+void random_bits(const PhiloxStream& s, int64_t offset, int64_t n, int64_t* out, int nthreads);
+void random_uniform(const PhiloxStream& s, int64_t offset, int64_t n, float* out, int nthreads);
+void random_keep(const PhiloxStream& s, int64_t offset, int64_t n, uint32_t threshold, uint8_t* out, int nthreads);
+
 }  // namespace nlm

@@ -412,6 +412,45 @@ PYBIND11_MODULE(_C, m) {
         "x [outer, C, inner] (float32/float16/bfloat16/float64): sum[c] += sum(x - shift[c]), sumsq[c] += "
         "sum((x - shift[c])^2) in float64, in place; False (sum, sumsq unchanged) if a total is not finite");
 
+    m.def(
+        "random_draws",
+        [](py::array out, uint32_t k0, uint32_t k1, uint32_t stream, uint32_t h, int64_t offset, int64_t threshold,
+           int nthreads) {
+            const py::dtype dt = out.dtype();
+            const char kind = dt.kind();
+            const int itemsize = int(dt.itemsize());
+            Buf ob = buffer(out, "out", true);
+            if (offset < 0 || offset > (int64_t(1) << 62) - ob.size) {
+                throw py::value_error("random_draws: need 0 <= offset and offset + out.size <= 2**62, got offset " +
+                                      std::to_string(offset) + " for " + std::to_string(ob.size) + " elements");
+            }
+            const PhiloxStream s{k0, k1, stream, h};
+            const bool keep = (kind == 'b' || kind == 'u') && itemsize == 1;
+            if (keep && (threshold < 0 || threshold > (int64_t(1) << 24))) {
+                throw py::value_error("random_draws: a keep mask needs a threshold in [0, 2**24], got " +
+                                      std::to_string(threshold));
+            }
+            if (!keep && !(kind == 'i' && itemsize == 8) && !(kind == 'f' && itemsize == 4)) {
+                throw py::value_error("random_draws: out must be int64 (draws), float32 (uniforms) or bool/uint8 "
+                                      "(keep mask), got dtype kind '" + std::string(1, kind) + "' itemsize " +
+                                      std::to_string(itemsize));
+            }
+            advise_huge_pages(ob.ptr, ob.size * itemsize);
+            py::gil_scoped_release release;
+            if (keep) {
+                nlm::random_keep(s, offset, ob.size, uint32_t(threshold), static_cast<uint8_t*>(ob.ptr), threads(nthreads));
+            } else if (kind == 'i') {
+                nlm::random_bits(s, offset, ob.size, static_cast<int64_t*>(ob.ptr), threads(nthreads));
+            } else {
+                nlm::random_uniform(s, offset, ob.size, static_cast<float*>(ob.ptr), threads(nthreads));
+            }
+        },
+        py::arg("out"), py::arg("k0"), py::arg("k1"), py::arg("stream"), py::arg("h"), py::arg("offset"),
+        py::arg("threshold") = -1, py::arg("nthreads") = 0,
+        "Philox4x32-10 draws of elements [offset, offset + out.size) (counter (i/4 lo, i/4 hi, stream, h), key "
+        "(k0, k1), lane i%4, top 24 bits) into out: int64 the draws, float32 draw * 2**-24, bool/uint8 "
+        "draw < threshold");
+
     m.def("max_threads", []() { return threads(0); }, "OpenMP threads used when nthreads is 0");
 #ifdef _OPENMP
     m.attr("openmp") = true;
@@ -419,7 +458,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 4;
+    m.attr("api_version") = 5;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

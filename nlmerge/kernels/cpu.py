@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 4  # must match csrc/cpu/module.cpp
+_API_VERSION = 5  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -43,6 +43,7 @@ __all__ = [
     "apply_mask",
     "permute",
     "channel_stats",
+    "random_draws",
 ]
 
 _NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -233,3 +234,19 @@ def channel_stats(x, outer, inner, shift, s, ss):
     return _C.channel_stats(
         _view(x), _STATS_NAMES[x.dtype], outer, shift.shape[0], inner, shift.numpy(), s.numpy(), ss.numpy(), _threads()
     )
+
+
+def random_draws(out, key, stream, offset, threshold=None):
+    """Philox4x32-10 draws of elements ``offset .. offset + out.numel() - 1`` into ``out``, in place
+    (CONTRACT.md, "Random draws").
+
+    ``out``: a contiguous CPU tensor whose dtype says what to write: int64 the 24-bit draws, float32
+    their uniforms ``draw * 2**-24``, bool the keep flags ``draw < threshold`` (``threshold`` an int
+    in [0, 2**24]). ``key``: ``(k0, k1, h)`` of ``nlmerge.ops.random.stream_key``; ``stream`` an int
+    in [0, 2**32). The same values for any thread count and any cut of the range.
+    """
+    k0, k1, h = key
+    _C.random_draws(
+        _out(out, "out"), k0, k1, stream, h, offset, -1 if threshold is None else int(threshold), _threads()
+    )
+

@@ -17,16 +17,24 @@ SC 2011; the Random123 library), the generator of cuRAND and of Triton's ``tl.ra
 - ``keep_mask(..., density)`` keeps element i iff ``u < density``.
 
 A Triton or CUDA kernel gets the same words from ``tl.philox(seed=(k1 << 32) | k0, c0, c1, c2,
-c3)`` with that counter. Here the rounds run as plain torch integer ops on int64 tensors (CPU or
-CUDA alike, never touching torch's global RNG): each 32-bit word lives in an int64, and the
-32x32-bit products of Philox are split so that no intermediate reaches 2**63 (torch's int64
-arithmetic would overflow, and right shifts of negatives are arithmetic). That costs about 60 ns
-per element on one CPU core (a fused kernel would be ~100x faster; none exists yet).
+c3)`` with that counter.
+
+Backends (``backend=``, DESIGN.md "Backends"): the reference ``"torch"`` runs the rounds as plain
+torch integer ops on int64 tensors (CPU or CUDA alike, never touching torch's global RNG): each
+32-bit word lives in an int64, and the 32x32-bit products of Philox are split so that no
+intermediate reaches 2**63 (torch's int64 arithmetic would overflow, and right shifts of negatives
+are arithmetic). That costs about 50 ns per element on one CPU core. ``"cpu"`` (the default on CPU
+tensors when the extension is built) is the C++ kernel ``csrc/cpu/random.cpp``, which writes the
+draws, uniforms or keep flags directly, bit-identical to the reference (figures:
+``benchmarks/bench_random.py``). There is no Triton kernel yet: on CUDA tensors every backend
+runs the reference's torch code.
 """
 import hashlib
 import math
 
 import torch
+
+from nlmerge.ops._dispatch import resolve
 
 _MASK32 = 0xFFFFFFFF
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)  # Philox4x32's round multipliers
@@ -106,9 +114,10 @@ def _check_range(count, offset, stream):
         raise ValueError(f"offset + count = {offset + count} exceeds the 2**62 element indices")
 
 
-def _fill_bits(out, seed, name, offset, stream):
-    """Write the 24-bit draws of elements ``offset .. offset + out.numel() - 1`` into int64 ``out``."""
-    k0, k1, h = stream_key(seed, name)
+def _fill_bits(out, key, offset, stream):
+    """Write the 24-bit draws of elements ``offset .. offset + out.numel() - 1`` into int64 ``out``
+    (the reference: torch integer ops, any device)."""
+    k0, k1, h = key
     count = out.numel()
     first, end = offset // 4, (offset + count + 3) // 4  # counters covering the range
     for start in range(first, end, _BLOCK):
@@ -121,7 +130,29 @@ def _fill_bits(out, seed, name, offset, stream):
     return out
 
 
-def random_bits(seed, name, count, *, offset=0, stream=0, device="cpu"):
+_OUT_DTYPES = {"random_bits": torch.int64, "uniform": torch.float32, "keep_mask": torch.bool}
+
+
+def _draws(op, seed, name, count, offset, stream, device, backend, threshold=None):
+    """``op``'s flat output for elements ``offset .. offset + count - 1``: the 24-bit draws
+    ("random_bits"), their uniforms ("uniform") or ``draw < threshold`` ("keep_mask"), from the
+    backend that ``backend`` picks on ``device``."""
+    _check_range(count, offset, stream)
+    key = stream_key(seed, name)
+    device = torch.device(device)
+    chosen, kernels = resolve(backend, device, op)
+    if chosen == "cpu":
+        out = torch.empty(count, dtype=_OUT_DTYPES[op], device=device)
+        kernels.random_draws(out, key, stream, offset, threshold)
+        return out
+    # "torch", and "triton" too: no Triton kernel yet, the reference's torch code runs on CUDA
+    bits = _fill_bits(torch.empty(count, dtype=torch.int64, device=device), key, offset, stream)
+    if op == "uniform":
+        return bits.to(torch.float32) * 2.0**-UNIFORM_BITS
+    return bits < threshold if op == "keep_mask" else bits
+
+
+def random_bits(seed, name, count, *, offset=0, stream=0, device="cpu", backend=None):
     """The 24-bit integer draws of elements ``offset .. offset + count - 1`` of ``(seed, name, stream)``.
 
     Parameters
@@ -135,23 +166,33 @@ def random_bits(seed, name, count, *, offset=0, stream=0, device="cpu"):
     stream : int in [0, 2**32)
         Independent streams of one (seed, name): DARE uses the expert's index.
     device : torch.device or str
+    backend : None, "torch", "cpu" or "triton"
+        None: the C++ kernel on CPU tensors when built, else the reference (module docstring).
+        Every backend draws the same values.
 
     Returns
     -------
     Tensor
         int64 ``[count]``, values in [0, 2**24); the same on every device and backend.
+
+    Raises
+    ------
+    ValueError
+        ``seed``, ``count``, ``offset`` or ``stream`` out of range (the message names it), or an
+        unknown ``backend``; RuntimeError for a backend that is asked for and not built.
+    TypeError
+        ``name`` is not a string.
     """
-    _check_range(count, offset, stream)
-    return _fill_bits(torch.empty(count, dtype=torch.int64, device=device), seed, name, offset, stream)
+    return _draws("random_bits", seed, name, count, offset, stream, device, backend)
 
 
-def uniform(seed, name, count, *, offset=0, stream=0, device="cpu"):
-    """Uniform fp32 draws in [0, 1): ``random_bits(...) * 2**-24`` (exact). Arguments as in
-    :func:`random_bits`; returns float32 ``[count]``."""
-    return random_bits(seed, name, count, offset=offset, stream=stream, device=device).to(torch.float32) * 2.0**-UNIFORM_BITS
+def uniform(seed, name, count, *, offset=0, stream=0, device="cpu", backend=None):
+    """Uniform fp32 draws in [0, 1): ``random_bits(...) * 2**-24`` (exact). Arguments and errors as
+    in :func:`random_bits`; returns float32 ``[count]``."""
+    return _draws("uniform", seed, name, count, offset, stream, device, backend)
 
 
-def keep_mask(seed, name, shape, density, *, offset=0, stream=0, device="cpu"):
+def keep_mask(seed, name, shape, density, *, offset=0, stream=0, device="cpu", backend=None):
     """DARE's keep mask: element i is kept iff its uniform ``u_i < density``.
 
     Compared as integers: ``bits_i < ceil(density * 2**24)``, so the keep probability is
@@ -159,7 +200,7 @@ def keep_mask(seed, name, shape, density, *, offset=0, stream=0, device="cpu"):
 
     Parameters
     ----------
-    seed, name, offset, stream, device
+    seed, name, offset, stream, device, backend
         As in :func:`random_bits` (``offset``: flat index of this mask's first element in the
         whole tensor).
     shape : int or tuple of int
@@ -171,10 +212,15 @@ def keep_mask(seed, name, shape, density, *, offset=0, stream=0, device="cpu"):
     -------
     Tensor
         bool, of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        ``density`` outside [0, 1] (or NaN), and the errors of :func:`random_bits`.
     """
     density = float(density)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1] (the probability of keeping an element), got {density}")
     shape = torch.Size([shape] if isinstance(shape, int) else shape)
-    bits = random_bits(seed, name, shape.numel(), offset=offset, stream=stream, device=device)
-    return (bits < math.ceil(density * 2.0**UNIFORM_BITS)).reshape(shape)
+    threshold = math.ceil(density * 2.0**UNIFORM_BITS)
+    return _draws("keep_mask", seed, name, shape.numel(), offset, stream, device, backend, threshold).reshape(shape)
