@@ -189,6 +189,34 @@ def test_kernels_write_every_output_element(backend, generator):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernels_count_results_that_overflow(backend, dtype, generator):
+    """The kernels' non-finite count includes every stored result that is Inf in the output dtype
+    (finite inputs here), exactly: CONTRACT.md. Elements in several blocks, one in a partial one."""
+    module, _ = kernels.load(backend)
+    device = device_for(backend)
+    n = 2 * 1024 + 37
+    big = 4.0e4 if dtype == torch.float16 else 1.7e38  # two of them overflow the output dtype
+    where = torch.randperm(n, generator=generator)[:5]
+    where[0] = n - 1
+    tv = torch.rand(2, n, generator=generator)
+    tv[:, where] = big
+    tv = tv.to(device)
+    base = torch.zeros(n, dtype=dtype, device=device)
+    ones = torch.ones(2, device=device)
+    out = torch.empty(n, dtype=dtype, device=device)
+    assert module.task_arithmetic(tv, ones, out, base, 1.0) == 5
+    assert module.ties_merge(tv, torch.zeros(2, device=device), ones, out, base, 1.0, "mass", "sum", 0)[2] == 5
+    mtl = tv.sum(0)
+    lam = torch.full((2,), 0.5, device=device)
+    assert module.consensus(tv, mtl, lam, 1, out, base, 1.0) == 5
+    packed = torch.full(((n + 7) // 8,), 0xFF, dtype=torch.uint8, device=device)
+    assert module.apply_mask(packed, mtl, out, base) == 5
+    assert module.apply_mask(packed, mtl, torch.empty(n, device=device), None) == 0  # fp32 holds it
+    assert module.task_arithmetic(tv, ones * 0.25, out, base, 1.0) == 0
+
+
 @pytest.mark.parametrize("backend", ["torch", *fast_backends()])
 def test_non_contiguous_and_sequence_inputs(backend, generator):
     device = device_for(backend)
