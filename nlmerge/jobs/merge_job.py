@@ -363,38 +363,57 @@ def _merge_one(plan, k, tensors, thresholds, fill):
 
 
 def _merge_shards(plan, manifest, thresholds, progress):
-    """The merge pass: every shard not already done is streamed, merged, written and recorded."""
+    """The merge pass: the keys of every shard not already done are streamed (one key read ahead,
+    across shard boundaries), merged and written; a filled shard is finished (fsync, sha256,
+    rename) on a thread while the next one is merged, then recorded in the manifest."""
     todo = [s for s in plan.shards if not manifest.is_done(s.name)]
     sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in plan.shards if s not in todo)
     rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in plan.shards if s not in todo}
-    done, count = 0, sum(len(s.keys) for s in todo)
-    with _bar(plan, sum(s.nbytes for s in todo), "merge", progress) as bar:
-        for shard in todo:
-            shard_sum, fills = 0, {}
-            with ckio.ShardWriter(shard, plan.out) as writer:
-                for key, tensors in _stream(plan, shard.keys):
-                    k = plan.keys[key]
-                    if k.merged:
-                        fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0)
-                        result, info = _merge_one(plan, k, tensors, thresholds, fill)
-                        if info is not None:
-                            shard_sum += info.sign_sum
-                            if info.ambiguous:
-                                fills[key] = fill
-                        out = result
-                    else:
-                        out = tensors[plan.copy_source].cpu()
-                    writer.write(key, out)
-                    done += 1
-                    if bar is not None:
-                        bar.set_postfix_str(f"{done}/{count} tensors", refresh=False)
-                        bar.update(_nbytes(k))
-                written = writer.finish()
-            sign_sum += shard_sum
-            rerun[shard.name] = fills
-            manifest.record(written, extra={"sign_sum": shard_sum, "fills": fills})
+    shard_of = {key: shard for shard in todo for key in shard.keys}
+    keys = [key for shard in todo for key in shard.keys]
+    open_writers, finishing = {}, []
+    try:
+        with _bar(plan, sum(s.nbytes for s in todo), "merge", progress) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-finish") as finisher:
+            for done, (key, tensors) in enumerate(_stream(plan, keys), start=1):
+                shard, k = shard_of[key], plan.keys[key]
+                if shard.name not in open_writers:
+                    open_writers[shard.name] = [ckio.ShardWriter(shard, plan.out), 0, {}, len(shard.keys)]
+                state = open_writers[shard.name]
+                writer = state[0]
+                if k.merged:
+                    fill = (sign_sum + state[1] > 0) - (sign_sum + state[1] < 0)
+                    out, info = _merge_one(plan, k, tensors, thresholds, fill)
+                    if info is not None:
+                        state[1] += info.sign_sum
+                        if info.ambiguous:
+                            state[2][key] = fill
+                else:
+                    out = tensors[plan.copy_source].cpu()
+                writer.write(key, out)
+                state[3] -= 1
+                if state[3] == 0:  # the shard is full: finish it in the background
+                    del open_writers[shard.name]
+                    sign_sum += state[1]
+                    rerun[shard.name] = state[2]
+                    finishing.append((finisher.submit(writer.finish), {"sign_sum": state[1], "fills": state[2]}))
+                    _record_finished(manifest, finishing, wait=False)
+                if bar is not None:
+                    bar.set_postfix_str(f"{done}/{len(keys)} tensors", refresh=False)
+                    bar.update(_nbytes(k))
+    finally:
+        for state in open_writers.values():
+            state[0].abort()
+        _record_finished(manifest, finishing, wait=True)
     if thresholds is not None:
         _rerun_majority(plan, manifest, thresholds, sign_sum, rerun)
+
+
+def _record_finished(manifest, finishing, *, wait):
+    """Record finished shards in order; with ``wait``, wait for all (re-raising a failed finish)."""
+    while finishing and (wait or finishing[0][0].done()):
+        future, extra = finishing.pop(0)
+        manifest.record(future.result(), extra=extra)
 
 
 def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):

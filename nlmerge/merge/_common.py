@@ -161,7 +161,12 @@ def task_tensors(key, base, experts):
     out = torch.empty((len(experts), *ref.shape), dtype=COMPUTE_DTYPE, device=ref.device)
     ref = as_compute(ref)
     for t, sd in enumerate(experts):
-        torch.sub(as_compute(sd[key]), ref, out=out[t])
+        x = sd[key].detach()
+        if x.dtype == COMPUTE_DTYPE:
+            torch.sub(x, ref, out=out[t])
+        else:  # convert into the output row, then subtract in place: no fp32 temporary per expert
+            out[t].copy_(x)
+            out[t].sub_(ref)
     return out
 
 
