@@ -384,3 +384,28 @@ def test_batchnorm_running_statistics_are_the_experts_mean(tmp_path):
     for key in base:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(got["bn.running_var"], torch.stack([e["bn.running_var"] for e in experts]).mean(0))
+
+
+def test_global_ties_zero_sign_majority_rewrites_a_finished_shard(tmp_path):
+    """Elected signs of exactly 0 take the model-wide majority, known only at the end: a key merged
+    earlier with another fill is merged again and its (finished) shard rewritten; the result equals
+    the in-memory global TIES bit for bit."""
+    n = 64
+    base = {"a": torch.zeros(n), "b": torch.zeros(n), "c": torch.zeros(n)}
+    e0 = {"a": torch.full((n,), 1.0), "b": torch.linspace(1, 2, n), "c": -torch.full((4 * n // 4,), 3.0)}
+    e1 = {"a": torch.full((n,), 1.0), "b": -torch.linspace(1, 2, n), "c": -torch.full((n,), 3.0)}
+    e1["c"][: n // 2] = -5.0  # the majority over the model ends negative, after "b" was merged with fill +1
+    for name, sd in (("base", base), ("e0", e0), ("e1", e1)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base.safetensors"),
+           "parameters": {"scope": "global", "convention": "ties", "normalize": True},
+           "models": [{"model": str(tmp_path / f"{m}.safetensors"), "parameters": {"weight": 1.0, "density": 1.0}}
+                      for m in ("e0", "e1")]}
+    run_merge(cfg, tmp_path / "out", progress=False, out_shard_size=n * 4)
+    got = _load_out(tmp_path / "out")
+    want = merge.ties(base, [e0, e1], keep=1.0, scope="global", disjoint="mean")
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert torch.equal(got["b"], -torch.linspace(1, 2, n))  # the negative entries, by the final majority
+    manifest = json.load(open(tmp_path / "out" / "nlmerge-manifest.json"))
+    assert len(manifest["shards"]) == 3
