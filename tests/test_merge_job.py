@@ -236,6 +236,9 @@ def test_refused_config_keys(llama_family, tmp_path):
         plan_merge(_config(paths, "ties", None, [{"weight": 1.0, "density": 1.5}] * NUM_EXPERTS), tmp_path / "o")
     with pytest.raises(ConfigError, match="missing parameter 'weight'"):
         plan_merge(_config(paths, "ties", None, [{"density": 0.5}] * NUM_EXPERTS), tmp_path / "o")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            plan_merge(_config(paths, "ties", None, WEIGHTS), tmp_path / "o", device="cuda")
     assert not (tmp_path / "o").exists()
 
 
