@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a session lent a GPU runs, in one call (device time is short):
-#   1. the Triton kernels compiled for the GPU against the references (tests -k triton),
+#   1. the Triton kernels compiled for the GPU against the references, and the merge job with
+#      --device cuda against the CPU job (tests -k "triton or cuda"),
 #   2. the GPU benchmark tables: merge (fused vs reference vs FusionBench-style vs copy bandwidth),
 #      streaming statistics, permutation gathers,
 #   3. `nlmerge demo --quick --device cuda` (the whole pipeline on the GPU backends), when the
@@ -15,7 +16,7 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # no install: the GPU path needs no C++ build
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:warnings tests -k "triton" 2>&1 | tee "$out/tests.txt" | tail -25
+timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:warnings --continue-on-collection-errors tests -k "triton or cuda" 2>&1 | tee "$out/tests.txt" | tail -25
 timeout "${BENCH_TIMEOUT:-180}" python benchmarks/bench_merge.py --device cuda --sizes 24 26 2>&1 | tee "$out/bench.txt"
 timeout 60 python benchmarks/bench_stats.py --device cuda 2>&1 | tee "$out/bench_stats.txt"
 timeout 60 python benchmarks/bench_permute.py --device cuda 2>&1 | tee "$out/bench_permute.txt"

@@ -7,7 +7,16 @@ dispatch) -> ``nlmerge.kernels`` (fused C++ and Triton kernels, called only by `
 disk) -> ``nlmerge.jobs`` (the commands' engines: :func:`run_merge` is ``nlmerge merge``).
 """
 from nlmerge import align, correct, merge, ops
-from nlmerge.jobs import run_merge
+
+
+def __getattr__(name):
+    # the merge job needs safetensors and PyYAML: imported when first used, not with the package
+    if name == "run_merge":
+        from nlmerge.jobs import run_merge
+
+        return run_merge
+    raise AttributeError(f"module 'nlmerge' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["align", "correct", "merge", "ops", "run_merge", "__version__"]

@@ -5,27 +5,31 @@ import os
 
 import pytest
 import torch
-import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from nlmerge import merge
-from nlmerge.io import CheckpointError
-from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("safetensors")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+from nlmerge import merge  # noqa: E402
+from nlmerge.io import CheckpointError  # noqa: E402
+from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge  # noqa: E402
 
 NUM_EXPERTS = 3
 
 
+def _transformers():
+    return pytest.importorskip("transformers")
+
+
 def _llama_config(vocab=96):
-    return transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    return _transformers().LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                     tie_word_embeddings=False)
 
 
 def _save_llama(path, state, dtype, vocab=96, shard="20KB"):
-    model = transformers.LlamaForCausalLM(_llama_config(vocab)).to(dtype)
+    model = _transformers().LlamaForCausalLM(_llama_config(vocab)).to(dtype)
     model.load_state_dict(state)
     model.save_pretrained(path, max_shard_size=shard)
     return path
@@ -36,7 +40,7 @@ def llama_family(tmp_path_factory):
     """A tiny Llama base (fp32, sharded, with a tokenizer file) and three experts: base + tie-free noise."""
     root = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(_llama_config()).state_dict()
+    base = _transformers().LlamaForCausalLM(_llama_config()).state_dict()
     paths = {"base": _save_llama(root / "base", base, torch.float32)}
     (root / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     experts = []
@@ -172,7 +176,7 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert "tokenizer_config.json" in names and "nlmerge_config.yml" in names
     assert not [n for n in names if n.endswith(".partial")]
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
-    model = transformers.LlamaForCausalLM.from_pretrained(out)
+    model = _transformers().LlamaForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert bool(torch.isfinite(logits.float()).all())
@@ -213,7 +217,7 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
 
 def test_vocab_mismatch_names_key_shapes_and_files(llama_family, tmp_path):
     root, paths, base, experts = llama_family
-    odd = transformers.LlamaForCausalLM(_llama_config(vocab=98)).state_dict()
+    odd = _transformers().LlamaForCausalLM(_llama_config(vocab=98)).state_dict()
     odd_path = _save_llama(tmp_path / "odd", odd, torch.float32, vocab=98)
     cfg = _config({**paths, "e1": odd_path}, "task_arithmetic", None, WEIGHTS)
     with pytest.raises(CheckpointError) as err:
@@ -412,3 +416,32 @@ def test_global_ties_zero_sign_majority_rewrites_a_finished_shard(tmp_path):
     assert torch.equal(got["b"], -torch.linspace(1, 2, n))  # the negative entries, by the final majority
     manifest = json.load(open(tmp_path / "out" / "nlmerge-manifest.json"))
     assert len(manifest["shards"]) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,shared", [("task_arithmetic", None), ("ties", None), ("dare_ties", None),
+                                           ("ties", {"scope": "global", "convention": "ties"})])
+def test_cuda_job_equals_cpu_job(tmp_path, method, shared):
+    """--device cuda: the arithmetic on the GPU (Triton kernels) gives the CPU job's tensors; masks,
+    thresholds and DARE's drops are exact, so only fp32 rounding may differ."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (300, 64), "model.layers.0.mlp.up_proj.weight": (129, 64),
+              "model.layers.1.mlp.up_proj.weight": (129, 64), "model.norm.weight": (64,)}
+    base = {k: torch.randn(s, generator=g).bfloat16() for k, s in shapes.items()}
+    for i in range(3):
+        save_file({k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()},
+                  str(tmp_path / f"e{i}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    cfg = {"merge_method": method, "base_model": str(tmp_path / "base.safetensors"), "out_dtype": "float32",
+           "models": [{"model": str(tmp_path / f"e{i}.safetensors"), "parameters": {"weight": 1.0, "density": 0.4}}
+                      for i in range(3)]}
+    if method == "task_arithmetic":
+        for m in cfg["models"]:
+            m["parameters"].pop("density")
+    if shared:
+        cfg["parameters"] = shared
+    run_merge(cfg, tmp_path / "cpu", progress=False)
+    run_merge(cfg, tmp_path / "cuda", progress=False, device="cuda")
+    a, b = _load_out(tmp_path / "cpu"), _load_out(tmp_path / "cuda")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6)
