@@ -51,7 +51,7 @@ def _add_demo(commands):
     demo.add_argument("--threads", metavar="N", type=_checked(options.check_threads, "N"), default=2,
                       help="torch CPU threads, pinned so that a run is reproducible (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=_demo, parser=demo)
 
 
 def _demo(args):
@@ -123,7 +123,7 @@ def _add_merge(commands):
         merge.add_argument(flag, action="store_true", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
     for flag in _REFUSED_MERGEKIT_FLAGS:
         merge.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
-    merge.set_defaults(run=_merge)
+    merge.set_defaults(run=_merge, parser=merge)
 
 
 def _positive_int(text):
@@ -150,6 +150,10 @@ def _merge(args):
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge merge: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"nlmerge merge: interrupted; finished shards are kept: run the same command with --resume "
+              f"to continue into {args.out}", file=sys.stderr)
+        return 130
     print(f"merged into {out}")
     return 0
 
@@ -170,7 +174,10 @@ def build_parser():
 def main(argv=None):
     """Entry point of the ``nlmerge`` command; returns the exit status (argparse exits with 2 on a
     bad argument)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # name them under the subcommand's usage, not the top level's
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args)
 
 

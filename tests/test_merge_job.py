@@ -271,7 +271,7 @@ def test_overflow_is_an_error_naming_the_key_and_nothing_is_written(tmp_path):
            "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0}} for n in ("e0", "e1")]}
     with pytest.raises(ValueError, match="'a.weight'.*float32"):
         run_merge(cfg, tmp_path / "out", progress=False)
-    assert [n for n in os.listdir(tmp_path / "out") if n.startswith("model")] == []
+    assert not (tmp_path / "out").exists()
     run_merge({**cfg, "out_dtype": "float32"}, tmp_path / "out32", progress=False)
     assert torch.equal(load_file(str(tmp_path / "out32" / "model.safetensors"))["a.weight"],
                        torch.full((4,), 2 * torch.tensor(6e4, dtype=torch.float16).item()))
@@ -445,3 +445,49 @@ def test_cuda_job_equals_cpu_job(tmp_path, method, shared):
     a, b = _load_out(tmp_path / "cpu"), _load_out(tmp_path / "cuda")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6)
+
+
+def test_output_that_overlaps_an_input_is_refused_untouched(llama_family, tmp_path):
+    import shutil
+
+    _, paths, _, _ = llama_family
+    own_base = tmp_path / "own_base"
+    shutil.copytree(paths["base"], own_base)
+    before = sorted(os.listdir(own_base))
+    cfg = _config({**paths, "base": own_base}, "ties", None, WEIGHTS)
+    for out in (own_base, tmp_path):
+        for flags in ({"force": True}, {"resume": True}):
+            with pytest.raises(FileExistsError, match="overlaps the input"):
+                run_merge(cfg, out, progress=False, **flags)
+    assert sorted(os.listdir(own_base)) == before
+
+
+def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
+    for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
+        save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16)}, str(tmp_path / f"{name}.safetensors"))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base.safetensors"),
+           "models": [{"model": str(tmp_path / f"{n}.safetensors"), "parameters": {"weight": 1.0}} for n in ("e0", "e1")]}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no nlmerge job"):
+        run_merge(cfg, tmp_path / "other", progress=False, resume=True)
+    with pytest.raises(ValueError, match=r"'a.weight'.*does not fit torch.float16.*out_dtype: float32") as err:
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert "key 'a.weight'" not in str(err.value)  # named once
+    assert not (tmp_path / "out").exists()  # nothing left: the fixed config runs without --force
+    run_merge({**cfg, "out_dtype": "float32"}, tmp_path / "out", progress=False)
+
+
+def test_mergekit_leniency_warns_instead_of_failing(llama_family, tmp_path):
+    _, paths, _, _ = llama_family
+    cfg = {"merge_method": "linear", "exclude": ["no.such.*"],
+           "models": [{"model": str(paths[f"e{i}"]), "parameters": {"weight": 1.0, "density": 0.5}} for i in range(2)]}
+    with pytest.warns(UserWarning) as record:
+        plan = plan_merge(cfg, tmp_path / "o")
+    assert any("density" in str(w.message) for w in record)
+    assert any("no.such" in str(w.message) for w in record)
+    for c in plan.checkpoints:
+        c.close()
+    zero = {**cfg, "models": [{**m, "parameters": {"weight": w}} for m, w in zip(cfg["models"], (1.0, -1.0))]}
+    with pytest.raises(ConfigError, match="sum to 0"):
+        plan_merge(zero, tmp_path / "o")

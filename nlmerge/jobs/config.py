@@ -31,6 +31,7 @@ Keys that mergekit has and nlmerge does not do are refused by name before any wo
 """
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -182,8 +183,9 @@ def load_config(source):
     for where, settings in [("parameters", parameters)] + [(f"models[{i}] ({m.path}).parameters", m.parameters)
                                                            for i, m in enumerate(models)]:
         for pname in settings:
-            if pname not in known:
-                raise ConfigError(f"{where}: {name} has no parameter {pname!r}; it takes {', '.join(sorted(known))}")
+            if pname not in known:  # mergekit ignores them silently; say so, but run the config as it does
+                warnings.warn(f"{where}: {name} takes no parameter {pname!r}; it is ignored "
+                              f"({name} takes {', '.join(sorted(known))})", stacklevel=2)
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise ConfigError(f"tokenizer_source {tokenizer_source!r} is not supported (only 'base' or unset); "

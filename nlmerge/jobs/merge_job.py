@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_
 from nlmerge.jobs.methods import merge_key, task_vectors
 from nlmerge.jobs.permutations import load_permutations
 from nlmerge.merge._common import Plan, is_running_stat, running_stat_values
+from nlmerge.ops._checks import NonFiniteResultError
 
 MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -121,10 +123,14 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     plan = plan_merge(config, out, device=device, out_shard_size=out_shard_size, random_seed=random_seed,
                       backend=backend)
     try:
-        _prepare_out(plan, force=force, resume=resume)
+        created = _prepare_out(plan, force=force, resume=resume)
         manifest = _manifest(plan, resume)
-        thresholds = _global_thresholds(plan, progress) if plan.global_ties else None
-        _merge_shards(plan, manifest, thresholds, progress)
+        try:
+            thresholds = _global_thresholds(plan, progress) if plan.global_ties else None
+            _merge_shards(plan, manifest, thresholds, progress)
+        except BaseException:
+            _forget_empty_job(plan, manifest, created)
+            raise
         _finish_out(plan, copy_tokenizer)
     finally:
         for ckpt in plan.checkpoints:
@@ -162,6 +168,9 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
                 continue
             shared, per_model = cfg.resolve(key, layer_position(key, num_layers))
             keys[key] = KeyPlan(key, info.shape, dtype, True, shared, per_model)
+        for pattern in cfg.exclude:
+            if not any(fnmatch.fnmatchcase(key, pattern) for key in keys):
+                warnings.warn(f"exclude pattern {pattern!r} matches no tensor of {ref.path}", stacklevel=2)
         global_ties = _uniform_scope(cfg, keys)
         shards = ckio.plan_shards([(k.key, k.shape, k.dtype) for k in keys.values()], max_bytes)
     except BaseException:
@@ -238,17 +247,46 @@ def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
 
 
 def _prepare_out(plan, *, force, resume):
-    out = plan.out
+    """Check and create the output folder; returns whether this job created it.
+
+    Refused, before anything is touched: an output folder that is, holds or lies inside an input
+    (``--force`` would delete it); a non-empty folder without ``--force`` or ``--resume``;
+    ``--resume`` on a folder that holds no nlmerge job.
+    """
+    out = os.path.realpath(plan.out)
+    for path in [c.path for c in plan.checkpoints] + list(plan.permutations.files):
+        src = os.path.realpath(path)
+        if src == out or src.startswith(out + os.sep) or out.startswith(src + os.sep):
+            raise FileExistsError(f"output {plan.out!r} overlaps the input {path!r}; write the merge elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"output {out!r} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not resume:
+        raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if resume:
+            if ckio.Manifest.load(out) is None:
+                raise FileExistsError(f"--resume: {plan.out!r} holds no nlmerge job ({ckio.MANIFEST_NAME} is missing); "
+                                      "pass --force to write into it")
+            return False
         if not force:
-            raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to write into it "
-                                  "or --resume to continue an interrupted job")
+            raise FileExistsError(f"output folder {plan.out!r} exists and is not empty; pass --force to write into "
+                                  "it or --resume to continue an interrupted job")
         for name in os.listdir(out):
             if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS):
                 os.remove(os.path.join(out, name))
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
+    return created
+
+
+def _forget_empty_job(plan, manifest, created):
+    """After a failure before any shard was finished, leave nothing behind: a rerun after fixing
+    the input then needs neither --force nor --resume."""
+    if manifest.shards:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(manifest.path)
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(plan.out)
 
 
 def _manifest(plan, resume):
@@ -311,9 +349,8 @@ def _global_thresholds(plan, progress):
             for key, tensors in _stream(plan, [k.key for k in merged]):
                 for t, tau in enumerate(task_vectors(tensors)):
                     if step == "high":
-                        sel = selectors[t]
-                        with _naming(key, plan, t + 1):
-                            sel.count(tau, f"task vector of {plan.checkpoints[t + 1].path}")
+                        with _naming(key, plan, tensors):
+                            selectors[t].count(tau, f"task vector of {plan.checkpoints[t + 1].path}")
                     elif ranks[t] >= 1:
                         selectors[t].count_low(tau)
                 if bar is not None:
@@ -330,13 +367,21 @@ def _nbytes(k):
 
 
 @contextlib.contextmanager
-def _naming(key, plan, index=None):
-    """Name the key (and model) of a non-finite input or result."""
+def _naming(key, plan, tensors):
+    """Re-raise a non-finite input or result as a ValueError naming the key and the model's path
+    (or, for a result that does not fit the output dtype, the config's remedy)."""
     try:
         yield
+    except NonFiniteResultError as err:
+        hint = "set out_dtype: float32 in the config" if err.fits is not None else "fp32 overflows too"
+        raise ValueError(f"tensor {key!r}: the merged result does not fit {err.dtype} (it would be Inf); "
+                         f"{hint}") from err
     except ops.NonFiniteError as err:
-        which = f" ({plan.checkpoints[index].path})" if index is not None else ""
-        raise ValueError(f"tensor {key!r}{which}: {err}") from err
+        for ckpt, x in zip(plan.checkpoints, tensors):
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"tensor {key!r}: {ckpt.path} contains NaN or Inf; non-finite values are never "
+                                 "merged") from err
+        raise ValueError(f"tensor {key!r}: {err}") from err
 
 
 def _merge_one(plan, k, tensors, thresholds, fill):
@@ -349,7 +394,7 @@ def _merge_one(plan, k, tensors, thresholds, fill):
         stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: k.dtype}), {k.key: tensors[0]},
                                     [{k.key: x} for x in experts], "average", backend=plan.backend)
         return stats[k.key].cpu(), None
-    with _naming(k.key, plan):
+    with _naming(k.key, plan, tensors):
         if thresholds is None:
             result = merge_key(method, k.key, tensors, k.shared, k.per_model, out_dtype=k.dtype, seed=plan.seed,
                                backend=plan.backend)

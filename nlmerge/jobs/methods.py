@@ -107,6 +107,9 @@ class Method:
             lam = values.get("tall_lambda")
             if lam is not None and lam < 0:
                 raise ConfigError(f"tall_lambda of model {model!r} for tensor {key!r} must be >= 0, got {lam}")
+        if self.name == "linear" and shared["normalize"] and abs(sum(e["weight"] for e in experts)) < 1e-8:
+            raise ConfigError(f"linear with normalize: the weights for tensor {key!r} sum to 0 "
+                              f"({[e['weight'] for e in experts]}); set normalize: false or change them")
         k = shared.get("k")
         if k is not None and not 1 <= k <= len(experts):
             raise ConfigError(f"k for tensor {key!r} must be in [1, {len(experts)}] (the number of experts), got {k}")
@@ -167,10 +170,8 @@ def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backe
     common = dict(out_dtype=out_dtype, backend=backend)
     if method.name == "linear":
         weights = [p["weight"] for p in per_model]
-        total = sum(weights)
-        if shared["normalize"]:
-            if abs(total) < 1e-8:
-                raise ValueError(f"tensor {key!r}: linear weights sum to {total}; cannot normalize")
+        if shared["normalize"]:  # a zero sum is refused when the job is planned (Method.check)
+            total = sum(weights)
             weights = [w / total for w in weights]
         return ops.task_arithmetic(tensors, weights=weights, **common)
     base, experts, experts_params = tensors[0], tensors[1:], per_model[1:]
