@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nlmerge import kernels, ops
+from nlmerge.merge._common import task_tensors
 from nlmerge.ops._checks import NonFiniteResultError
 from conftest import DTYPES, assert_matches, device_for, fast_backends, nasty
 
@@ -314,3 +315,140 @@ def test_ties_merge_zero_signs_follow_the_recipe(backend, dtype, majority, gener
     for disjoint, expected in recipes.items():
         actual = ops.ties_merge(tv.to(device), [0.0] * 3, disjoint=disjoint, backend=backend)
         assert_matches(actual.cpu(), expected.to(dtype))
+
+
+def old_task_arithmetic(base, experts, backend, **kwargs):
+    """Task arithmetic the way the merges did it before ``task_arithmetic_models``: fp32 task
+    vectors (``task_tensors``), then the fused op on them."""
+    taus = task_tensors("k", {"k": base}, [{"k": x} for x in experts])
+    return ops.task_arithmetic(taus, base=base, backend=backend, **kwargs)
+
+
+def model_set(kind, num_tasks, size, dtype, generator):
+    """A base and experts near it (task vectors small next to the weights, as in fine-tuning)."""
+    base = nasty(kind, (size,), dtype, generator)
+    experts = [(base.float() + 0.1 * torch.randn(size, generator=generator)).to(dtype) for _ in range(num_tasks)]
+    return base, experts
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", (1, 2, 3, 4, 5))
+def test_task_arithmetic_models_is_bit_identical_to_task_vectors(backend, dtype, num_tasks, generator):
+    """Bit for bit the old path (fp32 task vectors, then task_arithmetic), negative weights, every
+    output dtype, sizes with partial strips and blocks; the kernel writes every element of a
+    poisoned output and counts nothing."""
+    device = device_for(backend)
+    module, _ = kernels.load(backend) if backend != "torch" else (None, None)
+    for size in (7, 1031) if backend == "triton" and not torch.cuda.is_available() else (1, 7, 1031, 4097):
+        for kind in ("normal", "mixed", "denormal"):
+            base, experts = model_set(kind, num_tasks, size, dtype, generator)
+            base, experts = base.to(device), [x.to(device) for x in experts]
+            weights = (torch.randn(num_tasks, generator=generator) * 2).tolist()
+            for out_dtype in (None, *DTYPES):
+                kw = dict(weights=weights, lam=0.7, out_dtype=out_dtype)
+                try:
+                    expected = old_task_arithmetic(base, experts, backend, **kw)
+                except NonFiniteResultError as err:  # "mixed" holds 1e30: too large for 16 bits
+                    with pytest.raises(NonFiniteResultError) as got:
+                        ops.task_arithmetic_models(base, experts, backend=backend, **kw)
+                    assert (got.value.dtype, got.value.fits) == (err.dtype, err.fits)
+                    continue
+                got = ops.task_arithmetic_models(base, experts, backend=backend, **kw)
+                assert got.dtype == expected.dtype and torch.equal(got.cpu(), expected.cpu()), (size, kind, out_dtype)
+            if backend == "cpu" and kind != "mixed":
+                out = torch.full((size,), float("nan"), dtype=dtype)
+                assert module.task_arithmetic_models(base, experts, torch.tensor(weights), out, 0.7) == 0
+                assert torch.equal(out, old_task_arithmetic(base, experts, backend, weights=weights, lam=0.7))
+
+
+def test_task_arithmetic_models_mixed_dtypes_and_shapes(generator):
+    """Experts in another dtype than the base: converted to fp32 first (the old path's values, the
+    base's dtype out); a shape is kept; bad layouts are refused naming the expert."""
+    base = torch.randn(6, 35, generator=generator).to(torch.bfloat16)
+    experts = [torch.randn(6, 35, generator=generator), torch.randn(6, 35, generator=generator).half()]
+    for backend in ("torch", *(["cpu"] if kernels.load("cpu")[0] is not None else [])):
+        got = ops.task_arithmetic_models(base, experts, weights=[1.0, -0.5], backend=backend)
+        expected = old_task_arithmetic(base, experts, backend, weights=[1.0, -0.5])
+        assert got.shape == (6, 35) and got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    with pytest.raises(ValueError, match=r"experts\[1\] has shape \(6, 34\)"):
+        ops.task_arithmetic_models(base, [experts[0], experts[1][:, :34]])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        ops.task_arithmetic_models(base, [])
+    with pytest.raises(ValueError, match=r"weights has 1 entries for 2"):
+        ops.task_arithmetic_models(base, experts, weights=[1.0])
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_task_arithmetic_models_nonfinite_inputs_and_overflow(backend, dtype, generator):
+    """NaN/Inf in a model or a task vector that overflows fp32: NonFiniteError naming it, where
+    the old path raised NonFiniteError too; a result that overflows its dtype:
+    NonFiniteResultError with the old path's dtype and hint. The kernel's count equals the old
+    kernel's (inputs and results, exactly) over several blocks."""
+    device = device_for(backend)
+    n = 2 * 1024 + 37
+    base, experts = model_set("normal", 3, n, dtype, generator)
+    finfo = torch.finfo(dtype)
+    cases = []
+    for bad in (float("nan"), float("inf")):
+        poisoned = [x.clone() for x in experts]
+        poisoned[2][n - 1] = bad
+        cases.append((base, poisoned, r"experts\[2\] contains"))
+        bad_base = base.clone()
+        bad_base[5] = bad
+        cases.append((bad_base, experts, r"^base contains"))
+    far = [x.clone() for x in experts]  # finite models whose difference overflows fp32
+    far[1][3], base_far = finfo.max, base.clone()
+    base_far[3] = -finfo.max
+    if dtype != torch.float16:  # an fp16 difference always fits fp32
+        cases.append((base_far, far, r"task_vectors\[1\] contains"))
+    for b, ex, message in cases:
+        b, ex = b.to(device), [x.to(device) for x in ex]
+        with pytest.raises(ops.NonFiniteError) as old:
+            old_task_arithmetic(b, ex, backend)
+        assert not isinstance(old.value, NonFiniteResultError)
+        with pytest.raises(ops.NonFiniteError, match=message) as new:
+            ops.task_arithmetic_models(b, ex, backend=backend)
+        assert not isinstance(new.value, NonFiniteResultError)
+    # results that overflow the output dtype (fp32 holds them), in several blocks and a partial one
+    where = torch.randperm(n, generator=generator)[:5]
+    where[0] = n - 1
+    top, b_top = [x.clone() for x in experts], base.clone()
+    for x in (b_top, *top):
+        x[where] = finfo.max / 2
+    top[0][where] = finfo.max  # task vector max / 2 there, 0 in the other experts
+    top, b_top = [x.to(device) for x in top], b_top.to(device)
+    for lam, out_dtype in ((2.0, None), (1e38, torch.float32)):  # the second overflows fp32 too
+        with pytest.raises(NonFiniteResultError) as old:
+            old_task_arithmetic(b_top, top, backend, lam=lam, out_dtype=out_dtype)
+        with pytest.raises(NonFiniteResultError) as new:
+            ops.task_arithmetic_models(b_top, top, lam=lam, out_dtype=out_dtype, backend=backend)
+        assert (new.value.dtype, new.value.fits) == (old.value.dtype, old.value.fits)
+    if backend == "cpu":
+        module, _ = kernels.load("cpu")
+        ones = torch.ones(3)
+        for b, ex in [(b_top, top), *[(b, ex) for b, ex, _ in cases]]:
+            taus = task_tensors("k", {"k": b}, [{"k": x} for x in ex])
+            out_old, out_new = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+            count = module.task_arithmetic(taus, ones, out_old, b, 2.0)
+            assert count > 0 and module.task_arithmetic_models(b, ex, ones, out_new, 2.0) == count
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_task_arithmetic_models_thread_count_free(dtype, generator):
+    """1 and 2 OpenMP threads write the same bits (blocks are split between threads)."""
+    if kernels.load("cpu")[0] is None:
+        pytest.skip("cpu backend unavailable")
+    base, experts = model_set("mixed", 3, 1_000_003, dtype, generator)
+    weights = [0.5, -1.25, 2.0]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(ops.task_arithmetic_models(base, experts, weights=weights, lam=0.3, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], old_task_arithmetic(base, experts, "cpu", weights=weights, lam=0.3))

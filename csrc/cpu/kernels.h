@@ -27,6 +27,12 @@ TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const flo
 int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
                         int out_dtype, const void* base, int base_dtype, float lam, int nthreads);
 
+// task_arithmetic on the task vectors fp32(experts[t]) - fp32(base), formed in registers (bit-identical
+// to task_arithmetic on them precomputed in fp32, with `base` as its base); base and the T experts
+// are separate buffers of N elements of one dtype.
+int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                               const float* weights, void* out, int out_dtype, float lam, int nthreads);
+
 // out: T rows of row_bytes = ceil(N/8) bytes.
 int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
                    const float* lam, uint8_t* out, int nthreads);

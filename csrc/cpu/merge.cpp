@@ -1,10 +1,16 @@
-// Fused merges over T stacked task vectors [T, N]: TIES, task arithmetic, consensus.
+// Fused merges over T stacked task vectors [T, N]: TIES, task arithmetic, consensus; and task
+// arithmetic over the models themselves (the task vectors formed in registers).
 //
 // All three share one driver. A thread owns a contiguous range of blocks (BLOCK elements);
 // a block is processed in strips of STRIP elements (U fixed-width vectors). For one strip the
 // T row segments are read once from memory in task order t = 0..T-1, everything accumulated
 // (election, sums, counters) staying in registers; the strip's fp32 result goes to a block
 // buffer, which one conversion pass adds to `base` and writes into `out` (any dtype).
+//
+// The inputs are rows given by pointers (row t of stacked task vectors at tv + t * N; or the T
+// experts and, as row T, the base of the same storage dtype). A kernel with DIFF reads the task
+// vector x_t = fp32(e_t) - fp32(base) (rounded to fp32: what precomputed fp32 task vectors hold,
+// so its results are bit-identical to theirs).
 //
 // Every element's arithmetic is independent of the partition, so outputs do not depend on the
 // thread count; the counters are integers. Non-finite task vector entries are detected cheaply
@@ -46,29 +52,38 @@ struct Lanes {
     }
 };
 
-// Exact count of NaN/Inf in rows [0, T) of a block (run only when the cheap test fired).
-template <int D>
-int64_t count_nonfinite_rows(const typename DT<D>::S* x, int64_t ld, int64_t T, int n) {
+// Exact count of NaN/Inf task vector entries x_t[at, at + n), t in [0, T) (run only when the
+// cheap test fired); with DIFF x_t = fp32(rows[t]) - fp32(rows[T]).
+template <int D, bool DIFF>
+int64_t count_nonfinite_rows(const typename DT<D>::S* const* rows, int64_t at, int64_t T, int n) {
     int64_t c = 0;
     for (int64_t t = 0; t < T; t++) {
-        const typename DT<D>::S* xt = x + t * ld;
+        const typename DT<D>::S* xt = rows[t] + at;
         int32_t ct = 0;
-        for (int i = 0; i < n; i++) ct += DT<D>::nonfinite(xt[i]);
+        if (DIFF) {
+            const typename DT<D>::S* b = rows[T] + at;
+            for (int i = 0; i < n; i++) ct += !std::isfinite(DT<D>::load(xt[i]) - DT<D>::load(b[i]));
+        } else {
+            for (int i = 0; i < n; i++) ct += DT<D>::nonfinite(xt[i]);
+        }
         c += ct;
     }
     return c;
 }
 
-// The driver: blocks [b0, b1) of one thread. K provides
+// The driver: blocks [b0, b1) of one thread, over rows[0, T + K::DIFF). K provides
+//   static constexpr bool DIFF                 whether rows[T] is the base of task vectors
 //   int64_t begin_block(int64_t off, int n)   per-element inputs of the block (returns their
 //                                              non-finite count)
-//   void strip(const S* x, int64_t ld, int j, float* res, Lanes&)
-//                                              strip at block offset j; row t at x + t * ld
+//   void strip(const S* const* x, int64_t at, int j, float* res, Lanes&)
+//                                              strip at block offset j; row t at x[t] + at
 template <int D, class K>
-Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void* out, int out_dtype,
+Counts run_blocks(K& k, const typename DT<D>::S* const* rows, int64_t T, int64_t N, void* out, int out_dtype,
                   const void* base, int base_dtype, int64_t b0, int64_t b1) {
     using S = typename DT<D>::S;
-    std::vector<S> tail;  // zero-padded copy of a block's last partial strip (T x STRIP)
+    const int64_t nrows = T + K::DIFF;
+    std::vector<S> tail;  // zero-padded copy of a block's last partial strip (nrows x STRIP)
+    std::vector<const S*> tail_rows(size_t(nrows), nullptr);
     alignas(64) float res[BLOCK];
     alignas(64) float bas[BLOCK];
     Lanes lanes;
@@ -79,15 +94,17 @@ Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void*
         lanes.clear();
         c.nonfinite += k.begin_block(off, n);
         const int full = n - n % STRIP;
-        for (int j = 0; j < full; j += STRIP) k.strip(tv + off + j, N, j, res + j, lanes);
+        for (int j = 0; j < full; j += STRIP) k.strip(rows, off + j, j, res + j, lanes);
         if (full < n) {
             // zeros change no counter: a zero is trimmed to 0, elects sign 0, is never masked
-            tail.assign(size_t(T) * STRIP, S(0));
-            for (int64_t t = 0; t < T; t++) {
-                for (int j = full; j < n; j++) tail[size_t(t) * STRIP + (j - full)] = tv[t * N + off + j];
+            // (with DIFF the padded task vector entries are 0 - 0 = 0)
+            tail.assign(size_t(nrows) * STRIP, S(0));
+            for (int64_t t = 0; t < nrows; t++) {
+                for (int j = full; j < n; j++) tail[size_t(t) * STRIP + (j - full)] = rows[t][off + j];
+                tail_rows[size_t(t)] = tail.data() + t * STRIP;
             }
             alignas(64) float tres[STRIP];
-            k.strip(tail.data(), STRIP, full, tres, lanes);
+            k.strip(tail_rows.data(), 0, full, tres, lanes);
             for (int j = full; j < n; j++) res[j] = tres[j - full];
         }
         int32_t ssum = 0, amb = 0;
@@ -101,7 +118,7 @@ Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void*
         }
         c.sign_sum += ssum;
         c.ambiguous += amb;
-        if (absmax >= 0x7F800000u) c.nonfinite += count_nonfinite_rows<D>(tv + off, N, T, n);
+        if (absmax >= 0x7F800000u) c.nonfinite += count_nonfinite_rows<D, K::DIFF>(rows, off, T, n);
         if (base != nullptr) {
             c.nonfinite += load_block(base_dtype, base, off, n, bas);
             for (int i = 0; i < n; i++) res[i] = bas[i] + res[i];
@@ -111,12 +128,13 @@ Counts run_blocks(K& k, const typename DT<D>::S* tv, int64_t T, int64_t N, void*
     return c;
 }
 
-// Runs the driver on nthreads threads; make(...) builds each thread's kernel object.
+// Runs the driver on nthreads threads; make(...) builds each thread's kernel object. rows_:
+// T (+ 1 with DIFF) row pointers of storage dtype D.
 template <int D, class Make>
-Counts parallel_blocks(const void* tv_, int64_t T, int64_t N, void* out, int out_dtype, const void* base,
+Counts parallel_blocks(const void* const* rows_, int64_t T, int64_t N, void* out, int out_dtype, const void* base,
                        int base_dtype, int nthreads, Make make) {
     using S = typename DT<D>::S;
-    const S* tv = static_cast<const S*>(tv_);
+    const S* const* rows = reinterpret_cast<const S* const*>(rows_);
     const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
     [[maybe_unused]] const int nt = threads_for(N * std::max<int64_t>(T, 1), nthreads);
     int64_t sign_sum = 0, ambiguous = 0, nonfinite = 0;
@@ -125,12 +143,19 @@ Counts parallel_blocks(const void* tv_, int64_t T, int64_t N, void* out, int out
         int64_t b0, b1;
         thread_range(nblocks, NLM_NUM_THREADS(), NLM_THREAD_ID(), b0, b1);
         auto k = make();
-        const Counts c = run_blocks<D>(k, tv, T, N, out, out_dtype, base, base_dtype, b0, b1);
+        const Counts c = run_blocks<D>(k, rows, T, N, out, out_dtype, base, base_dtype, b0, b1);
         sign_sum += c.sign_sum;
         ambiguous += c.ambiguous;
         nonfinite += c.nonfinite;
     }
     return Counts{sign_sum, ambiguous, nonfinite};
+}
+
+// Row pointers of stacked task vectors [T, N] of dtype d.
+std::vector<const void*> stacked_rows(const void* tv, int d, int64_t T, int64_t N) {
+    std::vector<const void*> rows(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; t++) rows[size_t(t)] = static_cast<const char*>(tv) + t * N * int64_t(itemsize(d));
+    return rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -139,6 +164,7 @@ Counts parallel_blocks(const void* tv_, int64_t T, int64_t N, void* out, int out
 template <int D, bool COUNT, int DISJ>
 struct TiesKernel {
     using S = typename DT<D>::S;
+    static constexpr bool DIFF = false;
     int64_t T;
     const float* thr;
     const float* w;
@@ -147,7 +173,7 @@ struct TiesKernel {
 
     int64_t begin_block(int64_t, int) { return 0; }
 
-    inline void strip(const S* __restrict x, int64_t ld, int, float* __restrict res, Lanes& lanes) {
+    inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
         float* __restrict b = buf.data();
         vf m[U];
         vu any[U], absmax[U];
@@ -157,7 +183,7 @@ struct TiesKernel {
             absmax[u] = splatu(0);
         }
         for (int64_t t = 0; t < T; t++) {
-            const S* __restrict xt = x + t * ld;
+            const S* __restrict xt = x[t] + at;
             float* __restrict bt = b + t * STRIP;
             const vf th = splat(thr[t]), wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
@@ -221,7 +247,8 @@ struct TiesKernel {
 template <int D, bool COUNT, int DISJ>
 Counts ties_impl(const void* tv, int64_t T, int64_t N, const float* thr, const float* w, void* out, int out_dtype,
                  const void* base, int base_dtype, float lam, int fill_sign, int nthreads) {
-    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads, [&] {
+    const std::vector<const void*> rows = stacked_rows(tv, D, T, N);
+    return parallel_blocks<D>(rows.data(), T, N, out, out_dtype, base, base_dtype, nthreads, [&] {
         return TiesKernel<D, COUNT, DISJ>{T, thr, w, splat(float(fill_sign)), splat(lam),
                                           std::vector<float>(size_t(T) * STRIP)};
     });
@@ -245,28 +272,32 @@ Counts ties_dispatch(bool count_sign, int disjoint, const void* tv, int64_t T, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Task arithmetic: res = lam * (0 + w_0 x_0 + w_1 x_1 + ...), in task order.
-template <int D>
+// Task arithmetic: res = lam * (0 + w_0 x_0 + w_1 x_1 + ...), in task order; with DIFF
+// x_t = fp32(e_t) - fp32(base) (row T), formed in registers.
+template <int D, bool DIFF_>
 struct TaskArithmeticKernel {
     using S = typename DT<D>::S;
+    static constexpr bool DIFF = DIFF_;
     int64_t T;
     const float* w;
     vf lam;
 
     int64_t begin_block(int64_t, int) { return 0; }
 
-    inline void strip(const S* __restrict x, int64_t ld, int, float* __restrict res, Lanes& lanes) {
-        vf acc[U];
+    inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
+        vf acc[U], b[U];
         vu absmax[U];
         for (int u = 0; u < U; u++) {
             acc[u] = splat(0.0f);
             absmax[u] = splatu(0);
+            b[u] = DIFF ? VLoad<D>::load(x[T] + at + u * VL) : splat(0.0f);
         }
         for (int64_t t = 0; t < T; t++) {
-            const S* __restrict xt = x + t * ld;
+            const S* __restrict xt = x[t] + at;
             const vf wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
-                const vf v = VLoad<D>::load(xt + u * VL);
+                // |x_t| is NaN/Inf where e_t or the base is, or where their difference overflows
+                const vf v = DIFF ? VLoad<D>::load(xt + u * VL) - b[u] : VLoad<D>::load(xt + u * VL);
                 acc[u] = acc[u] + wt * v;
                 absmax[u] = vmaxu(absmax[u], (vu)vabs(v));
             }
@@ -283,6 +314,7 @@ struct TaskArithmeticKernel {
 template <int D>
 struct ConsensusKernel {
     using S = typename DT<D>::S;
+    static constexpr bool DIFF = false;
     int64_t T;
     const float* lam;
     vi k;
@@ -297,7 +329,7 @@ struct ConsensusKernel {
         return nf;
     }
 
-    inline void strip(const S* __restrict x, int64_t ld, int j, float* __restrict res, Lanes& lanes) {
+    inline void strip(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
         vf tau_v[U];
         vi cnt[U];
         vu absmax[U];
@@ -307,7 +339,7 @@ struct ConsensusKernel {
             absmax[u] = splatu(0);
         }
         for (int64_t t = 0; t < T; t++) {
-            const S* __restrict xt = x + t * ld;
+            const S* __restrict xt = x[t] + at;
             const vf lt = splat(lam[t]);
             for (int u = 0; u < U; u++) {
                 const vf v = VLoad<D>::load(xt + u * VL);
@@ -347,12 +379,23 @@ TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const flo
 }
 
 namespace {
-template <int D>
-int64_t task_arithmetic_t(const void* tv, int64_t T, int64_t N, const float* w, void* out, int out_dtype,
+// rows: T task vector rows, or (DIFF) T experts and the base, all of dtype D.
+template <int D, bool DIFF>
+int64_t task_arithmetic_t(const void* const* rows, int64_t T, int64_t N, const float* w, void* out, int out_dtype,
                           const void* base, int base_dtype, float lam, int nthreads) {
-    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads,
-                              [&] { return TaskArithmeticKernel<D>{T, w, splat(lam)}; })
+    return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, nthreads,
+                              [&] { return TaskArithmeticKernel<D, DIFF>{T, w, splat(lam)}; })
         .nonfinite;
+}
+
+template <bool DIFF>
+int64_t task_arithmetic_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const float* w, void* out,
+                             int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
+    switch (dtype) {
+        case F16: return task_arithmetic_t<F16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
+        case BF16: return task_arithmetic_t<BF16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
+        default: return task_arithmetic_t<F32, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
+    }
 }
 
 template <int D>
@@ -361,7 +404,8 @@ int64_t consensus_t(const void* tv, int64_t T, int64_t N, const void* tau, int t
                     int nthreads) {
     // 0 <= c <= T: clamping k to [0, T + 1] keeps the comparison in int32 without changing it
     const int32_t kk = int32_t(std::max<int64_t>(0, std::min<int64_t>(k, T + 1)));
-    return parallel_blocks<D>(tv, T, N, out, out_dtype, base, base_dtype, nthreads,
+    const std::vector<const void*> rows = stacked_rows(tv, D, T, N);
+    return parallel_blocks<D>(rows.data(), T, N, out, out_dtype, base, base_dtype, nthreads,
                               [&] {
                                   return ConsensusKernel<D>{T, lam, splati(kk), splat(alpha), tau, tau_dtype,
                                                             std::vector<float>(BLOCK)};
@@ -373,11 +417,17 @@ int64_t consensus_t(const void* tv, int64_t T, int64_t N, const void* tau, int t
 int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
                         int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
     if (N <= 0 || T <= 0) return 0;
-    switch (dtype) {
-        case F16: return task_arithmetic_t<F16>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
-        case BF16: return task_arithmetic_t<BF16>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
-        default: return task_arithmetic_t<F32>(tv, T, N, weights, out, out_dtype, base, base_dtype, lam, nthreads);
-    }
+    const std::vector<const void*> rows = stacked_rows(tv, dtype, T, N);
+    return task_arithmetic_rows<false>(rows.data(), dtype, T, N, weights, out, out_dtype, base, base_dtype, lam,
+                                       nthreads);
+}
+
+int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                               const float* weights, void* out, int out_dtype, float lam, int nthreads) {
+    if (N <= 0 || T <= 0) return 0;
+    std::vector<const void*> rows(experts, experts + T);
+    rows.push_back(base);
+    return task_arithmetic_rows<true>(rows.data(), dtype, T, N, weights, out, out_dtype, base, dtype, lam, nthreads);
 }
 
 int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,

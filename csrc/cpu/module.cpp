@@ -278,6 +278,32 @@ PYBIND11_MODULE(_C, m) {
         "out = base + lam * sum_t w_t tv[t]; returns the non-finite input and result count");
 
     m.def(
+        "task_arithmetic_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::array weights, py::array out,
+           const std::string& out_dtype, double lam, int nthreads) {
+            const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
+            Buf bb = data_buffer(base, d, "base", false);
+            const int64_t T = int64_t(experts.size()), N = bb.size;
+            std::vector<const void*> ptrs;
+            ptrs.reserve(size_t(T));
+            for (int64_t t = 0; t < T; t++) {
+                const std::string name = "experts[" + std::to_string(t) + "]";
+                if (!py::isinstance<py::array>(experts[t])) throw py::type_error(name + " must be a numpy array");
+                Buf eb = data_buffer(py::reinterpret_borrow<py::array>(experts[t]), d, name.c_str(), false);
+                check_size(eb, N, name.c_str());
+                ptrs.push_back(eb.ptr);
+            }
+            const float* w = per_task(weights, T, "weights");
+            Buf ob = output_buffer(out, od, N);
+            py::gil_scoped_release release;
+            return nlm::task_arithmetic_models(bb.ptr, ptrs.data(), d, T, N, w, ob.ptr, od, float(lam),
+                                               threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("weights"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("lam"), py::arg("nthreads") = 0,
+        "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)); returns the non-finite input and result count");
+
+    m.def(
         "tall_masks",
         [](py::array tv, const std::string& dtype, py::array tau, const std::string& tau_dtype, py::array lam,
            py::array out, int nthreads) {
@@ -458,7 +484,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 5;
+    m.attr("api_version") = 6;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 5  # must match csrc/cpu/module.cpp
+_API_VERSION = 6  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -38,6 +38,7 @@ __all__ = [
     "hist_magnitude_low",
     "ties_merge",
     "task_arithmetic",
+    "task_arithmetic_models",
     "tall_masks",
     "consensus",
     "apply_mask",
@@ -140,6 +141,25 @@ def task_arithmetic(tv, weights, out, base, lam):
     return int(
         _C.task_arithmetic(
             tv_np, dtype, _per_task(weights), _out(out, "out"), _name(out), base_np, base_dtype, float(lam), _threads()
+        )
+    )
+
+
+def task_arithmetic_models(base, experts, weights, out, lam):
+    """``out = base + lam * sum_t weights[t] * (fp32(experts[t]) - fp32(base))`` (the task vectors formed in
+    registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); ``base`` and the T
+    ``experts``: one dtype, ``out``'s element count. Returns the count of NaN/Inf task vector entries,
+    base values and results (in ``out``'s dtype)."""
+    return int(
+        _C.task_arithmetic_models(
+            _in(base.reshape(-1)),
+            [_in(x.reshape(-1)) for x in experts],
+            _name(base),
+            _per_task(weights),
+            _out(out, "out"),
+            _name(out),
+            float(lam),
+            _threads(),
         )
     )
 

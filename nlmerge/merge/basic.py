@@ -13,7 +13,6 @@ from nlmerge.merge._common import (
     naming_nonfinite,
     nonfinite_error,
     running_stat_values,
-    task_tensors,
     tau,
 )
 
@@ -156,10 +155,10 @@ def task_arithmetic(
         merged = running_stat_values(plan, base, experts, mode, backend=backend)
         for key in plan.merged:
             with naming_nonfinite([key], base, experts):
-                merged[key] = ops.task_arithmetic(
-                    task_tensors(key, base, experts),
+                merged[key] = ops.task_arithmetic_models(
+                    base[key].detach(),
+                    [sd[key].detach() for sd in experts],
                     weights=weights,
-                    base=base[key].detach(),
                     lam=lam,
                     out_dtype=plan.out_dtype[key],
                     backend=backend,

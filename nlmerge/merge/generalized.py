@@ -35,7 +35,9 @@ element at ``>= 1`` and drops the whole task vector at ``<= 0``: refused, as a l
 ``gamma`` in [0, 1]; negative weights are allowed, with mergekit's meaning (under consensus the
 weighted delta votes, so a negated task votes with its negated sign).
 
-Paths: the combination runs on the fused kernels — ``ops.task_arithmetic`` without consensus;
+Paths: the combination runs on the fused kernels — ``ops.task_arithmetic_models`` (the task
+vectors formed as the kernel reads the models) without sparsification or consensus,
+``ops.task_arithmetic`` on the masked fp32 task vectors with sparsification but no consensus;
 ``ops.ties_merge`` (trim, elect, disjoint sum or mean in one pass; magnitude thresholds applied
 in the kernel) with consensus, except with ``normalize`` together with ``rescale`` or a negative
 weight, whose mergekit divisor the kernel cannot form: a plain-PyTorch formulation
@@ -319,11 +321,7 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
     weights = [w * c for w, c in zip(o.weights, scales)]
     common = dict(base=base, out_dtype=out_dtype, backend=backend)
     if o.consensus is None:
-        lam = o.lam
-        if o.normalize:
-            total = math.fsum(o.weights)
-            lam = lam / total if abs(total) >= DIVISOR_EPS else lam
-        return ops.task_arithmetic(taus, weights=weights, lam=lam, **common)
+        return ops.task_arithmetic(taus, weights=weights, lam=_summed_lam(o), **common)
     if not _fused_consensus(o, scales):
         return cast_result(key, _consensus_plain(taus, weights, o, base), out_dtype)
     # the kernel takes positive weights: a zero weight never agrees (drop it), a negative one
@@ -346,6 +344,15 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
         zero_sign="positive",
         **common,
     )
+
+
+def _summed_lam(o):
+    """The scale of the weighted sum without consensus: ``lam``, over the summed weights with
+    ``normalize`` (unless they sum to about 0)."""
+    if not o.normalize:
+        return o.lam
+    total = math.fsum(o.weights)
+    return o.lam / total if abs(total) >= DIVISOR_EPS else o.lam
 
 
 def _consensus_plain(taus, weights, o, base):
@@ -451,6 +458,15 @@ def merge_tensor(
 def _merge_key(key, name, base, experts, o, out_dtype, backend):
     """Merge ``key`` of state dicts ``base`` and ``experts``; errors name the key (and the expert)."""
     with naming_nonfinite([key], base, experts):
+        if o.sparsify is None and o.consensus is None:  # plain task arithmetic: task vectors formed in the kernel
+            return ops.task_arithmetic_models(
+                base[key].detach(),
+                [sd[key].detach() for sd in experts],
+                weights=o.weights,
+                lam=_summed_lam(o),
+                out_dtype=out_dtype,
+                backend=backend,
+            )
         return _merge_taus(key, task_tensors(key, base, experts), base[key].detach(), o, name, out_dtype, backend)
 
 

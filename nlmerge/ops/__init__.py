@@ -2,7 +2,8 @@
 
 - ``selection``: exact magnitude selection (the TIES threshold) by radix histograms;
   ``streaming_selection``: the same over tensors that arrive one at a time (the merge job).
-- ``ties``: fused TIES passes and task arithmetic over stacked task vectors.
+- ``ties``: fused TIES passes and task arithmetic over stacked task vectors, and task arithmetic
+  over the models (task vectors formed in the kernel).
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
 - ``random``: counter-based random draws (Philox4x32-10) keyed by (seed, name, index): DARE.
@@ -19,7 +20,14 @@ from nlmerge.ops.selection import kth_smallest_magnitude, magnitude_threshold
 from nlmerge.ops.stats import StreamingStats
 from nlmerge.ops.streaming_selection import MagnitudeSelector
 from nlmerge.ops.tall import apply_mask, consensus_merge, pack_masks, packed_size, tall_masks, unpack_masks
-from nlmerge.ops.ties import TiesPass, same_fill_result, task_arithmetic, ties_merge, ties_merge_pass
+from nlmerge.ops.ties import (
+    TiesPass,
+    same_fill_result,
+    task_arithmetic,
+    task_arithmetic_models,
+    ties_merge,
+    ties_merge_pass,
+)
 
 __all__ = [
     "MagnitudeSelector",
@@ -38,6 +46,7 @@ __all__ = [
     "same_fill_result",
     "tall_masks",
     "task_arithmetic",
+    "task_arithmetic_models",
     "ties_merge",
     "ties_merge_pass",
     "uniform",
