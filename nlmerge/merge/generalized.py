@@ -276,11 +276,8 @@ def sparsify_mask(tau, sparsify, density, *, gamma=0.01, seed=0, name=None, stre
     raise ValueError(f"sparsify must be one of {SPARSIFY[1:]}, got {sparsify!r}")
 
 
-def _l1_rescale(tau, kept):
-    """mergekit's L1 rescale factor ``L1(tau) / L1(kept part)`` (fp32), 1 when either is < 1e-7."""
-    magnitudes = tau.abs()
-    before = magnitudes.sum()
-    after = torch.where(kept, magnitudes, torch.zeros_like(magnitudes)).sum()
+def _l1_rescale(before, after):
+    """mergekit's L1 rescale factor ``L1(tau) / L1(kept part)`` (fp32 norms), 1 when either is < 1e-7."""
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return float(before / after)
@@ -298,7 +295,9 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
     num = taus.shape[0]
     if taus[0].numel() == 0:
         return base.to(out_dtype, copy=True)
-    if o.sparsify == "random":  # masking could hide a NaN from the kernels' checks
+    # masking could hide a NaN from the kernels' checks; a sum is one read without a temporary (a
+    # sum that overflows from finite values goes on to the exact check, which passes it)
+    if o.sparsify == "random" and not bool(torch.isfinite(taus.sum())):
         check_finite([("task_vectors", taus, True)])
     # magnitude trims without rescale are left to the TIES kernel's threshold (no masking pass)
     in_kernel = o.consensus is not None and o.sparsify == "magnitude" and not o.rescale and _fused_consensus(o, [1.0])
@@ -315,9 +314,10 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
         )
         if kept is None:
             continue
-        if o.rescale:
-            scales[t] = _l1_rescale(taus[t], kept)
+        before = torch.linalg.vector_norm(taus[t], 1) if o.rescale else None
         taus[t].masked_fill_(~kept, 0.0)
+        if o.rescale:  # L1 norms in one read each, no masked copy
+            scales[t] = _l1_rescale(before, torch.linalg.vector_norm(taus[t], 1))
     weights = [w * c for w, c in zip(o.weights, scales)]
     common = dict(base=base, out_dtype=out_dtype, backend=backend)
     if o.consensus is None:
