@@ -66,10 +66,6 @@ class MergePlan:
     backend: str | None
     device: torch.device
 
-    @property
-    def total_bytes(self):
-        return sum(s.nbytes for s in self.shards)
-
 
 def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, copy_tokenizer=True,
               force=False, resume=False, progress=True, backend=None):
@@ -322,7 +318,7 @@ def _stream(plan, keys):
             yield key, tensors
 
 
-def _bar(plan, total, desc, progress):
+def _bar(total, desc, progress):
     if not progress:
         return contextlib.nullcontext(None)
     from tqdm.auto import tqdm
@@ -345,7 +341,7 @@ def _global_thresholds(plan, progress):
                     sel.locate(k)
             if all(k < 1 for k in ranks):
                 break
-        with _bar(plan, total, f"TIES thresholds ({step} bits)", progress) as bar:
+        with _bar(total, f"TIES thresholds ({step} bits)", progress) as bar:
             for key, tensors in _stream(plan, [k.key for k in merged]):
                 for t, tau in enumerate(task_vectors(tensors)):
                     if step == "high":
@@ -418,7 +414,7 @@ def _merge_shards(plan, manifest, thresholds, progress):
     keys = [key for shard in todo for key in shard.keys]
     open_writers, finishing = {}, []
     try:
-        with _bar(plan, sum(s.nbytes for s in todo), "merge", progress) as bar, \
+        with _bar(sum(s.nbytes for s in todo), "merge", progress) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-finish") as finisher:
             for done, (key, tensors) in enumerate(_stream(plan, keys), start=1):
                 shard, k = shard_of[key], plan.keys[key]
