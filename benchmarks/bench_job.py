@@ -92,11 +92,12 @@ _BASE_CACHE = {}
 
 
 def load_base(path, key):
-    """A tensor of the base model (files opened lazily once)."""
+    """A tensor of the base model (its index and files opened once)."""
     from safetensors import safe_open
 
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
-    name = os.path.join(path, index[key])
+    if path not in _BASE_CACHE:
+        _BASE_CACHE[path] = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
+    name = os.path.join(path, _BASE_CACHE[path][key])
     if name not in _BASE_CACHE:
         _BASE_CACHE[name] = safe_open(name, "pt")
     return _BASE_CACHE[name].get_tensor(key)

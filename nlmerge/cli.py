@@ -91,6 +91,7 @@ class _Refused(argparse.Action):
 
 
 def _add_merge(commands):
+    from nlmerge.demo import options
     from nlmerge.io import parse_size
 
     merge = commands.add_parser(
@@ -115,7 +116,7 @@ def _add_merge(commands):
     merge.add_argument("--resume", action="store_true",
                        help="continue an interrupted job: finished shards (size and sha256 checked) are kept")
     merge.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--num-threads", metavar="N", type=_checked(_positive_int, "N"), default=None,
+    merge.add_argument("--num-threads", metavar="N", type=_checked(options.check_threads, "N"), default=None,
                        help="torch CPU threads (default: torch's)")
     merge.add_argument("--backend", choices=("torch", "cpu", "triton"), default=None,
                        help="kernel backend (default: auto, see the README)")
@@ -124,13 +125,6 @@ def _add_merge(commands):
     for flag in _REFUSED_MERGEKIT_FLAGS:
         merge.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
     merge.set_defaults(run=_merge, parser=merge)
-
-
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-    return value
 
 
 def _merge(args):

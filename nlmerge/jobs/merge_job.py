@@ -411,40 +411,38 @@ def _merge_shards(plan, manifest, thresholds, progress):
     sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in plan.shards if s not in todo)
     rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in plan.shards if s not in todo}
     shard_of = {key: shard for shard in todo for key in shard.keys}
-    keys = [key for shard in todo for key in shard.keys]
-    open_writers, finishing = {}, []
+    keys = list(shard_of)  # shard by shard: one shard is open at a time
+    last_keys = {shard.keys[-1] for shard in todo}
+    writer, finishing = None, []
     try:
         with _bar(sum(s.nbytes for s in todo), "merge", progress) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-finish") as finisher:
             for done, (key, tensors) in enumerate(_stream(plan, keys), start=1):
                 shard, k = shard_of[key], plan.keys[key]
-                if shard.name not in open_writers:
-                    open_writers[shard.name] = [ckio.ShardWriter(shard, plan.out), 0, {}, len(shard.keys)]
-                state = open_writers[shard.name]
-                writer = state[0]
+                if writer is None:
+                    writer, shard_sum, fills = ckio.ShardWriter(shard, plan.out), 0, {}
                 if k.merged:
-                    fill = (sign_sum + state[1] > 0) - (sign_sum + state[1] < 0)
+                    fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0)
                     out, info = _merge_one(plan, k, tensors, thresholds, fill)
                     if info is not None:
-                        state[1] += info.sign_sum
+                        shard_sum += info.sign_sum
                         if info.ambiguous:
-                            state[2][key] = fill
+                            fills[key] = fill
                 else:
                     out = tensors[plan.copy_source].cpu()
                 writer.write(key, out)
-                state[3] -= 1
-                if state[3] == 0:  # the shard is full: finish it in the background
-                    del open_writers[shard.name]
-                    sign_sum += state[1]
-                    rerun[shard.name] = state[2]
-                    finishing.append((finisher.submit(writer.finish), {"sign_sum": state[1], "fills": state[2]}))
+                if key in last_keys:  # the shard is full: finish it in the background
+                    sign_sum += shard_sum
+                    rerun[shard.name] = fills
+                    finishing.append((finisher.submit(writer.finish), {"sign_sum": shard_sum, "fills": fills}))
+                    writer = None
                     _record_finished(manifest, finishing, wait=False)
                 if bar is not None:
                     bar.set_postfix_str(f"{done}/{len(keys)} tensors", refresh=False)
                     bar.update(_nbytes(k))
     finally:
-        for state in open_writers.values():
-            state[0].abort()
+        if writer is not None:
+            writer.abort()
         _record_finished(manifest, finishing, wait=True)
     if thresholds is not None:
         _rerun_majority(plan, manifest, thresholds, sign_sum, rerun)

@@ -1,7 +1,8 @@
 """The merge methods a config can name: each declares its parameters once, here.
 
 A :class:`Method` lists its parameters (name, type, shared or per model, default, range); config
-validation, parameter resolution (filters, gradients) and the README's table all come from it.
+validation and parameter resolution (filters, gradients) come from it. mergekit's family is
+declared by :data:`nlmerge.merge.generalized.METHODS` and only translated here.
 ``merge_key`` computes one key from that key's tensors, never a whole model:
 
 - mergekit's methods, with mergekit's semantics (``mergekit/merge_methods/registry.py``):
@@ -66,7 +67,6 @@ class Param:
     name: str
     convert: object
     default: object = REQUIRED
-    help: str = ""
 
     @property
     def required(self):
@@ -75,19 +75,13 @@ class Param:
 
 @dataclass(frozen=True)
 class Method:
-    """A merge method: its parameters and how one key is merged.
-
-    ``uses_base``: the base model is subtracted (task vectors); ``sparsify``/``consensus`` are
-    mergekit's generalized task arithmetic settings (None for the others).
-    """
+    """A merge method: its shared and per-model parameters; ``uses_base``: the base model is
+    subtracted (task vectors)."""
 
     name: str
     shared: tuple
     per_model: tuple
     uses_base: bool = True
-    sparsify: str | None = None
-    consensus: str | None = None
-    random: bool = False
 
     def check(self, shared, per_model, key, models):
         """Range checks of the values resolved for tensor ``key`` (``per_model`` in the order of
@@ -130,24 +124,23 @@ def _gta(name, extra_shared=()):
     params = [Param(p.name, _CONVERT[p.type], REQUIRED if p.required else p.default) for p in spec.parameters]
     shared = tuple(p for p, q in zip(params, spec.parameters) if not q.per_model) + extra_shared
     per_model = tuple(p for p, q in zip(params, spec.parameters) if q.per_model)
-    return Method(name, shared, per_model, sparsify=spec.sparsify, consensus=spec.consensus,
-                  random=spec.sparsify == "random")
+    return Method(name, shared, per_model)
 
 
 METHODS = {m.name: m for m in (
-    Method("linear", (Param("normalize", _bool, True, "divide by the summed weights"),), (WEIGHT,), uses_base=False),
+    Method("linear", (Param("normalize", _bool, True),), (WEIGHT,), uses_base=False),
     _gta("task_arithmetic"),
     _gta("ties", extra_shared=(
-        Param("scope", _choice("tensor", "global"), "tensor", "nlmerge: trim per tensor or over the whole model"),
-        Param("convention", _choice("mergekit", "ties"), "mergekit", "nlmerge: mergekit's or the TIES code's rules"),
+        Param("scope", _choice("tensor", "global"), "tensor"),  # trim per tensor or over the whole model
+        Param("convention", _choice("mergekit", "ties"), "mergekit"),  # mergekit's or the TIES code's rules
     )),
     _gta("dare_ties"),
     _gta("dare_linear"),
     _gta("breadcrumbs"),
     _gta("breadcrumbs_ties"),
-    Method("consensus", (Param("k", _int, 2, "minimum number of agreeing TALL masks"),
-                         Param("lambda", _float, 1.0, "scale of the kept multi-task vector (alpha)")),
-           (Param("tall_lambda", _float, 0.4, "TALL mask parameter of the task"),)),
+    Method("consensus", (Param("k", _int, 2),  # minimum number of agreeing TALL masks
+                         Param("lambda", _float, 1.0)),  # alpha: scale of the kept multi-task vector
+           (Param("tall_lambda", _float, 0.4),)),  # the task's TALL mask parameter
 )}
 
 
@@ -177,7 +170,8 @@ def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backe
     base, experts, experts_params = tensors[0], tensors[1:], per_model[1:]
     if method.name == "consensus":
         taus = task_vectors(tensors)
-        return ops.consensus_merge(taus, taus.sum(0), [p["tall_lambda"] for p in experts_params], k=shared["k"],
+        tau_mtl = ops.task_arithmetic(taus, backend=backend)  # as nlmerge.merge.consensus forms it
+        return ops.consensus_merge(taus, tau_mtl, [p["tall_lambda"] for p in experts_params], k=shared["k"],
                                    base=base, alpha=shared["lambda"], **common)
     if method.name == "ties" and shared["convention"] == "ties":
         taus = task_vectors(tensors)

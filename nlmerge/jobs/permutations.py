@@ -45,7 +45,7 @@ def load_permutations(entries, checkpoints):
         A file that does not fit its model (a key of its spec missing, a size that differs, a
         permuted tensor that is not floating point) or was computed for another checkpoint.
     """
-    out = Alignments()
+    out, aligned = Alignments(), set()
     for entry in entries:
         spec, perms, metadata = read_file(entry.file)
         out.files.append(entry.file)
@@ -54,8 +54,9 @@ def load_permutations(entries, checkpoints):
                 raise ConfigError(f"permutations file {entry.file!r} names model {path!r}, which is not an input "
                                   "of this merge")
             ckpt = checkpoints[path]
-            if any(p == path for p, _ in out.gathers):
+            if path in aligned:
                 raise ConfigError(f"model {path!r} is given two permutation files")
+            aligned.add(path)
             expected = metadata.get("other")
             if expected is not None and expected != ckpt.identity():
                 raise CheckpointError(f"permutations file {entry.file!r} was computed for another checkpoint than "
