@@ -23,10 +23,9 @@ from nlmerge import ops
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, task_vectors
 from nlmerge.jobs.permutations import load_permutations
-from nlmerge.merge._common import Plan, is_running_stat, running_stat_values
+from nlmerge.merge._common import MERGE_DTYPES, Plan, is_running_stat, running_stat_values
 from nlmerge.ops._checks import NonFiniteResultError
 
-MERGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "vocab.txt",
                    "generation_config.json", "chat_template.jinja")
