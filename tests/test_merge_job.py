@@ -11,7 +11,7 @@ pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from nlmerge import merge  # noqa: E402
+from nlmerge import merge, ops  # noqa: E402
 from nlmerge.io import CheckpointError  # noqa: E402
 from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge  # noqa: E402
 
@@ -491,3 +491,113 @@ def test_mergekit_leniency_warns_instead_of_failing(llama_family, tmp_path):
     zero = {**cfg, "models": [{**m, "parameters": {"weight": w}} for m, w in zip(cfg["models"], (1.0, -1.0))]}
     with pytest.raises(ConfigError, match="sum to 0"):
         plan_merge(zero, tmp_path / "o")
+
+
+def _tall_out(out):
+    """A TALL job's outputs: the task models' state dicts and the masks file's tensors."""
+    info = json.load(open(os.path.join(out, "tall.json")))
+    tasks = [_load_out(os.path.join(out, folder)) for folder in info["task_folders"]]
+    index = os.path.join(out, "tall-masks.safetensors.index.json")
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+             else ["tall-masks.safetensors"])
+    masks = {}
+    for f in files:
+        masks.update(load_file(os.path.join(out, f)))
+    return info, tasks, masks
+
+
+TALL_LAMBDAS = [{"tall_lambda": 0.3}, {"tall_lambda": 0.5}, {"tall_lambda": 0.8}]
+
+
+@pytest.mark.parametrize("mtl", ["task_arithmetic", "ties"])
+def test_tall_writes_each_task_and_the_masks_as_in_memory(llama_family, tmp_path, mtl):
+    _, paths, base, experts = llama_family
+    per_model = [{**lam, **w} for lam, w in zip(TALL_LAMBDAS, WEIGHTS)]
+    cfg = _config(paths, "tall", {"mtl": mtl, "normalize": True}, per_model)
+    run_merge(cfg, tmp_path / "out", progress=False, out_shard_size="30K")
+    info, tasks, masks = _tall_out(tmp_path / "out")
+    ties_kwargs = None if mtl == "task_arithmetic" else dict(
+        keep=0.5, scope="tensor", convention="ties", weights=[w["weight"] for w in WEIGHTS])
+    want = merge.tall(base, experts, lam=[p["tall_lambda"] for p in TALL_LAMBDAS], mtl=mtl, ties_kwargs=ties_kwargs)
+    assert info["num_tasks"] == NUM_EXPERTS and info["task_folders"] == [f"task_{t}" for t in range(NUM_EXPERTS)]
+    assert len(os.listdir(tmp_path / "out" / "task_0")) > 3  # sharded: several files and an index
+    for t in range(NUM_EXPERTS):
+        expected = want.task_state_dict(t)
+        assert list(tasks[t]) == list(expected) or set(tasks[t]) == set(expected)
+        for key in expected:
+            assert torch.equal(tasks[t][key], expected[key]), (t, key)
+    assert set(masks) == {f"{kind}.{key}" for key in want.merged_keys for kind in ("mask", "tau_mtl")}
+    for key in want.merged_keys:
+        assert torch.equal(masks[f"mask.{key}"], want.masks[key]), key
+        assert torch.equal(masks[f"tau_mtl.{key}"], want.tau_mtl[key]), key
+        rebuilt = (base[key] + ops.unpack_masks(masks[f"mask.{key}"][1], base[key].numel()).view(base[key].shape)
+                   * masks[f"tau_mtl.{key}"])
+        assert torch.equal(rebuilt, tasks[1][key]), key  # the documented rebuild rule
+    transformers = _transformers()
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out" / "task_2").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_tall_masks_output_and_consensus_with_ties_mtl(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    cfg = _config(paths, "tall", {"output": "masks"}, TALL_LAMBDAS)
+    run_merge(cfg, tmp_path / "masks", progress=False)
+    assert not [n for n in os.listdir(tmp_path / "masks") if n.startswith("task_")]
+    info, tasks, masks = _tall_out(tmp_path / "masks")
+    assert tasks == [] and info["tasks"] == [str(paths[f"e{i}"]) for i in range(NUM_EXPERTS)]
+    want = merge.tall(base, experts, lam=[p["tall_lambda"] for p in TALL_LAMBDAS])
+    for key in want.merged_keys:
+        assert torch.equal(masks[f"mask.{key}"], want.masks[key]), key
+
+    per_model = [{**lam, **w} for lam, w in zip(TALL_LAMBDAS, WEIGHTS)]
+    run_merge(_config(paths, "consensus", {"k": 2, "lambda": 0.9, "mtl": "ties"}, per_model), tmp_path / "cons",
+              progress=False)
+    got = _load_out(tmp_path / "cons")
+    expected = merge.consensus(base, experts, k=2, lam=[p["tall_lambda"] for p in TALL_LAMBDAS], alpha=0.9, mtl="ties",
+                               ties_kwargs=dict(keep=0.5, scope="tensor", convention="ties",
+                                                weights=[w["weight"] for w in WEIGHTS]))
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_tall_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
+    from nlmerge.io import writer as writer_module
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "tall", None, TALL_LAMBDAS)
+    run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size="20K")
+    real_write, calls = writer_module.ShardWriter.write, {"n": 0}
+
+    def dying_write(self, key, tensor):
+        calls["n"] += 1
+        if calls["n"] == 90:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, key, tensor)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
+    assert os.listdir(tmp_path / "resumed" / "task_0"), "the kill should come after a finished step"
+    assert not (tmp_path / "resumed" / "tall.json").exists()
+    monkeypatch.setattr(writer_module.ShardWriter, "write", real_write)
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
+    for folder in ("", "task_0", "task_1", "task_2"):
+        clean, resumed = tmp_path / "clean" / folder, tmp_path / "resumed" / folder
+        names = sorted(n for n in os.listdir(clean) if os.path.isfile(clean / n))
+        assert names == sorted(n for n in os.listdir(resumed) if os.path.isfile(resumed / n))
+        for name in names:
+            if name != "nlmerge-manifest.json":
+                assert (clean / name).read_bytes() == (resumed / name).read_bytes(), (folder, name)
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", force=True)  # --force rewrites it
+
+
+def test_tall_output_must_not_vary_by_tensor(llama_family, tmp_path):
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "tall", {"output": [{"filter": "mlp", "value": "masks"}, {"value": "models"}]}, TALL_LAMBDAS)
+    with pytest.raises(ConfigError, match="output must be the same for every tensor"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    cfg = _config(paths, "tall", {"mtl": "ties"}, [{"density": 1.5}] * NUM_EXPERTS)
+    with pytest.raises(ConfigError, match=r"density of model .* must be in \(0, 1\], got 1.5"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -9,19 +9,21 @@ skip finished shards and give byte-identical output.
 """
 import contextlib
 import fnmatch
+import glob
 import hashlib
 import json
+import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
-from nlmerge.jobs.methods import merge_key, task_vectors
+from nlmerge.jobs.methods import merge_key, tall_key, task_vectors
 from nlmerge.jobs.permutations import load_permutations
 from nlmerge.merge._common import MERGE_DTYPES, Plan, is_running_stat, running_stat_values
 from nlmerge.ops._checks import NonFiniteResultError
@@ -31,8 +33,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 CONFIG_COPY = "nlmerge_config.yml"
 INDEX_NAME = "model.safetensors.index.json"
-# data files a previous job may have left in OUT, removed by --force before writing
-_OUTPUT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", ".*.partial", ckio.MANIFEST_NAME)
+TALL_BASENAME = "tall-masks"
+TALL_INFO = "tall.json"
+TALL_FORMAT = "nlmerge-tall/1"
+# data files a previous job may have left in OUT (or in its task_<t> folders), removed by --force
+_OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME,
+                    f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO)
 
 
 @dataclass
@@ -48,9 +54,32 @@ class KeyPlan:
     running_stat: bool = False
 
 
+@dataclass(frozen=True)
+class Output:
+    """One checkpoint the job writes: its ``folder`` under OUT ("" for OUT itself), what it holds
+    (``role``: "model", ("task", t) or "masks"), its shard plans per step (None where a step
+    writes nothing to it; names relative to the folder) and the name of its index file."""
+
+    folder: str
+    role: object
+    plans: list
+    index_name: str
+
+    def file(self, step):
+        """The plan of step ``step``'s file, named relative to OUT (None when there is none)."""
+        plan = self.plans[step]
+        if plan is None or not self.folder:
+            return plan
+        return replace(plan, name=f"{self.folder}/{plan.name}")
+
+
 @dataclass
 class MergePlan:
-    """Everything the job needs before it reads a tensor (see :func:`plan_merge`)."""
+    """Everything the job needs before it reads a tensor (see :func:`plan_merge`).
+
+    ``shards`` is the layout of the merged model; step ``i`` of the job merges the keys of
+    ``shards[i]`` and writes step ``i``'s file of every output (one model, or a TALL job's task
+    models and masks)."""
 
     config: object
     out: str
@@ -58,6 +87,7 @@ class MergePlan:
     copy_source: int
     keys: dict
     shards: list
+    outputs: list
     permutations: dict
     fingerprint: str
     global_ties: bool
@@ -168,13 +198,51 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
                 warnings.warn(f"exclude pattern {pattern!r} matches no tensor of {ref.path}", stacklevel=2)
         global_ties = _uniform_scope(cfg, keys)
         shards = ckio.plan_shards([(k.key, k.shape, k.dtype) for k in keys.values()], max_bytes)
+        outputs = _plan_outputs(cfg, keys, shards)
     except BaseException:
         for ckpt in checkpoints:
             ckpt.close()
         raise
     fingerprint = _fingerprint(cfg, checkpoints, permutations, max_bytes, seed)
-    return MergePlan(cfg, os.fspath(out), checkpoints, source, keys, shards, permutations, fingerprint,
+    return MergePlan(cfg, os.fspath(out), checkpoints, source, keys, shards, outputs, permutations, fingerprint,
                      global_ties, seed, backend, device)
+
+
+def _plan_outputs(cfg, keys, shards):
+    """The checkpoints the job writes, each with one file per step (step i: the keys of shard i).
+
+    A merge writes one model (OUT). ``tall`` writes one model per task in ``OUT/task_<t>`` (unless
+    ``output: masks``) and the masks in OUT: ``tall-masks*.safetensors`` holding, per merged key,
+    ``mask.<key>`` (uint8 ``[T, ceil(numel / 8)]``, bit-packed as :func:`nlmerge.ops.pack_masks`)
+    and ``tau_mtl.<key>`` (fp32, the key's shape), and per running statistic ``stat.<key>``
+    (fp32): with the base, everything needed to rebuild every task's model.
+    """
+    if cfg.method.name != "tall":
+        return [Output("", "model", shards, INDEX_NAME)]
+    choices = {k.shared["output"] for k in _by_method(keys)}
+    if len(choices) > 1:
+        raise ConfigError("tall: output must be the same for every tensor (models or masks), not set by filters")
+    num_tasks = len(cfg.experts)
+    outputs = [] if choices == {"masks"} else [Output(f"task_{t}", ("task", t), shards, INDEX_NAME)
+                                               for t in range(num_tasks)]
+    entries = []
+    for shard in shards:
+        step = []
+        for key in shard.keys:
+            k = keys[key]
+            if k.running_stat:
+                step.append((f"stat.{key}", k.shape, torch.float32))
+            elif k.merged:
+                step.append((f"mask.{key}", (num_tasks, ops.packed_size(math.prod(k.shape))), torch.uint8))
+                step.append((f"tau_mtl.{key}", k.shape, torch.float32))
+        entries.append(step)
+    filled = [i for i, step in enumerate(entries) if step]
+    plans = [None] * len(shards)
+    for n, i in enumerate(filled):
+        name = (f"{TALL_BASENAME}.safetensors" if len(filled) == 1 else
+                f"{TALL_BASENAME}-{n + 1:05d}-of-{len(filled):05d}.safetensors")
+        (plans[i],) = ckio.plan_shards(entries[i], 0, basename=name.removesuffix(".safetensors"))
+    return outputs + [Output("", "masks", plans, f"{TALL_BASENAME}.safetensors.index.json")]
 
 
 def _device(device):
@@ -260,16 +328,23 @@ def _prepare_out(plan, *, force, resume):
             if ckio.Manifest.load(out) is None:
                 raise FileExistsError(f"--resume: {plan.out!r} holds no nlmerge job ({ckio.MANIFEST_NAME} is missing); "
                                       "pass --force to write into it")
-            return False
-        if not force:
+        elif not force:
             raise FileExistsError(f"output folder {plan.out!r} exists and is not empty; pass --force to write into "
                                   "it or --resume to continue an interrupted job")
-        for name in os.listdir(out):
-            if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS):
-                os.remove(os.path.join(out, name))
+        else:
+            _remove_previous_outputs(out)
     created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
+    for output in plan.outputs:
+        os.makedirs(os.path.join(out, output.folder), exist_ok=True)
     return created
+
+
+def _remove_previous_outputs(out):
+    """--force: remove a previous job's data files from OUT and its task folders."""
+    for folder in [out] + sorted(glob.glob(os.path.join(glob.escape(out), "task_[0-9]*"))):
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS):
+                os.remove(os.path.join(folder, name))
 
 
 def _forget_empty_job(plan, manifest, created):
@@ -280,6 +355,9 @@ def _forget_empty_job(plan, manifest, created):
     with contextlib.suppress(FileNotFoundError):
         os.remove(manifest.path)
     if created:
+        for folder in {o.folder for o in plan.outputs if o.folder}:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(plan.out, folder))
         with contextlib.suppress(OSError):
             os.rmdir(plan.out)
 
@@ -385,10 +463,7 @@ def _merge_one(plan, k, tensors, thresholds, fill):
     (``out_dtype: float32`` in the config writes it wider)."""
     method = plan.config.method
     if k.running_stat:
-        experts = tensors[1:] if method.uses_base else tensors
-        stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: k.dtype}), {k.key: tensors[0]},
-                                    [{k.key: x} for x in experts], "average", backend=plan.backend)
-        return stats[k.key].cpu(), None
+        return _running_stat(plan, k, tensors, k.dtype).cpu(), None
     with _naming(k.key, plan, tensors):
         if thresholds is None:
             result = merge_key(method, k.key, tensors, k.shared, k.per_model, out_dtype=k.dtype, seed=plan.seed,
@@ -402,45 +477,97 @@ def _merge_one(plan, k, tensors, thresholds, fill):
         return result.merged.cpu(), result
 
 
-def _merge_shards(plan, manifest, thresholds, progress):
-    """The merge pass: the keys of every shard not already done are streamed (one key read ahead,
-    across shard boundaries), merged and written; a filled shard is finished (fsync, sha256,
-    rename) on a thread while the next one is merged, then recorded in the manifest."""
-    todo = [s for s in plan.shards if not manifest.is_done(s.name)]
-    sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in plan.shards if s not in todo)
-    rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in plan.shards if s not in todo}
-    shard_of = {key: shard for shard in todo for key in shard.keys}
-    keys = list(shard_of)  # shard by shard: one shard is open at a time
-    last_keys = {shard.keys[-1] for shard in todo}
-    writer, finishing = None, []
+def _running_stat(plan, k, tensors, dtype):
+    """A BatchNorm running statistic: the models' plain mean (nlmerge.merge's rule), in ``dtype``."""
+    experts = tensors[1:] if plan.config.method.uses_base else tensors
+    stats = running_stat_values(Plan([k.key], [], [k.key], {k.key: dtype}), {k.key: tensors[0]},
+                                [{k.key: x} for x in experts], "average", backend=plan.backend)
+    return stats[k.key]
+
+
+def _tall_writes(plan, k, tensors):
+    """A TALL key's tensors: ``[(role, name, tensor)]`` for the task models and the masks file."""
+    if k.running_stat:
+        value = _running_stat(plan, k, tensors, torch.float32).cpu()  # each task model rounds it once
+        models, masks = [value.to(k.dtype)] * len(plan.config.experts), [(f"stat.{k.key}", value)]
+    else:
+        with _naming(k.key, plan, tensors):
+            tau_mtl, packed, models = tall_key(tensors, k.shared, k.per_model, out_dtype=k.dtype,
+                                               backend=plan.backend)
+        masks = [(f"mask.{k.key}", packed.cpu()), (f"tau_mtl.{k.key}", tau_mtl.cpu())]
+    tasks = {o.role for o in plan.outputs}
+    return ([(("task", t), k.key, x.cpu()) for t, x in enumerate(models or []) if ("task", t) in tasks]
+            + [("masks", name, x) for name, x in masks])
+
+
+def _step_files(plan, step):
+    """``{role: ShardPlan}`` of the files step ``step`` writes (names relative to OUT)."""
+    return {o.role: o.file(step) for o in plan.outputs if o.plans[step] is not None}
+
+
+def _finish_files(writers):
+    """Finish a step's writers in turn (aborting the rest when one fails); their WrittenShards."""
+    written = []
     try:
-        with _bar(sum(s.nbytes for s in todo), "merge", progress) as bar, \
+        for writer in writers:
+            written.append(writer.finish())
+    except BaseException:
+        for writer in writers[len(written) + 1:]:
+            writer.abort()
+        raise
+    return written
+
+
+def _merge_shards(plan, manifest, thresholds, progress):
+    """The merge pass: the keys of every step not already done are streamed (one key read ahead,
+    across step boundaries), merged and written to the step's files; a step's filled files are
+    finished (fsync, sha256, rename) on a thread while the next step is merged, then recorded in
+    the manifest. A step is done when all its files are."""
+    todo = [i for i in range(len(plan.shards))
+            if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
+    done_shards = [s for i, s in enumerate(plan.shards) if i not in todo]
+    sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in done_shards)
+    rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in done_shards}
+    step_of = {key: i for i in todo for key in plan.shards[i].keys}
+    keys = list(step_of)  # step by step: one step's files are open at a time
+    last_keys = {plan.shards[i].keys[-1] for i in todo}
+    tall = plan.config.method.name == "tall"
+    writers, finishing = None, []
+    try:
+        with _bar(sum(plan.shards[i].nbytes for i in todo), "merge", progress) as bar, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-finish") as finisher:
             for done, (key, tensors) in enumerate(_stream(plan, keys), start=1):
-                shard, k = shard_of[key], plan.keys[key]
-                if writer is None:
-                    writer, shard_sum, fills = ckio.ShardWriter(shard, plan.out), 0, {}
-                if k.merged:
+                step, k = step_of[key], plan.keys[key]
+                if writers is None:
+                    writers = {role: ckio.ShardWriter(f, plan.out) for role, f in _step_files(plan, step).items()}
+                    shard_sum, fills = 0, {}
+                if not k.merged:
+                    source = tensors[plan.copy_source].cpu()
+                    writes = [(role, key, source) for role in writers if role != "masks"]
+                elif tall:
+                    writes = _tall_writes(plan, k, tensors)
+                else:
                     fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0)
                     out, info = _merge_one(plan, k, tensors, thresholds, fill)
+                    writes = [("model", key, out)]
                     if info is not None:
                         shard_sum += info.sign_sum
                         if info.ambiguous:
                             fills[key] = fill
-                else:
-                    out = tensors[plan.copy_source].cpu()
-                writer.write(key, out)
-                if key in last_keys:  # the shard is full: finish it in the background
+                for role, name, tensor in writes:
+                    writers[role].write(name, tensor)
+                if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
-                    rerun[shard.name] = fills
-                    finishing.append((finisher.submit(writer.finish), {"sign_sum": shard_sum, "fills": fills}))
-                    writer = None
+                    rerun[plan.shards[step].name] = fills
+                    extra = {"sign_sum": shard_sum, "fills": fills} if thresholds is not None else None
+                    finishing.append((finisher.submit(_finish_files, list(writers.values())), extra))
+                    writers = None
                     _record_finished(manifest, finishing, wait=False)
                 if bar is not None:
                     bar.set_postfix_str(f"{done}/{len(keys)} tensors", refresh=False)
                     bar.update(_nbytes(k))
     finally:
-        if writer is not None:
+        for writer in (writers or {}).values():
             writer.abort()
         _record_finished(manifest, finishing, wait=True)
     if thresholds is not None:
@@ -448,10 +575,11 @@ def _merge_shards(plan, manifest, thresholds, progress):
 
 
 def _record_finished(manifest, finishing, *, wait):
-    """Record finished shards in order; with ``wait``, wait for all (re-raising a failed finish)."""
+    """Record finished steps in order; with ``wait``, wait for all (re-raising a failed finish)."""
     while finishing and (wait or finishing[0][0].done()):
         future, extra = finishing.pop(0)
-        manifest.record(future.result(), extra=extra)
+        for written in future.result():
+            manifest.record(written, extra=extra)
 
 
 def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):
@@ -473,9 +601,37 @@ def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):
 
 
 def _finish_out(plan, copy_tokenizer):
-    out, ref = plan.out, plan.checkpoints[plan.copy_source]
-    if len(plan.shards) > 1:
-        ckio.write_json_atomic(os.path.join(out, INDEX_NAME), ckio.shard_index(plan.shards))
+    """Write what follows the shards: each output's index, each model folder's config.json and
+    tokenizer files, a TALL job's ``tall.json``, and the config as ``nlmerge_config.yml``."""
+    out = plan.out
+    for output in plan.outputs:
+        index = ckio.shard_index([p for p in output.plans if p is not None])
+        if index is not None:
+            ckio.write_json_atomic(os.path.join(out, output.folder, output.index_name), index)
+        if output.role != "masks":
+            _write_model_files(plan, os.path.join(out, output.folder), copy_tokenizer)
+    if plan.config.method.name == "tall":
+        tasks = [c.path for c in plan.checkpoints[1:]]
+        info = {"format": TALL_FORMAT, "base_model": plan.checkpoints[0].path, "num_tasks": len(tasks),
+                "tasks": tasks, "task_folders": [o.folder for o in plan.outputs if o.role != "masks"],
+                "masks": "mask.<key>: uint8 [num_tasks, ceil(numel / 8)], bit i of byte j is element 8 j + i of "
+                         "task t's mask (row t); tau_mtl.<key>: float32; stat.<key>: float32 running statistic; "
+                         "task t's tensor = base + mask_t * tau_mtl (fp32, rounded once), running statistics "
+                         "= stat, other keys = the base's"}
+        ckio.write_json_atomic(os.path.join(out, TALL_INFO), info)
+    import yaml
+
+    text = yaml.safe_dump(plan.config.source, sort_keys=False)
+    tmp = os.path.join(out, f".{CONFIG_COPY}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, CONFIG_COPY))
+
+
+def _write_model_files(plan, folder, copy_tokenizer):
+    """config.json (``torch_dtype`` set to the merged dtype) and the tokenizer files of the
+    source model, into one output model's folder."""
+    ref = plan.checkpoints[plan.copy_source]
     dtypes = {k.dtype for k in plan.keys.values() if k.merged}
     if ref.config is not None:
         config = dict(ref.config)
@@ -484,16 +640,9 @@ def _finish_out(plan, copy_tokenizer):
             config["torch_dtype"] = name
             if "dtype" in config:
                 config["dtype"] = name
-        ckio.write_json_atomic(os.path.join(out, "config.json"), config)
+        ckio.write_json_atomic(os.path.join(folder, "config.json"), config)
     if copy_tokenizer and os.path.isdir(ref.path):
         for name in TOKENIZER_FILES:
             src = os.path.join(ref.path, name)
             if os.path.isfile(src):
-                ckio.copy_file_atomic(src, os.path.join(out, name))
-    import yaml
-
-    text = yaml.safe_dump(plan.config.source, sort_keys=False)
-    tmp = os.path.join(out, f".{CONFIG_COPY}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, CONFIG_COPY))
+                ckio.copy_file_atomic(src, os.path.join(folder, name))

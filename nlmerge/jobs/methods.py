@@ -10,7 +10,11 @@ declared by :data:`nlmerge.merge.generalized.METHODS` and only translated here.
   ``breadcrumbs_ties`` (through :func:`nlmerge.merge.generalized.merge_tensor`, computed in fp32);
 - nlmerge's additions: ``ties`` with ``scope: global`` (one exact threshold per task over the
   whole model: the job streams the model to find it) and ``convention: ties`` (the original TIES
-  code's trim and zero-sign rule), and ``consensus`` (TALL masks, keep where ``k`` tasks agree).
+  code's trim and zero-sign rule), ``consensus`` (TALL masks, keep where ``k`` tasks agree) and
+  ``tall`` (TALL masks: one model per task, ``theta_base + m_t * tau_MTL``, and the bit-packed
+  masks; :func:`tall_key`). Both form ``tau_MTL`` as ``nlmerge.merge.tall`` does: ``mtl:
+  task_arithmetic`` (the unscaled sum of the task vectors) or ``mtl: ties`` (TIES with the
+  original code's convention, per tensor, per-model ``density`` and ``weight``, no lambda).
 """
 import math
 from dataclasses import dataclass
@@ -104,6 +108,11 @@ class Method:
         if self.name == "linear" and shared["normalize"] and abs(sum(e["weight"] for e in experts)) < 1e-8:
             raise ConfigError(f"linear with normalize: the weights for tensor {key!r} sum to 0 "
                               f"({[e['weight'] for e in experts]}); set normalize: false or change them")
+        if shared.get("mtl") == "ties":
+            for model, values in zip(names, experts):
+                if not 0 < values["density"] <= 1:
+                    raise ConfigError(f"density of model {model!r} for tensor {key!r} must be in (0, 1], "
+                                      f"got {values['density']}")
         k = shared.get("k")
         if k is not None and not 1 <= k <= len(experts):
             raise ConfigError(f"k for tensor {key!r} must be in [1, {len(experts)}] (the number of experts), got {k}")
@@ -114,6 +123,11 @@ class Method:
 
 _CONVERT = {float: _float, bool: _bool, int: _int}
 WEIGHT = Param("weight", _float)
+TALL_LAMBDA = Param("tall_lambda", _float, 0.4)  # the task's TALL mask parameter
+# how TALL and consensus form tau_MTL: the unscaled task-vector sum, or TIES (normalize: the
+# disjoint mean, else the sum) trimmed to each model's density
+MTL_SHARED = (Param("mtl", _choice("task_arithmetic", "ties"), "task_arithmetic"), Param("normalize", _bool, True))
+MTL_PER_MODEL = (Param("density", _float, 1.0), Param("weight", _float, 1.0))
 
 
 def _gta(name, extra_shared=()):
@@ -139,8 +153,11 @@ METHODS = {m.name: m for m in (
     _gta("breadcrumbs"),
     _gta("breadcrumbs_ties"),
     Method("consensus", (Param("k", _int, 2),  # minimum number of agreeing TALL masks
-                         Param("lambda", _float, 1.0)),  # alpha: scale of the kept multi-task vector
-           (Param("tall_lambda", _float, 0.4),)),  # the task's TALL mask parameter
+                         Param("lambda", _float, 1.0),  # alpha: scale of the kept multi-task vector
+                         *MTL_SHARED),
+           (TALL_LAMBDA, *MTL_PER_MODEL)),
+    Method("tall", (Param("output", _choice("models", "masks"), "models"), *MTL_SHARED),
+           (TALL_LAMBDA, *MTL_PER_MODEL)),
 )}
 
 
@@ -149,6 +166,44 @@ def task_vectors(tensors):
     float dtypes); one expert is converted at a time."""
     base = tensors[0]
     return task_tensors("", {"": base}, [{"": x} for x in tensors[1:]])
+
+
+def _ties_convention(taus, shared, experts_params, *, base, lam, out_dtype, backend):
+    """TIES with the original code's convention on one key: per-task thresholds over the tensor
+    (each model's ``density``), the zero-sign majority over the tensor."""
+    thresholds = torch.stack([ops.magnitude_threshold(taus[t], p["density"], backend=backend)
+                              for t, p in enumerate(experts_params)])
+    return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base, lam=lam,
+                          disjoint="mean" if shared["normalize"] else "sum", zero_sign="majority",
+                          out_dtype=out_dtype, backend=backend)
+
+
+def multitask_vector(taus, shared, experts_params, backend):
+    """``tau_MTL`` of TALL and consensus (fp32, the key's shape), as ``nlmerge.merge.tall`` forms
+    it: ``mtl: task_arithmetic`` sums the task vectors ``taus`` [T, *shape]; ``mtl: ties`` merges
+    them with TIES (no base, lambda 1)."""
+    if shared["mtl"] == "task_arithmetic":
+        return ops.task_arithmetic(taus, backend=backend)
+    return _ties_convention(taus, shared, experts_params, base=None, lam=1.0, out_dtype=torch.float32,
+                            backend=backend)
+
+
+def tall_key(tensors, shared, per_model, *, out_dtype, backend):
+    """TALL on one key: ``(tau_mtl, masks, models)``.
+
+    ``tau_mtl`` is the fp32 multi-task vector (the key's shape), ``masks`` the bit-packed TALL
+    masks ``m_t = |tau_t| > tall_lambda_t * |tau_MTL - tau_t|`` (uint8 ``[T, ceil(numel / 8)]``,
+    :func:`nlmerge.ops.tall_masks`), ``models`` each task's tensor ``base + m_t * tau_MTL`` in
+    ``out_dtype`` (None when ``output: masks``). ``tensors``: the base first, then the experts.
+    """
+    experts_params = per_model[1:]
+    taus = task_vectors(tensors)
+    tau_mtl = multitask_vector(taus, shared, experts_params, backend)
+    masks = ops.tall_masks(taus, tau_mtl, [p["tall_lambda"] for p in experts_params], backend=backend)
+    if shared["output"] == "masks":
+        return tau_mtl, masks, None
+    models = [ops.apply_mask(row, tau_mtl, base=tensors[0], out_dtype=out_dtype, backend=backend) for row in masks]
+    return tau_mtl, masks, models
 
 
 def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backend):
@@ -170,16 +225,12 @@ def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backe
     base, experts, experts_params = tensors[0], tensors[1:], per_model[1:]
     if method.name == "consensus":
         taus = task_vectors(tensors)
-        tau_mtl = ops.task_arithmetic(taus, backend=backend)  # as nlmerge.merge.consensus forms it
+        tau_mtl = multitask_vector(taus, shared, experts_params, backend)
         return ops.consensus_merge(taus, tau_mtl, [p["tall_lambda"] for p in experts_params], k=shared["k"],
                                    base=base, alpha=shared["lambda"], **common)
     if method.name == "ties" and shared["convention"] == "ties":
-        taus = task_vectors(tensors)
-        thresholds = torch.stack([ops.magnitude_threshold(taus[t], p["density"], backend=backend)
-                                  for t, p in enumerate(experts_params)])
-        return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base,
-                              lam=shared["lambda"], disjoint="mean" if shared["normalize"] else "sum",
-                              zero_sign="majority", **common)
+        return _ties_convention(task_vectors(tensors), shared, experts_params, base=base, lam=shared["lambda"],
+                                **common)
     values = {k: v for k, v in shared.items() if k not in ("scope", "convention")}
     values.update({p.name: [e[p.name] for e in experts_params] for p in method.per_model})
     return generalized.merge_tensor(base, list(experts), **generalized.METHODS[method.name].kwargs(values),
