@@ -85,3 +85,36 @@ def generator(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed} (rerun with NLMERGE_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+def random_perms(spec, sizes, generator):
+    """Random permutations of every symmetry of a spec: head-structured ones move whole heads and
+    units within them; an attention group's members move together (random key/value heads, query
+    heads within their group, q/k units when the group allows it, v/o units)."""
+    from nlmerge.align.spec import compose_heads
+
+    def rand(n):
+        return torch.randperm(n, generator=generator)
+
+    perms = {}
+    for name, group in spec.attention.items():
+        n_kv, g = group.kv_heads, group.group
+        d_qk, d_vo = sizes[group.q] // group.heads, sizes[group.v] // n_kv
+        pi = rand(n_kv)
+        rho = torch.stack([rand(g) for _ in range(n_kv)])
+        tau = torch.stack([rand(d_qk) if group.qk_units else torch.arange(d_qk) for _ in range(n_kv)])
+        sigma = torch.stack([rand(d_vo) for _ in range(n_kv)])
+        zeros = torch.zeros(n_kv, 1, dtype=torch.int64)
+        perms.update({group.q: compose_heads(pi, rho, tau), group.k: compose_heads(pi, zeros, tau),
+                      group.v: compose_heads(pi, zeros, sigma), group.o: compose_heads(pi, rho, sigma)})
+    for name, n in sizes.items():
+        if name in spec.grouped:
+            continue
+        heads = spec.heads.get(name)
+        if heads is None:
+            perms[name] = rand(n)
+        else:
+            d = n // heads
+            order = rand(heads)
+            perms[name] = torch.cat([order[h] * d + rand(d) for h in range(heads)])
+    return perms

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nlmerge.align import (
+    AttentionGroup,
     PermutationSpec,
     activation_matching,
     apply_permutations,
@@ -19,20 +20,7 @@ from nlmerge.align import (
     weight_matching,
 )
 from nlmerge.align.models import CNN, MLP, ResNet, ViT
-
-
-def random_perms(spec, sizes, generator):
-    """Random permutations of a spec; head-structured ones move whole heads."""
-    perms = {}
-    for name, n in sizes.items():
-        heads = spec.heads.get(name)
-        if heads is None:
-            perms[name] = torch.randperm(n, generator=generator)
-        else:
-            d = n // heads
-            order = torch.randperm(heads, generator=generator)
-            perms[name] = torch.cat([order[h] * d + torch.randperm(d, generator=generator) for h in range(heads)])
-    return perms
+from tests.conftest import random_perms
 
 
 def randomize_norms(model, generator):
@@ -368,15 +356,17 @@ def test_hf_vit_spec_names_and_function(flavor):
     spec, sites = hf_vit_spec(config if flavor == "vit" else types.SimpleNamespace(**config),
                               flavor=flavor, head=head)
     sizes = spec.validate(sd)
-    assert sizes["residual"] == dim and sizes["layer.1.attn"] == dim and sizes["layer.0.mlp"] == mlp_dim
-    assert spec.heads == {f"layer.{i}.attn": heads for i in range(layers)}
+    assert sizes["residual"] == dim and sizes["layer.1.attn.qk"] == dim and sizes["layer.0.mlp"] == mlp_dim
+    assert spec.heads == {f"layer.{i}.attn.{m}": heads for i in range(layers) for m in ("qk", "vo")}
+    assert spec.attention["layer.0.attn"] == AttentionGroup("layer.0.attn.qk", "layer.0.attn.qk", "layer.0.attn.vo",
+                                                            "layer.0.attn.vo", heads, heads, True)
     untouched = set(sd) - set(spec.params)
     assert untouched == ({"pooler.dense.bias"} if flavor == "vit" else set()), untouched
     assert set(sites) == set(spec.perms)
     layer0 = "encoder.layer.0" if flavor == "vit" else "vision_model.encoder.layers.0"
     assert sites["residual"][0] == layer0
-    assert sites["layer.0.attn"] == ((f"{layer0}.attention.output.dense" if flavor == "vit"
-                                      else f"{layer0}.self_attn.out_proj"), "input")
+    assert sites["layer.0.attn.vo"][1] == ((f"{layer0}.attention.output.dense" if flavor == "vit"
+                                            else f"{layer0}.self_attn.out_proj"), "input")
 
     model = HFVisionModel(flavor, layers, dim, heads, mlp_dim).eval()
     model.load_state_dict(sd)  # strict: the stand-in has exactly these names and shapes
@@ -437,7 +427,7 @@ def test_matching_options():
     assert calls == [16, 16] and all(torch.equal(found[p], expected[p]) for p in sizes)
     # weight matching started at the answer stays there after one sweep
     found, info = weight_matching(spec, model.state_dict(), other.state_dict(), init=expected, return_info=True)
-    assert info == {"sweeps": 1, "converged": True}
+    assert (info["sweeps"], info["converged"], info["restart"]) == (1, True, 0)
     assert all(torch.equal(found[p], expected[p]) for p in sizes)
     with pytest.raises(ValueError, match="'stage1' is not a bijection"):
         weight_matching(spec, model.state_dict(), other.state_dict(), init={"stage1": torch.zeros(10).long()})
@@ -464,15 +454,7 @@ def test_hf_spec_on_real_transformers_models(flavor):
     sizes = spec.validate(sd)
     assert set(spec.params) <= set(sd)
     gen = torch.Generator().manual_seed(0)
-    perms = {}
-    for name, n in sizes.items():
-        heads = spec.heads.get(name)
-        if heads:  # whole heads, then units within each head
-            d = n // heads
-            order = torch.randperm(heads, generator=gen)
-            perms[name] = torch.cat([h * d + torch.randperm(d, generator=gen) for h in order.tolist()])
-        else:
-            perms[name] = torch.randperm(n, generator=gen)
+    perms = random_perms(spec, sizes, gen)
     permuted = copy.deepcopy(model)
     permuted.load_state_dict(apply_permutations(spec, perms, sd))
     pixels = torch.randn(3, 3, 16, 16, generator=gen)
@@ -542,3 +524,40 @@ def test_numeric_parameters_range_checked():
     for cls, kwargs, error, match in models:
         with pytest.raises(error, match=match):
             cls(**kwargs)
+
+
+def residual_mlp_case(seed, dim=12, hidden=24, blocks=3):
+    """A unit-Gaussian residual MLP (``in``, blocks ``x + fc2(relu(fc1 x))``, ``out``) and a copy
+    with planted permutations of the residual stream and of every block's hidden units."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {"in.weight": torch.randn(dim, 8, generator=g), "out.weight": torch.randn(4, dim, generator=g)}
+    perms = {"residual": [("in.weight", 0), ("out.weight", 1)]}
+    for b in range(blocks):
+        sd[f"b{b}.fc1.weight"], sd[f"b{b}.fc2.weight"] = torch.randn(hidden, dim, generator=g), torch.randn(dim, hidden, generator=g)
+        perms["residual"] += [(f"b{b}.fc1.weight", 1), (f"b{b}.fc2.weight", 0)]
+        perms[f"b{b}"] = [(f"b{b}.fc1.weight", 0), (f"b{b}.fc2.weight", 1)]
+    spec = PermutationSpec(perms)
+    planted = random_perms(spec, spec.validate(sd), g)
+    return spec, sd, apply_permutations(spec, planted, sd), {p: torch.argsort(v) for p, v in planted.items()}
+
+
+def test_weight_matching_restarts_keep_the_best_objective():
+    """One visiting order often stops in a local optimum on a unit-Gaussian residual MLP; the best
+    of 8 orders recovers the planted permutation on every seed, with the objective of the planted
+    answer (the sum of squares of the permuted weights)."""
+    single = best = 0
+    for seed in range(20):
+        spec, sd, other, expected = residual_mlp_case(seed)
+        one, info_one = weight_matching(spec, sd, other, seed=seed, return_info=True)
+        found, info = weight_matching(spec, sd, other, seed=seed, restarts=8, return_info=True)
+        assert len(info["objectives"]) == 8 and info["objectives"][0] == info_one["objective"]
+        assert info["objective"] == max(info["objectives"]) == info["objectives"][info["restart"]]
+        assert all(torch.equal(one[p], v) for p, v in weight_matching(spec, sd, other, seed=seed).items())
+        single += all(torch.equal(one[p], expected[p]) for p in expected)
+        if all(torch.equal(found[p], expected[p]) for p in expected):
+            best += 1
+            planted_value = sum(float(sd[k].double().pow(2).sum()) for k in spec.params)
+            assert info["objective"] == pytest.approx(planted_value, rel=1e-6)
+    assert single <= 14 and best == 20, (single, best)
+    with pytest.raises(ValueError, match="restarts must be >= 1, got 0"):
+        weight_matching(spec, sd, other, restarts=0)

@@ -44,3 +44,68 @@ def assignment_score(score, perm):
     """``sum_i score[i, perm[i]]`` as a Python float (float64 sum)."""
     s = score.detach().to("cpu", torch.float64)
     return float(s[torch.arange(s.shape[0]), perm.cpu()].sum())
+
+
+def _block_sums(score, rows, cols):
+    """``score`` ``[rows * a, cols * b]`` summed over each ``[a, b]`` block: ``[rows, cols]``."""
+    return score.reshape(rows, score.shape[0] // rows, cols, score.shape[1] // cols).sum(dim=(1, 3))
+
+
+def solve_group(group, scores):
+    """Permutations of an attention group (:class:`nlmerge.align.spec.AttentionGroup`) that
+    maximize the summed assignment score of its members.
+
+    Parameters
+    ----------
+    group : AttentionGroup
+    scores : Mapping[str, Tensor]
+        ``{perm_name: [n, n] score}`` of each member (a permutation serving two roles appears once).
+
+    Returns
+    -------
+    dict
+        ``{perm_name: int64 perm}`` of the members, composed by ``compose_heads``.
+
+    Rule: hierarchical, as ``solve_assignment`` for heads. Key/value heads first, on the block
+    sums of all four members' scores (q and o blocks span a whole query group); then, per
+    matched key/value head pair, the query heads of the group on the block sums of q and o; then
+    the q/k units (when ``group.qk_units``) on k's block plus q's blocks of the matched query heads,
+    and the v/o units on v's block plus o's blocks of the matched query heads.
+    """
+    from nlmerge.align.spec import compose_heads
+
+    n_kv, g = group.kv_heads, group.group
+    s, seen = {}, set()
+    for role, perm, _ in group.roles:
+        s[role] = None if perm in seen else scores[perm].detach().to("cpu", torch.float64)
+        seen.add(perm)
+    present = {r: x for r, x in s.items() if x is not None}
+    pi = _lsa(sum(_block_sums(x, n_kv, n_kv) for x in present.values()))
+    # q and v always hold a score (k may be q's permutation, o v's)
+    d = {"qk": s["q"].shape[0] // group.heads, "vo": s["v"].shape[0] // n_kv}
+    rho = torch.zeros(n_kv, g, dtype=torch.int64)
+    within = {"qk": torch.arange(d["qk"]).repeat(n_kv, 1), "vo": torch.empty(n_kv, d["vo"], dtype=torch.int64)}
+    for a, b in enumerate(pi.tolist()):
+        def head_block(x, heads_per, dim):  # the [heads_per * dim]^2 block of kv heads a and b
+            w = heads_per * dim
+            return x[a * w:(a + 1) * w, b * w:(b + 1) * w]
+
+        q_ab = head_block(s["q"], g, d["qk"])
+        o_ab = head_block(s["o"], g, d["vo"]) if s["o"] is not None else None
+        query = _block_sums(q_ab, g, g) + (_block_sums(o_ab, g, g) if o_ab is not None else 0)
+        rho[a] = _lsa(query) if g > 1 else torch.zeros(1, dtype=torch.int64)
+        for units, single, multi in (("qk", "k", q_ab), ("vo", "v", o_ab)):
+            if units == "qk" and not group.qk_units:
+                continue
+            cost = torch.zeros(d[units], d[units], dtype=torch.float64)
+            if s[single] is not None:
+                cost += head_block(s[single], 1, d[units])
+            if multi is not None:
+                du = d[units]
+                for r, r2 in enumerate(rho[a].tolist()):
+                    cost += multi[r * du:(r + 1) * du, r2 * du:(r2 + 1) * du]
+            within[units][a] = _lsa(cost)
+    zeros = torch.zeros(n_kv, 1, dtype=torch.int64)
+    full = {"q": compose_heads(pi, rho, within["qk"]), "k": compose_heads(pi, zeros, within["qk"]),
+            "v": compose_heads(pi, zeros, within["vo"]), "o": compose_heads(pi, rho, within["vo"])}
+    return {perm: full[role] for role, perm, _ in group.roles}

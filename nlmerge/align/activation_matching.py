@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from nlmerge.align._assign import solve_assignment
+from nlmerge.align._assign import solve_assignment, solve_group
 from nlmerge.align.spec import check_int
 from nlmerge.ops.activations import eval_mode, features_last, run_batch
 from nlmerge.ops.stats import StreamingStats
@@ -37,7 +37,7 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
     ``nlmerge.ops.stats.StreamingStats``; each permutation's score is the Pearson cross-correlation
     ``[reference unit, other unit]`` summed over its sites, and the linear assignment maximizes it
     (head-structured permutations: heads first on block-summed correlation, then units within
-    each matched head pair). Activations are reduced over every axis but the feature axis: the
+    each matched head pair; the members of an attention group together, by ``solve_group``). Activations are reduced over every axis but the feature axis: the
     last axis, or axis 1 for 4-D and 5-D (convolution) outputs. The models are run in eval mode
     (BatchNorm on its running statistics, dropout off) under ``torch.no_grad`` and left as they
     were: parameters, buffers, every module's ``training`` flag, no hooks, also when the call
@@ -148,6 +148,9 @@ def activation_matching(spec, reference_model, other_model, data, sites, *, forw
         heads = spec.heads.get(p)
         if heads is not None and score.shape[0] % heads:
             raise ValueError(f"permutation {p!r}: {heads} heads do not divide width {score.shape[0]}")
-        perms[p] = solve_assignment(score, heads)
+        if p not in spec.grouped:
+            perms[p] = solve_assignment(score, heads)
         correlations[p] = score
+    for group in spec.attention.values():
+        perms.update(solve_group(group, correlations))
     return (perms, correlations) if return_correlations else perms

@@ -6,7 +6,7 @@ Hugging Face ViT / CLIP vision parameter names.
 """
 from collections.abc import Mapping
 
-from nlmerge.align.spec import PermutationSpec, check_int
+from nlmerge.align.spec import AttentionGroup, PermutationSpec, check_int
 
 _BN = ("weight", "bias", "running_mean", "running_var")
 
@@ -134,6 +134,48 @@ def resnet_spec(num_stages, blocks_per_stage, prefix=""):
     return PermutationSpec(perms), sites
 
 
+def attention_perms(name, heads, pairs, sites, *, kv_heads=None, qk_units=True):
+    """The permutations of one attention layer, tied in an :class:`AttentionGroup`.
+
+    Parameters
+    ----------
+    name : str
+        Group name; the permutations are ``{name}.qk`` / ``{name}.vo`` when there are as many
+        key/value heads as query heads (one permutation serves q and k, one v and o), else
+        ``{name}.q``, ``.k``, ``.v``, ``.o``.
+    heads : int
+        Query heads.
+    pairs : Mapping[str, list of (str, int)]
+        Per role ``"q"``, ``"k"``, ``"v"``, ``"o"``: the (parameter, axis) pairs of the query, key
+        and value units (projection rows, biases) and of the output projection's input units.
+    sites : Mapping[str, site]
+        Per role, where its units show up as activations (a site as ``activation_matching`` takes).
+    kv_heads : int, optional
+        Key/value heads (grouped-query attention); default ``heads``.
+    qk_units : bool
+        Whether q/k units may move within a head (False with rotary embeddings).
+
+    Returns
+    -------
+    (dict, dict, dict)
+        ``{perm_name: pairs}``, ``{perm_name: [sites]}`` and ``{name: AttentionGroup}``.
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    roles = ("qk", "qk", "vo", "vo") if kv_heads == heads else tuple("qkvo")
+    names = [f"{name}.{r}" for r in roles]
+    perms, perm_sites = {}, {}
+    for role, perm in zip("qkvo", names):
+        perms.setdefault(perm, []).extend(pairs[role])
+        perm_sites.setdefault(perm, []).append(sites[role])
+    return perms, perm_sites, {name: AttentionGroup(*names, heads, kv_heads, qk_units)}
+
+
+def _add(perms, sites, groups, built):
+    """Merge the ``(perms, sites, groups)`` of :func:`attention_perms` into a builder's."""
+    for into, part in zip((perms, sites, groups), built):
+        into.update(part)
+
+
 def vit_spec(depth, heads, prefix=""):
     """Spec of ``models.ViT``.
 
@@ -149,8 +191,10 @@ def vit_spec(depth, heads, prefix=""):
     (PermutationSpec, dict)
         ``residual``: the residual stream (patch embedding, ``cls_token``, ``pos_embed``, every
         norm, each block's ``attn.proj`` and ``mlp.fc2`` outputs, q/k/v and fc1 inputs, ``head``);
-        ``blocks.{i}.attn`` (head-structured): q, k, v outputs and ``proj`` inputs;
-        ``blocks.{i}.mlp``: fc1 outputs, fc2 inputs. Sites: block outputs; ``attn.proj`` input;
+        ``blocks.{i}.attn.qk`` (q and k outputs) and ``blocks.{i}.attn.vo`` (v outputs, ``proj``
+        inputs), tied in the attention group ``blocks.{i}.attn`` (same head order; units within a
+        head permuted separately for q/k and for v/o); ``blocks.{i}.mlp``: fc1 outputs, fc2
+        inputs. Sites: block outputs; q and k outputs; v output and ``attn.proj`` input;
         ``mlp.fc1`` output.
 
     Raises
@@ -162,22 +206,22 @@ def vit_spec(depth, heads, prefix=""):
     wb = ("weight", "bias")
     residual = (_w(prefix, "patch_embed", 0, wb) + [(f"{prefix}cls_token", 2), (f"{prefix}pos_embed", 2)]
                 + _w(prefix, "norm", 0, wb) + _w(prefix, "head", 1))
-    perms, sites, head_counts = {}, {"residual": []}, {}
+    perms, sites, groups = {}, {"residual": []}, {}
     for i in range(depth):
         blk = f"blocks.{i}"
         residual += (_w(prefix, f"{blk}.norm1", 0, wb) + _w(prefix, f"{blk}.norm2", 0, wb)
                      + [(f"{prefix}{blk}.attn.{m}.weight", 1) for m in "qkv"]
                      + _w(prefix, f"{blk}.attn.proj", 0, wb) + _w(prefix, f"{blk}.mlp.fc1", 1)
                      + _w(prefix, f"{blk}.mlp.fc2", 0, wb))
-        perms[f"{blk}.attn"] = ([e for m in "qkv" for e in _w(prefix, f"{blk}.attn.{m}", 0, wb)]
-                                + _w(prefix, f"{blk}.attn.proj", 1))
-        head_counts[f"{blk}.attn"] = heads
+        attn = f"{prefix}{blk}.attn"
+        _add(perms, sites, groups, attention_perms(
+            f"{blk}.attn", heads, {**{m: _w(attn, f".{m}", 0, wb) for m in "qkv"}, "o": _w(attn, ".proj", 1)},
+            {"q": f"{attn}.q", "k": f"{attn}.k", "v": f"{attn}.v", "o": (f"{attn}.proj", "input")}))
         perms[f"{blk}.mlp"] = _w(prefix, f"{blk}.mlp.fc1", 0, wb) + _w(prefix, f"{blk}.mlp.fc2", 1)
         sites["residual"].append(f"{prefix}{blk}")
-        sites[f"{blk}.attn"] = (f"{prefix}{blk}.attn.proj", "input")
         sites[f"{blk}.mlp"] = f"{prefix}{blk}.mlp.fc1"
     perms = {"residual": residual, **perms}
-    return PermutationSpec(perms, heads=head_counts), sites
+    return PermutationSpec(perms, attention=groups), sites
 
 
 def _config_value(config, *names):
@@ -189,7 +233,7 @@ def _config_value(config, *names):
     raise ValueError(f"config has none of {names}")
 
 
-def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
+def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None, perm_prefix=""):
     """Spec for the parameter names of Hugging Face ``ViTModel`` or CLIP's vision tower, with no
     download and no ``transformers``.
 
@@ -213,13 +257,14 @@ def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
     head : str, optional
         Name of a Linear reading the residual stream (input axis permuted), e.g. ``"classifier"``
         or ``"visual_projection"``; given without prefix.
+    perm_prefix : str
+        Prefix of the permutation names (``"vision."`` in a whole ``CLIPModel``).
 
     Returns
     -------
     (PermutationSpec, dict)
-        ``residual``, ``layer.{i}.attn`` (head-structured), ``layer.{i}.mlp``. Sites: layer outputs
-        (first element of the tuple), the input of the attention output projection, the output of
-        the first MLP Linear.
+        As :func:`hf_encoder_spec`: ``residual``, ``layer.{i}.attn.qk`` / ``.vo`` (the attention
+        group ``layer.{i}.attn``), ``layer.{i}.mlp``, and their sites.
 
     Raises
     ------
@@ -259,24 +304,56 @@ def hf_vit_spec(config, *, flavor="vit", prefix=None, pooler=None, head=None):
                      (f"{p}embeddings.position_embedding.weight", 1)]
                     + _w(p, "pre_layrnorm", 0, wb) + _w(p, "post_layernorm", 0, wb))
         layer_fmt = f"{p}encoder.layers.{{}}"
-        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                 "o": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
-                 "norms": ("layer_norm1", "layer_norm2")}
+        names = CLIP_LAYER_NAMES
     if head is not None:
         residual += [(f"{head}.weight", 1)]
-    perms, sites, head_counts = {}, {"residual": []}, {}
+    return hf_encoder_spec(residual, layer_fmt, names, depth, heads, perm_prefix=perm_prefix)
+
+
+CLIP_LAYER_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+                    "fc1": "mlp.fc1", "fc2": "mlp.fc2", "norms": ("layer_norm1", "layer_norm2")}
+
+
+def hf_encoder_spec(residual, layer_fmt, names, depth, heads, *, perm_prefix=""):
+    """Spec of a pre-norm transformer encoder with LayerNorms (ViT, CLIP towers) from its names.
+
+    Parameters
+    ----------
+    residual : list of (str, int)
+        The residual stream's pairs outside the layers (embeddings, final norm, heads).
+    layer_fmt : str
+        Name of layer i with ``{}`` for i, e.g. ``"vision_model.encoder.layers.{}"``.
+    names : Mapping
+        Module names inside a layer: ``q``, ``k``, ``v``, ``o``, ``fc1``, ``fc2``, and ``norms``
+        (the two LayerNorms); every Linear and norm has a bias.
+    depth, heads : int
+        Layers and attention heads.
+    perm_prefix : str
+        Prefix of every permutation name (e.g. ``"vision."``).
+
+    Returns
+    -------
+    (PermutationSpec, dict)
+        ``{perm_prefix}residual``; per layer ``{perm_prefix}layer.{i}.attn.qk`` and ``.vo`` (the
+        attention group ``layer.{i}.attn``: no rotary embeddings, so q/k units move within a head)
+        and ``{perm_prefix}layer.{i}.mlp``. Sites: layer outputs (first element of the tuple);
+        q and k outputs; v output and the output projection's input; the first MLP Linear's output.
+    """
+    wb = ("weight", "bias")
+    residual = list(residual)
+    perms, sites, groups = {}, {f"{perm_prefix}residual": []}, {}
     for i in range(depth):
         layer = layer_fmt.format(i) + "."
         for norm in names["norms"]:
             residual += _w(layer, norm, 0, wb)
         residual += [(f"{layer}{names[m]}.weight", 1) for m in ("q", "k", "v", "fc1")]
         residual += _w(layer, names["o"], 0, wb) + _w(layer, names["fc2"], 0, wb)
-        attn = f"layer.{i}.attn"
-        perms[attn] = [e for m in ("q", "k", "v") for e in _w(layer, names[m], 0, wb)] + _w(layer, names["o"], 1)
-        head_counts[attn] = heads
-        perms[f"layer.{i}.mlp"] = _w(layer, names["fc1"], 0, wb) + _w(layer, names["fc2"], 1)
-        sites["residual"].append(layer_fmt.format(i))
-        sites[attn] = (f"{layer}{names['o']}", "input")
-        sites[f"layer.{i}.mlp"] = f"{layer}{names['fc1']}"
-    perms = {"residual": residual, **perms}
-    return PermutationSpec(perms, heads=head_counts), sites
+        _add(perms, sites, groups, attention_perms(
+            f"{perm_prefix}layer.{i}.attn", heads,
+            {**{m: _w(layer, names[m], 0, wb) for m in "qkv"}, "o": _w(layer, names["o"], 1)},
+            {**{m: f"{layer}{names[m]}" for m in "qkv"}, "o": (f"{layer}{names['o']}", "input")}))
+        perms[f"{perm_prefix}layer.{i}.mlp"] = _w(layer, names["fc1"], 0, wb) + _w(layer, names["fc2"], 1)
+        sites[f"{perm_prefix}residual"].append(layer_fmt.format(i))
+        sites[f"{perm_prefix}layer.{i}.mlp"] = f"{layer}{names['fc1']}"
+    perms = {f"{perm_prefix}residual": residual, **perms}
+    return PermutationSpec(perms, attention=groups), sites
