@@ -152,6 +152,76 @@ def _merge(args):
     return 0
 
 
+class _Paths(argparse.Action):
+    """A list of paths (nargs="+") that records that it came last: argparse gives it the paths
+    after it, so OUT written last on the command line is the last of them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, list(values))
+        namespace.last_paths = self.dest
+
+
+def _batch_size(text):
+    """An int >= 1 from the command line's text."""
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch size must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_correct(commands):
+    from nlmerge.demo import options
+
+    correct = commands.add_parser(
+        "correct", help="correct a merged Hugging Face checkpoint towards its experts (TACT, REPAIR), folded into "
+                        "the weights",
+        description="Measure each expert's activation statistics on its task's data, correct the merged model's to "
+                    "match them (TACT: one checkpoint per task in OUT/task_<t>; REPAIR: one checkpoint in OUT, "
+                    "towards the experts' average), and fold the correction into the weights: the output loads in "
+                    "plain transformers. Data files: safetensors with input_ids [N, L] (and attention_mask [N, L]) "
+                    "or pixel_values [N, C, H, W], one per expert, in the experts' order.")
+    correct.add_argument("merged", metavar="MERGED", help="the merged model's folder (what nlmerge merge writes)")
+    correct.add_argument("out", metavar="OUT", nargs="?", help="output folder (may also come last, after the paths)")
+    correct.add_argument("--experts", metavar="E", nargs="+", required=True, action=_Paths,
+                         help="the experts' folders, expert t for task t")
+    correct.add_argument("--data", metavar="D", nargs="+", required=True, action=_Paths,
+                         help="one data file (safetensors) per expert, in the same order")
+    correct.add_argument("--method", choices=("tact", "repair"), default="tact",
+                         help="tact: one corrected model per task; repair: one model, one target (default: %(default)s)")
+    correct.add_argument("--batch-size", metavar="N", type=_checked(_batch_size, "N"), default=8,
+                         help="rows of a data file per forward pass (default: %(default)s)")
+    correct.add_argument("--eps", type=float, default=1e-5,
+                         help="added to the merged variance before the square root (default: %(default)s)")
+    correct.add_argument("--force", action="store_true",
+                         help="replace an existing output folder (once the new output is complete)")
+    correct.add_argument("--no-progress", "--quiet", action="store_true", help="no progress lines")
+    correct.add_argument("--num-threads", metavar="N", type=_checked(options.check_threads, "N"), default=None,
+                         help="torch CPU threads (default: torch's)")
+    correct.set_defaults(run=_correct, parser=correct)
+
+
+def _correct(args):
+    import torch
+
+    from nlmerge.jobs.correct_job import run_correct
+
+    if args.out is None:  # OUT came last, so the last list took it
+        paths = getattr(args, args.last_paths)
+        if len(paths) < 2:
+            args.parser.error("the following arguments are required: OUT")
+        args.out = paths.pop()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
+                              batch_size=args.batch_size, eps=args.eps, force=args.force, log=log)
+    except (ValueError, FileExistsError, OSError) as err:
+        print(f"nlmerge correct: error: {err}", file=sys.stderr)
+        return 1
+    print(f"corrected into {', '.join(folders)}")
+    return 0
+
+
 SUBCOMMANDS = (_add_demo, _add_merge)
 
 
@@ -162,6 +232,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(commands)
+    _add_correct(commands)
     return parser
 
 
