@@ -5,6 +5,8 @@
                  [--quick] [--threads N] [--no-progress]
     nlmerge merge CONFIG.yml OUT [--device cpu|cuda] [--cuda] [--out-shard-size 5B] [--random-seed N]
                   [--copy-tokenizer|--no-copy-tokenizer] [--force] [--resume] [--no-progress]
+    nlmerge align REFERENCE OTHER OUT [--method weight|activation] [--data FILE] [--restarts N] [--seed S]
+                  [--write-aligned DIR] [--force]
 
 Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and sets
 ``run=_<name>``, the function that runs it (listed in ``SUBCOMMANDS``). Arguments are checked
@@ -222,6 +224,75 @@ def _correct(args):
     return 0
 
 
+# --- nlmerge align -------------------------------------------------------------------------------
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _add_align(commands):
+    from nlmerge.io import parse_size
+
+    align = commands.add_parser(
+        "align", help="permutations that align checkpoint OTHER to REFERENCE (for merge's permutations: key)",
+        description="Find the permutations of OTHER's hidden units (residual stream, MLP units, attention heads "
+                    "and units within heads) that best match REFERENCE, by weight matching on the checkpoints "
+                    "read one tensor at a time, or by activation matching on --data. Writes OUT, the "
+                    "permutations file of nlmerge merge's permutations: key, and with --write-aligned the "
+                    "aligned OTHER. Architectures: llama, mistral, qwen2, vit, clip.")
+    align.add_argument("reference", metavar="REFERENCE", help="Hugging Face folder aligned to")
+    align.add_argument("other", metavar="OTHER", help="Hugging Face folder whose units are permuted")
+    align.add_argument("out", metavar="OUT", help="permutations file to write (.safetensors)")
+    align.add_argument("--method", choices=("weight", "activation"), default="weight",
+                       help="weight matching (no data) or activation matching on --data (default: %(default)s)")
+    align.add_argument("--data", metavar="FILE", default=None,
+                       help="safetensors file of model inputs (input_ids, attention_mask, pixel_values) for "
+                            "activation matching")
+    align.add_argument("--restarts", metavar="N", type=_checked(_positive, "N"), default=8,
+                       help="weight matching: random visiting orders, the best objective is kept (default: %(default)s)")
+    align.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the visiting orders (default: 0)")
+    align.add_argument("--max-iter", metavar="N", type=_checked(_positive, "N"), default=100,
+                       help="weight matching: sweeps per visiting order at most (default: %(default)s)")
+    align.add_argument("--batch-size", metavar="N", type=_checked(_positive, "N"), default=8,
+                       help="activation matching: examples per forward pass (default: %(default)s)")
+    align.add_argument("--write-aligned", metavar="DIR", default=None,
+                       help="also write the aligned OTHER there, in the Hugging Face layout")
+    align.add_argument("--out-shard-size", metavar="SIZE", default="5B", type=_checked(parse_size, "SIZE"),
+                       help="bytes per shard of the aligned checkpoint, K/M/B = 1e3/1e6/1e9 (default: %(default)s)")
+    align.add_argument("--force", action="store_true",
+                       help="replace an existing OUT, write into a non-empty --write-aligned folder")
+    align.set_defaults(run=_align, parser=align)
+
+
+def _align(args):
+    import torch
+
+    from nlmerge.jobs.align_job import run_align
+
+    if args.method == "activation" and args.data is None:
+        args.parser.error("--method activation needs --data FILE")
+    if args.method == "weight" and args.data is not None:
+        args.parser.error("--data is for --method activation")
+    try:
+        result = run_align(args.reference, args.other, args.out, method=args.method, data=args.data,
+                           restarts=args.restarts, seed=args.seed, max_iter=args.max_iter, batch_size=args.batch_size,
+                           aligned=args.write_aligned, out_shard_size=args.out_shard_size, force=args.force)
+    except (ValueError, FileExistsError, OSError) as err:
+        print(f"nlmerge align: error: {err}", file=sys.stderr)
+        return 1
+    info = result["info"]
+    if info is not None:
+        print(f"weight matching: objective {info['objective']:.6g} (best of {len(info['objectives'])} orders), "
+              f"{info['sweeps']} sweeps, {'converged' if info['converged'] else 'not converged'}")
+    moved = sum(not torch.equal(p, torch.arange(p.numel())) for p in result["perms"].values())
+    print(f"{moved} of {len(result['perms'])} permutations move units; wrote {args.out}"
+          + (f" and {args.write_aligned}" if args.write_aligned else ""))
+    return 0
+# --- end of nlmerge align ------------------------------------------------------------------------
+
+
 SUBCOMMANDS = (_add_demo, _add_merge)
 
 
@@ -232,6 +303,7 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(commands)
+    _add_align(commands)
     _add_correct(commands)
     return parser
 
