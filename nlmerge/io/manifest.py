@@ -1,10 +1,17 @@
-"""The resume manifest: which output shards of a job are finished, with their sizes and hashes."""
+"""The resume manifest: which output shards of a job are finished, with their sizes and hashes.
+
+A job over several processes keeps one manifest per process: rank 0 the main file, rank r > 0
+``nlmerge-manifest.rank<r>.json`` (its own shards), merged into the main file when the job ends;
+:meth:`Manifest.load` reads the main file together with the parts an interrupted job left.
+"""
+import glob
 import json
 import os
 
 from nlmerge.io.writer import file_sha256, write_json_atomic
 
 MANIFEST_NAME = "nlmerge-manifest.json"
+PART_PATTERN = "nlmerge-manifest.rank*.json"
 _FORMAT = "nlmerge-manifest/1"
 
 
@@ -16,20 +23,39 @@ class Manifest:
     ``shards`` maps a shard name to ``{"size": int, "sha256": str, "extra": dict}``; ``extra``
     is the caller's JSON-serializable per-shard state (what a resumed job needs to carry on)."""
 
-    def __init__(self, out_dir, fingerprint, shards=None):
+    def __init__(self, out_dir, fingerprint, shards=None, *, rank=0):
         self.out_dir = os.fspath(out_dir)
         self.fingerprint = fingerprint
         self.shards = dict(shards or {})
+        self.rank = rank
 
     @property
     def path(self):
-        return os.path.join(self.out_dir, MANIFEST_NAME)
+        name = MANIFEST_NAME if self.rank == 0 else PART_PATTERN.replace("*", str(self.rank))
+        return os.path.join(self.out_dir, name)
 
     @classmethod
     def load(cls, out_dir):
-        """The manifest saved in ``out_dir``, or None when there is none; ValueError naming the
-        file when it is not a manifest of this format."""
-        path = os.path.join(os.fspath(out_dir), MANIFEST_NAME)
+        """The manifest saved in ``out_dir`` with the shards that the parts of an interrupted
+        many-process job recorded under the same fingerprint, or None when there is no main
+        file; ValueError naming the file when one is not a manifest of this format."""
+        main = cls._read(os.path.join(os.fspath(out_dir), MANIFEST_NAME))
+        if main is None:
+            return None
+        fingerprint, shards = main
+        for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), PART_PATTERN))):
+            part = cls._read(path)
+            if part is not None and part[0] == fingerprint:
+                shards.update(part[1])
+        return cls(out_dir, fingerprint, shards)
+
+    def remove_parts(self):
+        """Delete the per-process parts (after their shards were recorded in this manifest)."""
+        for path in glob.glob(os.path.join(glob.escape(self.out_dir), PART_PATTERN)):
+            os.remove(path)
+
+    @staticmethod
+    def _read(path):
         if not os.path.isfile(path):
             return None
         try:
@@ -42,7 +68,7 @@ class Manifest:
                       for name, s in obj["shards"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{path}: unreadable resume manifest: {e}") from None
-        return cls(out_dir, obj["fingerprint"], shards)
+        return obj["fingerprint"], shards
 
     def save(self):
         """Write the manifest to ``out_dir`` through a temporary name."""

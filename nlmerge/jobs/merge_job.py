@@ -22,6 +22,7 @@ import torch
 
 from nlmerge import io as ckio
 from nlmerge import ops
+from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key, task_vectors
 from nlmerge.jobs.permutations import load_permutations
@@ -37,7 +38,7 @@ TALL_BASENAME = "tall-masks"
 TALL_INFO = "tall.json"
 TALL_FORMAT = "nlmerge-tall/1"
 # data files a previous job may have left in OUT (or in its task_<t> folders), removed by --force
-_OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME,
+_OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME, ckio.PART_PATTERN,
                     f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO)
 
 
@@ -128,6 +129,13 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     backend : None, "torch", "cpu" or "triton"
         Kernel backend of ``nlmerge.ops``.
 
+    Under ``torchrun`` (or with ``torch.distributed`` initialized by the caller) every process
+    runs this call: each merges a contiguous share of the output shards (split by bytes) and
+    reads only their tensors; global TIES sums its histogram counts and zero-sign majority over
+    the processes; rank 0 writes the index, config and manifest. The output is byte-identical to
+    one process's (see :mod:`nlmerge.jobs.distributed`). With ``device="cuda"`` each process uses
+    the GPU of its local rank.
+
     Returns
     -------
     str
@@ -135,6 +143,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
 
     Raises
     ------
+    RuntimeError
+        Over several processes: another rank failed (naming the rank and its error); this rank
+        stops too, and nothing is left under a final name half-written.
     ConfigError
         A config nlmerge cannot run (naming the key or parameter).
     nlmerge.io.CheckpointError
@@ -145,22 +156,54 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     ValueError
         A merged tensor that does not fit the output dtype (naming the key); non-finite inputs.
     """
-    plan = plan_merge(config, out, device=device, out_shard_size=out_shard_size, random_seed=random_seed,
-                      backend=backend)
+    world = distributed.join(device)
+    plan = None
     try:
-        created = _prepare_out(plan, force=force, resume=resume)
-        manifest = _manifest(plan, resume)
-        try:
-            thresholds = _global_thresholds(plan, progress) if plan.global_ties else None
-            _merge_shards(plan, manifest, thresholds, progress)
-        except BaseException:
-            _forget_empty_job(plan, manifest, created)
-            raise
-        _finish_out(plan, copy_tokenizer)
+        with world.step():
+            plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
+                              random_seed=random_seed, backend=backend)
+        _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
+             copy_tokenizer=copy_tokenizer)
     finally:
-        for ckpt in plan.checkpoints:
+        for ckpt in plan.checkpoints if plan is not None else ():
             ckpt.close()
+        world.close()
     return os.fspath(out)
+
+
+def _run(plan, world, *, force, resume, progress, copy_tokenizer):
+    """Run a planned job on this process: rank 0 prepares OUT; every rank merges its share of the
+    output shards (global TIES: histogram counts and the zero-sign majority summed over the
+    ranks); rank 0 then records every rank's shards and writes the index and the other files."""
+    created, manifest = False, None
+    with world.step():
+        if world.leader:
+            created = _prepare_out(plan, force=force, resume=resume)
+            manifest = _manifest(plan, resume)
+    if not world.leader:  # rank 0's manifest, with this rank's own part
+        manifest = ckio.Manifest.load(plan.out)
+        manifest.rank = world.rank
+    mine = world.share([s.nbytes for s in plan.shards])
+    try:
+        thresholds = _global_thresholds(plan, progress, world, mine) if plan.global_ties else None
+        with world.step():
+            sign_sum, rerun = _merge_shards(plan, manifest, thresholds, progress, mine)
+        if thresholds is not None:
+            total = world.sum(sign_sum)
+            with world.step():
+                _rerun_majority(plan, manifest, thresholds, (total > 0) - (total < 0), rerun)
+    except BaseException:
+        if world.leader:
+            _forget_empty_job(plan, manifest, created)
+        raise
+    recorded = world.gather(None if world.leader else manifest.shards)
+    with world.step():
+        if world.leader:
+            for shards in recorded[1:]:
+                manifest.shards.update(shards)
+            manifest.save()
+            manifest.remove_parts()
+            _finish_out(plan, copy_tokenizer)
 
 
 def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, backend=None):
@@ -350,7 +393,7 @@ def _remove_previous_outputs(out):
 def _forget_empty_job(plan, manifest, created):
     """After a failure before any shard was finished, leave nothing behind: a rerun after fixing
     the input then needs neither --force nor --resume."""
-    if manifest.shards:
+    if manifest is None or manifest.shards or glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
         return
     with contextlib.suppress(FileNotFoundError):
         os.remove(manifest.path)
@@ -403,12 +446,15 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
 
-def _global_thresholds(plan, progress):
-    """Exact per-task TIES thresholds over the whole model: two streaming histogram passes."""
+def _global_thresholds(plan, progress, world, steps):
+    """Exact per-task TIES thresholds over the whole model: two streaming histogram passes, each
+    rank counting the keys of its ``steps`` (its share of the output shards), the integer counts
+    summed over the ranks after each pass."""
     merged = list(_by_method(plan.keys))
+    mine = [k for i in steps for k in map(plan.keys.get, plan.shards[i].keys) if k.merged and not k.running_stat]
     densities = [p["density"] for p in merged[0].per_model[1:]]
     selectors = [ops.MagnitudeSelector(plan.device, backend=plan.backend) for _ in densities]
-    total = sum(_nbytes(k) for k in merged)
+    total = sum(_nbytes(k) for k in mine)
     for step in ("high", "low"):
         if step == "low":
             d = selectors[0].total
@@ -418,8 +464,8 @@ def _global_thresholds(plan, progress):
                     sel.locate(k)
             if all(k < 1 for k in ranks):
                 break
-        with _bar(total, f"TIES thresholds ({step} bits)", progress) as bar:
-            for key, tensors in _stream(plan, [k.key for k in merged]):
+        with world.step(), _bar(total, f"TIES thresholds ({step} bits)", progress) as bar:
+            for key, tensors in _stream(plan, [k.key for k in mine]):
                 for t, tau in enumerate(task_vectors(tensors)):
                     if step == "high":
                         with _naming(key, plan, tensors):
@@ -428,6 +474,8 @@ def _global_thresholds(plan, progress):
                         selectors[t].count_low(tau)
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
+        for sel in selectors:
+            world.sum_(sel.high if step == "high" else sel.low)
     return torch.stack([sel.threshold() if k >= 1 else torch.zeros((), device=plan.device)
                         for sel, k in zip(selectors, ranks)])
 
@@ -518,14 +566,16 @@ def _finish_files(writers):
     return written
 
 
-def _merge_shards(plan, manifest, thresholds, progress):
-    """The merge pass: the keys of every step not already done are streamed (one key read ahead,
-    across step boundaries), merged and written to the step's files; a step's filled files are
-    finished (fsync, sha256, rename) on a thread while the next step is merged, then recorded in
-    the manifest. A step is done when all its files are."""
-    todo = [i for i in range(len(plan.shards))
-            if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
-    done_shards = [s for i, s in enumerate(plan.shards) if i not in todo]
+def _merge_shards(plan, manifest, thresholds, progress, steps):
+    """The merge pass over ``steps`` (this rank's share): the keys of every step not already done
+    are streamed (one key read ahead, across step boundaries), merged and written to the step's
+    files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
+    step is merged, then recorded in the manifest. A step is done when all its files are.
+
+    Returns the sum of the elected signs over ``steps`` and, per shard, the keys whose zero signs
+    were filled before the model-wide majority was known (global TIES; see _rerun_majority)."""
+    todo = [i for i in steps if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
+    done_shards = [plan.shards[i] for i in steps if i not in todo]
     sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in done_shards)
     rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in done_shards}
     step_of = {key: i for i in todo for key in plan.shards[i].keys}
@@ -570,8 +620,7 @@ def _merge_shards(plan, manifest, thresholds, progress):
         for writer in (writers or {}).values():
             writer.abort()
         _record_finished(manifest, finishing, wait=True)
-    if thresholds is not None:
-        _rerun_majority(plan, manifest, thresholds, sign_sum, rerun)
+    return sign_sum, rerun
 
 
 def _record_finished(manifest, finishing, *, wait):
@@ -582,11 +631,10 @@ def _record_finished(manifest, finishing, *, wait):
             manifest.record(written, extra=extra)
 
 
-def _rerun_majority(plan, manifest, thresholds, sign_sum, rerun):
-    """Global TIES: keys whose zero signs were filled before the model-wide majority was known and
-    whose result depends on it are merged again and their shard rewritten (rare: an elected sign
-    of exactly 0 with a kept entry)."""
-    majority = (sign_sum > 0) - (sign_sum < 0)
+def _rerun_majority(plan, manifest, thresholds, majority, rerun):
+    """Global TIES: keys (of the shards in ``rerun``) whose zero signs were filled before the
+    model-wide ``majority`` sign was known and whose result depends on it are merged again and
+    their shard rewritten (rare: an elected sign of exactly 0 with a kept entry)."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"
     for shard in plan.shards:
         stale = [key for key, fill in rerun.get(shard.name, {}).items()
