@@ -10,6 +10,7 @@ in the HF layout, with config.json), then, with the page cache warm, measures in
 
 Figures are ratios (job / floor, mergekit / nlmerge) and peak memory over the largest tensor.
 Usage: python benchmarks/bench_job.py [--gb 2] [--methods task_arithmetic,ties,ties_global] [--dir DIR]
+       [--nproc 1,2] (process counts of nlmerge, through torchrun; the last one is compared with mergekit)
 """
 import argparse
 import json
@@ -128,20 +129,39 @@ def floor_seconds(inputs, out_bytes, scratch):
     return best
 
 
+def _tree_anon_bytes(root):
+    """Anonymous (private) memory of process ``root`` and all its descendants, in bytes."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
 def run_measured(cmd):
-    """Seconds and peak anonymous (private) memory in bytes of a subprocess, sampled every 20 ms."""
+    """Seconds and peak anonymous (private) memory in bytes of a subprocess and its children
+    (e.g. torchrun's workers, summed), sampled every 20 ms."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = [0]
 
     def sample():
         while proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/smaps_rollup") as f:
-                    anon = next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
-                peak[0] = max(peak[0], anon * 1024)
-            except (OSError, StopIteration):
-                pass
+            peak[0] = max(peak[0], _tree_anon_bytes(proc.pid))
             time.sleep(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -174,6 +194,7 @@ def main():
     parser.add_argument("--methods", default="task_arithmetic,ties,ties_global")
     parser.add_argument("--dir", default=None, help="working folder (default: a temporary one, removed)")
     parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--nproc", default="1", help="comma-separated process counts of nlmerge (torchrun for > 1)")
     args = parser.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="nlmerge-bench-job-")
     shapes, config = llama_shapes(args.gb)
@@ -204,8 +225,13 @@ def main():
         with open(cfg_path, "w") as f:
             yaml.safe_dump(cfg, f)
         ours_dir, theirs_dir = os.path.join(work, f"out-{name}"), os.path.join(work, f"mk-{name}")
-        ours, ours_peak = run_measured([sys.executable, "-m", "nlmerge.cli", "merge", cfg_path, ours_dir,
-                                        "--force", "--no-progress"])
+        for nproc in map(int, args.nproc.split(",")):
+            launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                       "-m", "nlmerge"] if nproc > 1 else [sys.executable, "-m", "nlmerge"])
+            ours, ours_peak = run_measured(launch + ["merge", cfg_path, ours_dir, "--force", "--no-progress"])
+            if nproc > 1:
+                print(f"| {name}, {nproc} processes | {ours / floor:.2f} ({ours:.1f} s) | "
+                      f"{ours_peak / largest:.1f} (all processes) | — | — | — |", flush=True)
         row = [name, f"{ours / floor:.2f} ({ours:.1f} s)", f"{ours_peak / largest:.1f}"]
         if mergekit and name != "ties_global":
             theirs, theirs_peak = run_measured([mergekit, cfg_path, theirs_dir, "--no-copy-tokenizer", "--quiet",
