@@ -23,6 +23,11 @@ end says whether both implementations found the same permutations.
 
     python benchmarks/bench_align.py [--quick] [--device cpu|cuda] [--width 60] [--batches 8]
                                      [--batch-size 32] [--repeat 3]
+
+``--assignment 2048,8192`` instead times scipy's ``linear_sum_assignment`` on the score of one
+permutation of n units (``R @ O.T`` with R ``[n, --inner]`` Gaussian and O a permuted copy plus
+``--noise`` times Gaussian noise: 1 for related models, 10 for nearly independent ones) against
+the fp32 matmul that builds that score (one tensor's share of weight matching's work).
 """
 import argparse
 import contextlib
@@ -180,8 +185,30 @@ def ms(seconds):
     return f"{seconds * 1e3:10.1f} ms"
 
 
+def assignment_figures(sizes, inner, noises):
+    """Print, per size and noise, the time of the score matmul and of the assignment, and their ratio."""
+    print(f"machine: {machine()}")
+    print(f"{'n':>6} {'noise':>6} {'score matmul':>13} {'assignment':>11} {'assignment/matmul':>18}")
+    for n in sizes:
+        for noise in noises:
+            gen = torch.Generator().manual_seed(n)
+            r = torch.randn(n, inner, generator=gen)
+            o = r[torch.randperm(n, generator=gen)] + noise * torch.randn(n, inner, generator=gen)
+            start = time.perf_counter()
+            score = (r @ o.T).double()
+            matmul = time.perf_counter() - start
+            start = time.perf_counter()
+            linear_sum_assignment(score.numpy(), maximize=True)
+            lsa = time.perf_counter() - start
+            print(f"{n:>6} {noise:>6g} {matmul:12.3f}s {lsa:10.3f}s {lsa / matmul:17.2f}x", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assignment", default=None, metavar="N,N",
+                        help="time the linear assignment at these sizes instead (see above)")
+    parser.add_argument("--inner", type=int, default=2048, help="--assignment: inner size of the score matmul")
+    parser.add_argument("--noise", default="1,10", help="--assignment: noise levels, comma-separated")
     parser.add_argument("--width", type=int, default=60, help="stage widths (w, 2w, 4w, 8w)")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -189,6 +216,10 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="width 16, 2 batches of 16, one repeat")
     args = parser.parse_args()
+    if args.assignment:
+        assignment_figures([int(v) for v in args.assignment.split(",")], args.inner,
+                           [float(v) for v in args.noise.split(",")])
+        return
     if args.quick:
         args.width, args.batches, args.batch_size, args.repeat = 16, 2, 16, 1
     device = args.device
