@@ -417,23 +417,34 @@ def _manifest(plan, resume):
     return manifest
 
 
-def _read_inputs(plan, key):
-    """The key's tensors of every input, permuted where an alignment applies, on the job's device."""
-    tensors = []
-    for ckpt in plan.checkpoints:
-        x = plan.permutations.apply(ckpt.path, key, ckpt.get(key))
-        tensors.append(x.to(plan.device, non_blocking=True))
-    return tensors
+def _read_inputs(plan, key, copy_stream):
+    """The key's tensors of every input, permuted where an alignment applies, and an event that
+    marks their arrival on a CUDA device (None on the CPU). For a CUDA job they are copied from
+    pinned buffers on ``copy_stream``, so the copy overlaps the merge running on the default stream."""
+    tensors = [plan.permutations.apply(ckpt.path, key, ckpt.get(key)) for ckpt in plan.checkpoints]
+    if copy_stream is None:
+        return tensors, None
+    with torch.cuda.stream(copy_stream):
+        moved = [x.pin_memory().to(plan.device, non_blocking=True) for x in tensors]
+        arrived = torch.cuda.Event()
+        arrived.record(copy_stream)
+    return moved, arrived
 
 
 def _stream(plan, keys):
     """Yield ``(key, tensors)`` for ``keys``, reading the next key on a thread while one is merged."""
+    copy_stream = torch.cuda.Stream(plan.device) if plan.device.type == "cuda" else None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-read") as pool:
-        pending = [pool.submit(_read_inputs, plan, k) for k in keys[:1]]
+        pending = [pool.submit(_read_inputs, plan, k, copy_stream) for k in keys[:1]]
         for i, key in enumerate(keys):
-            tensors = pending[i].result()
+            tensors, arrived = pending[i].result()
+            if arrived is not None:  # the merge waits for the copy; the allocator learns who uses the memory
+                current = torch.cuda.current_stream(plan.device)
+                current.wait_event(arrived)
+                for x in tensors:
+                    x.record_stream(current)
             if i + 1 < len(keys):  # one key ahead: memory stays at two keys' inputs
-                pending.append(pool.submit(_read_inputs, plan, keys[i + 1]))
+                pending.append(pool.submit(_read_inputs, plan, keys[i + 1], copy_stream))
             pending[i] = None
             yield key, tensors
 
