@@ -3,6 +3,8 @@ Hugging Face ViT / CLIP vision parameter names.
 
 ``sites`` maps each permutation to where its units show up as activations (see
 ``activation_matching``): a module name (its output) or ``(module_name, "input")``, or a list.
+Attention layers give two tied permutations (``attention_perms``: q/k and v/o, one head order)
+or four under grouped-query attention (``nlmerge.align.hf_specs``).
 """
 from collections.abc import Mapping
 
