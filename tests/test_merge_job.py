@@ -601,3 +601,26 @@ def test_tall_output_must_not_vary_by_tensor(llama_family, tmp_path):
     with pytest.raises(ConfigError, match=r"density of model .* must be in \(0, 1\], got 1.5"):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_float64_tensors_and_a_varying_global_normalize_are_refused(tmp_path):
+    for name in ("base", "e0", "e1"):
+        save_file({"a.weight": torch.randn(4), "rope.inv_freq": torch.randn(3, dtype=torch.float64)},
+                  str(tmp_path / f"{name}.safetensors"))
+    models = [{"model": str(tmp_path / f"{n}.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}
+              for n in ("e0", "e1")]
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base.safetensors"), "models": models}
+    with pytest.raises(ConfigError, match=r"'rope.inv_freq' of .*base.safetensors is torch.float64.*exclude"):
+        plan_merge(cfg, tmp_path / "out")
+    run_merge({**cfg, "exclude": ["rope.*"]}, tmp_path / "out", progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(got["rope.inv_freq"], load_file(str(tmp_path / "base.safetensors"))["rope.inv_freq"])
+    cfg = {**cfg, "merge_method": "ties", "exclude": ["rope.*"],
+           "parameters": {"scope": "global", "convention": "ties", "normalize": [{"filter": "a.", "value": False}]}}
+    save_file({"a.weight": torch.randn(4), "b.weight": torch.randn(2), "rope.inv_freq": torch.zeros(3, dtype=torch.float64)},
+              str(tmp_path / "base.safetensors"))
+    for name in ("e0", "e1"):
+        save_file({"a.weight": torch.randn(4), "b.weight": torch.randn(2),
+                   "rope.inv_freq": torch.zeros(3, dtype=torch.float64)}, str(tmp_path / f"{name}.safetensors"))
+    with pytest.raises(ConfigError, match="normalize must be the same for every tensor"):
+        plan_merge(cfg, tmp_path / "out2")

@@ -226,7 +226,11 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
         keys = {}
         for key in ref.keys():
             info = ref.info(key)
-            merged = info.dtype in MERGE_DTYPES and not any(fnmatch.fnmatchcase(key, p) for p in cfg.exclude)
+            excluded = any(fnmatch.fnmatchcase(key, p) for p in cfg.exclude)
+            if info.dtype.is_floating_point and info.dtype not in MERGE_DTYPES and not excluded:
+                raise ConfigError(f"tensor {key!r} of {info.file} is {info.dtype}: nlmerge merges float32, float16 "
+                                  f"and bfloat16 tensors; add it to exclude: to copy it from {ref.path}")
+            merged = info.dtype in MERGE_DTYPES and not excluded
             if not merged:
                 keys[key] = KeyPlan(key, info.shape, info.dtype, False)
                 continue
@@ -329,6 +333,9 @@ def _uniform_scope(cfg, keys):
     if scopes == {"global"}:
         first = next(_by_method(keys))
         for k in _by_method(keys):
+            if k.shared["normalize"] != first.shared["normalize"]:
+                raise ConfigError("ties with scope: global merges with one rule over the whole model: normalize "
+                                  f"must be the same for every tensor ({k.key!r} resolves another)")
             if [p.get("density") for p in k.per_model] != [p.get("density") for p in first.per_model]:
                 raise ConfigError(f"ties with scope: global keeps one density per model over the whole model; "
                                   f"tensor {k.key!r} resolves another (filters and gradients of density are per-tensor)")
@@ -646,7 +653,7 @@ def _rerun_majority(plan, manifest, thresholds, majority, rerun):
     """Global TIES: keys (of the shards in ``rerun``) whose zero signs were filled before the
     model-wide ``majority`` sign was known and whose result depends on it are merged again and
     their shard rewritten (rare: an elected sign of exactly 0 with a kept entry)."""
-    disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"
+    disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
     for shard in plan.shards:
         stale = [key for key, fill in rerun.get(shard.name, {}).items()
                  if not ops.same_fill_result(fill, majority, disjoint)]
