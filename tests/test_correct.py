@@ -8,8 +8,8 @@ from torch import nn
 
 from nlmerge.align import apply_permutations, mlp_spec, weight_matching
 from nlmerge.align.models import CNN, MLP, ViT, ResNet
-from nlmerge.correct import (CorrectedModel, activation_stats, default_sites, fold, repair, tact,
-                             variance_ratio)
+from nlmerge.correct import (CorrectedModel, SiteStats, activation_stats, correct_to, default_sites, fold,
+                             fold_problem, repair, repair_targets, tact, variance_ratio)
 
 IN_SHAPES = {"mlp": (12,), "cnn": (3, 6, 6), "resnet": (3, 8, 8), "vit": (3, 8, 8)}
 
@@ -304,3 +304,82 @@ def test_add_site_checks():
         activation_stats(m.state_dict(), loader("mlp", 1))
     with pytest.raises(TypeError, match="expert 0 must be a torch.nn.Module"):
         tact(m, [m.state_dict()], [loader("mlp", 1)], sites=["0"])
+
+
+class _Tokens(nn.Module):
+    """Embedding then Linear: activations [B, L, C] and keyword inputs, as a language model has."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lin(self.emb(input_ids))
+
+
+def test_attention_mask_limits_statistics_to_its_positions():
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.randint(0, 20, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    with torch.no_grad():
+        rows = model(ids)[mask.bool()].double()  # the 12 positions the mask keeps, by hand
+    got = activation_stats(model, [{"input_ids": ids, "attention_mask": mask}], ["lin"])["lin"]
+    assert got.count == 4 + 7 + 1
+    torch.testing.assert_close(got.mean, rows.mean(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got.var, rows.var(0, unbiased=False), rtol=1e-6, atol=1e-7)
+    unmasked = activation_stats(model, [{"input_ids": ids}], ["lin"])["lin"]
+    assert unmasked.count == 21 and not torch.allclose(unmasked.mean, got.mean)
+
+
+def test_correct_to_is_tact_and_repair_with_measured_targets():
+    experts = [make("mlp", 1), make("mlp", 2)]
+    merged = average(experts)
+    data = [loader("mlp", 3), loader("mlp", 4, shift=0.5)]
+    sites = default_sites(merged)
+    stats = [activation_stats(e, d, sites) for e, d in zip(experts, data)]
+    for t, c in enumerate(tact(merged, experts, data)):
+        own = correct_to(merged, stats[t], data[t])
+        for s in sites:
+            assert all(torch.equal(a, b) for a, b in zip(own.correction(s), c.correction(s))), s
+    shared = repair(merged, experts, data)
+    own = correct_to(merged, repair_targets(stats), data[0] + data[1])
+    for s in sites:
+        assert all(torch.equal(a, b) for a, b in zip(own.correction(s), shared.correction(s))), s
+
+
+def test_repair_targets_by_hand():
+    a = {"x": SiteStats(10, torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 4.0], dtype=torch.float64))}
+    b = {"x": SiteStats(6, torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([9.0, 16.0], dtype=torch.float64))}
+    got = repair_targets([a, b])["x"]
+    assert got.count == 16
+    assert torch.equal(got.mean, torch.tensor([0.5, 0.0], dtype=torch.float64))
+    assert torch.equal(got.var, torch.tensor([4.0, 9.0], dtype=torch.float64))  # (mean std)^2: (1+3)/2, (2+4)/2
+    c = {"x": SiteStats(1, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))}
+    with pytest.raises(ValueError, match="site 'x': merged model has 2 channels, expert has 3"):
+        repair_targets([a, c])
+    with pytest.raises(ValueError, match="site 'x' has no statistics for task 1"):
+        repair_targets([a, {}])
+    with pytest.raises(ValueError, match="at least one task"):
+        repair_targets([])
+
+
+def test_fold_problem():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4, bias=False), nn.LayerNorm(4, bias=False),
+                          nn.LayerNorm(4), nn.LayerNorm((2, 2)))
+    assert fold_problem(model, "0") is None
+    assert fold_problem(model, ("0", "input")) is None
+    assert fold_problem(model, "4") is None
+    assert fold_problem(model, "2") == "is a Linear without a bias to take the shift"
+    assert fold_problem(model, "2", shift=False) is None
+    assert fold_problem(model, ("2", "input")) == "is a Linear without a bias to take the shift"
+    assert fold_problem(model, "3") == "is a LayerNorm without a bias to take the shift"
+    assert fold_problem(model, "1") == "is the output of ReLU, not of a linear, conv or norm layer"
+    assert fold_problem(model, ("1", "input")) == "is the input of ReLU: only the input of a Linear can be folded"
+    assert fold_problem(model, "5") == "is the output of LayerNorm normalizing over (2, 2), not one channel axis"
+    assert fold_problem(model, "") == "is the whole model"
+    with pytest.raises(ValueError, match="site 'nope' is not a module of the model"):
+        fold_problem(model, "nope")

@@ -14,8 +14,8 @@ import numbers
 import torch
 from torch import nn
 
-from nlmerge.correct.sites import (_LINEAR, _NORM, check_channels, check_sites, collect, default_sites,
-                                   hooks_at, reiterable, site_label, site_module)
+from nlmerge.correct.sites import (_LINEAR, _NORM, SiteStats, check_channels, check_sites, collect,
+                                   default_sites, hooks_at, reiterable, site_label, site_module, unwrap)
 from nlmerge.ops.activations import eval_mode, run_batch
 
 
@@ -205,20 +205,93 @@ def _check_experts(experts, sites):
 
 
 def _expert_stats(experts, data, sites, backend):
-    return [collect(expert, loader, sites, backend=backend, label=f"data[{t}]")
+    return [{s: SiteStats(st.count, st.mean, st.var) for s, st in
+             collect(expert, loader, sites, backend=backend, label=f"data[{t}]").items()}
             for t, (expert, loader) in enumerate(zip(experts, data))]
 
 
-def _correct(merged, sites, targets, loader, eps, backend, label):
-    """Sequential correction of ``merged`` towards ``targets[site] = (mu, sigma)``."""
+def _correct(merged, targets, loader, eps, backend, label):
+    """Sequential correction of ``merged`` towards ``targets[site]`` (``SiteStats``)."""
     cm = CorrectedModel(merged)
-    for site in _forward_order(merged, loader, sites):
+    for site in _forward_order(merged, loader, list(targets)):
         ms = collect(cm, loader, [site], stop_after=site, backend=backend, label=label)[site]
-        mu_e, sd_e = targets[site]
-        check_channels(site, ms.num_features, mu_e.numel())
-        scale, shift = _solve(mu_e.to(ms.mean.device), sd_e.to(ms.mean.device), ms.mean, ms.var, eps)
+        target = targets[site]
+        check_channels(site, ms.num_features, target.mean.numel())
+        scale, shift = _solve(target.mean.to(ms.mean.device), target.std.to(ms.mean.device), ms.mean, ms.var, eps)
         cm.add_site(site, scale, shift)
     return cm
+
+
+def repair_targets(stats):
+    """REPAIR's one target from per-task statistics: per site, the average over tasks of the means
+    and of the standard deviations.
+
+    Parameters
+    ----------
+    stats : list of dict
+        ``{site: SiteStats}`` per task (e.g. ``activation_stats`` of expert t on task t's data), the
+        same sites in each.
+
+    Returns
+    -------
+    dict
+        ``{site: SiteStats}``: ``count`` summed, ``mean`` the mean of the means, ``var`` the square
+        of the mean of the standard deviations (float64 [C]).
+
+    Raises
+    ------
+    ValueError
+        No tasks, a site missing from a task, or channel counts that differ at a site.
+    """
+    if not stats:
+        raise ValueError("repair_targets needs the statistics of at least one task")
+    out = {}
+    for site in stats[0]:
+        for t, task in enumerate(stats[1:], 1):
+            if site not in task:
+                raise ValueError(f"site {site_label(site)!r} has no statistics for task {t}")
+            check_channels(site, stats[0][site].mean.numel(), task[site].mean.numel())
+        std = torch.stack([task[site].std for task in stats]).mean(0)
+        out[site] = SiteStats(sum(task[site].count for task in stats),
+                              torch.stack([task[site].mean for task in stats]).mean(0), std * std)
+    return out
+
+
+def correct_to(merged, targets, data, eps=1e-5, *, backend=None):
+    """Correct ``merged`` so that its statistics on ``data`` equal ``targets``: the step that
+    ``tact`` runs per task and ``repair`` once, for targets measured elsewhere (one expert loaded at
+    a time, say).
+
+    Sites are corrected in forward order with the corrections of earlier sites active:
+    ``z' = sigma_T (z - mu_M) / sqrt(var_M + eps) + mu_T`` per channel. The merged model is run
+    in eval mode and left as it was, also when the call raises.
+
+    Parameters
+    ----------
+    merged : torch.nn.Module
+        The merged model (shared by the result, not copied).
+    targets : dict
+        ``{site: SiteStats}``: the target mean and variance (float [C]) of each site to correct.
+    data : iterable
+        Input batches (re-iterable; a one-shot iterator is materialized).
+    eps : float
+        Added to the merged variance; finite and > 0. The corrected std is
+        ``sigma_T * sqrt(var_M / (var_M + eps))``.
+
+    Returns
+    -------
+    CorrectedModel
+
+    Raises
+    ------
+    ValueError
+        As ``tact``.
+    """
+    eps = _check_eps(eps)
+    check_sites(merged, list(targets), "merged model")
+    data = reiterable(data)
+    with eval_mode(merged):
+        return _correct(merged, targets, data, eps, backend, "data")
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -275,8 +348,7 @@ def tact(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     with eval_mode(*models, *experts):
         ex = _expert_stats(experts, data, sites, backend)
         for t in range(len(experts)):
-            targets = {s: (ex[t][s].mean, ex[t][s].std) for s in sites}
-            out.append(_correct(models[t], sites, targets, data[t], eps, backend, f"data[{t}]"))
+            out.append(_correct(models[t], ex[t], data[t], eps, backend, f"data[{t}]"))
     return out
 
 
@@ -316,13 +388,56 @@ def repair(merged, experts, data, sites=None, eps=1e-5, *, backend=None):
     sites = check_sites(merged, default_sites(merged) if sites is None else sites, "merged model")
     _check_experts(experts, sites)
     with eval_mode(merged, *experts):
-        ex = _expert_stats(experts, data, sites, backend)
-        targets = {}
-        for s in sites:
-            for t in range(1, len(experts)):
-                check_channels(s, ex[0][s].num_features, ex[t][s].num_features)
-            targets[s] = (torch.stack([e[s].mean for e in ex]).mean(0), torch.stack([e[s].std for e in ex]).mean(0))
-        return _correct(merged, sites, targets, _Chain(data), eps, backend, "data")
+        return _correct(merged, repair_targets(_expert_stats(experts, data, sites, backend)), _Chain(data), eps,
+                        backend, "data")
+
+
+def fold_problem(model, site, shift=True):
+    """Why a correction at ``site`` of ``model`` cannot be folded into its weights, or None when it can.
+
+    Foldable: the output of a ``Linear``/``Conv`` or of an affine norm layer (BatchNorm, LayerNorm
+    over one dim, GroupNorm, InstanceNorm) and the input of a ``Linear``; with ``shift`` (a
+    correction whose shift is not all zero) the layer also needs a bias. Not foldable: the whole
+    model, a residual-stream site (a block's output), any other module.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A plain model or a ``CorrectedModel``.
+    site : str or (str, "input")
+    shift : bool
+        Whether the correction has a shift.
+
+    Returns
+    -------
+    str or None
+        The reason, phrased to follow the site's name.
+
+    Raises
+    ------
+    ValueError
+        ``site`` is not a module of the model.
+    """
+    (site,) = check_sites(model, [site])
+    name = site_module(site)
+    if not name:
+        return "is the whole model"
+    module = unwrap(model).get_submodule(name)
+    kind = type(module).__name__
+    if isinstance(site, tuple):
+        if not isinstance(module, nn.Linear):
+            return f"is the input of {kind}: only the input of a Linear can be folded"
+    elif isinstance(module, _NORM):
+        w = getattr(module, "weight", None)
+        if w is None:
+            return f"is the output of {kind} without an affine weight to fold into"
+        if w.dim() != 1:
+            return f"is the output of {kind} normalizing over {tuple(w.shape)}, not one channel axis"
+    elif not isinstance(module, _LINEAR):
+        return f"is the output of {kind}, not of a linear, conv or norm layer"
+    if shift and getattr(module, "bias", None) is None:
+        return f"is a {kind} without a bias to take the shift"
+    return None
 
 
 def fold(corrected):
@@ -333,7 +448,8 @@ def fold(corrected):
     dim, GroupNorm, InstanceNorm) does the same to its weight and bias; an input site of a
     ``Linear`` (the attention context) scales the weight's input columns and adds ``W @ shift`` to
     its bias. BatchNorm is folded for ``eval()`` mode. Call once per task for per-task copies.
-    Nothing is run and nothing of ``corrected`` or its merged model is changed.
+    Nothing is run and nothing of ``corrected`` or its merged model is changed. Which sites fold:
+    ``fold_problem``.
 
     Parameters
     ----------
@@ -347,53 +463,34 @@ def fold(corrected):
     Raises
     ------
     ValueError
-        Naming the site that cannot be folded (e.g. a residual-stream site, or a layer without
-        the bias or affine weight the shift needs).
+        Naming the site that cannot be folded and why (``fold_problem``), or a correction whose
+        channel count differs from the layer's.
     """
     if not isinstance(corrected, CorrectedModel):
         raise TypeError(f"fold takes a CorrectedModel, got {type(corrected).__name__}")
     inner = corrected.model
-    modules = dict(inner.named_modules())
     state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
     # input sites before output sites of the same module: y = A (W (a z + b) + c) + d
     ordered = sorted(corrected.sites, key=lambda s: 0 if isinstance(s, tuple) else 1)
     for site in ordered:
         scale, shift = corrected.correction(site)
-        name = site_module(site)
-        module = modules[name]
         label = site_label(site)
-        if not name:
-            raise ValueError(f"site {label!r} is the whole model: cannot fold")
+        problem = fold_problem(inner, site, shift=bool(shift.any()))
+        if problem:
+            raise ValueError(f"site {label!r} {problem}: cannot fold")
+        name = site_module(site)
         wk, bk = f"{name}.weight", f"{name}.bias"
-        w = state.get(wk)
+        w = state[wk]
         b = state.get(bk)
         a, s = scale.double(), shift.double()
         if isinstance(site, tuple):
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"site {label!r}: only the input of a Linear can be folded, "
-                                 f"not of {type(module).__name__}")
-            if b is None and bool(s.any()):
-                raise ValueError(f"site {label!r}: the Linear has no bias to take the shift")
             wd = w.double()
             if b is not None:
                 state[bk] = (b.double() + wd @ s).to(b.dtype)
             state[wk] = (wd * a[None, :]).to(w.dtype)
             continue
-        if isinstance(module, _LINEAR):
-            pass
-        elif isinstance(module, _NORM):
-            if w is None:
-                raise ValueError(f"site {label!r}: {type(module).__name__} has no affine weight to fold into")
-            if w.dim() != 1:
-                raise ValueError(f"site {label!r}: {type(module).__name__} normalizes over {tuple(w.shape)}, "
-                                 "not one channel axis: cannot fold")
-        else:
-            raise ValueError(f"site {label!r} is the output of {type(module).__name__}, not of a linear, conv "
-                             "or norm layer: cannot fold")
         if w.shape[0] != a.numel():
             raise ValueError(f"site {label!r}: layer has {w.shape[0]} output channels, correction has {a.numel()}")
-        if b is None and bool(s.any()):
-            raise ValueError(f"site {label!r}: {type(module).__name__} has no bias to take the shift")
         view = [-1] + [1] * (w.dim() - 1)
         state[wk] = (w.double() * a.view(view)).to(w.dtype)
         if b is not None:

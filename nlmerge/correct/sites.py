@@ -3,13 +3,16 @@
 A site is a module name (the module's output) or ``(module_name, "input")`` (the first positional
 input of the module, e.g. the attention context before its output projection). Activations are
 reduced over every axis but the channel axis: the last axis, or axis 1 of 4-D/5-D (conv) outputs
-(the convention of ``nlmerge.align.activation_matching``), read in place.
+(the convention of ``nlmerge.align.activation_matching``), read in place. A batch that is a mapping
+with an ``attention_mask`` [B, L] counts only the positions it marks (mask != 0) of activations
+shaped [B, L, C]: padding is not data.
 
 The caller's models are run in eval mode and left as they were: the public functions measure under
 ``eval_mode`` and ``torch.no_grad``, and every hook they add is removed on the way out, also when
 they raise.
 """
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -179,19 +182,32 @@ def hooks_at(model, sites, make):
             h.remove()
 
 
+def _positions(batch):
+    """The positions of ``batch`` that count: its ``attention_mask`` as bool [B, L], or None (all)."""
+    if isinstance(batch, Mapping) and torch.is_tensor(batch.get("attention_mask")):
+        return batch["attention_mask"] != 0
+    return None
+
+
 def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
     """One pass over ``data`` accumulating ``StreamingStats`` at ``sites`` of ``model``.
+
+    Activations [B, L, C] of a batch with an ``attention_mask`` [B, L] count only where the mask
+    is set.
 
     ``stop_after``: a site after which each forward is cut short (the pass only needs it and the
     sites before it). Returns ``{site: StreamingStats}``; ValueError if ``data`` yields no batch.
     """
     stats = {}
+    mask = [None]  # the current batch's attention_mask, read by the hooks
 
     def make(site):
         label, stop = site_label(site), site == stop_after
 
         def fn(act):
             x = activation(act, label)
+            if mask[0] is not None and x.dim() == 3 and x.shape[:2] == mask[0].shape:
+                x = x[mask[0]]
             axis = feature_axis(x)
             st = stats.get(site)
             if st is None:
@@ -205,6 +221,7 @@ def collect(model, data, sites, *, stop_after=None, backend=None, label="data"):
     with hooks_at(model, sites, make), torch.no_grad():
         for batch in data:
             batches += 1
+            mask[0] = _positions(batch)
             try:
                 run_batch(model, batch)
             except _Stop:
@@ -245,7 +262,8 @@ def activation_stats(model, data, sites=None, *, backend=None):
     model : torch.nn.Module
         A plain model or a ``CorrectedModel`` (statistics then include its corrections).
     data : iterable
-        Batches: tensor, tuple/list (first element is the input) or mapping of keyword inputs.
+        Batches: tensor, tuple/list (first element is the input) or mapping of keyword inputs (an
+        ``attention_mask`` [B, L] there limits activations [B, L, C] to the positions it marks).
     sites : list, optional
         Default ``default_sites(model)``.
     backend : str, optional

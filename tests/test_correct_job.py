@@ -1,0 +1,252 @@
+"""``nlmerge correct`` on Hugging Face checkpoints: tiny random Llama (grouped-query attention, tied
+and untied embeddings), ViT and CLIP (vision tower) saved with save_pretrained; experts are
+perturbed copies, the merged model their average. Outputs are reloaded with plain transformers and
+their statistics compared, at every site, with the experts' (computed here on the whole data file
+in one batch, independently of the job's batching); bad inputs give one error and no output."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file
+
+from nlmerge.cli import main
+from nlmerge.correct import activation_stats, fold
+from nlmerge.jobs import correct_job
+
+EPS = 1e-10  # the corrected std is sigma_E * sqrt(var_M / (var_M + eps)): eps small, to compare exactly
+TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def llama(tied):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, num_key_value_heads=2, tie_word_embeddings=tied, **TINY))
+
+
+def vit():
+    return transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, **TINY))
+
+
+def clip():
+    return transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         **TINY),
+        vision_config=dict(image_size=16, patch_size=8, **TINY), projection_dim=16))
+
+
+def expected_sites(layers, per_layer, first=(), last=()):
+    """Sites, by hand: ``first``, then ``per_layer`` for each of the 2 layers, then ``last``."""
+    return [*first, *(f"{layers}.{i}.{n}" for i in range(2) for n in per_layer), *last]
+
+
+LLAMA_SITES = expected_sites("model.layers", ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+# name: (model builder, data kind, expected sites relative to the module that runs, that module)
+CASES = {
+    "llama": (lambda: llama(False), "ids", LLAMA_SITES, ""),
+    "llama_tied": (lambda: llama(True), "ids", LLAMA_SITES, ""),
+    "vit": (vit, "pixels", expected_sites(
+        "layers", ["attention.o_proj", "layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"],
+        first=["embeddings.patch_embeddings.projection"], last=["layernorm"]), ""),
+    # the vision tower: its patch embedding has no bias; the whole model's head is text_projection
+    "clip": (clip, "pixels", expected_sites(
+        "encoder.layers", ["self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"],
+        first=["pre_layrnorm"], last=["post_layernorm"]), "vision_model"),
+}
+
+
+def data_file(path, kind, seed, rows=10):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ids":
+        ids = torch.randint(0, 64, (rows, 9), generator=g)
+        mask = torch.ones_like(ids)
+        mask[:4, 6:] = 0  # padded rows: their positions must not count
+        tensors = {"input_ids": ids, "attention_mask": mask}
+    else:
+        tensors = {"pixel_values": torch.randn(rows, 3, 16, 16, generator=g) * (1 + seed) + seed}
+    save_file(tensors, str(path))
+    return tensors
+
+
+def perturbed(model, seed, scale=0.1):
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return out.eval()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def setup(request, tmp_path_factory):
+    name = request.param
+    build, kind, sites, module = CASES[name]
+    root = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    base = build().eval()
+    experts = [perturbed(base, 1 + t) for t in range(2)]
+    merged = copy.deepcopy(base)
+    sds = [e.state_dict() for e in experts]
+    merged.load_state_dict({k: (sds[0][k] + sds[1][k]) / 2 if sds[0][k].is_floating_point() else sds[0][k]
+                            for k in sds[0]})
+    paths = {"merged": root / "merged", "experts": [root / f"expert_{t}" for t in range(2)],
+             "data": [root / f"data_{t}.safetensors" for t in range(2)]}
+    merged.save_pretrained(paths["merged"])
+    for e, p in zip(experts, paths["experts"]):
+        e.save_pretrained(p)
+    data = [data_file(p, kind, t) for t, p in enumerate(paths["data"])]
+    return {"name": name, "root": root, "paths": paths, "data": data, "sites": sites, "module": module,
+            "cls": type(base), "experts": [e.get_submodule(module) for e in experts],
+            "merged": merged.get_submodule(module)}
+
+
+def run(paths, out, *extra):
+    return main(["correct", str(paths["merged"]), "--experts", *map(str, paths["experts"]),
+                 "--data", *map(str, paths["data"]), str(out), "--no-progress", *extra])
+
+
+def reload(cls, folder):
+    model, info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def assert_close_stats(got, want, tol=2e-5):
+    for site in want:
+        g, w = got[site], want[site]
+        scale = w.std + w.mean.abs()
+        assert ((g.mean - w.mean).abs() <= tol * scale).all(), f"site {site}: means differ"
+        assert ((g.std - w.std).abs() <= tol * scale).all(), f"site {site}: stds differ"
+
+
+def assert_differs(got, want, tol=1e-3):
+    """The merged model's statistics are not the target's already (so the match above is the job's work)."""
+    worst = max(float(((got[s].std - want[s].std).abs() / (want[s].std + want[s].mean.abs())).max()) for s in want)
+    assert worst > tol
+
+
+def test_tact_outputs_match_each_expert(setup, tmp_path):
+    out = tmp_path / "out"
+    assert run(setup["paths"], out, "--eps", str(EPS), "--batch-size", "3") == 0
+    assert sorted(os.listdir(out)) == ["task_0", "task_1"]
+    for t, (expert, data) in enumerate(zip(setup["experts"], setup["data"])):
+        folder = out / f"task_{t}"
+        record = json.loads((folder / correct_job.RECORD_NAME).read_text())
+        assert record["sites"] == setup["sites"] and record["module"] == setup["module"]
+        assert record["method"] == "tact" and record["task"] == t
+        sites = record["sites"]
+        model = reload(setup["cls"], folder).get_submodule(setup["module"])
+        want = activation_stats(expert, [data], sites)
+        assert_close_stats(activation_stats(model, [data], sites), want)
+        assert_differs(activation_stats(setup["merged"], [data], sites), want)
+        config = json.loads((folder / "config.json").read_text())
+        if setup["name"].startswith("llama"):
+            assert config["attention_bias"] is True and config["mlp_bias"] is True
+            assert config["tie_word_embeddings"] is (setup["name"] == "llama_tied")
+
+
+def test_repair_output_matches_average_target(setup, tmp_path):
+    out = tmp_path / "out"
+    assert run(setup["paths"], out, "--method", "repair", "--eps", str(EPS)) == 0
+    record = json.loads((out / correct_job.RECORD_NAME).read_text())
+    assert record["method"] == "repair" and record["task"] is None
+    sites = record["sites"]
+    ex = [activation_stats(e, [d], sites) for e, d in zip(setup["experts"], setup["data"])]
+    model = reload(setup["cls"], out).get_submodule(setup["module"])
+    got = activation_stats(model, setup["data"], sites)  # both tasks' data, as REPAIR measures
+    for s in sites:
+        mean, std = (ex[0][s].mean + ex[1][s].mean) / 2, (ex[0][s].std + ex[1][s].std) / 2
+        scale = std + mean.abs()
+        assert ((got[s].mean - mean).abs() <= 2e-5 * scale).all(), f"site {s}: means differ"
+        assert ((got[s].std - std).abs() <= 2e-5 * scale).all(), f"site {s}: stds differ"
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture(scope="module")
+def llama_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama_bad")
+    torch.manual_seed(0)
+    base = llama(False)
+    paths = {"merged": root / "merged", "experts": [root / "expert_0", root / "expert_1"],
+             "data": [root / "data_0.safetensors", root / "data_1.safetensors"]}
+    for i, p in enumerate([paths["merged"], *paths["experts"]]):
+        perturbed(base, i).save_pretrained(p)
+    for t, p in enumerate(paths["data"]):
+        data_file(p, "ids", t)
+    data_file(root / "pixels.safetensors", "pixels", 0)
+    return paths
+
+
+def refused(capsys, out, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("nlmerge correct: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+    assert not [n for n in os.listdir(out.parent) if ".partial" in n or ".old" in n]
+
+
+def test_missing_expert_folder(llama_paths, tmp_path, capsys):
+    paths = {**llama_paths, "experts": [llama_paths["experts"][0], tmp_path / "nowhere"]}
+    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "expert 1", "nowhere", "not a folder")
+
+
+def test_data_without_input_ids(llama_paths, tmp_path, capsys):
+    pixels = llama_paths["data"][0].parent / "pixels.safetensors"
+    paths = {**llama_paths, "data": [llama_paths["data"][0], pixels]}
+    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "pixels.safetensors", "task 1",
+            "no 'input_ids' tensor", "LlamaForCausalLM")
+
+
+def test_mismatched_experts_and_data(llama_paths, tmp_path, capsys):
+    paths = {**llama_paths, "data": llama_paths["data"][:1]}
+    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "2 experts but 1 data files")
+
+
+def test_architecture_without_foldable_sites(llama_paths, tmp_path, capsys):
+    # transformers' Mistral has no bias on any projection and no switch that adds one
+    torch.manual_seed(0)
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(vocab_size=64, num_key_value_heads=2, **TINY))
+    paths = {"merged": tmp_path / "merged", "experts": [tmp_path / "expert_0"], "data": llama_paths["data"][:1]}
+    mistral.save_pretrained(paths["merged"])
+    mistral.save_pretrained(paths["experts"][0])
+    capsys.readouterr()  # transformers' progress bars while saving
+    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "MistralForCausalLM",
+            "no correction site that folds", "without a bias to take the shift")
+
+
+def test_existing_output_needs_force(llama_paths, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert run(llama_paths, out) == 1
+    assert "exists and is not empty" in capsys.readouterr().err and (out / "old.txt").exists()
+    assert run(llama_paths, out, "--force", "--method", "repair") == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".partial" in n or ".old" in n]
+
+
+def test_failure_mid_run_leaves_nothing(llama_paths, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def failing_fold(corrected):  # the second task fails after the first was written
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("planted failure")
+        return fold(corrected)
+
+    monkeypatch.setattr(correct_job, "fold", failing_fold)
+    out = tmp_path / "new" / "deeper" / "out"
+    code = run(llama_paths, out)
+    assert len(calls) == 2
+    assert code == 1 and "planted failure" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the parent folders made for OUT are gone too
+
+
+def test_output_overlapping_an_input_is_refused(llama_paths, capsys):
+    out = llama_paths["merged"] / "corrected"
+    refused(capsys, out, run(llama_paths, out), "overlaps the input")
