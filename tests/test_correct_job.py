@@ -43,18 +43,33 @@ def expected_sites(layers, per_layer, first=(), last=()):
 
 
 LLAMA_SITES = expected_sites("model.layers", ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+CLIP_LAYER_SITES = ["self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"]
+CASES_VIT = expected_sites("layers", ["attention.o_proj", "layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"],
+                           first=["embeddings.patch_embeddings.projection"], last=["layernorm"])
 # name: (model builder, data kind, expected sites relative to the module that runs, that module)
 CASES = {
     "llama": (lambda: llama(False), "ids", LLAMA_SITES, ""),
     "llama_tied": (lambda: llama(True), "ids", LLAMA_SITES, ""),
-    "vit": (vit, "pixels", expected_sites(
-        "layers", ["attention.o_proj", "layernorm_before", "layernorm_after", "mlp.fc1", "mlp.fc2"],
-        first=["embeddings.patch_embeddings.projection"], last=["layernorm"]), ""),
-    # the vision tower: its patch embedding has no bias; the whole model's head is text_projection
+    "vit": (vit, "pixels", CASES_VIT, ""),
+    # the vision tower: its patch embedding has no bias
     "clip": (clip, "pixels", expected_sites(
-        "encoder.layers", ["self_attn.out_proj", "layer_norm1", "mlp.fc1", "mlp.fc2", "layer_norm2"],
-        first=["pre_layrnorm"], last=["post_layernorm"]), "vision_model"),
+        "encoder.layers", CLIP_LAYER_SITES, first=["pre_layrnorm"], last=["post_layernorm"]), "vision_model"),
 }
+
+
+@pytest.mark.parametrize("build, want", [
+    # a model that ends with its encoder: its last fc2 is a site like every other layer's
+    (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(image_size=16, patch_size=8, **TINY)),
+     expected_sites("encoder.layers", CLIP_LAYER_SITES, first=["pre_layrnorm"], last=["post_layernorm"])),
+    (lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=64, max_position_embeddings=16,
+                                                                    **TINY)),
+     expected_sites("encoder.layers", CLIP_LAYER_SITES, last=["final_layer_norm"])),
+    (lambda: transformers.ViTForImageClassification(transformers.ViTConfig(image_size=16, patch_size=8,
+                                                                           num_labels=3, **TINY)),
+     ["vit." + s for s in CASES_VIT]),
+], ids=["clip_vision", "clip_text", "vit_classifier"])
+def test_sites_of_other_classes(build, want):
+    assert correct_job.correction_sites(build()) == want
 
 
 def data_file(path, kind, seed, rows=10):

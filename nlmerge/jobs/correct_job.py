@@ -40,14 +40,15 @@ outputs are written in a temporary folder beside ``OUT`` and renamed to ``OUT`` 
 import contextlib
 import inspect
 import json
-import math
 import os
+import re
 import shutil
 import tempfile
 
 import torch
 
 from nlmerge.correct import activation_stats, correct_to, default_sites, fold, fold_problem, repair_targets
+from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
 from nlmerge.io import WEIGHT_FILES
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
@@ -103,6 +104,8 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         A bad argument, a missing or unreadable folder, config or data file, experts that differ
         from the merged model's architecture, a data file without the model's input (naming the
         file and the tensor), an architecture with no foldable site, a checkpoint missing weights.
+    TypeError
+        ``eps`` is not a real number.
     FileExistsError
         ``out`` exists (non-empty, without ``force``; a file), or overlaps an input.
     """
@@ -111,8 +114,7 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps!r}")
+    eps = _check_eps(eps)
     experts, data = [os.fspath(e) for e in experts], [os.fspath(d) for d in data]
     if not experts:
         raise ValueError("no experts given")
@@ -143,8 +145,7 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         del expert
 
     record = {"format": "nlmerge-correct/1", "method": method, "merged": merged, "experts": experts, "data": data,
-              "eps": eps, "batch_size": batch_size, "module": tower,
-              "sites": sites}
+              "eps": eps, "batch_size": batch_size, "module": tower, "sites": sites}
     saved = {**config, **{k: True for k in switches}}
     with _staging(out) as stage:
         if method == "tact":
@@ -168,11 +169,13 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
 def correction_sites(model, module=""):
     """The correction sites of a Hugging Face model, or of one of its towers, for ``nlmerge correct``.
 
-    Rule: the sites of ``nlmerge.correct.default_sites(model)`` (on the whole model, so that a
-    tower's last layer is not taken for the model's output head), with each input site (the
-    attention context) replaced by the output of its layer (the attention's output projection),
-    kept where ``fold_problem`` finds none (the correction, shift included, folds exactly into
-    the site's own layer), in the default rule's order. Input sites are replaced because a
+    Rule: the sites of ``nlmerge.correct.default_sites(model)`` (on the whole model), with each
+    input site (the attention context) replaced by the output of its layer (the attention's output
+    projection), and every layer of a stack given the sites of the others (the default rule takes
+    the model's last linear layer for its output head, which in a model ending with its encoder is
+    the last layer's ``fc2``), kept where ``fold_problem`` finds none (the correction, shift
+    included, folds exactly into the site's own layer), in module registration order. Input sites
+    are replaced because a
     correction folded into the next layer leaves no corrected tensor in the folded model, so its
     statistics could not be checked; an output site's corrected values are the folded layer's
     output. Call it on the model as loaded for correction (Llama's bias switches on).
@@ -194,11 +197,12 @@ def correction_sites(model, module=""):
         No site folds: names the architecture and why its candidate sites do not fold.
     """
     prefix = f"{module}." if module else ""
-    candidates = []
-    for site in default_sites(model):
-        name = site[0] if isinstance(site, tuple) else site
-        if name.startswith(prefix) and name not in candidates:
-            candidates.append(name)
+    default = {site[0] if isinstance(site, tuple) else site for site in default_sites(model)}
+    stacked = {_stacked(name) for name in default}
+    # every layer of a stack gets the same sites: the default rule's output head (the model's last
+    # linear layer) is the last layer's fc2 in a model that ends with its encoder (CLIPVisionModel)
+    candidates = [name for name, _ in model.named_modules() if name.startswith(prefix) and
+                  (name in default or (_stacked(name) != name and _stacked(name) in stacked))]
     problems = {s: fold_problem(model, s) for s in candidates}
     sites = [s[len(prefix):] for s in candidates if problems[s] is None]
     if not sites:
@@ -209,6 +213,11 @@ def correction_sites(model, module=""):
                          "A site folds at a linear, conv or norm layer with a bias; bias switches are known for "
                          + ", ".join(f"{k} ({' / '.join(v)})" for k, v in BIAS_SWITCHES.items()))
     return sites
+
+
+def _stacked(name):
+    """A module name with its layer indices replaced by ``#`` (``layers.3.mlp`` -> ``layers.#.mlp``)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
 
 
 # ---------------------------------------------------------------------------------- inputs
