@@ -7,6 +7,7 @@
                   [--copy-tokenizer|--no-copy-tokenizer] [--force] [--resume] [--no-progress]
     nlmerge align REFERENCE OTHER OUT [--method weight|activation] [--data FILE] [--restarts N] [--seed S]
                   [--write-aligned DIR] [--force]
+    nlmerge correct MERGED --experts E1 E2 ... --data D1 D2 ... OUT [--method tact|repair] [--force]
 
 Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and sets
 ``run=_<name>``, the function that runs it (listed in ``SUBCOMMANDS``). Arguments are checked

@@ -60,7 +60,7 @@ BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias")}
 # a dual encoder's towers, by the data input that runs them
 TOWERS = {"pixel_values": "vision_model", "input_ids": "text_model"}
 # the merged folder's files copied beside the weights: the merge job's list, and an image processor's
-COPIED_FILES = (*TOKENIZER_FILES, "preprocessor_config.json")
+
 RECORD_NAME = "nlmerge_correct.json"
 
 
@@ -416,7 +416,7 @@ def _save(model, tower, state, folder, merged, config, record):
     os.makedirs(folder, exist_ok=True)
     with _quiet_transformers():
         model.save_pretrained(folder, state_dict=full)
-    for name in COPIED_FILES:
+    for name in TOKENIZER_FILES:
         src = os.path.join(merged, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(folder, name))
