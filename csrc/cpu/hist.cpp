@@ -115,6 +115,52 @@ void count_low(const uint32_t* __restrict x, int64_t n, uint32_t prefix, C* __re
     low_chunk<NT>(x + i, int(n - i), prefix, h);
 }
 
+// Task vectors formed as they are counted: a run of fp32(e) - fp32(b) magnitudes as bits goes
+// to a per-thread buffer (L1), then through the counting loops above.
+constexpr int RUN = 2048;
+
+template <int D>
+void diff_bits(const typename DT<D>::S* __restrict e, const typename DT<D>::S* __restrict b, int n,
+               uint32_t* __restrict out) {
+    for (int i = 0; i < n; i++) out[i] = f32_bits(DT<D>::load(e[i]) - DT<D>::load(b[i])) & 0x7FFFFFFFu;
+}
+
+// count(bits, m, h) over runs of the elements [p, q) of the task vector expert - base.
+template <int D, class Count>
+void over_diff_runs(const void* base, const void* expert, int64_t p, int64_t q, Count count) {
+    using S = typename DT<D>::S;
+    const S* e = static_cast<const S*>(expert);
+    const S* b = static_cast<const S*>(base);
+    alignas(64) uint32_t bits[RUN];
+    for (int64_t r = p; r < q; r += RUN) {
+        const int m = int(std::min<int64_t>(RUN, q - r));
+        diff_bits<D>(e + r, b + r, m, bits);
+        count(bits, m);
+    }
+}
+
+template <int D>
+void hist_models_t(const void* base, const void* expert, int64_t n, int64_t* hist, int nthreads) {
+    if (n < SMALL) {
+        over_diff_runs<D>(base, expert, 0, n, [&](const uint32_t* x, int m) { count_direct(x, m, 0x7FFFFFFFu, 16, hist); });
+        return;
+    }
+    threaded_histogram<HIGH_BINS, NSUB>(n, nthreads, hist, [&](int64_t p, int64_t q, uint32_t* h) {
+        over_diff_runs<D>(base, expert, p, q, [&](const uint32_t* x, int m) { count_sub(x, m, 0x7FFFFFFFu, 16, h); });
+    });
+}
+
+template <int D>
+void hist_low_models_t(const void* base, const void* expert, int64_t n, int64_t* hist, uint32_t prefix, int nthreads) {
+    if (n < SMALL) {
+        over_diff_runs<D>(base, expert, 0, n, [&](const uint32_t* x, int m) { count_low<1>(x, m, prefix, hist); });
+        return;
+    }
+    threaded_histogram<LOW_BINS, 2>(n, nthreads, hist, [&](int64_t p, int64_t q, uint32_t* h) {
+        over_diff_runs<D>(base, expert, p, q, [&](const uint32_t* x, int m) { count_low<2>(x, m, prefix, h); });
+    });
+}
+
 }  // namespace
 
 void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads) {
@@ -137,6 +183,26 @@ void hist_magnitude_low(const float* xf, int64_t n, int64_t* hist, int64_t prefi
     threaded_histogram<LOW_BINS, 2>(n, nthreads, hist, [&](int64_t p, int64_t q, uint32_t* h) {
         count_low<2>(x + p, q - p, pre, h);
     });
+}
+
+void hist_magnitude_models(const void* base, const void* expert, int dtype, int64_t n, int64_t* hist, int nthreads) {
+    if (n <= 0) return;
+    switch (dtype) {
+        case F16: hist_models_t<F16>(base, expert, n, hist, nthreads); break;
+        case BF16: hist_models_t<BF16>(base, expert, n, hist, nthreads); break;
+        default: hist_models_t<F32>(base, expert, n, hist, nthreads);
+    }
+}
+
+void hist_magnitude_low_models(const void* base, const void* expert, int dtype, int64_t n, int64_t* hist,
+                               int64_t prefix, int nthreads) {
+    if (n <= 0 || prefix < 0 || prefix >= HIGH_BINS) return;
+    const uint32_t pre = uint32_t(prefix);
+    switch (dtype) {
+        case F16: hist_low_models_t<F16>(base, expert, n, hist, pre, nthreads); break;
+        case BF16: hist_low_models_t<BF16>(base, expert, n, hist, pre, nthreads); break;
+        default: hist_low_models_t<F32>(base, expert, n, hist, pre, nthreads);
+    }
 }
 
 }  // namespace nlm

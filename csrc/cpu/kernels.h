@@ -14,32 +14,68 @@ void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shif
 // For fp32 x: hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix; 65536 bins.
 void hist_magnitude_low(const float* x, int64_t n, int64_t* hist, int64_t prefix, int nthreads);
 
+// Models histograms: the same over x = fp32(expert) - fp32(base) (fp32 magnitudes, shift 16), base
+// and expert n elements of one dtype; the task vector is formed as it is counted.
+void hist_magnitude_models(const void* base, const void* expert, int dtype, int64_t n, int64_t* hist, int nthreads);
+void hist_magnitude_low_models(const void* base, const void* expert, int dtype, int64_t n, int64_t* hist,
+                               int64_t prefix, int nthreads);
+
 // nonfinite (here and in the returns below): NaN/Inf inputs plus results that are NaN/Inf in the
 // output dtype.
 struct TiesResult {
     int64_t sign_sum, ambiguous, nonfinite;
 };
 
-TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const float* thresholds,
-                      const float* weights, void* out, int out_dtype, const void* base, int base_dtype,
-                      float lam, bool count_sign, int disjoint, int fill_sign, int nthreads);
+// Arguments of a TIES pass besides its inputs.
+struct TiesArgs {
+    const float* thresholds;
+    const float* weights;
+    void* out;
+    int out_dtype;
+    const void* base;  // added to the result (nullptr: none)
+    int base_dtype;
+    float lam;
+    bool count_sign;
+    int disjoint;
+    int fill_sign;
+    const int64_t* blocks;       // run only these blocks (of BLOCK elements; nullptr: all)
+    int64_t nblocks;             // how many are listed
+    uint8_t* ambiguous_blocks;   // nullptr, or [ceil(N / BLOCK)]: 1 for a run block with an
+                                 // ambiguous element (zero elected sign, a kept entry), 0 else
+    int nthreads;
+};
+
+TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const TiesArgs& args);
+
+// ties_merge on the task vectors fp32(experts[t]) - fp32(base), formed in registers (bit-identical
+// to ties_merge on them precomputed in fp32); base and the T experts are separate buffers of N
+// elements of one dtype; args.base is what the result adds (this base, or nullptr).
+TiesResult ties_merge_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                             const TiesArgs& args);
 
 int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
                         int out_dtype, const void* base, int base_dtype, float lam, int nthreads);
 
 // task_arithmetic on the task vectors fp32(experts[t]) - fp32(base), formed in registers (bit-identical
-// to task_arithmetic on them precomputed in fp32, with `base` as its base); base and the T experts
-// are separate buffers of N elements of one dtype.
+// to task_arithmetic on them precomputed in fp32, with `base` as its base when include_base, else none);
+// base and the T experts are separate buffers of N elements of one dtype.
 int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
-                               const float* weights, void* out, int out_dtype, float lam, int nthreads);
+                               const float* weights, void* out, int out_dtype, float lam, bool include_base,
+                               int nthreads);
 
 // out: T rows of row_bytes = ceil(N/8) bytes.
 int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
                    const float* lam, uint8_t* out, int nthreads);
+int64_t tall_masks_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                          const void* tau, int tau_dtype, const float* lam, uint8_t* out, int nthreads);
 
 int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
                   const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
                   float alpha, int nthreads);
+// consensus on fp32(experts[t]) - fp32(base), with this base added to the result.
+int64_t consensus_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                         const void* tau, int tau_dtype, const float* lam, int64_t k, void* out, int out_dtype,
+                         float alpha, int nthreads);
 
 // Returns how many results are NaN/Inf in the output dtype (inputs are checked by the caller).
 int64_t apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,

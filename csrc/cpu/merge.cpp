@@ -1,7 +1,7 @@
-// Fused merges over T stacked task vectors [T, N]: TIES, task arithmetic, consensus; and task
-// arithmetic over the models themselves (the task vectors formed in registers).
+// Fused merges over T stacked task vectors [T, N]: TIES, task arithmetic, consensus; and the same
+// over the models themselves (the task vectors formed in registers).
 //
-// All three share one driver. A thread owns a contiguous range of blocks (BLOCK elements);
+// All share one driver. A thread owns a contiguous range of blocks (BLOCK elements);
 // a block is processed in strips of STRIP elements (U fixed-width vectors). For one strip the
 // T row segments are read once from memory in task order t = 0..T-1, everything accumulated
 // (election, sums, counters) staying in registers; the strip's fp32 result goes to a block
@@ -71,7 +71,16 @@ int64_t count_nonfinite_rows(const typename DT<D>::S* const* rows, int64_t at, i
     return c;
 }
 
-// The driver: blocks [b0, b1) of one thread, over rows[0, T + K::DIFF). K provides
+// Which blocks a call runs: all of them (list == nullptr) or the `count` listed ones; where
+// `ambiguous` is set, ambiguous[blk] = 1 for a run block with an ambiguous element, else 0.
+struct BlockSel {
+    const int64_t* list = nullptr;
+    int64_t count = 0;
+    uint8_t* ambiguous = nullptr;
+};
+
+// The driver: items [i0, i1) of one thread (block i, or sel.list[i]), over rows[0, T + K::DIFF).
+// K provides
 //   static constexpr bool DIFF                 whether rows[T] is the base of task vectors
 //   int64_t begin_block(int64_t off, int n)   per-element inputs of the block (returns their
 //                                              non-finite count)
@@ -79,7 +88,7 @@ int64_t count_nonfinite_rows(const typename DT<D>::S* const* rows, int64_t at, i
 //                                              strip at block offset j; row t at x[t] + at
 template <int D, class K>
 Counts run_blocks(K& k, const typename DT<D>::S* const* rows, int64_t T, int64_t N, void* out, int out_dtype,
-                  const void* base, int base_dtype, int64_t b0, int64_t b1) {
+                  const void* base, int base_dtype, const BlockSel& sel, int64_t i0, int64_t i1) {
     using S = typename DT<D>::S;
     const int64_t nrows = T + K::DIFF;
     std::vector<S> tail;  // zero-padded copy of a block's last partial strip (nrows x STRIP)
@@ -88,7 +97,8 @@ Counts run_blocks(K& k, const typename DT<D>::S* const* rows, int64_t T, int64_t
     alignas(64) float bas[BLOCK];
     Lanes lanes;
     Counts c;
-    for (int64_t blk = b0; blk < b1; blk++) {
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t blk = sel.list ? sel.list[i] : i;
         const int64_t off = blk * BLOCK;
         const int n = int(std::min<int64_t>(BLOCK, N - off));
         lanes.clear();
@@ -118,6 +128,7 @@ Counts run_blocks(K& k, const typename DT<D>::S* const* rows, int64_t T, int64_t
         }
         c.sign_sum += ssum;
         c.ambiguous += amb;
+        if (sel.ambiguous) sel.ambiguous[blk] = amb != 0;
         if (absmax >= 0x7F800000u) c.nonfinite += count_nonfinite_rows<D, K::DIFF>(rows, off, T, n);
         if (base != nullptr) {
             c.nonfinite += load_block(base_dtype, base, off, n, bas);
@@ -132,18 +143,18 @@ Counts run_blocks(K& k, const typename DT<D>::S* const* rows, int64_t T, int64_t
 // T (+ 1 with DIFF) row pointers of storage dtype D.
 template <int D, class Make>
 Counts parallel_blocks(const void* const* rows_, int64_t T, int64_t N, void* out, int out_dtype, const void* base,
-                       int base_dtype, int nthreads, Make make) {
+                       int base_dtype, const BlockSel& sel, int nthreads, Make make) {
     using S = typename DT<D>::S;
     const S* const* rows = reinterpret_cast<const S* const*>(rows_);
-    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
-    [[maybe_unused]] const int nt = threads_for(N * std::max<int64_t>(T, 1), nthreads);
+    const int64_t nblocks = sel.list ? sel.count : (N + BLOCK - 1) / BLOCK;
+    [[maybe_unused]] const int nt = threads_for(std::min(N, nblocks * BLOCK) * std::max<int64_t>(T, 1), nthreads);
     int64_t sign_sum = 0, ambiguous = 0, nonfinite = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : sign_sum, ambiguous, nonfinite)
     {
         int64_t b0, b1;
         thread_range(nblocks, NLM_NUM_THREADS(), NLM_THREAD_ID(), b0, b1);
         auto k = make();
-        const Counts c = run_blocks<D>(k, rows, T, N, out, out_dtype, base, base_dtype, b0, b1);
+        const Counts c = run_blocks<D>(k, rows, T, N, out, out_dtype, base, base_dtype, sel, b0, b1);
         sign_sum += c.sign_sum;
         ambiguous += c.ambiguous;
         nonfinite += c.nonfinite;
@@ -158,13 +169,34 @@ std::vector<const void*> stacked_rows(const void* tv, int d, int64_t T, int64_t 
     return rows;
 }
 
+// Row pointers of the models: the T experts, then the base (row T).
+std::vector<const void*> model_rows(const void* base, const void* const* experts, int64_t T) {
+    std::vector<const void*> rows(experts, experts + T);
+    rows.push_back(base);
+    return rows;
+}
+
+// The strip's base values in fp32 (with DIFF; zeros otherwise, unused).
+template <int D, bool DIFF>
+inline void strip_base(const typename DT<D>::S* const* x, int64_t T, int64_t at, vf* b) {
+    for (int u = 0; u < U; u++) b[u] = DIFF ? VLoad<D>::load(x[T] + at + u * VL) : splat(0.0f);
+}
+
+// Vector u of x_t in a strip: fp32(row), minus the base's fp32 vector with DIFF (|x_t| is then
+// NaN/Inf where e_t or the base is, or where their difference overflows).
+template <int D, bool DIFF>
+inline vf task_value(const typename DT<D>::S* __restrict xt, int u, vf b) {
+    const vf v = VLoad<D>::load(xt + u * VL);
+    return DIFF ? v - b : v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // TIES: res = lam * merged. Pass 1 trims, elects (task order) and keeps the trimmed values of
 // the strip in a T x STRIP buffer (L1); pass 2 merges the entries agreeing with the sign.
-template <int D, bool COUNT, int DISJ>
+template <int D, bool COUNT, int DISJ, bool DIFF_>
 struct TiesKernel {
     using S = typename DT<D>::S;
-    static constexpr bool DIFF = false;
+    static constexpr bool DIFF = DIFF_;
     int64_t T;
     const float* thr;
     const float* w;
@@ -175,8 +207,9 @@ struct TiesKernel {
 
     inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
         float* __restrict b = buf.data();
-        vf m[U];
+        vf m[U], bv[U];
         vu any[U], absmax[U];
+        strip_base<D, DIFF>(x, T, at, bv);
         for (int u = 0; u < U; u++) {
             m[u] = splat(0.0f);
             any[u] = splatu(0);
@@ -187,7 +220,7 @@ struct TiesKernel {
             float* __restrict bt = b + t * STRIP;
             const vf th = splat(thr[t]), wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
-                const vf v = VLoad<D>::load(xt + u * VL);
+                const vf v = task_value<D, DIFF>(xt, u, bv[u]);
                 const vf a = vabs(v);
                 const vf tr = keep_if(a >= th, v);  // trimmed_t
                 store(bt + u * VL, tr);
@@ -244,31 +277,39 @@ struct TiesKernel {
     }
 };
 
-template <int D, bool COUNT, int DISJ>
-Counts ties_impl(const void* tv, int64_t T, int64_t N, const float* thr, const float* w, void* out, int out_dtype,
-                 const void* base, int base_dtype, float lam, int fill_sign, int nthreads) {
-    const std::vector<const void*> rows = stacked_rows(tv, D, T, N);
-    return parallel_blocks<D>(rows.data(), T, N, out, out_dtype, base, base_dtype, nthreads, [&] {
-        return TiesKernel<D, COUNT, DISJ>{T, thr, w, splat(float(fill_sign)), splat(lam),
-                                          std::vector<float>(size_t(T) * STRIP)};
+template <int D, bool COUNT, int DISJ, bool DIFF>
+Counts ties_impl(const void* const* rows, int64_t T, int64_t N, const TiesArgs& a) {
+    const BlockSel sel{a.blocks, a.nblocks, a.ambiguous_blocks};
+    return parallel_blocks<D>(rows, T, N, a.out, a.out_dtype, a.base, a.base_dtype, sel, a.nthreads, [&] {
+        return TiesKernel<D, COUNT, DISJ, DIFF>{T, a.thresholds, a.weights, splat(float(a.fill_sign)), splat(a.lam),
+                                                std::vector<float>(size_t(T) * STRIP)};
     });
 }
 
-template <int D>
-Counts ties_dispatch(bool count_sign, int disjoint, const void* tv, int64_t T, int64_t N, const float* thr,
-                     const float* w, void* out, int out_dtype, const void* base, int base_dtype, float lam,
-                     int fill_sign, int nthreads) {
-#define NLM_TIES(C, J) \
-    return ties_impl<D, C, J>(tv, T, N, thr, w, out, out_dtype, base, base_dtype, lam, fill_sign, nthreads)
-    if (count_sign) {
-        if (disjoint == SUM) NLM_TIES(true, SUM);
-        if (disjoint == MAX) NLM_TIES(true, MAX);
+template <int D, bool DIFF>
+Counts ties_modes(const void* const* rows, int64_t T, int64_t N, const TiesArgs& a) {
+#define NLM_TIES(C, J) return ties_impl<D, C, J, DIFF>(rows, T, N, a)
+    if (a.count_sign) {
+        if (a.disjoint == SUM) NLM_TIES(true, SUM);
+        if (a.disjoint == MAX) NLM_TIES(true, MAX);
         NLM_TIES(true, MEAN);
     }
-    if (disjoint == SUM) NLM_TIES(false, SUM);
-    if (disjoint == MAX) NLM_TIES(false, MAX);
+    if (a.disjoint == SUM) NLM_TIES(false, SUM);
+    if (a.disjoint == MAX) NLM_TIES(false, MAX);
     NLM_TIES(false, MEAN);
 #undef NLM_TIES
+}
+
+template <bool DIFF>
+TiesResult ties_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const TiesArgs& a) {
+    if (N <= 0 || T <= 0 || (a.blocks != nullptr && a.nblocks <= 0)) return TiesResult{0, 0, 0};
+    Counts c;
+    switch (dtype) {
+        case F16: c = ties_modes<F16, DIFF>(rows, T, N, a); break;
+        case BF16: c = ties_modes<BF16, DIFF>(rows, T, N, a); break;
+        default: c = ties_modes<F32, DIFF>(rows, T, N, a);
+    }
+    return TiesResult{c.sign_sum, c.ambiguous, c.nonfinite};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,17 +328,16 @@ struct TaskArithmeticKernel {
     inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
         vf acc[U], b[U];
         vu absmax[U];
+        strip_base<D, DIFF>(x, T, at, b);
         for (int u = 0; u < U; u++) {
             acc[u] = splat(0.0f);
             absmax[u] = splatu(0);
-            b[u] = DIFF ? VLoad<D>::load(x[T] + at + u * VL) : splat(0.0f);
         }
         for (int64_t t = 0; t < T; t++) {
             const S* __restrict xt = x[t] + at;
             const vf wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
-                // |x_t| is NaN/Inf where e_t or the base is, or where their difference overflows
-                const vf v = DIFF ? VLoad<D>::load(xt + u * VL) - b[u] : VLoad<D>::load(xt + u * VL);
+                const vf v = task_value<D, DIFF>(xt, u, b[u]);
                 acc[u] = acc[u] + wt * v;
                 absmax[u] = vmaxu(absmax[u], (vu)vabs(v));
             }
@@ -311,10 +351,10 @@ struct TaskArithmeticKernel {
 
 // ---------------------------------------------------------------------------------------------
 // Consensus: c = #t with |x_t| > lam_t * |tau - x_t|; res = alpha * (c >= k ? tau : 0).
-template <int D>
+template <int D, bool DIFF_>
 struct ConsensusKernel {
     using S = typename DT<D>::S;
-    static constexpr bool DIFF = false;
+    static constexpr bool DIFF = DIFF_;
     int64_t T;
     const float* lam;
     vi k;
@@ -330,9 +370,10 @@ struct ConsensusKernel {
     }
 
     inline void strip(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
-        vf tau_v[U];
+        vf tau_v[U], b[U];
         vi cnt[U];
         vu absmax[U];
+        strip_base<D, DIFF>(x, T, at, b);
         for (int u = 0; u < U; u++) {
             tau_v[u] = VLoad<F32>::load(tb.data() + j + u * VL);
             cnt[u] = splati(0);
@@ -342,7 +383,7 @@ struct ConsensusKernel {
             const S* __restrict xt = x[t] + at;
             const vf lt = splat(lam[t]);
             for (int u = 0; u < U; u++) {
-                const vf v = VLoad<D>::load(xt + u * VL);
+                const vf v = task_value<D, DIFF>(xt, u, b[u]);
                 const vf a = vabs(v);
                 cnt[u] -= a > lt * vabs(tau_v[u] - v);  // mask is -1 where set
                 absmax[u] = vmaxu(absmax[u], (vu)a);
@@ -355,35 +396,11 @@ struct ConsensusKernel {
     }
 };
 
-}  // namespace
-
-TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const float* thresholds,
-                      const float* weights, void* out, int out_dtype, const void* base, int base_dtype,
-                      float lam, bool count_sign, int disjoint, int fill_sign, int nthreads) {
-    if (N <= 0 || T <= 0) return TiesResult{0, 0, 0};
-    Counts c;
-    switch (dtype) {
-        case F16:
-            c = ties_dispatch<F16>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
-                                   base_dtype, lam, fill_sign, nthreads);
-            break;
-        case BF16:
-            c = ties_dispatch<BF16>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
-                                    base_dtype, lam, fill_sign, nthreads);
-            break;
-        default:
-            c = ties_dispatch<F32>(count_sign, disjoint, tv, T, N, thresholds, weights, out, out_dtype, base,
-                                   base_dtype, lam, fill_sign, nthreads);
-    }
-    return TiesResult{c.sign_sum, c.ambiguous, c.nonfinite};
-}
-
-namespace {
 // rows: T task vector rows, or (DIFF) T experts and the base, all of dtype D.
 template <int D, bool DIFF>
 int64_t task_arithmetic_t(const void* const* rows, int64_t T, int64_t N, const float* w, void* out, int out_dtype,
                           const void* base, int base_dtype, float lam, int nthreads) {
-    return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, nthreads,
+    return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, BlockSel{}, nthreads,
                               [&] { return TaskArithmeticKernel<D, DIFF>{T, w, splat(lam)}; })
         .nonfinite;
 }
@@ -391,6 +408,7 @@ int64_t task_arithmetic_t(const void* const* rows, int64_t T, int64_t N, const f
 template <bool DIFF>
 int64_t task_arithmetic_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const float* w, void* out,
                              int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
+    if (N <= 0 || T <= 0) return 0;
     switch (dtype) {
         case F16: return task_arithmetic_t<F16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
         case BF16: return task_arithmetic_t<BF16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
@@ -398,53 +416,76 @@ int64_t task_arithmetic_rows(const void* const* rows, int dtype, int64_t T, int6
     }
 }
 
-template <int D>
-int64_t consensus_t(const void* tv, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
+template <int D, bool DIFF>
+int64_t consensus_t(const void* const* rows, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
                     int64_t k, void* out, int out_dtype, const void* base, int base_dtype, float alpha,
                     int nthreads) {
     // 0 <= c <= T: clamping k to [0, T + 1] keeps the comparison in int32 without changing it
     const int32_t kk = int32_t(std::max<int64_t>(0, std::min<int64_t>(k, T + 1)));
-    const std::vector<const void*> rows = stacked_rows(tv, D, T, N);
-    return parallel_blocks<D>(rows.data(), T, N, out, out_dtype, base, base_dtype, nthreads,
+    return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, BlockSel{}, nthreads,
                               [&] {
-                                  return ConsensusKernel<D>{T, lam, splati(kk), splat(alpha), tau, tau_dtype,
-                                                            std::vector<float>(BLOCK)};
+                                  return ConsensusKernel<D, DIFF>{T, lam, splati(kk), splat(alpha), tau, tau_dtype,
+                                                                  std::vector<float>(BLOCK)};
                               })
         .nonfinite;
 }
+
+template <bool DIFF>
+int64_t consensus_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                       const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
+                       float alpha, int nthreads) {
+    if (N <= 0) return 0;
+#define NLM_CONSENSUS(D) \
+    return consensus_t<D, DIFF>(rows, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha, nthreads)
+    switch (dtype) {
+        case F16: NLM_CONSENSUS(F16);
+        case BF16: NLM_CONSENSUS(BF16);
+        default: NLM_CONSENSUS(F32);
+    }
+#undef NLM_CONSENSUS
+}
 }  // namespace
+
+TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const TiesArgs& a) {
+    const std::vector<const void*> rows = stacked_rows(tv, dtype, T, N);
+    return ties_rows<false>(rows.data(), dtype, T, N, a);
+}
+
+TiesResult ties_merge_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                             const TiesArgs& a) {
+    const std::vector<const void*> rows = model_rows(base, experts, T);
+    return ties_rows<true>(rows.data(), dtype, T, N, a);
+}
 
 int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const float* weights, void* out,
                         int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
-    if (N <= 0 || T <= 0) return 0;
     const std::vector<const void*> rows = stacked_rows(tv, dtype, T, N);
     return task_arithmetic_rows<false>(rows.data(), dtype, T, N, weights, out, out_dtype, base, base_dtype, lam,
                                        nthreads);
 }
 
 int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
-                               const float* weights, void* out, int out_dtype, float lam, int nthreads) {
-    if (N <= 0 || T <= 0) return 0;
-    std::vector<const void*> rows(experts, experts + T);
-    rows.push_back(base);
-    return task_arithmetic_rows<true>(rows.data(), dtype, T, N, weights, out, out_dtype, base, dtype, lam, nthreads);
+                               const float* weights, void* out, int out_dtype, float lam, bool include_base,
+                               int nthreads) {
+    const std::vector<const void*> rows = model_rows(base, experts, T);
+    return task_arithmetic_rows<true>(rows.data(), dtype, T, N, weights, out, out_dtype, include_base ? base : nullptr,
+                                      dtype, lam, nthreads);
 }
 
 int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
                   const float* lam, int64_t k, void* out, int out_dtype, const void* base, int base_dtype,
                   float alpha, int nthreads) {
-    if (N <= 0) return 0;
-    switch (dtype) {
-        case F16:
-            return consensus_t<F16>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
-                                    nthreads);
-        case BF16:
-            return consensus_t<BF16>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
-                                     nthreads);
-        default:
-            return consensus_t<F32>(tv, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype, alpha,
-                                    nthreads);
-    }
+    const std::vector<const void*> rows = stacked_rows(tv, dtype, T, N);
+    return consensus_rows<false>(rows.data(), dtype, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, base_dtype,
+                                 alpha, nthreads);
+}
+
+int64_t consensus_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                         const void* tau, int tau_dtype, const float* lam, int64_t k, void* out, int out_dtype,
+                         float alpha, int nthreads) {
+    const std::vector<const void*> rows = model_rows(base, experts, T);
+    return consensus_rows<true>(rows.data(), dtype, T, N, tau, tau_dtype, lam, k, out, out_dtype, base, dtype, alpha,
+                                nthreads);
 }
 
 }  // namespace nlm

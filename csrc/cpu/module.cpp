@@ -149,6 +149,69 @@ const float* per_task(const py::array& a, int64_t T, const char* name) {
     return static_cast<const float*>(b.ptr);
 }
 
+// The base and T experts of a models kernel: n elements each of dtype d (n: the base's size).
+struct Models {
+    const void* base;
+    std::vector<const void*> experts;
+    int64_t n;
+};
+
+Models models_buffers(const py::array& base, const py::list& experts, int d) {
+    Buf bb = data_buffer(base, d, "base", false);
+    Models m{bb.ptr, {}, bb.size};
+    const int64_t T = int64_t(experts.size());
+    if (T < 1) throw py::value_error("experts must hold at least one array");
+    for (int64_t t = 0; t < T; t++) {
+        const std::string name = "experts[" + std::to_string(t) + "]";
+        if (!py::isinstance<py::array>(experts[t])) throw py::type_error(name + " must be a numpy array");
+        Buf eb = data_buffer(py::reinterpret_borrow<py::array>(experts[t]), d, name.c_str(), false);
+        check_size(eb, m.n, name.c_str());
+        m.experts.push_back(eb.ptr);
+    }
+    return m;
+}
+
+// The options of a TIES pass (checked), for T tasks of N elements: thresholds, weights, lam,
+// modes, and the block selection: `blocks` None or int64 block indices (each in range), and
+// `ambiguous_blocks` None or a writable uint8 [ceil(N / BLOCK)].
+TiesArgs ties_args(int64_t T, int64_t N, const py::array& thresholds, const py::array& weights, double lam,
+                   const std::string& sign_mode, const std::string& disjoint, int fill_sign, const py::object& blocks,
+                   const py::object& ambiguous_blocks, int nthreads) {
+    TiesArgs a{};
+    a.thresholds = per_task(thresholds, T, "thresholds");
+    a.weights = per_task(weights, T, "weights");
+    a.lam = float(lam);
+    if (sign_mode == "mass") a.count_sign = false;
+    else if (sign_mode == "count") a.count_sign = true;
+    else throw py::value_error("sign_mode must be 'mass' or 'count', got '" + sign_mode + "'");
+    if (disjoint == "mean") a.disjoint = MEAN;
+    else if (disjoint == "sum") a.disjoint = SUM;
+    else if (disjoint == "max") a.disjoint = MAX;
+    else throw py::value_error("disjoint must be 'mean', 'sum' or 'max', got '" + disjoint + "'");
+    if (fill_sign < -1 || fill_sign > 1) throw py::value_error("fill_sign must be -1, 0 or 1");
+    a.fill_sign = fill_sign;
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    if (!blocks.is_none()) {
+        if (!py::isinstance<py::array>(blocks)) throw py::type_error("blocks must be None or a numpy array");
+        Buf lb = typed_buffer(py::reinterpret_borrow<py::array>(blocks), 'i', 8, "blocks", false);
+        a.blocks = static_cast<const int64_t*>(lb.ptr);
+        a.nblocks = lb.size;
+        for (int64_t i = 0; i < lb.size; i++)  // never write outside the output
+            if (a.blocks[i] < 0 || a.blocks[i] >= nblocks)
+                throw py::value_error("blocks[" + std::to_string(i) + "] = " + std::to_string(a.blocks[i]) +
+                                      " is outside [0, " + std::to_string(nblocks) + ")");
+    }
+    if (!ambiguous_blocks.is_none()) {
+        if (!py::isinstance<py::array>(ambiguous_blocks))
+            throw py::type_error("ambiguous_blocks must be None or a numpy array");
+        Buf fb = typed_buffer(py::reinterpret_borrow<py::array>(ambiguous_blocks), 'u', 1, "ambiguous_blocks", true);
+        check_size(fb, nblocks, "ambiguous_blocks");
+        a.ambiguous_blocks = static_cast<uint8_t*>(fb.ptr);
+    }
+    a.nthreads = threads(nthreads);
+    return a;
+}
+
 // One job of `permute`: element `k` of the batch, checked (GIL held).
 PermuteJob permute_job(const py::handle& src, const py::handle& out, const int64_t* geom, const py::handle& idx0,
                        const py::handle& idx1, int64_t k) {
@@ -224,40 +287,93 @@ PYBIND11_MODULE(_C, m) {
         "fp32 x: hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix (hist: int64 [65536])");
 
     m.def(
+        "hist_magnitude_models",
+        [](py::array base, py::array expert, const std::string& dtype, py::array hist, int nthreads) {
+            const int d = parse_dtype(dtype);
+            Buf bb = data_buffer(base, d, "base", false);
+            Buf eb = data_buffer(expert, d, "expert", false);
+            check_size(eb, bb.size, "expert");
+            Buf hb = typed_buffer(hist, 'i', 8, "hist", true);
+            check_size(hb, 1 << 15, "hist");
+            py::gil_scoped_release release;
+            hist_magnitude_models(bb.ptr, eb.ptr, d, bb.size, static_cast<int64_t*>(hb.ptr), threads(nthreads));
+        },
+        py::arg("base"), py::arg("expert"), py::arg("dtype"), py::arg("hist"), py::arg("nthreads") = 0,
+        "hist[abs_bits(fp32(expert) - fp32(base)) >> 16] += 1 (hist: int64 [32768], in place)");
+
+    m.def(
+        "hist_magnitude_low_models",
+        [](py::array base, py::array expert, const std::string& dtype, py::array hist, int64_t prefix, int nthreads) {
+            const int d = parse_dtype(dtype);
+            Buf bb = data_buffer(base, d, "base", false);
+            Buf eb = data_buffer(expert, d, "expert", false);
+            check_size(eb, bb.size, "expert");
+            Buf hb = typed_buffer(hist, 'i', 8, "hist", true);
+            check_size(hb, 1 << 16, "hist");
+            py::gil_scoped_release release;
+            hist_magnitude_low_models(bb.ptr, eb.ptr, d, bb.size, static_cast<int64_t*>(hb.ptr), prefix,
+                                      threads(nthreads));
+        },
+        py::arg("base"), py::arg("expert"), py::arg("dtype"), py::arg("hist"), py::arg("prefix"),
+        py::arg("nthreads") = 0,
+        "x = fp32(expert) - fp32(base): hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix (int64 [65536])");
+
+    m.def(
         "ties_merge",
         [](py::array tv, const std::string& dtype, py::array thresholds, py::array weights, py::array out,
            const std::string& out_dtype, py::object base, const std::string& base_dtype, double lam,
-           const std::string& sign_mode, const std::string& disjoint, int fill_sign, int nthreads) {
+           const std::string& sign_mode, const std::string& disjoint, int fill_sign, py::object blocks,
+           py::object ambiguous_blocks, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             Buf tb = tv_buffer(tv, d);
             const int64_t T = tb.shape0, N = tb.shape1;
-            const float* thr = per_task(thresholds, T, "thresholds");
-            const float* w = per_task(weights, T, "weights");
+            TiesArgs a = ties_args(T, N, thresholds, weights, lam, sign_mode, disjoint, fill_sign, blocks,
+                                   ambiguous_blocks, nthreads);
             Buf ob = output_buffer(out, od, N);
-            int bd;
-            const void* bp = optional_data(base, base_dtype, N, "base", bd);
-            bool count;
-            if (sign_mode == "mass") count = false;
-            else if (sign_mode == "count") count = true;
-            else throw py::value_error("sign_mode must be 'mass' or 'count', got '" + sign_mode + "'");
-            int disj;
-            if (disjoint == "mean") disj = MEAN;
-            else if (disjoint == "sum") disj = SUM;
-            else if (disjoint == "max") disj = MAX;
-            else throw py::value_error("disjoint must be 'mean', 'sum' or 'max', got '" + disjoint + "'");
-            if (fill_sign < -1 || fill_sign > 1) throw py::value_error("fill_sign must be -1, 0 or 1");
+            a.out = ob.ptr;
+            a.out_dtype = od;
+            a.base = optional_data(base, base_dtype, N, "base", a.base_dtype);
             TiesResult r;
             {
                 py::gil_scoped_release release;
-                r = nlm::ties_merge(tb.ptr, d, T, N, thr, w, ob.ptr, od, bp, bd, float(lam), count, disj, fill_sign,
-                                    threads(nthreads));
+                r = nlm::ties_merge(tb.ptr, d, T, N, a);
             }
             return py::make_tuple(r.sign_sum, r.ambiguous, r.nonfinite);
         },
         py::arg("tv"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"), py::arg("out"),
         py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("sign_mode"),
-        py::arg("disjoint"), py::arg("fill_sign"), py::arg("nthreads") = 0,
-        "Fused TIES pass; returns (sign_sum, ambiguous, nonfinite)");
+        py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
+        py::arg("ambiguous_blocks") = py::none(), py::arg("nthreads") = 0,
+        "Fused TIES pass (all blocks, or the listed ones); returns (sign_sum, ambiguous, nonfinite)");
+
+    m.def(
+        "ties_merge_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::array thresholds, py::array weights,
+           py::array out, const std::string& out_dtype, bool include_base, double lam, const std::string& sign_mode,
+           const std::string& disjoint, int fill_sign, py::object blocks, py::object ambiguous_blocks,
+           int nthreads) {
+            const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size()), N = mb.n;
+            TiesArgs a = ties_args(T, N, thresholds, weights, lam, sign_mode, disjoint, fill_sign, blocks,
+                                   ambiguous_blocks, nthreads);
+            Buf ob = output_buffer(out, od, N);
+            a.out = ob.ptr;
+            a.out_dtype = od;
+            a.base = include_base ? mb.base : nullptr;
+            a.base_dtype = d;
+            TiesResult r;
+            {
+                py::gil_scoped_release release;
+                r = nlm::ties_merge_models(mb.base, mb.experts.data(), d, T, N, a);
+            }
+            return py::make_tuple(r.sign_sum, r.ambiguous, r.nonfinite);
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"),
+        py::arg("out"), py::arg("out_dtype"), py::arg("include_base"), py::arg("lam"), py::arg("sign_mode"),
+        py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
+        py::arg("ambiguous_blocks") = py::none(), py::arg("nthreads") = 0,
+        "Fused TIES pass on fp32(experts[t]) - fp32(base); returns (sign_sum, ambiguous, nonfinite)");
 
     m.def(
         "task_arithmetic",
@@ -280,28 +396,20 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "task_arithmetic_models",
         [](py::array base, py::list experts, const std::string& dtype, py::array weights, py::array out,
-           const std::string& out_dtype, double lam, int nthreads) {
+           const std::string& out_dtype, double lam, bool include_base, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
-            Buf bb = data_buffer(base, d, "base", false);
-            const int64_t T = int64_t(experts.size()), N = bb.size;
-            std::vector<const void*> ptrs;
-            ptrs.reserve(size_t(T));
-            for (int64_t t = 0; t < T; t++) {
-                const std::string name = "experts[" + std::to_string(t) + "]";
-                if (!py::isinstance<py::array>(experts[t])) throw py::type_error(name + " must be a numpy array");
-                Buf eb = data_buffer(py::reinterpret_borrow<py::array>(experts[t]), d, name.c_str(), false);
-                check_size(eb, N, name.c_str());
-                ptrs.push_back(eb.ptr);
-            }
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size());
             const float* w = per_task(weights, T, "weights");
-            Buf ob = output_buffer(out, od, N);
+            Buf ob = output_buffer(out, od, mb.n);
             py::gil_scoped_release release;
-            return nlm::task_arithmetic_models(bb.ptr, ptrs.data(), d, T, N, w, ob.ptr, od, float(lam),
-                                               threads(nthreads));
+            return nlm::task_arithmetic_models(mb.base, mb.experts.data(), d, T, mb.n, w, ob.ptr, od, float(lam),
+                                               include_base, threads(nthreads));
         },
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("weights"), py::arg("out"),
-        py::arg("out_dtype"), py::arg("lam"), py::arg("nthreads") = 0,
-        "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)); returns the non-finite input and result count");
+        py::arg("out_dtype"), py::arg("lam"), py::arg("include_base") = true, py::arg("nthreads") = 0,
+        "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)) (no base term unless include_base); returns "
+        "the non-finite input and result count");
 
     m.def(
         "tall_masks",
@@ -343,6 +451,46 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tv"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"), py::arg("lam"), py::arg("k"),
         py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("alpha"),
         py::arg("nthreads") = 0, "Consensus merge with on-the-fly TALL masks; returns the non-finite input and result count");
+
+    m.def(
+        "tall_masks_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::array tau, const std::string& tau_dtype,
+           py::array lam, py::array out, int nthreads) {
+            const int d = parse_dtype(dtype), td = parse_dtype(tau_dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size()), N = mb.n;
+            Buf ub = data_buffer(tau, td, "tau_mtl", false);
+            check_size(ub, N, "tau_mtl");
+            const float* l = per_task(lam, T, "lam");
+            Buf ob = typed_buffer(out, 'u', 1, "out", true);
+            check_size(ob, T * ((N + 7) / 8), "out");
+            advise_huge_pages(ob.ptr, ob.size);
+            py::gil_scoped_release release;
+            return nlm::tall_masks_models(mb.base, mb.experts.data(), d, T, N, ub.ptr, td, l,
+                                          static_cast<uint8_t*>(ob.ptr), threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"),
+        py::arg("lam"), py::arg("out"), py::arg("nthreads") = 0,
+        "tall_masks on fp32(experts[t]) - fp32(base); returns the non-finite count");
+
+    m.def(
+        "consensus_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::array tau, const std::string& tau_dtype,
+           py::array lam, int64_t k, py::array out, const std::string& out_dtype, double alpha, int nthreads) {
+            const int d = parse_dtype(dtype), td = parse_dtype(tau_dtype), od = parse_dtype(out_dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size()), N = mb.n;
+            Buf ub = data_buffer(tau, td, "tau_mtl", false);
+            check_size(ub, N, "tau_mtl");
+            const float* l = per_task(lam, T, "lam");
+            Buf ob = output_buffer(out, od, N);
+            py::gil_scoped_release release;
+            return nlm::consensus_models(mb.base, mb.experts.data(), d, T, N, ub.ptr, td, l, k, ob.ptr, od,
+                                         float(alpha), threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("tau_mtl"), py::arg("tau_dtype"),
+        py::arg("lam"), py::arg("k"), py::arg("out"), py::arg("out_dtype"), py::arg("alpha"), py::arg("nthreads") = 0,
+        "consensus on fp32(experts[t]) - fp32(base), base added; returns the non-finite input and result count");
 
     m.def(
         "apply_mask",
@@ -484,7 +632,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 6;
+    m.attr("api_version") = 7;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

@@ -3,6 +3,8 @@
 //
 // Blocks hold BLOCK elements (a multiple of 8), so a block owns whole bytes of every mask row
 // and threads never share a byte.
+#include <vector>
+
 #include "common.h"
 #include "kernels.h"
 #include "simd.h"
@@ -12,16 +14,17 @@ namespace {
 
 static_assert(BLOCK % 8 == 0, "blocks must own whole mask bytes");
 
-// flags[i] = |x_i| > lam * |tau_i - x_i| (fp32: subtract, abs, multiply, compare).
-template <int D>
-inline int32_t tall_row(const typename DT<D>::S* __restrict x, int n, float lam, const float* __restrict tau,
-                        uint8_t* __restrict flags) {
+// flags[i] = |x_i| > lam * |tau_i - x_i| (fp32: subtract, abs, multiply, compare), x_i = fp32(x[i]),
+// or with DIFF fp32(x[i]) - fp32(b[i]); returns how many x_i are NaN/Inf.
+template <int D, bool DIFF>
+inline int32_t tall_row(const typename DT<D>::S* __restrict x, const typename DT<D>::S* __restrict b, int n,
+                        float lam, const float* __restrict tau, uint8_t* __restrict flags) {
     int32_t nf = 0;
     for (int i = 0; i < n; i++) {
-        const float v = DT<D>::load(x[i]);
+        const float v = DIFF ? DT<D>::load(x[i]) - DT<D>::load(b[i]) : DT<D>::load(x[i]);
         const float d = std::fabs(tau[i] - v);
         flags[i] = uint8_t(std::fabs(v) > lam * d);
-        nf += DT<D>::nonfinite(x[i]);
+        nf += DIFF ? !std::isfinite(v) : DT<D>::nonfinite(x[i]);
     }
     return nf;
 }
@@ -35,11 +38,12 @@ inline void pack_bits(const uint8_t* __restrict flags, int nbytes, uint8_t* __re
     }
 }
 
-template <int D>
-int64_t tall_impl(const void* tv_, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
+// rows: T task vector rows, or (DIFF) T experts and the base (row T).
+template <int D, bool DIFF>
+int64_t tall_impl(const void* const* rows_, int64_t T, int64_t N, const void* tau, int tau_dtype, const float* lam,
                   uint8_t* out, int nthreads) {
     using S = typename DT<D>::S;
-    const S* tv = static_cast<const S*>(tv_);
+    const S* const* rows = reinterpret_cast<const S* const*>(rows_);
     const int64_t row_bytes = (N + 7) / 8;
     struct Scratch {
         alignas(64) float tb[BLOCK];
@@ -50,11 +54,22 @@ int64_t tall_impl(const void* tv_, int64_t T, int64_t N, const void* tau, int ta
         int64_t nf = load_block(tau_dtype, tau, off, n, sc.tb);
         for (int i = n; i < nbytes * 8; i++) sc.flags[i] = 0;  // padding bits of the last byte
         for (int64_t t = 0; t < T; t++) {
-            nf += tall_row<D>(tv + t * N + off, n, lam[t], sc.tb, sc.flags);
+            nf += tall_row<D, DIFF>(rows[t] + off, DIFF ? rows[T] + off : nullptr, n, lam[t], sc.tb, sc.flags);
             pack_bits(sc.flags, nbytes, out + t * row_bytes + off / 8);
         }
         return nf;
     });
+}
+
+template <bool DIFF>
+int64_t tall_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
+                  const float* lam, uint8_t* out, int nthreads) {
+    if (N <= 0 || T <= 0) return 0;
+    switch (dtype) {
+        case F16: return tall_impl<F16, DIFF>(rows, T, N, tau, tau_dtype, lam, out, nthreads);
+        case BF16: return tall_impl<BF16, DIFF>(rows, T, N, tau, tau_dtype, lam, out, nthreads);
+        default: return tall_impl<F32, DIFF>(rows, T, N, tau, tau_dtype, lam, out, nthreads);
+    }
 }
 
 // bit i of the block's packed bytes as 0/1, for i < n rounded up to a multiple of 8
@@ -85,12 +100,16 @@ void apply_mask_copy(const uint8_t* packed, int64_t N, const S* tau, S* out, int
 
 int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
                    const float* lam, uint8_t* out, int nthreads) {
-    if (N <= 0 || T <= 0) return 0;
-    switch (dtype) {
-        case F16: return tall_impl<F16>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
-        case BF16: return tall_impl<BF16>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
-        default: return tall_impl<F32>(tv, T, N, tau, tau_dtype, lam, out, nthreads);
-    }
+    std::vector<const void*> rows(size_t(std::max<int64_t>(T, 0)));
+    for (int64_t t = 0; t < T; t++) rows[size_t(t)] = static_cast<const char*>(tv) + t * N * int64_t(itemsize(dtype));
+    return tall_rows<false>(rows.data(), dtype, T, N, tau, tau_dtype, lam, out, nthreads);
+}
+
+int64_t tall_masks_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                          const void* tau, int tau_dtype, const float* lam, uint8_t* out, int nthreads) {
+    std::vector<const void*> rows(experts, experts + std::max<int64_t>(T, 0));
+    rows.push_back(base);
+    return tall_rows<true>(rows.data(), dtype, T, N, tau, tau_dtype, lam, out, nthreads);
 }
 
 int64_t apply_mask(const uint8_t* packed, int64_t N, const void* tau, int tau_dtype, void* out, int out_dtype,

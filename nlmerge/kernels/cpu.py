@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 6  # must match csrc/cpu/module.cpp
+_API_VERSION = 7  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -36,11 +36,16 @@ __all__ = [
     "load_error",
     "hist_magnitude",
     "hist_magnitude_low",
+    "hist_magnitude_models",
+    "hist_magnitude_low_models",
     "ties_merge",
+    "ties_merge_models",
     "task_arithmetic",
     "task_arithmetic_models",
     "tall_masks",
+    "tall_masks_models",
     "consensus",
+    "consensus_models",
     "apply_mask",
     "permute",
     "channel_stats",
@@ -110,9 +115,36 @@ def hist_magnitude_low(x, hist, prefix):
     _C.hist_magnitude_low(_in(x.reshape(-1)), _out(hist, "hist"), int(prefix), _threads())
 
 
-def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign):
+def hist_magnitude_models(base, expert, hist):
+    """``hist[abs_bits(fp32(expert) - fp32(base)) >> 16] += 1`` (hist: int64 [32768], in place);
+    ``base`` and ``expert`` of one dtype and size."""
+    _C.hist_magnitude_models(_in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"), _threads())
+
+
+def hist_magnitude_low_models(base, expert, hist, prefix):
+    """With ``x = fp32(expert) - fp32(base)``: ``hist[abs_bits(x) & 0xffff] += 1`` where
+    ``abs_bits(x) >> 16 == prefix`` (hist: int64 [65536], in place)."""
+    _C.hist_magnitude_low_models(
+        _in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"), int(prefix), _threads()
+    )
+
+
+def _blocks(blocks, ambiguous_blocks):
+    """The block selection of a TIES pass: int64 indices (or None: every block) and the uint8
+    flags [ceil(N / 1024)] to write (or None)."""
+    return (
+        None if blocks is None else _in(blocks.to(torch.int64)),
+        None if ambiguous_blocks is None else _out(ambiguous_blocks, "ambiguous_blocks"),
+    )
+
+
+def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign, blocks=None,
+               ambiguous_blocks=None):
     """Fused TIES pass into ``out``; returns ``(sign_sum, ambiguous, nonfinite)`` as Python ints
-    (``nonfinite``: NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype)."""
+    (``nonfinite``: NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype), counted over
+    the blocks run: every block, or the ``blocks`` listed (int64 indices of 1024-element blocks;
+    the others of ``out`` are left as they are). ``ambiguous_blocks`` (uint8 [ceil(N / 1024)]):
+    set to 1 for each run block holding an ambiguous element, 0 for the other run blocks."""
     tv_np, dtype = _tv(tv)
     base_np, base_dtype = _base(base)
     sign_sum, ambiguous, nonfinite = _C.ties_merge(
@@ -128,6 +160,32 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
         sign_mode,
         disjoint,
         int(fill_sign),
+        *_blocks(blocks, ambiguous_blocks),
+        _threads(),
+    )
+    return int(sign_sum), int(ambiguous), int(nonfinite)
+
+
+def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
+                      blocks=None, ambiguous_blocks=None):
+    """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers
+    (bit-identical to ``ties_merge`` on them precomputed in fp32), adding ``base`` to the result when
+    ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s element count. The
+    non-finite count covers the task vector entries, the base where it is added, and results."""
+    sign_sum, ambiguous, nonfinite = _C.ties_merge_models(
+        _in(base.reshape(-1)),
+        [_in(x.reshape(-1)) for x in experts],
+        _name(base),
+        _per_task(thresholds),
+        _per_task(weights),
+        _out(out, "out"),
+        _name(out),
+        bool(include_base),
+        float(lam),
+        sign_mode,
+        disjoint,
+        int(fill_sign),
+        *_blocks(blocks, ambiguous_blocks),
         _threads(),
     )
     return int(sign_sum), int(ambiguous), int(nonfinite)
@@ -145,11 +203,12 @@ def task_arithmetic(tv, weights, out, base, lam):
     )
 
 
-def task_arithmetic_models(base, experts, weights, out, lam):
+def task_arithmetic_models(base, experts, weights, out, lam, include_base=True):
     """``out = base + lam * sum_t weights[t] * (fp32(experts[t]) - fp32(base))`` (the task vectors formed in
-    registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); ``base`` and the T
-    ``experts``: one dtype, ``out``'s element count. Returns the count of NaN/Inf task vector entries,
-    base values and results (in ``out``'s dtype)."""
+    registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); without the ``base +``
+    term unless ``include_base``. ``base`` and the T ``experts``: one dtype, ``out``'s element count.
+    Returns the count of NaN/Inf task vector entries, base values (where added) and results (in
+    ``out``'s dtype)."""
     return int(
         _C.task_arithmetic_models(
             _in(base.reshape(-1)),
@@ -159,6 +218,7 @@ def task_arithmetic_models(base, experts, weights, out, lam):
             _out(out, "out"),
             _name(out),
             float(lam),
+            bool(include_base),
             _threads(),
         )
     )
@@ -191,6 +251,44 @@ def consensus(tv, tau_mtl, lam, k, out, base, alpha):
             _name(out),
             base_np,
             base_dtype,
+            float(alpha),
+            _threads(),
+        )
+    )
+
+
+def tall_masks_models(base, experts, tau_mtl, lam, out):
+    """``tall_masks`` on ``fp32(experts[t]) - fp32(base)`` (formed in registers); returns the count of
+    NaN/Inf task vector entries and tau_mtl values."""
+    return int(
+        _C.tall_masks_models(
+            _in(base.reshape(-1)),
+            [_in(x.reshape(-1)) for x in experts],
+            _name(base),
+            _in(tau_mtl.reshape(-1)),
+            _name(tau_mtl),
+            _per_task(lam),
+            _out(out, "out"),
+            _threads(),
+        )
+    )
+
+
+def consensus_models(base, experts, tau_mtl, lam, k, out, alpha):
+    """``consensus`` on ``fp32(experts[t]) - fp32(base)`` (formed in registers) with this base added:
+    ``out = base + alpha * (#masks >= k ? tau_mtl : 0)``; returns the count of NaN/Inf task vector
+    entries, tau_mtl and base values, and results (in ``out``'s dtype)."""
+    return int(
+        _C.consensus_models(
+            _in(base.reshape(-1)),
+            [_in(x.reshape(-1)) for x in experts],
+            _name(base),
+            _in(tau_mtl.reshape(-1)),
+            _name(tau_mtl),
+            _per_task(lam),
+            int(k),
+            _out(out, "out"),
+            _name(out),
             float(alpha),
             _threads(),
         )

@@ -170,6 +170,12 @@ def task_tensors(key, base, experts):
     return out
 
 
+def model_tensors(key, base, experts):
+    """The base's and the experts' tensors of ``key``, detached, in their storage dtypes: what the
+    ``nlmerge.ops`` ``*_models`` ops take (they form the task vectors as they read them)."""
+    return base[key].detach(), [sd[key].detach() for sd in experts]
+
+
 def check_weights(weights, num, *, bound=None, what="weights", per="expert"):
     """``None`` or a list of ``num`` finite floats, each within ``bound`` (None, "positive" or
     "nonnegative"; see ``nlmerge.ops._checks.check_bound``)."""

@@ -16,9 +16,9 @@ from nlmerge.merge._common import (
     check_scalar,
     copy_value,
     make_plan,
+    model_tensors,
     naming_nonfinite,
     running_stat_values,
-    task_tensors,
 )
 from nlmerge.merge.ties import check_ties_options, ties_vectors
 from nlmerge.ops._checks import check_out_dtype
@@ -49,30 +49,32 @@ def _mtl_setup(mtl, ties_kwargs, num_tasks):
 
 
 def _mtl_vectors(plan, base, experts, ties_options, backend):
-    """Yield ``(key, taus, tau_mtl)`` over the merged keys: task vectors and the multi-task vector.
+    """Yield ``(key, models, tau_mtl)`` over the merged keys: the key's ``(base, experts)`` tensors
+    and its multi-task vector (fp32), formed from the models (no task vector is stored).
 
-    Task arithmetic and per-tensor TIES hold one key's task vectors at a time; global TIES needs
-    every key's first.
+    Task arithmetic and per-tensor TIES compute one key at a time; global TIES computes every
+    key's multi-task vector first (its thresholds and majority sign span the model).
     """
     naming = lambda keys: naming_nonfinite(keys, base, experts)  # noqa: E731
+    get_models = lambda key: model_tensors(key, base, experts)  # noqa: E731
 
-    def ties_mtl(keys, get_taus):
-        return ties_vectors(keys, get_taus, lambda key: None, lam=1.0, backend=backend, naming=naming, **ties_options)
+    def ties_mtl(keys):
+        return ties_vectors(keys, get_models, include_base=False, lam=1.0, backend=backend, naming=naming,
+                            **ties_options)
 
     if ties_options is not None and ties_options["scope"] == "global":
-        taus = {key: task_tensors(key, base, experts) for key in plan.merged}
-        mtl = ties_mtl(plan.merged, taus.__getitem__)
+        mtl = ties_mtl(plan.merged)
         for key in plan.merged:
-            yield key, taus.pop(key), mtl.pop(key)
+            yield key, get_models(key), mtl.pop(key)
         return
     for key in plan.merged:
-        taus = task_tensors(key, base, experts)
+        models = get_models(key)
         if ties_options is None:
             with naming([key]):
-                mtl = ops.task_arithmetic(taus, backend=backend)
+                mtl = ops.task_arithmetic_models(*models, include_base=False, out_dtype=COMPUTE_DTYPE, backend=backend)
         else:
-            mtl = ties_mtl([key], lambda _: taus)[key]
-        yield key, taus, mtl
+            mtl = ties_mtl([key])[key]
+        yield key, models, mtl
 
 
 class TallMasks:
@@ -408,9 +410,9 @@ def tall(
     tau_mtl, masks = {}, {}
     with torch.no_grad():
         stats = running_stat_values(plan, base, experts, mode, dtype=COMPUTE_DTYPE, backend=backend)
-        for key, taus, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
+        for key, models, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
             with naming_nonfinite([key], base, experts):
-                masks[key] = ops.tall_masks(taus, mtl_vector, lam, backend=backend)
+                masks[key] = ops.tall_masks_models(*models, mtl_vector, lam, backend=backend)
             tau_mtl[key] = mtl_vector
         stored_base = {key: copy_value(value) for key, value in base.items()}
     return TallMasks(
@@ -490,14 +492,13 @@ def consensus(
     plan = make_plan(base, experts, exclude, out_dtype=out_dtype)
     with torch.no_grad():
         merged = running_stat_values(plan, base, experts, mode, backend=backend)
-        for key, taus, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
+        for key, models, mtl_vector in _mtl_vectors(plan, base, experts, ties_options, backend):
             with naming_nonfinite([key], base, experts):
-                merged[key] = ops.consensus_merge(
-                    taus,
+                merged[key] = ops.consensus_merge_models(
+                    *models,
                     mtl_vector,
                     lam,
                     k=k,
-                    base=base[key].detach(),
                     alpha=alpha,
                     out_dtype=plan.out_dtype[key],
                     backend=backend,

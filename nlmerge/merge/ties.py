@@ -9,9 +9,9 @@ from nlmerge.merge._common import (
     check_scalar,
     check_weights,
     make_plan,
+    model_tensors,
     naming_nonfinite,
     running_stat_values,
-    task_tensors,
 )
 
 SCOPES = ("global", "tensor")
@@ -42,82 +42,96 @@ def check_ties_options(num_tasks, *, keep, scope, sign, disjoint, weights, conve
 
 
 def ties_vectors(
-    keys, get_taus, get_base, *, keep, lam, scope, sign, disjoint, weights, convention, backend, naming, out_dtype=None
+    keys, get_models, *, include_base, keep, lam, scope, sign, disjoint, weights, convention, backend, naming,
+    out_dtype=None,
 ):
-    """TIES over ``keys``; returns ``{key: base + lam * merged}``, or ``lam * merged`` without base.
+    """TIES over ``keys``; returns ``{key: base + lam * merged}`` (``include_base``) or ``{key: lam *
+    merged}`` (the merged task vectors).
 
-    ``get_taus(key)`` gives the fp32 task vectors ``[T, *shape]`` of a key, ``get_base(key)`` its
-    base (any float dtype; the kernels read it as fp32) or None; ``naming(keys)`` is a context
-    manager that names non-finite inputs and results; ``out_dtype`` maps each key to its result's
-    dtype (None: the base's dtype, else fp32). Options are already checked.
+    ``get_models(key)`` gives a key's ``(base, experts)`` tensors in their storage dtypes (the
+    ops form the task vectors as they read them: no fp32 copy of the models is ever held);
+    ``naming(keys)`` is a context manager that names non-finite inputs and results; ``out_dtype``
+    maps each key to its result's dtype (None: the base's dtype with ``include_base``, else fp32).
+    Global scope streams over the keys: two histogram passes per task (the thresholds), then one
+    merge pass per key with the majority sign so far; the blocks of a key whose zero signs the
+    final majority would fill otherwise are recomputed. Options are already checked.
     """
     out = {}
-    common = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, backend=backend)
+    common = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base, backend=backend)
 
     def dtype_of(key):
-        return None if out_dtype is None else out_dtype[key]
+        if out_dtype is not None:
+            return out_dtype[key]
+        return None if include_base else torch.float32
 
-    def empty(key, taus):  # nothing to trim or merge in a tensor without elements
-        base = get_base(key)
-        value = taus[0] if base is None else base
-        out[key] = value.to(dtype_of(key) or value.dtype, copy=True)
-
-    if scope == "tensor":  # one key at a time: only its T task vectors are held
-        for key in keys:
-            taus = get_taus(key)
-            if taus[0].numel() == 0:
-                empty(key, taus)
-                continue
-            with naming([key]):
-                if convention == "mergekit":
-                    n = taus[0].numel()
-                    rank = n - min(n, max(1, int(keep * n))) + 1
-                    thresholds = [ops.kth_smallest_magnitude(x, rank, backend=backend) for x in taus]
-                    zero_sign = "positive"
-                else:
-                    thresholds = [ops.magnitude_threshold(x, keep, backend=backend) for x in taus]
-                    zero_sign = "majority"
-                out[key] = ops.ties_merge(
-                    taus, torch.stack(thresholds), base=get_base(key), zero_sign=zero_sign, out_dtype=dtype_of(key), **common
-                )
-        return out
     nonempty = []
     for key in keys:
-        taus = get_taus(key)
-        if taus[0].numel() == 0:
-            empty(key, taus)
-        else:
-            nonempty.append((key, taus))
+        base, _ = get_models(key)
+        if base.numel():
+            nonempty.append(key)
+        else:  # nothing to trim or merge in a tensor without elements
+            out[key] = base.to(dtype_of(key) or base.dtype, copy=True)
+    if scope == "tensor":  # one key at a time
+        for key in nonempty:
+            base, experts = get_models(key)
+            with naming([key]):
+                if convention == "mergekit":
+                    n = base.numel()
+                    rank = n - min(n, max(1, int(keep * n))) + 1
+                    thresholds = [ops.kth_smallest_magnitude_models(base, x, rank, backend=backend) for x in experts]
+                    out[key] = ops.ties_merge_models(base, experts, thresholds=torch.stack(thresholds),
+                                                     zero_sign="positive", out_dtype=dtype_of(key), **common)
+                else:
+                    out[key] = ops.ties_merge_models(base, experts, keep=keep, zero_sign="majority",
+                                                     out_dtype=dtype_of(key), **common)
+        return out
     if not nonempty:
         return out
-    # scope="global": one threshold per task over every merged tensor, one majority sign
-    num_tasks = len(nonempty[0][1])
-    thresholds = []
-    for t in range(num_tasks):
-        with naming([key for key, _ in nonempty]):
-            thresholds.append(ops.magnitude_threshold([taus[t] for _, taus in nonempty], keep, backend=backend))
-    thresholds = torch.stack(thresholds)
+    thresholds = _global_thresholds(nonempty, get_models, keep, backend, naming)
     sign_sum, passes = 0, []
-    for key, taus in nonempty:
-        # zero signs take the majority so far: the final one rarely differs, so few tensors rerun;
+    for key in nonempty:
+        # zero signs take the majority so far: the final one rarely differs, so few blocks rerun;
         # an overflow is judged on the final pass
         fill = (sign_sum > 0) - (sign_sum < 0)
+        base, experts = get_models(key)
         with naming([key]):
-            first = ops.ties_merge_pass(
-                taus, thresholds, fill_sign=fill, base=get_base(key), out_dtype=dtype_of(key), check_result=False, **common
+            first = ops.ties_merge_pass_models(
+                base, experts, thresholds, fill_sign=fill, out_dtype=dtype_of(key), check_result=False, **common
             )
         out[key] = first.merged
         sign_sum += first.sign_sum
-        passes.append((key, taus, fill, first))
+        passes.append((key, fill, first))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    for key, taus, fill, first in passes:
-        final = majority if first.ambiguous and not ops.same_fill_result(fill, majority, disjoint) else fill
-        if final != fill or first.overflow:  # the majority's pass; or, rerun checked, an overflow raises
-            with naming([key]):
-                ops.ties_merge_pass(
-                    taus, thresholds, fill_sign=final, base=get_base(key), out_dtype=dtype_of(key), out=out[key], **common
-                )
+    for key, fill, first in passes:
+        base, experts = get_models(key)
+        with naming([key]):
+            ops.complete_ties_pass(first, fill, majority, disjoint, lambda **kw: ops.ties_merge_pass_models(
+                base, experts, thresholds, out=first.merged, out_dtype=dtype_of(key), **common, **kw))
     return out
+
+
+def _global_thresholds(keys, get_models, keep, backend, naming):
+    """The per-task TIES thresholds over every element of ``keys`` (fp32 [T]): the exact k-th
+    smallest task vector magnitude, ``k = d - int(d * keep)``, by two streaming histogram passes
+    over the models (0 where ``k < 1``)."""
+    base, experts = get_models(keys[0])
+    selectors = [ops.MagnitudeSelector(base.device, backend=backend) for _ in experts]
+    for key in keys:
+        base, experts = get_models(key)
+        with naming([key]):
+            for t, (sel, x) in enumerate(zip(selectors, experts)):
+                sel.count_models(base, x, f"experts[{t}]")
+    d = selectors[0].total
+    k = d - int(d * keep)
+    if k < 1:
+        return torch.zeros(len(selectors), dtype=torch.float32, device=base.device)
+    for sel in selectors:
+        sel.locate(k)
+    for key in keys:
+        base, experts = get_models(key)
+        for sel, x in zip(selectors, experts):
+            sel.count_low_models(base, x)
+    return torch.stack([sel.threshold() for sel in selectors])
 
 
 def ties(
@@ -195,8 +209,8 @@ def ties(
         stats = running_stat_values(plan, base, experts, mode, backend=backend)
         merged = ties_vectors(
             plan.merged,
-            lambda key: task_tensors(key, base, experts),
-            lambda key: base[key].detach(),
+            lambda key: model_tensors(key, base, experts),
+            include_base=True,
             keep=keep,
             lam=lam,
             scope=scope,

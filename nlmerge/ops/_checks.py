@@ -170,6 +170,67 @@ def check_finite(tensors):
             raise NonFiniteError(name)
 
 
+def check_models(base, experts):
+    """Check a base tensor and its T experts (float tensors, one shape and device); return them
+    flat: ``(base [N], [expert [N], ...])``. When the experts' dtypes are not all the base's, all
+    are converted to fp32 (the same values: the conversions are exact)."""
+    check_float(base, "base")
+    if isinstance(experts, torch.Tensor) or not isinstance(experts, (list, tuple)) or not experts:
+        raise ValueError("experts must be a non-empty sequence of tensors (one per expert)")
+    for t, x in enumerate(experts):
+        check_float(x, f"experts[{t}]")
+        if x.shape != base.shape or x.device != base.device:
+            raise ValueError(
+                f"experts[{t}] has shape {tuple(x.shape)} on {x.device} but the base has shape "
+                f"{tuple(base.shape)} on {base.device}"
+            )
+    flat_base, flat = base.detach().reshape(-1), [x.detach().reshape(-1) for x in experts]
+    if any(x.dtype != base.dtype for x in experts):  # models stored in different dtypes (rare)
+        flat_base, flat = flat_base.float(), [x.float() for x in flat]
+    return flat_base, flat
+
+
+def model_task_vectors(base, experts):
+    """The fp32 task vectors ``[T, N]`` ``fp32(experts[t]) - fp32(base)`` of flat tensors: what the
+    models ops' task vectors are (each difference rounded to fp32)."""
+    ref = base.float()
+    return torch.stack([x.float() - ref for x in experts])
+
+
+def first_nonfinite_model(base, experts, labels=None):
+    """NonFiniteError for the first of: the base, each expert, each task vector (an expert minus the
+    base that overflows fp32) holding NaN/Inf; None when all are finite. Expert t is named
+    ``labels[t]`` (default ``experts[t]``; its task vector ``task_vectors[t]``)."""
+    if not bool(torch.isfinite(base).all()):
+        return NonFiniteError("base")
+    for t, x in enumerate(experts):
+        if not bool(torch.isfinite(x).all()):
+            return NonFiniteError("experts", t) if labels is None else NonFiniteError(labels[t])
+    for t, x in enumerate(experts):
+        if not bool(torch.isfinite(x.float() - base.float()).all()):
+            return NonFiniteError("task_vectors", t) if labels is None else NonFiniteError(f"{labels[t]} - base")
+    return None
+
+
+def raise_nonfinite_model(base, experts, labels=None):
+    """A kernel counted non-finite values among the models' inputs: raise naming the first."""
+    err = first_nonfinite_model(base, experts, labels)
+    if err is None:
+        raise AssertionError("a kernel counted non-finite model values that torch.isfinite does not see")
+    raise err
+
+
+def via_task_vectors(base, experts, op):
+    """``op(task_vectors)`` on the fp32 task vectors of flat models (the backends without a models
+    kernel), a non-finite input named as the model it comes from (base / experts[t] / task_vectors[t])."""
+    try:
+        return op(model_task_vectors(base, experts))
+    except NonFiniteResultError:
+        raise
+    except NonFiniteError as err:
+        raise (first_nonfinite_model(base, experts) or err) from None
+
+
 def raise_nonfinite(tensors):
     """A kernel counted non-finite values in ``tensors``: raise naming the first such tensor."""
     check_finite(tensors)

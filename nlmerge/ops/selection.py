@@ -7,12 +7,24 @@ bit patterns of |x| (for non-negative floats, integer order is float order) in r
 one pass over the 15 magnitude bits of fp16/bf16; two passes for fp32 (high 16 bits, then the low
 16 bits of the elements in the selected high bin). Several tensors add into one histogram, so a
 global threshold never concatenates the model.
+
+The ``*_models`` forms select among the magnitudes of the task vectors ``fp32(expert) -
+fp32(base)`` (fp32 values: two histogram passes), which the C++ kernels form as they count; the
+reference (and Triton, for now) builds each fp32 task vector first.
 """
 from collections.abc import Sequence
 
 import torch
 
-from nlmerge.ops._checks import check_finite, check_float, finite_scalar, raise_nonfinite
+from nlmerge.ops._checks import (
+    check_finite,
+    check_float,
+    check_models,
+    finite_scalar,
+    first_nonfinite_model,
+    model_task_vectors,
+    raise_nonfinite,
+)
 from nlmerge.ops._dispatch import resolve
 
 HIGH_BINS = 1 << 15  # magnitude bits above the low 16 of fp32, or all 15 of a 16-bit float
@@ -131,3 +143,135 @@ def magnitude_threshold(x, keep, *, backend=None):
         check_finite(named)
         return torch.zeros((), dtype=xs[0].dtype, device=xs[0].device)
     return kth_smallest_magnitude(x, k, backend=backend)
+
+
+def _fp32_bits(x):
+    """The fp32 magnitudes of ``x`` as int64 bit patterns (integer order is float order)."""
+    return x.detach().reshape(-1).float().abs().view(torch.int32).to(torch.int64)
+
+
+def count_models(kernels, base, expert, hist, prefix=None):
+    """Add the magnitudes of the task vector ``fp32(expert) - fp32(base)`` (flat tensors of one
+    dtype) to ``hist``: the high 16 bits (``prefix`` None; int64 [HIGH_BINS]) or, of the elements
+    whose high bits are ``prefix``, the low 16 bits (int64 [LOW_BINS]). ``kernels`` None: the
+    reference (``torch.bincount``); the C++ kernels form the task vector as they count; others
+    (Triton) count the fp32 task vector built first."""
+    if kernels is not None and hasattr(kernels, "hist_magnitude_models"):
+        if prefix is None:
+            kernels.hist_magnitude_models(base, expert, hist)
+        else:
+            kernels.hist_magnitude_low_models(base, expert, hist, prefix)
+        return
+    tau = (expert.float() - base.float()).contiguous()
+    if kernels is not None:
+        if prefix is None:
+            kernels.hist_magnitude(tau, hist, 16)
+        else:
+            kernels.hist_magnitude_low(tau, hist, prefix)
+        return
+    bits = _fp32_bits(tau)
+    if prefix is None:
+        hist += torch.bincount(bits >> 16, minlength=HIGH_BINS)[:HIGH_BINS]
+    else:
+        hist += torch.bincount(bits[(bits >> 16) == prefix] & 0xFFFF, minlength=LOW_BINS)[:LOW_BINS]
+
+
+def _model_pairs(base, expert):
+    """``[(flat base, flat expert), ...]`` of one tensor pair or of paired sequences (checked)."""
+    bases = [base] if isinstance(base, torch.Tensor) else list(base) if isinstance(base, Sequence) else None
+    experts = [expert] if isinstance(expert, torch.Tensor) else list(expert) if isinstance(expert, Sequence) else None
+    if not bases or experts is None or len(bases) != len(experts):
+        raise ValueError("base and expert must be two tensors, or two sequences of as many tensors")
+    pairs = []
+    for i, (b, e) in enumerate(zip(bases, experts)):
+        try:
+            flat_base, (flat,) = check_models(b, [e])
+        except ValueError as err:
+            raise ValueError(f"pair {i}: {err}") from None
+        pairs.append((flat_base.contiguous(), flat.contiguous()))
+    if sum(b.numel() for b, _ in pairs) == 0:
+        raise ValueError("the task vector has no elements")
+    return pairs
+
+
+def _check_pairs(pairs):
+    """Raise NonFiniteError for the first non-finite base, expert or task vector of ``pairs``."""
+    for b, e in pairs:
+        err = first_nonfinite_model(b, [e], ["expert"])
+        if err is not None:
+            raise err
+
+
+def kth_smallest_magnitude_models(base, expert, k, *, backend=None):
+    """Exact k-th smallest magnitude (1-based) of the task vector ``fp32(expert) - fp32(base)``.
+
+    Parameters
+    ----------
+    base, expert : Tensor, or two sequences of as many Tensors
+        fp32, fp16 or bf16; each expert tensor has its base tensor's shape and device (several
+        pairs: the task vector of several tensors taken together, never concatenated).
+    k : int
+        Rank, ``1 <= k <= d`` with ``d`` the total number of elements.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        0-dim fp32 on the tensors' device: bit-identical to ``kth_smallest_magnitude`` of the fp32
+        task vectors (the reference, ``backend="torch"``).
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in a base (``"base"``), an expert (``"expert"``) or a difference overflowing fp32.
+    """
+    pairs = _model_pairs(base, expert)
+    d = sum(b.numel() for b, _ in pairs)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+        raise ValueError(f"k must be an integer in [1, {d}], got {k!r}")
+    device = pairs[0][0].device
+    _, kernels = resolve(backend, device, "kth_smallest_magnitude_models")
+    if kernels is None:
+        _check_pairs(pairs)
+        return kth_smallest_magnitude_reference([model_task_vectors(b, [e])[0] for b, e in pairs], k)
+    high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
+    for b, e in pairs:
+        count_models(kernels, b, e, high)
+    if int(high[_NONFINITE_BIN[torch.float32]:].sum()):
+        _check_pairs(pairs)
+        raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
+    bin_, rank = _locate(high, k)
+    low = torch.zeros(LOW_BINS, dtype=torch.int64, device=device)
+    for b, e in pairs:
+        count_models(kernels, b, e, low, bin_)
+    low_bin, _ = _locate(low, rank)
+    return torch.tensor((bin_ << 16) | low_bin, dtype=torch.int32).view(torch.float32).to(device)
+
+
+def magnitude_threshold_models(base, expert, keep, *, backend=None):
+    """The TIES trim threshold of the task vector ``fp32(expert) - fp32(base)``: the k-th smallest
+    magnitude with ``k = d - int(d * keep)`` (0 when ``k < 1``, after the finiteness check), as
+    ``magnitude_threshold`` of the fp32 task vector, bit for bit.
+
+    Parameters
+    ----------
+    base, expert : as in ``kth_smallest_magnitude_models``
+    keep : float
+        Fraction kept, > 0.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        0-dim fp32 threshold.
+    """
+    pairs = _model_pairs(base, expert)
+    keep = finite_scalar(keep, "keep")
+    if keep <= 0:
+        raise ValueError(f"keep must be > 0 (the fraction of magnitudes kept), got {keep}")
+    d = sum(b.numel() for b, _ in pairs)
+    k = d - int(d * keep)
+    if k < 1:
+        _check_pairs(pairs)  # a threshold of 0 must not let a non-finite input through
+        return torch.zeros((), dtype=torch.float32, device=pairs[0][0].device)
+    return kth_smallest_magnitude_models([b for b, _ in pairs], [e for _, e in pairs], k, backend=backend)

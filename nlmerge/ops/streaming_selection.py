@@ -8,17 +8,17 @@ the bin that holds the k-th one, :meth:`~MagnitudeSelector.count_low` adds the l
 elements in that bin, and :meth:`~MagnitudeSelector.threshold` returns the exact value. Counts are
 int64, so the result does not depend on how the data is split (by keys, chunks or processes:
 histograms of several selectors add with :meth:`~MagnitudeSelector.add`).
+
+:meth:`~MagnitudeSelector.count_models` and :meth:`~MagnitudeSelector.count_low_models` count the
+task vector ``fp32(expert) - fp32(base)`` of a key from the models themselves (the C++ kernels form
+it as they count: no fp32 copy); the counts equal those of ``count``/``count_low`` on that task
+vector.
 """
 import torch
 
-from nlmerge.ops._checks import check_float, raise_nonfinite
+from nlmerge.ops._checks import check_float, check_models, first_nonfinite_model, raise_nonfinite
 from nlmerge.ops._dispatch import resolve
-from nlmerge.ops.selection import _NONFINITE_BIN, HIGH_BINS, LOW_BINS, _locate
-
-
-def _bits(x):
-    """The fp32 magnitudes of ``x`` as int64 bit patterns (integer order is float order)."""
-    return x.detach().reshape(-1).float().abs().view(torch.int32).to(torch.int64)
+from nlmerge.ops.selection import _NONFINITE_BIN, HIGH_BINS, LOW_BINS, _fp32_bits as _bits, _locate, count_models
 
 
 class MagnitudeSelector:
@@ -59,6 +59,30 @@ class MagnitudeSelector:
             self._kernels.hist_magnitude(x, self.high, 16)
         if int(self.high[_NONFINITE_BIN[torch.float32]:].sum()):
             raise_nonfinite([(name, x, False)])
+
+    def count_models(self, base, expert, label="expert"):
+        """First pass over a key of the models: add the high 16 bits of ``|fp32(expert) -
+        fp32(base)|`` to the histogram.
+
+        ``base`` and ``expert``: float tensors of one shape and device (dtypes other than each
+        other's are compared in fp32). Raises NonFiniteError naming ``"base"``, ``label`` (the
+        expert), or ``"<label> - base"`` (a difference that overflows fp32).
+        """
+        flat_base, (flat,) = check_models(base, [expert])
+        count_models(self._kernels, flat_base.contiguous(), flat.contiguous(), self.high)
+        if int(self.high[_NONFINITE_BIN[torch.float32]:].sum()):
+            err = first_nonfinite_model(flat_base, [flat], [label])
+            if err is None:
+                raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
+            raise err
+
+    def count_low_models(self, base, expert):
+        """Second pass over a key of the models: add the low 16 bits of the elements of
+        ``|fp32(expert) - fp32(base)|`` in the located bin."""
+        if self._bin is None:
+            raise RuntimeError("call locate(k) after the first pass before count_low_models")
+        flat_base, (flat,) = check_models(base, [expert])
+        count_models(self._kernels, flat_base.contiguous(), flat.contiguous(), self.low, self._bin)
 
     def add(self, other):
         """Add another selector's counts (e.g. from another process); same pass only."""

@@ -6,6 +6,10 @@ bit ``n % 8`` of byte ``n // 8`` of row t is ``m_t[n]`` (little-endian within ea
 Consensus keeps ``tau_MTL`` where at least ``k`` masks are set: ``base + alpha * (count >= k) *
 tau_MTL``; its fused kernel computes the masks on the fly and never stores them.
 
+The ``*_models`` forms take the base and the experts and form the task vectors ``fp32(expert) -
+fp32(base)`` as the C++ kernels read them (bit-identical to the stacked forms on
+``model_task_vectors(base, experts)``, which define them; Triton builds those first, for now).
+
 ``lam`` is finite and >= 0 per task (a negative one would set every mask); consensus needs
 ``1 <= k <= T``. Results are written in ``out_dtype`` (default: the base's dtype, else tau_MTL's)
 and a result that is not finite there raises ``NonFiniteResultError`` (counted by the kernels as
@@ -15,6 +19,9 @@ import torch
 
 from nlmerge.ops._checks import (
     check_finite,
+    check_models,
+    first_nonfinite_model,
+    via_task_vectors,
     check_finite_result,
     finite_scalar,
     flat_like,
@@ -25,7 +32,7 @@ from nlmerge.ops._checks import (
     stack_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
-from nlmerge.ops.ties import _finish, result_dtype
+from nlmerge.ops.ties import _finish, model_task_vectors, result_dtype
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]
 
@@ -61,6 +68,12 @@ def tall_masks_reference(tv, tau_mtl, lam):
     """The specification: bool masks ``[T, N]``."""
     x, mtl = tv.float(), tau_mtl.float()
     return x.abs() > lam[:, None] * (mtl - x).abs()
+
+
+def consensus_reference(tv, mtl, lam, k, base, alpha, dtype):
+    """The specification of consensus on ``tv`` [T, N]: ``base + alpha * (#masks >= k ? mtl : 0)``."""
+    keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
+    return _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, dtype)
 
 
 def _prepare(task_vectors, tau_mtl, lam):
@@ -147,8 +160,7 @@ def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, ou
     checked = [("task_vectors", tv, True), ("tau_mtl", mtl, False), ("base", base, False)]
 
     def reference(dt):
-        keep = tall_masks_reference(tv, mtl, lam).sum(dim=0) >= k
-        return _finish(torch.where(keep, mtl.float(), torch.zeros_like(mtl, dtype=torch.float32)), base, alpha, dt)
+        return consensus_reference(tv, mtl, lam, k, base, alpha, dt)
 
     _, kernels = resolve(backend, tv.device, "consensus_merge")
     if kernels is None:
@@ -160,6 +172,104 @@ def consensus_merge(task_vectors, tau_mtl, lam, *, k=2, base=None, alpha=1.0, ou
         if kernels.consensus(tv, mtl, lam, k, out, base, alpha):
             raise_counted(checked, dtype, lambda: reference(torch.float32))
     return out.view(shape)
+
+
+def _models_with_mtl(base, experts, tau_mtl, lam):
+    """Checked flat models, tau_MTL (of the base's shape) and lam of a ``*_models`` op."""
+    flat_base, flat = check_models(base, experts)
+    mtl = flat_like(tau_mtl, "tau_mtl", flat_base.view(1, -1), tuple(base.shape), "the base")
+    if mtl is None:
+        raise ValueError("tau_mtl is required")
+    return flat_base, flat, mtl, per_task(lam, len(flat), "lam", base.device, bound="nonnegative")
+
+
+def _raise_models_input(flat_base, flat, mtl):
+    """A models kernel counted non-finite inputs: raise naming the model (or tau_MTL)."""
+    err = first_nonfinite_model(flat_base, flat)
+    if err is not None:
+        raise err
+    raise_nonfinite([("tau_mtl", mtl, False)])
+
+
+def tall_masks_models(base, experts, tau_mtl, lam, *, backend=None):
+    """``tall_masks`` of the task vectors ``fp32(experts[t]) - fp32(base)``, formed in the kernel.
+
+    Parameters
+    ----------
+    base : Tensor
+        The base model's tensor (fp32, fp16 or bf16).
+    experts : sequence of T tensors
+        The base's shape and device (other dtypes than the base's: all converted to fp32 first).
+    tau_mtl : Tensor
+        The multi-task vector, the base's shape (any float dtype).
+    lam : float or sequence of T floats
+        Finite, >= 0.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        uint8 ``[T, ceil(N/8)]``, equal to ``tall_masks(model_task_vectors(...), tau_mtl, lam)``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the base, an expert, a task vector (overflowing fp32) or tau_mtl.
+    """
+    flat_base, flat, mtl, lam = _models_with_mtl(base, experts, tau_mtl, lam)
+    name, kernels = resolve(backend, base.device, "tall_masks_models")
+    if name != "cpu":
+        return via_task_vectors(flat_base, flat, lambda tv: tall_masks(tv, mtl, lam, backend=name))
+    out = torch.empty(len(flat), packed_size(flat_base.numel()), dtype=torch.uint8)
+    if kernels.tall_masks_models(flat_base, flat, mtl, lam, out):
+        _raise_models_input(flat_base, flat, mtl)
+    return out
+
+
+def consensus_merge_models(base, experts, tau_mtl, lam, *, k=2, alpha=1.0, out_dtype=None, backend=None):
+    """Consensus merge over the models: ``base + alpha * (sum_t m_t >= k) * tau_MTL`` with the TALL
+    masks of the task vectors ``fp32(experts[t]) - fp32(base)``, formed in the kernel.
+
+    Parameters
+    ----------
+    base, experts, tau_mtl, lam : as in ``tall_masks_models``
+    k : int
+        ``1 <= k <= T``.
+    alpha : float
+        Finite.
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's).
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        The base's shape, in ``out_dtype``; bit-identical to ``consensus_merge(model_task_vectors(...),
+        tau_mtl, lam, k=k, base=base, alpha=alpha)``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the base, an expert, a task vector or tau_mtl.
+    NonFiniteResultError
+        The result does not fit ``out_dtype``.
+    """
+    flat_base, flat, mtl, lam = _models_with_mtl(base, experts, tau_mtl, lam)
+    k = check_k(k, len(flat))
+    alpha = finite_scalar(alpha, "alpha")
+    dtype = result_dtype(base, base, out_dtype)
+    name, kernels = resolve(backend, base.device, "consensus_merge_models")
+    if name != "cpu":
+        out = via_task_vectors(flat_base, flat, lambda tv: consensus_merge(
+            tv, mtl, lam, k=k, base=flat_base, alpha=alpha, out_dtype=dtype, backend=name))
+        return out.view(base.shape)
+    out = torch.empty(flat_base.shape[0], dtype=dtype)
+    if kernels.consensus_models(flat_base, flat, mtl, lam, k, out, alpha):
+        if first_nonfinite_model(flat_base, flat) is not None or not bool(torch.isfinite(mtl).all()):
+            _raise_models_input(flat_base, flat, mtl)
+        tv = model_task_vectors(flat_base, flat)
+        raise result_error(dtype, lambda: consensus_reference(tv, mtl, lam, k, flat_base, alpha, torch.float32))
+    return out.view(base.shape)
 
 
 def apply_mask_reference(packed_row, mtl, base, dtype):

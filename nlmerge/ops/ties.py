@@ -8,11 +8,17 @@ with ``s`` and merge them ("mean": weighted sum over summed weights, "sum", "max
 magnitude times ``s``); return ``base + lam * merged``. The fast kernels read every input element
 once per pass and allocate only the output.
 
+The ``*_models`` ops take the base and the experts themselves (their storage dtype) and form the
+task vectors ``fp32(expert) - fp32(base)`` as they read them (C++ backend; the other backends build
+the fp32 task vectors first, for now): bit-identical to the stacked-task-vector ops on
+``model_task_vectors(base, experts)``, which define them.
+
 The zero-sign rule of TIES ("majority": the sign of the sum of all elected signs over the scope)
 needs the whole scope before any element can be finished. One pass with ``fill_sign=0`` also
-returns the scope's sign sum and how many elements were ambiguous (zero sign, some non-zero
-trimmed entry); only when there are some, and the majority's fill would write something else
-(``same_fill_result``), does a second pass with the majority sign follow.
+returns the scope's sign sum, how many elements were ambiguous (zero sign, some non-zero
+trimmed entry) and which blocks of ``BLOCK`` elements hold them; only when there are some, and
+the majority's fill would write something else (``same_fill_result``), are those blocks recomputed
+with the majority sign (``complete_ties_pass``).
 
 Results are written in ``out_dtype`` (default: the base's dtype, else the task vectors'); a result
 that is not finite there (an overflow: inputs are checked) raises ``NonFiniteResultError``. The
@@ -24,45 +30,52 @@ import torch
 
 from nlmerge.ops._checks import (
     NonFiniteError,
-    NonFiniteResultError,
     check_finite,
-    check_float,
+    check_models,
     check_out_dtype,
     check_finite_result,
     finite_scalar,
+    first_nonfinite_model,
     flat_like,
+    model_task_vectors,
     per_task,
     raise_counted,
     result_error,
     stack_task_vectors,
+    via_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
+from nlmerge.ops.selection import magnitude_threshold_models
 
 SIGN_MODES = ("mass", "count")
 DISJOINT_MODES = ("mean", "sum", "max")
+BLOCK = 1024  # elements of a block of a TIES pass (``ambiguous_blocks``, ``blocks=``): the C++ kernels' block
 
 
 class TiesPass(NamedTuple):
     """One TIES pass: the merged tensor, the sum of elected signs, the count of ambiguous elements,
-    and whether the result overflowed its dtype (only ever True with ``check_result=False``)."""
+    whether the result overflowed its dtype (only ever True with ``check_result=False``), and the
+    indices (a tuple of ascending ints: passes compare as tuples) of the blocks of ``BLOCK``
+    elements of the flat tensor that hold an ambiguous element (None where the backend does not
+    report them: Triton)."""
 
     merged: torch.Tensor
     sign_sum: int
     ambiguous: int
     overflow: bool = False
+    ambiguous_blocks: tuple = None
 
 
-def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
-    """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``
-    with ``out`` in ``dtype``."""
+def _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
+    """The TIES pass written out on ``tv`` [T, N]: ``(out, s0, ambiguous)`` with the elected signs
+    ``s0`` before filling and the bool mask of ambiguous elements."""
     x = tv.float()
     trimmed = torch.where(x.abs() >= thresholds[:, None], x, torch.zeros_like(x))
     election = torch.zeros_like(x[0])
     for t in range(x.shape[0]):  # fixed task order: the kernels add in this order too
         election = election + (weights[t] * trimmed[t] if sign == "mass" else torch.sign(trimmed[t]))
     s0 = torch.sign(election)
-    sign_sum = int(s0.to(torch.int64).sum())
-    ambiguous = int(((s0 == 0) & (trimmed != 0).any(dim=0)).sum())
+    ambiguous = (s0 == 0) & (trimmed != 0).any(dim=0)
     s = torch.where(s0 == 0, torch.full_like(s0, fill_sign), s0)
     agree = torch.where(s > 0, trimmed > 0, trimmed < 0)
     if disjoint == "max":
@@ -73,7 +86,14 @@ def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign
             num = num + torch.where(agree[t], weights[t] * trimmed[t], torch.zeros_like(s))
             den = den + torch.where(agree[t], weights[t], torch.zeros_like(s))
         merged = num if disjoint == "sum" else torch.where(den != 0, num / den, torch.zeros_like(s))
-    return _finish(merged, base, lam, dtype), sign_sum, ambiguous
+    return _finish(merged, base, lam, dtype), s0, ambiguous
+
+
+def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
+    """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``
+    with ``out`` in ``dtype``."""
+    out, s0, ambiguous = _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype)
+    return out, int(s0.to(torch.int64).sum()), int(ambiguous.sum())
 
 
 def task_arithmetic_reference(tv, weights, base, lam, dtype):
@@ -98,6 +118,137 @@ def _finish(merged, base, lam, dtype):
     return (scaled if base is None else base.float() + scaled).to(dtype)
 
 
+def _check_options(sign, disjoint, fill_sign):
+    if sign not in SIGN_MODES:
+        raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
+    if disjoint not in DISJOINT_MODES:
+        raise ValueError(f"disjoint must be one of {DISJOINT_MODES}, got {disjoint!r}")
+    if fill_sign not in (-1, 0, 1):
+        raise ValueError(f"fill_sign must be -1, 0 or 1, got {fill_sign!r}")
+
+
+def _check_blocks(blocks, numel, out):
+    """``blocks``: None, or block indices (a sequence or an integer tensor) in ``[0, ceil(numel /
+    BLOCK))``, with ``out`` given (the blocks not listed keep its values); as int64 on the CPU."""
+    if blocks is None:
+        return None
+    if out is None:
+        raise ValueError("blocks= recomputes part of an earlier result: pass that result as out=")
+    blocks = torch.as_tensor(blocks, device="cpu").reshape(-1)
+    if blocks.numel() == 0:  # nothing to recompute (an empty list is a float tensor)
+        return blocks.to(torch.int64)
+    if blocks.is_floating_point() or blocks.dtype == torch.bool:
+        raise ValueError(f"blocks must hold integer block indices, got {blocks.dtype}")
+    blocks = blocks.to(torch.int64)
+    count = (numel + BLOCK - 1) // BLOCK
+    bad = (blocks < 0) | (blocks >= count)
+    if bool(bad.any()):
+        raise ValueError(f"blocks holds {int(blocks[bad][0])}, outside [0, {count}) for {numel} elements")
+    return blocks
+
+
+def _block_elements(blocks, numel, device):
+    """The flat element indices of ``blocks``."""
+    idx = (blocks.to(device)[:, None] * BLOCK + torch.arange(BLOCK, device=device)).reshape(-1)
+    return idx[idx < numel]
+
+
+def _blocks_of(mask):
+    """Indices (a tuple of ints) of the blocks of ``BLOCK`` elements where the flat bool ``mask`` is set."""
+    pad = (-mask.numel()) % BLOCK
+    padded = torch.nn.functional.pad(mask.reshape(-1), (0, pad))
+    return tuple(padded.reshape(-1, BLOCK).any(dim=1).nonzero().reshape(-1).tolist())
+
+
+class _Inputs:
+    """The inputs of a TIES pass: stacked task vectors with a base to add (``models=None``), or a
+    base and its experts (``models=(base, experts, include_base)``). ``tv()`` gives the fp32 (or
+    stored) task vectors that define the pass, ``added`` the base added to the result."""
+
+    def __init__(self, tv=None, base=None, models=None):
+        self.stacked, self.models = tv, models
+        if models is None:
+            self.added = base
+            self.numel, self.num_tasks, self.device = tv.shape[1], tv.shape[0], tv.device
+        else:
+            flat_base, flat, include_base = models
+            self.added = flat_base if include_base else None
+            self.numel, self.num_tasks, self.device = flat_base.shape[0], len(flat), flat_base.device
+
+    def tv(self):
+        return self.stacked if self.models is None else model_task_vectors(*self.models[:2])
+
+    def raise_nonfinite(self):
+        """Raise for a non-finite input (naming it); return when all are finite."""
+        if self.models is None:
+            check_finite([("task_vectors", self.stacked, True), ("base", self.added, False)])
+        else:
+            err = first_nonfinite_model(*self.models[:2])
+            if err is not None:
+                raise err
+
+    def run_kernel(self, name, kernels, args, flat, blocks, flags):
+        """The fast pass into ``flat``: ``(sign_sum, ambiguous, nonfinite)``."""
+        thresholds, weights, lam, sign, disjoint, fill_sign = args
+        if self.models is not None and name == "cpu":
+            base, experts, include_base = self.models
+            return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
+                                             disjoint, fill_sign, blocks, flags)
+        if name == "cpu":
+            return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
+                                      fill_sign, blocks, flags)
+        # Triton: every block, into a scratch output when only some are asked for
+        dest = flat if blocks is None else torch.empty_like(flat)
+        counts = kernels.ties_merge(self.tv(), thresholds, weights, dest, self.added, lam, sign, disjoint, fill_sign)
+        if blocks is not None:
+            idx = _block_elements(blocks, self.numel, flat.device)
+            flat[idx] = dest[idx]
+        return counts
+
+
+def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, shape, out, check_result, blocks,
+               backend, op):
+    """One TIES pass on ``inputs`` (see ``ties_merge_pass``); ``thresholds`` and ``weights`` checked."""
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != inputs.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {inputs.device}")
+    blocks = _check_blocks(blocks, inputs.numel, out)
+    args = (thresholds, weights, lam, sign, disjoint, fill_sign)
+
+    def reference(dt):
+        return _ties_reference_elements(inputs.tv(), thresholds, weights, inputs.added, lam, sign, disjoint, fill_sign,
+                                        dt)
+
+    name, kernels = resolve(backend, inputs.device, op)
+    flat = torch.empty(inputs.numel, dtype=dtype, device=inputs.device) if out is None else out.view(-1)
+    amb_blocks = None
+    if kernels is None:
+        inputs.raise_nonfinite()
+        merged, s0, ambiguous = reference(dtype)
+        idx = None if blocks is None else _block_elements(blocks, inputs.numel, flat.device)
+        if idx is not None:
+            merged, s0, ambiguous = merged[idx], s0[idx], ambiguous[idx]
+            flat[idx] = merged
+        else:
+            flat.copy_(merged)
+            amb_blocks = _blocks_of(ambiguous)
+        sign_sum, ambiguous_count = int(s0.to(torch.int64).sum()), int(ambiguous.sum())
+        overflow = not bool(torch.isfinite(merged).all())
+    else:
+        flags = None
+        if name == "cpu" and blocks is None:
+            flags = torch.empty((inputs.numel + BLOCK - 1) // BLOCK, dtype=torch.uint8)
+        sign_sum, ambiguous_count, nonfinite = inputs.run_kernel(name, kernels, args, flat, blocks, flags)
+        if nonfinite:
+            inputs.raise_nonfinite()  # a non-finite input raises here; else the result overflowed
+        overflow = nonfinite > 0
+        if flags is not None:
+            amb_blocks = tuple(flags.nonzero().reshape(-1).tolist())
+    if overflow and check_result:
+        raise result_error(dtype, lambda: reference(torch.float32)[0])
+    return TiesPass(flat.view(shape), sign_sum, ambiguous_count, overflow, amb_blocks)
+
+
 def ties_merge_pass(
     task_vectors,
     thresholds,
@@ -111,6 +262,7 @@ def ties_merge_pass(
     out_dtype=None,
     out=None,
     check_result=True,
+    blocks=None,
     backend=None,
 ):
     """One fused TIES pass with a given sign for elements whose elected sign is zero.
@@ -131,59 +283,133 @@ def ties_merge_pass(
         Raise ``NonFiniteResultError`` when the result does not fit its dtype (True), or report
         it in ``overflow`` (False: for a caller that reruns the pass, e.g. with the majority sign,
         and checks the final one).
+    blocks : None, or a sequence / integer tensor of block indices
+        Recompute only these blocks of ``BLOCK`` elements of the flat tensor (an earlier pass's
+        ``ambiguous_blocks``) into ``out`` (required), leaving its other elements as they are; the
+        counts and the overflow check then cover these blocks only.
 
     Returns
     -------
     TiesPass
         ``merged`` (shape of one task vector, dtype as in ``ties_merge``), ``sign_sum`` (sum of the elected signs
         before filling), ``ambiguous`` (elements with zero elected sign and a non-zero
-        trimmed entry: those whose result depends on ``fill_sign``) and ``overflow``.
+        trimmed entry: those whose result depends on ``fill_sign``), ``overflow`` and
+        ``ambiguous_blocks`` (the blocks holding the ambiguous elements; None with ``blocks=``).
 
     Raises
     ------
     NonFiniteError
         NaN/Inf in the task vectors or the base (naming which).
     NonFiniteResultError
-        With ``check_result``: the result is not finite in its dtype.
+        With ``check_result``: the result does not fit its dtype.
+    ValueError
+        Bad options, ``out`` or ``blocks``.
     """
-    if sign not in SIGN_MODES:
-        raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
-    if disjoint not in DISJOINT_MODES:
-        raise ValueError(f"disjoint must be one of {DISJOINT_MODES}, got {disjoint!r}")
-    if fill_sign not in (-1, 0, 1):
-        raise ValueError(f"fill_sign must be -1, 0 or 1, got {fill_sign!r}")
+    _check_options(sign, disjoint, fill_sign)
     tv, shape = stack_task_vectors(task_vectors)
     num_tasks = tv.shape[0]
     thresholds = per_task(thresholds, num_tasks, "thresholds", tv.device, bound="nonnegative")
     weights = per_task(weights, num_tasks, "weights", tv.device, default=1.0, bound="positive")
     base = flat_like(base, "base", tv, shape)
     lam = finite_scalar(lam, "lam")
-    checked = [("task_vectors", tv, True), ("base", base, False)]
     dtype = result_dtype(tv, base, out_dtype)
-    if out is not None and (out.shape != shape or out.dtype != dtype or out.device != tv.device or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {tv.device}")
+    return _ties_pass(_Inputs(tv, base), thresholds, weights, lam, sign, disjoint, fill_sign, dtype, shape, out,
+                      check_result, blocks, backend, "ties_merge")
 
-    def reference(dt):
-        return ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dt)
 
-    _, kernels = resolve(backend, tv.device, "ties_merge")
-    if kernels is None:
-        check_finite(checked)
-        merged, sign_sum, ambiguous = reference(dtype)
-        overflow = not bool(torch.isfinite(merged).all())
-        if out is None:
-            out = merged.view(shape)
-        else:
-            out.copy_(merged.view(shape))
-    else:
-        flat = torch.empty(tv.shape[1], dtype=dtype, device=tv.device) if out is None else out.view(-1)
-        sign_sum, ambiguous, nonfinite = kernels.ties_merge(tv, thresholds, weights, flat, base, lam, sign, disjoint, fill_sign)
-        if nonfinite:
-            check_finite(checked)  # a non-finite input raises here; else the result overflowed
-        overflow, out = nonfinite > 0, flat.view(shape)
-    if overflow and check_result:
-        raise result_error(dtype, lambda: reference(torch.float32)[0])
-    return TiesPass(out, sign_sum, ambiguous, overflow)
+def ties_merge_pass_models(
+    base,
+    experts,
+    thresholds,
+    *,
+    fill_sign,
+    sign="mass",
+    disjoint="mean",
+    weights=None,
+    lam=1.0,
+    include_base=True,
+    out_dtype=None,
+    out=None,
+    check_result=True,
+    blocks=None,
+    backend=None,
+):
+    """``ties_merge_pass`` over the models: the task vectors ``fp32(experts[t]) - fp32(base)`` are
+    formed as the C++ kernel reads the models (no fp32 copy of them); bit-identical to
+    ``ties_merge_pass(model_task_vectors(base, experts), thresholds, base=base, ...)``, which
+    defines it (the "torch" backend runs that). Triton builds the fp32 task vectors and runs its
+    ``ties_merge`` kernel, for now.
+
+    Parameters
+    ----------
+    base : Tensor
+        The base model's tensor (fp32, fp16 or bf16), any shape.
+    experts : sequence of T tensors
+        The experts' tensors (the base's shape and device; dtypes other than the base's: every
+        input is converted to fp32 first).
+    thresholds, fill_sign, sign, disjoint, weights, lam, out, check_result, blocks, backend
+        As in ``ties_merge_pass`` (thresholds of the task vectors, e.g. ``magnitude_threshold_models``).
+    include_base : bool
+        Return ``base + lam * merged`` (True) or ``lam * merged`` alone (the merged task vector).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's).
+
+    Returns
+    -------
+    TiesPass
+        As ``ties_merge_pass``; ``merged`` has the base's shape.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the base (``"base"``), in expert t (``"experts"``, ``task=t``), or a task vector
+        that overflows fp32 (``"task_vectors"``, ``task=t``).
+    NonFiniteResultError
+        With ``check_result``: the result does not fit its dtype.
+    """
+    _check_options(sign, disjoint, fill_sign)
+    flat_base, flat = check_models(base, experts)
+    thresholds = per_task(thresholds, len(flat), "thresholds", base.device, bound="nonnegative")
+    weights = per_task(weights, len(flat), "weights", base.device, default=1.0, bound="positive")
+    lam = finite_scalar(lam, "lam")
+    dtype = result_dtype(base, base, out_dtype)
+    inputs = _Inputs(models=(flat_base, flat, bool(include_base)))
+    return _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, tuple(base.shape), out,
+                      check_result, blocks, backend, "ties_merge_models")
+
+
+def complete_ties_pass(first, fill_sign, majority, disjoint, rerun):
+    """Finish a TIES pass that ran with ``fill_sign`` once the scope's majority sign is known.
+
+    ``first`` is that pass (a ``TiesPass``, run with ``check_result=False``); ``rerun(fill_sign=,
+    blocks=)`` runs the same pass again into ``first.merged`` (``out=first.merged``), checked.
+    Nothing reruns when no ambiguous element would change (``same_fill_result``); else only
+    ``first.ambiguous_blocks`` rerun with the majority (every block where the backend did not
+    report them). A first pass whose result overflowed reruns whole with the final sign, checked:
+    it raises ``NonFiniteResultError`` unless the new signs removed the overflow.
+
+    Returns
+    -------
+    Tensor
+        ``first.merged``, now final.
+    """
+    final = majority if first.ambiguous and not same_fill_result(fill_sign, majority, disjoint) else fill_sign
+    if first.overflow:
+        rerun(fill_sign=final, blocks=None)
+    elif final != fill_sign:
+        rerun(fill_sign=final, blocks=first.ambiguous_blocks)
+    return first.merged
+
+
+def _majority_merge(run_pass, zero_sign, disjoint):
+    """TIES with the zero-sign rule over one tensor; ``run_pass(**kw)`` runs the pass."""
+    if zero_sign not in ("majority", "positive"):
+        raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
+    if zero_sign == "positive":
+        return run_pass(fill_sign=1).merged
+    first = run_pass(fill_sign=0, check_result=False)
+    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
+    return complete_ties_pass(first, 0, majority, disjoint, lambda **kw: run_pass(out=first.merged, **kw))
 
 
 def ties_merge(
@@ -234,18 +460,72 @@ def ties_merge(
     NonFiniteResultError
         The result does not fit ``out_dtype`` (it would be Inf).
     """
-    if zero_sign not in ("majority", "positive"):
-        raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
+    if isinstance(task_vectors, (list, tuple)):  # stacked once, not per pass
+        task_vectors, shape = stack_task_vectors(task_vectors)
+        task_vectors = task_vectors.view(task_vectors.shape[0], *shape)
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype, backend=backend)
-    if zero_sign == "positive":
-        return ties_merge_pass(task_vectors, thresholds, fill_sign=1, **kwargs).merged
-    first = ties_merge_pass(task_vectors, thresholds, fill_sign=0, check_result=False, **kwargs)
-    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
-    fill = 0 if first.ambiguous == 0 or same_fill_result(0, majority, disjoint) else majority
-    if fill == 0 and not first.overflow:
-        return first.merged
-    # the majority's pass; or the first pass again, checked: its result overflowed, so this raises
-    return ties_merge_pass(task_vectors, thresholds, fill_sign=fill, out=first.merged, **kwargs).merged
+    return _majority_merge(lambda **kw: ties_merge_pass(task_vectors, thresholds, **kwargs, **kw), zero_sign, disjoint)
+
+
+def ties_merge_models(
+    base,
+    experts,
+    *,
+    keep=None,
+    thresholds=None,
+    sign="mass",
+    disjoint="mean",
+    weights=None,
+    lam=1.0,
+    zero_sign="majority",
+    include_base=True,
+    out_dtype=None,
+    backend=None,
+):
+    """TIES over one tensor of the models: ``ties_merge`` of the task vectors ``fp32(experts[t]) -
+    fp32(base)`` formed in the kernel (see ``ties_merge_pass_models``), with ``base`` added.
+
+    Parameters
+    ----------
+    base, experts : as in ``ties_merge_pass_models``
+    keep : float, optional
+        The per-tensor TIES trim: threshold t is ``magnitude_threshold_models(base, experts[t],
+        keep)``. Give ``keep`` or ``thresholds``, not both.
+    thresholds : sequence of T numbers or Tensor [T], optional
+        Trim thresholds given directly (e.g. global ones).
+    sign, disjoint, weights, lam, zero_sign, backend
+        As in ``ties_merge``.
+    include_base : bool
+        ``base + lam * merged`` (True) or ``lam * merged`` (the merged task vector).
+    out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
+        Dtype of the result (default: the base's).
+
+    Returns
+    -------
+    Tensor
+        The base's shape, in ``out_dtype``; bit-identical to ``ties_merge(model_task_vectors(...),
+        thresholds, base=base, ...)``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the base, an expert, or a task vector overflowing fp32 (named as in
+        ``ties_merge_pass_models``).
+    NonFiniteResultError
+        The result does not fit ``out_dtype``.
+    """
+    if (keep is None) == (thresholds is None):
+        raise ValueError("give keep (per-tensor thresholds) or thresholds, not both or neither")
+    if keep is not None:
+        flat_base, flat = check_models(base, experts)
+        try:
+            thresholds = torch.stack([magnitude_threshold_models(flat_base, x, keep, backend=backend) for x in flat])
+        except NonFiniteError as err:  # name the expert by its index
+            raise (first_nonfinite_model(flat_base, flat) or err) from None
+    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
+                  out_dtype=out_dtype, backend=backend)
+    return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
+                           disjoint)
 
 
 def same_fill_result(fill_a, fill_b, disjoint):
@@ -307,28 +587,7 @@ def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, out_dtype
     return out.view(shape)
 
 
-def model_task_vectors(base, experts):
-    """The fp32 task vectors ``[T, N]`` ``fp32(experts[t]) - fp32(base)`` of flat tensors (the
-    rounding that ``task_arithmetic_models`` reproduces)."""
-    ref = base.float()
-    return torch.stack([x.float() - ref for x in experts])
-
-
-def _first_nonfinite(base, experts):
-    """NonFiniteError for the first of: the base, each expert, each task vector (an expert minus the
-    base that overflows fp32) holding NaN/Inf; None when all are finite."""
-    if not bool(torch.isfinite(base).all()):
-        return NonFiniteError("base")
-    for t, x in enumerate(experts):
-        if not bool(torch.isfinite(x).all()):
-            return NonFiniteError("experts", t)
-    for t, x in enumerate(experts):
-        if not bool(torch.isfinite(x.float() - base.float()).all()):
-            return NonFiniteError("task_vectors", t)
-    return None
-
-
-def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, out_dtype=None, backend=None):
+def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base=True, out_dtype=None, backend=None):
     """Task arithmetic from the models: ``base + lam * sum_t w_t * (experts[t] - base)``.
 
     Bit-identical to ``task_arithmetic(fp32 task vectors, base=base, ...)`` with the task vectors
@@ -347,6 +606,8 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, out_dtype=No
     weights : None, number or sequence of T finite numbers (negative allowed: task negation)
     lam : float
         Finite.
+    include_base : bool
+        ``base + lam * sum`` (True) or ``lam * sum`` alone (e.g. TALL's multi-task vector).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's).
     backend : None, "torch", "cpu" or "triton"
@@ -364,39 +625,22 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, out_dtype=No
     NonFiniteResultError
         The result does not fit ``out_dtype`` (it would be Inf).
     """
-    check_float(base, "base")
-    if isinstance(experts, torch.Tensor) or not isinstance(experts, (list, tuple)) or not experts:
-        raise ValueError("experts must be a non-empty sequence of tensors (one per expert)")
-    for t, x in enumerate(experts):
-        check_float(x, f"experts[{t}]")
-        if x.shape != base.shape or x.device != base.device:
-            raise ValueError(
-                f"experts[{t}] has shape {tuple(x.shape)} on {x.device} but the base has shape "
-                f"{tuple(base.shape)} on {base.device}"
-            )
+    flat_base, flat = check_models(base, experts)
     dtype = result_dtype(base, base, out_dtype)
     weights = per_task(weights, len(experts), "weights", base.device, default=1.0)
     lam = finite_scalar(lam, "lam")
-    flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in experts]
-    if any(x.dtype != base.dtype for x in experts):  # models stored in different dtypes (rare)
-        flat_base, flat = flat_base.float(), [x.float() for x in flat]
+    added = flat_base if include_base else None
 
     name, kernels = resolve(backend, base.device, "task_arithmetic_models")
     if name != "cpu":
-        try:
-            out = task_arithmetic(
-                model_task_vectors(flat_base, flat), weights=weights, base=flat_base, lam=lam, out_dtype=dtype, backend=name
-            )
-        except NonFiniteResultError:
-            raise
-        except NonFiniteError as err:  # name the model rather than its task vector
-            raise (_first_nonfinite(flat_base, flat) or err) from None
+        out = via_task_vectors(flat_base, flat, lambda tv: task_arithmetic(
+            tv, weights=weights, base=added, lam=lam, out_dtype=dtype, backend=name))
         return out.view(base.shape)
     out = torch.empty(flat_base.shape[0], dtype=dtype)
-    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam):
-        err = _first_nonfinite(flat_base, flat)
+    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base):
+        err = first_nonfinite_model(flat_base, flat)
         if err is not None:
             raise err
         tv = model_task_vectors(flat_base, flat)
-        raise result_error(dtype, lambda: task_arithmetic_reference(tv, weights, flat_base, lam, torch.float32))
+        raise result_error(dtype, lambda: task_arithmetic_reference(tv, weights, added, lam, torch.float32))
     return out.view(base.shape)
