@@ -59,8 +59,6 @@ DATA_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias")}
 # a dual encoder's towers, by the data input that runs them
 TOWERS = {"pixel_values": "vision_model", "input_ids": "text_model"}
-# the merged folder's files copied beside the weights: the merge job's list, and an image processor's
-
 RECORD_NAME = "nlmerge_correct.json"
 
 
