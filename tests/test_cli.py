@@ -244,6 +244,8 @@ def test_readme_examples_run_in_order(tmp_path, monkeypatch):
         "model_a": ResNet(widths=(8, 16, 32), blocks_per_stage=2).eval(),
         "model_b": ResNet(widths=(8, 16, 32), blocks_per_stage=2).eval(),
         "loader": [torch.randn(4, 3, 8, 8)],
+        "ids": torch.randint(0, 10, (4, 6)), "mask": torch.ones(4, 6, dtype=torch.int64),  # nlmerge correct's data
+        "images": torch.randn(2, 3, 8, 8),
         **{f"task_{t}_batches": [torch.randn(16, 4) + t] for t in range(3)},
     }
     blocks = _readme_blocks()
