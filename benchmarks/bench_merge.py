@@ -7,8 +7,13 @@ arithmetic and TALL masks. The floor is the bytes an op must move (read the T ta
 write the output once) over the bandwidth of a plain copy measured in the same run. Every figure
 printed is a ratio from this one run.
 
+The models rows (``--models``) take the base and T experts in their storage dtype (the
+``*_models`` ops form the task vectors in the kernel): global TIES at the op level (thresholds
+from the models' histograms, then the merge pass), the same through ``nlmerge.merge.ties`` on a
+dict of 1024 x 1024 tensors, task arithmetic; their floor reads T + 1 inputs and writes one output.
+
     python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16]
-                                     [--device cpu|cuda] [--quick]
+                                     [--device cpu|cuda] [--quick] [--models]
 """
 import argparse
 import os
@@ -17,7 +22,7 @@ import sys
 
 import torch
 
-from nlmerge import ops
+from nlmerge import merge, ops
 from nlmerge.ops import _dispatch
 from common import best_time, copy_bandwidth, machine, peak_extra_bytes
 
@@ -41,7 +46,27 @@ def nlmerge_ties(tv, keep, backend=None):
     return ops.ties_merge(tv, thresholds, backend=backend)
 
 
-METHODS = {"fused": nlmerge_ties, "fusionbench": fusionbench_ties}
+def nlmerge_ties_models(base, experts, keep, backend=None):
+    """Global TIES over one tensor from the models: thresholds from the task vectors' histograms,
+    then the merge pass with the zero-sign rule (no fp32 task vector is stored)."""
+    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, keep, backend=backend) for x in experts])
+    return ops.ties_merge_models(base, experts, thresholds=thresholds, backend=backend)
+
+
+def make_models(tasks, n, dtype, gen, device="cpu"):
+    """A base and T experts near it (task vectors small next to the weights)."""
+    base = torch.randn(n, generator=gen)
+    experts = [(base + 0.01 * torch.randn(n, generator=gen)).to(dtype).to(device) for _ in range(tasks)]
+    return base.to(dtype).to(device), experts
+
+
+def state_dict(x, rows=1024):
+    """A flat tensor as a dict of ``rows x rows`` model-shaped tensors (views)."""
+    chunk = rows * rows
+    return {f"layer{i}.weight": x[i * chunk:(i + 1) * chunk].view(rows, rows) for i in range(x.numel() // chunk)}
+
+
+METHODS = {"fused": nlmerge_ties, "fusionbench": fusionbench_ties, "models": None}
 
 
 def peak_in_fresh_process(method, log2n, tasks, dtype_name, keep):
@@ -68,18 +93,30 @@ def main():
     parser.add_argument("--keep", type=float, default=0.2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
+    parser.add_argument("--models", action="store_true", help="only the rows that take the models")
     parser.add_argument("--peak-of", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.peak_of:
-        tv = torch.randn(args.tasks, 1 << args.sizes[0]).to(getattr(torch, args.dtypes[0]))
-        METHODS[args.peak_of](tv, args.keep)  # warm-up: loads the extension, starts the threads
-        print(peak_extra_bytes(lambda: METHODS[args.peak_of](tv, args.keep)))
+        dtype = getattr(torch, args.dtypes[0])
+        if args.peak_of == "models":
+            base, experts = make_models(args.tasks, 1 << args.sizes[0], dtype, torch.Generator().manual_seed(0))
+            run = lambda: nlmerge_ties_models(base, experts, args.keep)  # noqa: E731
+        else:
+            tv = torch.randn(args.tasks, 1 << args.sizes[0]).to(dtype)
+            run = lambda: METHODS[args.peak_of](tv, args.keep)  # noqa: E731
+        run()  # warm-up: loads the extension, starts the threads
+        print(peak_extra_bytes(run))
         return
     sizes, repeat = ([20], 1) if args.quick else (args.sizes, 3)
     device = args.device
     backend, _ = _dispatch.resolve(None, torch.device(device), "benchmark")
     print(f"machine: {machine()}\nfused backend: {backend}; T = {args.tasks}, keep = {args.keep}\n")
     gen = torch.Generator().manual_seed(0)
+    if args.models:
+        for log2n in sizes:
+            for dtype_name in args.dtypes:
+                models_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
+        return
     for log2n in sizes:
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
@@ -120,6 +157,39 @@ def main():
             row("TALL masks (bit-packed)", tall, tall_floor, [("| reference", tall_ref)])
             print()
             del tv, mtl
+
+
+def models_rows(log2n, dtype, args, repeat, device, gen):
+    """The rows of the ops that take the models (base + T experts in their storage dtype)."""
+    n, t = 1 << log2n, args.tasks
+    base, experts = make_models(t, n, dtype, gen, device)
+    size = base.element_size()
+    bandwidth = copy_bandwidth(t * n * size, device)
+    floor = (t + 1) * n * size / bandwidth
+    print(f"N = 2^{log2n}, {dtype} models: copy bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.1f} ms "
+          f"(read {t + 1}xN, write N)")
+    fused = best_time(lambda: nlmerge_ties_models(base, experts, args.keep), repeat, device)
+    tv = torch.stack([x.float() - base.float() for x in experts])
+    fusionbench = best_time(lambda: fusionbench_ties(tv, args.keep), 1, device)
+    stacked = best_time(lambda: nlmerge_ties(torch.stack([x.float() - base.float() for x in experts]), args.keep),
+                        repeat, device)
+    del tv
+    row("TIES global from models", fused, floor, [("| fp32 task vectors + fused", stacked),
+                                                 ("| FusionBench-style", fusionbench)])
+    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, args.keep) for x in experts])
+    selection = best_time(lambda: [ops.magnitude_threshold_models(base, x, args.keep) for x in experts], repeat, device)
+    row("  thresholds only (T tasks)", selection, floor)
+    merge_pass = best_time(lambda: ops.ties_merge_models(base, experts, thresholds=thresholds), repeat, device)
+    row("  merge pass only", merge_pass, floor)
+    base_sd, expert_sds = state_dict(base), [state_dict(x) for x in experts]
+    api = best_time(lambda: merge.ties(base_sd, expert_sds, keep=args.keep, scope="global"), repeat, device)
+    row("  nlmerge.merge.ties (1024^2 tensors)", api, floor, [("| op-level / API", fused)])
+    ta = best_time(lambda: ops.task_arithmetic_models(base, experts), repeat, device)
+    row("task arithmetic from models", ta, floor)
+    if device == "cpu":
+        peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep)
+        print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
+    print()
 
 
 if __name__ == "__main__":
