@@ -1,11 +1,28 @@
-"""Linear assignment (maximize) on a score matrix, flat or head-structured."""
+"""Linear assignment (maximize) on a score matrix, flat or head-structured.
+
+The solver is ``lapx``'s ``lapjvh`` (Jonker-Volgenant, float64) when it is installed, else scipy's
+``linear_sum_assignment``. Both are exact: they reach the same optimal objective, and the same
+permutation wherever the optimum is unique; among tied optima (e.g. duplicate units) they may
+pick different, equally optimal permutations. lapx is 1.4-5x faster on 8192-unit scores
+(``benchmarks/bench_align.py --assignment``).
+"""
 import torch
 from scipy.optimize import linear_sum_assignment
+
+try:  # the ``lap`` module of lapx; the older ``lap`` package of the same import name has no lapjvh
+    from lap import lapjvh as _lapjvh
+except ImportError:
+    _lapjvh = None
 
 
 def _lsa(score):
     """Column index of each row in the assignment maximizing ``score`` (float64 CPU tensor)."""
-    return torch.as_tensor(linear_sum_assignment(score.numpy(), maximize=True)[1], dtype=torch.int64)
+    if _lapjvh is not None:
+        # minimizes: negation is exact; rows come back in order 0..n-1
+        cols = _lapjvh(-score.numpy(), return_cost=False)[1]
+    else:
+        cols = linear_sum_assignment(score.numpy(), maximize=True)[1]
+    return torch.as_tensor(cols, dtype=torch.int64)
 
 
 def solve_assignment(score, heads=None):
