@@ -24,7 +24,7 @@ from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
-from nlmerge.jobs.methods import merge_key, tall_key, task_vectors
+from nlmerge.jobs.methods import merge_key, tall_key
 from nlmerge.jobs.permutations import load_permutations
 from nlmerge.merge._common import MERGE_DTYPES, Plan, is_running_stat, running_stat_values
 from nlmerge.ops._checks import NonFiniteResultError
@@ -484,12 +484,13 @@ def _global_thresholds(plan, progress, world, steps):
                 break
         with world.step(), _bar(total, f"TIES thresholds ({step} bits)", progress) as bar:
             for key, tensors in _stream(plan, [k.key for k in mine]):
-                for t, tau in enumerate(task_vectors(tensors)):
+                base = tensors[0]
+                for t, expert in enumerate(tensors[1:]):
                     if step == "high":
                         with _naming(key, plan, tensors):
-                            selectors[t].count(tau, f"task vector of {plan.checkpoints[t + 1].path}")
+                            selectors[t].count_models(base, expert, plan.checkpoints[t + 1].path)
                     elif ranks[t] >= 1:
-                        selectors[t].count_low(tau)
+                        selectors[t].count_low_models(base, expert)
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
         for sel in selectors:
@@ -536,10 +537,10 @@ def _merge_one(plan, k, tensors, thresholds, fill):
                                backend=plan.backend)
             return result.cpu(), None
         experts = k.per_model[1:]
-        result = ops.ties_merge_pass(
-            task_vectors(tensors), thresholds, fill_sign=fill, weights=[p["weight"] for p in experts],
-            base=tensors[0], lam=k.shared["lambda"], disjoint="mean" if k.shared["normalize"] else "sum",
-            out_dtype=k.dtype, backend=plan.backend)
+        result = ops.ties_merge_pass_models(
+            tensors[0], tensors[1:], thresholds, fill_sign=fill, weights=[p["weight"] for p in experts],
+            lam=k.shared["lambda"], disjoint="mean" if k.shared["normalize"] else "sum", out_dtype=k.dtype,
+            backend=plan.backend)
         return result.merged.cpu(), result
 
 

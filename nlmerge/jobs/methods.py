@@ -23,7 +23,6 @@ import torch
 
 from nlmerge import ops
 from nlmerge.merge import generalized
-from nlmerge.merge._common import task_tensors
 
 REQUIRED = object()
 
@@ -161,30 +160,26 @@ METHODS = {m.name: m for m in (
 )}
 
 
-def task_vectors(tensors):
-    """``[T, *shape]`` fp32 task vectors ``expert - base`` of one key (``tensors``: base first, any
-    float dtypes); one expert is converted at a time."""
-    base = tensors[0]
-    return task_tensors("", {"": base}, [{"": x} for x in tensors[1:]])
+def _ties_convention(tensors, shared, experts_params, *, lam, include_base, out_dtype, backend):
+    """TIES with the original code's convention on one key of the models (``tensors``: the base,
+    then the experts): per-task thresholds over the tensor (each model's ``density``), the
+    zero-sign majority over the tensor; task vectors formed in the kernels."""
+    base, experts = tensors[0], tensors[1:]
+    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, p["density"], backend=backend)
+                              for x, p in zip(experts, experts_params)])
+    return ops.ties_merge_models(base, experts, thresholds=thresholds, weights=[p["weight"] for p in experts_params],
+                                 lam=lam, disjoint="mean" if shared["normalize"] else "sum", zero_sign="majority",
+                                 include_base=include_base, out_dtype=out_dtype, backend=backend)
 
 
-def _ties_convention(taus, shared, experts_params, *, base, lam, out_dtype, backend):
-    """TIES with the original code's convention on one key: per-task thresholds over the tensor
-    (each model's ``density``), the zero-sign majority over the tensor."""
-    thresholds = torch.stack([ops.magnitude_threshold(taus[t], p["density"], backend=backend)
-                              for t, p in enumerate(experts_params)])
-    return ops.ties_merge(taus, thresholds, weights=[p["weight"] for p in experts_params], base=base, lam=lam,
-                          disjoint="mean" if shared["normalize"] else "sum", zero_sign="majority",
-                          out_dtype=out_dtype, backend=backend)
-
-
-def multitask_vector(taus, shared, experts_params, backend):
-    """``tau_MTL`` of TALL and consensus (fp32, the key's shape), as ``nlmerge.merge.tall`` forms
-    it: ``mtl: task_arithmetic`` sums the task vectors ``taus`` [T, *shape]; ``mtl: ties`` merges
-    them with TIES (no base, lambda 1)."""
+def multitask_vector(tensors, shared, experts_params, backend):
+    """``tau_MTL`` of TALL and consensus on one key of the models (fp32, the key's shape), as
+    ``nlmerge.merge.tall`` forms it: ``mtl: task_arithmetic`` sums the task vectors; ``mtl: ties``
+    merges them with TIES (lambda 1, no base)."""
     if shared["mtl"] == "task_arithmetic":
-        return ops.task_arithmetic(taus, backend=backend)
-    return _ties_convention(taus, shared, experts_params, base=None, lam=1.0, out_dtype=torch.float32,
+        return ops.task_arithmetic_models(tensors[0], tensors[1:], include_base=False, out_dtype=torch.float32,
+                                          backend=backend)
+    return _ties_convention(tensors, shared, experts_params, lam=1.0, include_base=False, out_dtype=torch.float32,
                             backend=backend)
 
 
@@ -193,13 +188,13 @@ def tall_key(tensors, shared, per_model, *, out_dtype, backend):
 
     ``tau_mtl`` is the fp32 multi-task vector (the key's shape), ``masks`` the bit-packed TALL
     masks ``m_t = |tau_t| > tall_lambda_t * |tau_MTL - tau_t|`` (uint8 ``[T, ceil(numel / 8)]``,
-    :func:`nlmerge.ops.tall_masks`), ``models`` each task's tensor ``base + m_t * tau_MTL`` in
+    :func:`nlmerge.ops.tall_masks_models`), ``models`` each task's tensor ``base + m_t * tau_MTL`` in
     ``out_dtype`` (None when ``output: masks``). ``tensors``: the base first, then the experts.
     """
     experts_params = per_model[1:]
-    taus = task_vectors(tensors)
-    tau_mtl = multitask_vector(taus, shared, experts_params, backend)
-    masks = ops.tall_masks(taus, tau_mtl, [p["tall_lambda"] for p in experts_params], backend=backend)
+    tau_mtl = multitask_vector(tensors, shared, experts_params, backend)
+    masks = ops.tall_masks_models(tensors[0], tensors[1:], tau_mtl, [p["tall_lambda"] for p in experts_params],
+                                  backend=backend)
     if shared["output"] == "masks":
         return tau_mtl, masks, None
     models = [ops.apply_mask(row, tau_mtl, base=tensors[0], out_dtype=out_dtype, backend=backend) for row in masks]
@@ -224,13 +219,11 @@ def merge_key(method, key, tensors, shared, per_model, *, out_dtype, seed, backe
         return ops.task_arithmetic(tensors, weights=weights, **common)
     base, experts, experts_params = tensors[0], tensors[1:], per_model[1:]
     if method.name == "consensus":
-        taus = task_vectors(tensors)
-        tau_mtl = multitask_vector(taus, shared, experts_params, backend)
-        return ops.consensus_merge(taus, tau_mtl, [p["tall_lambda"] for p in experts_params], k=shared["k"],
-                                   base=base, alpha=shared["lambda"], **common)
+        tau_mtl = multitask_vector(tensors, shared, experts_params, backend)
+        return ops.consensus_merge_models(base, list(experts), tau_mtl, [p["tall_lambda"] for p in experts_params],
+                                          k=shared["k"], alpha=shared["lambda"], **common)
     if method.name == "ties" and shared["convention"] == "ties":
-        return _ties_convention(task_vectors(tensors), shared, experts_params, base=base, lam=shared["lambda"],
-                                **common)
+        return _ties_convention(tensors, shared, experts_params, lam=shared["lambda"], include_base=True, **common)
     values = {k: v for k, v in shared.items() if k not in ("scope", "convention")}
     values.update({p.name: [e[p.name] for e in experts_params] for p in method.per_model})
     return generalized.merge_tensor(base, list(experts), **generalized.METHODS[method.name].kwargs(values),

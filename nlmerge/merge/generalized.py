@@ -228,10 +228,14 @@ def magnitude_threshold(tau, density, *, backend=None):
     It is the exact ``k``-th largest ``|tau|`` with ``k = max(1, int(density * n))``, or 0 when
     ``density >= 1`` (everything kept). ``tau``: a non-empty float tensor; backend as in ops.
     """
-    n = tau.numel()
     if density >= 1:
         return torch.zeros((), dtype=tau.dtype, device=tau.device)
-    return _kth(tau, n - max(1, int(density * n)) + 1, backend)
+    return _kth(tau, _trim_rank(tau.numel(), density), backend)
+
+
+def _trim_rank(n, density):
+    """The rank (1-based, smallest first) of mergekit's trim threshold among ``n`` magnitudes."""
+    return n - max(1, int(density * n)) + 1
 
 
 def sparsify_mask(tau, sparsify, density, *, gamma=0.01, seed=0, name=None, stream=0, backend=None):
@@ -467,7 +471,30 @@ def _merge_key(key, name, base, experts, o, out_dtype, backend):
                 out_dtype=out_dtype,
                 backend=backend,
             )
+        if _ties_in_kernel(o) and base[key].numel():
+            return _ties_models(base[key].detach(), [sd[key].detach() for sd in experts], o, out_dtype, backend)
         return _merge_taus(key, task_tensors(key, base, experts), base[key].detach(), o, name, out_dtype, backend)
+
+
+def _ties_in_kernel(o):
+    """Whether the TIES kernel over the models computes the merge: consensus, a magnitude trim (or
+    none) without rescale, positive weights (the kernel's weights; zero or negative ones need the
+    task vectors, see _merge_taus)."""
+    return (o.consensus is not None and o.sparsify in (None, "magnitude") and not o.rescale
+            and all(w > 0 for w in o.weights))
+
+
+def _ties_models(base, experts, o, out_dtype, backend):
+    """TIES with mergekit's consensus on one tensor of the models: thresholds and the merge read
+    the models, the task vectors formed in the kernels (bit-identical to _merge_taus)."""
+    zero = torch.zeros((), device=base.device)
+    thresholds = torch.stack([
+        zero if o.sparsify is None or density >= 1 else
+        ops.kth_smallest_magnitude_models(base, x, _trim_rank(base.numel(), density), backend=backend)
+        for x, density in zip(experts, o.density)])
+    return ops.ties_merge_models(base, experts, thresholds=thresholds, sign="mass" if o.consensus == "sum" else "count",
+                                 disjoint="mean" if o.normalize else "sum", weights=list(o.weights), lam=o.lam,
+                                 zero_sign="positive", out_dtype=out_dtype, backend=backend)
 
 
 def generalized_task_arithmetic(
