@@ -43,7 +43,8 @@ def load_permutations(entries, checkpoints):
         A file names a model that is not an input of the job, or two files apply to one model.
     CheckpointError
         A file that does not fit its model (a key of its spec missing, a size that differs, a
-        permuted tensor that is not floating point) or was computed for another checkpoint.
+        permuted tensor that is not floating point), or a model that is the file's reference (the
+        checkpoint it aligns to; the aligned one and its fine-tunes are accepted).
     """
     out, aligned = Alignments(), set()
     for entry in entries:
@@ -57,10 +58,11 @@ def load_permutations(entries, checkpoints):
             if path in aligned:
                 raise ConfigError(f"model {path!r} is given two permutation files")
             aligned.add(path)
-            expected = metadata.get("other")
-            if expected is not None and expected != ckpt.identity():
-                raise CheckpointError(f"permutations file {entry.file!r} was computed for another checkpoint than "
-                                      f"{path!r} (identities differ)")
+            # the aligned checkpoint's fine-tunes share its unit order (and differ in identity): only
+            # the reference, which the file aligns to, is sure to be a mix-up
+            if metadata.get("reference") is not None and metadata["reference"] == ckpt.identity():
+                raise CheckpointError(f"permutations file {entry.file!r} aligns models to {path!r}: it is the "
+                                      "file's reference, applying it there would misalign it")
             meta = {k: torch.empty(ckpt.info(k).shape, dtype=ckpt.info(k).dtype, device="meta")
                     for k in spec.params if k in ckpt}
             try:
