@@ -27,25 +27,55 @@ end says whether both implementations found the same permutations.
 ``--assignment 2048,8192`` instead times scipy's ``linear_sum_assignment`` on the score of one
 permutation of n units (``R @ O.T`` with R ``[n, --inner]`` Gaussian and O a permuted copy plus
 ``--noise`` times Gaussian noise: 1 for related models, 10 for nearly independent ones) against
-the fp32 matmul that builds that score (one tensor's share of weight matching's work).
+the fp32 matmul that builds that score (one tensor's share of weight matching's work) and against
+``nlmerge.align``'s own solver (lapx's ``lapjvh`` when lapx is installed, else scipy) on the same
+score, with whether it reaches scipy's objective.
+
+``--checkpoint-gb G`` instead benchmarks ``nlmerge align`` on checkpoints (issue 11): it writes a
+Llama-shaped bf16 checkpoint of about G GB (``bench_job.llama_shapes``: hidden 2048, intermediate
+5632, as many layers as G allows; G = 2 is 16 layers, about 1B parameters) and a copy of it under a
+random permutation of every symmetry of its spec plus 5% noise (``bench_job.write_model``), then
+runs weight matching (``run_align``, ``--restarts`` orders) in a child process and reports: the
+total time, the time per sweep and its split (scores: reading tensors and the matmuls; assignment;
+objective), the child's peak anonymous memory (``bench_job.run_measured``) against one model's
+size and against a child that only imports nlmerge, and whether the planted permutation was
+recovered. Then the activation statistics overhead: ``activation_matching`` on two small
+transformers Llamas (grouped-query attention, ``--stats-layers`` layers) at the spec's sites,
+its statistics phase against the plain forward passes of both models.
+
+    python benchmarks/bench_align.py --checkpoint-gb 0.25 [--restarts 1] [--dir DIR]
 """
 import argparse
 import contextlib
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # the repository: tests.conftest's random_perms
+from bench_job import llama_shapes, run_measured, write_model  # noqa: E402
 from common import best_time, machine, timed  # noqa: E402
 
-from nlmerge.align import activation_matching, apply_permutations, resnet_spec, weight_matching  # noqa: E402
+from nlmerge.align import activation_matching, apply_permutations, resnet_spec, spec_from_config  # noqa: E402
+from nlmerge.align import weight_matching  # noqa: E402
 from nlmerge.align.models import ResNet  # noqa: E402
+from nlmerge.io import open_checkpoint  # noqa: E402
+from nlmerge.io.permutations import load_permutations  # noqa: E402
+from nlmerge.jobs import align_job  # noqa: E402
 
-# the module (the package attribute of the same name is the function)
+# the modules (the package attributes of the same names are the functions)
 am_module = sys.modules["nlmerge.align.activation_matching"]
+assign_module = sys.modules["nlmerge.align._assign"]
+wm_module = sys.modules["nlmerge.align.weight_matching"]
 
 NUM_STAGES, BLOCKS = 4, 2
 
@@ -141,28 +171,34 @@ def plain_gathers(spec, perms, state_dict):
 # ---------------------------------------------------------------------------------- helpers
 
 
-class _AssignmentClock:
-    """Wraps ``solve_assignment`` as ``activation_matching`` sees it and adds up the time inside."""
+class _Clock:
+    """Wraps the functions ``targets`` names (``(owner, attribute)``: a module's function or a
+    class's method) while installed and adds up the time spent inside them."""
 
-    def __init__(self):
+    def __init__(self, *targets):
+        self.targets = targets
         self.seconds = 0.0
 
     @contextlib.contextmanager
     def installed(self):
-        original = am_module.solve_assignment
+        originals = [(owner, name, getattr(owner, name)) for owner, name in self.targets]
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
+        def wrap(original):
+            def clocked(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+            return clocked
 
-        am_module.solve_assignment = timed
+        for owner, name, original in originals:
+            setattr(owner, name, wrap(original))
         try:
             yield self
         finally:
-            am_module.solve_assignment = original
+            for owner, name, original in originals:
+                setattr(owner, name, original)
 
 
 def interleaved(fns, clock, repeat, device):
@@ -186,9 +222,12 @@ def ms(seconds):
 
 
 def assignment_figures(sizes, inner, noises):
-    """Print, per size and noise, the time of the score matmul and of the assignment, and their ratio."""
-    print(f"machine: {machine()}")
-    print(f"{'n':>6} {'noise':>6} {'score matmul':>13} {'assignment':>11} {'assignment/matmul':>18}")
+    """Print, per size and noise, the time of the score matmul and of the assignment by scipy and
+    by ``nlmerge.align``'s solver (lapx when installed, with whether it reaches scipy's objective)."""
+    solver = "lapx " + sys.modules["lap"].__version__ if assign_module._lapjvh else "scipy"
+    print(f"machine: {machine()}; nlmerge.align's assignment solver: {solver}")
+    print(f"{'n':>6} {'noise':>6} {'score matmul':>13} {'scipy':>9} {'scipy/matmul':>13} {'nlmerge':>9} "
+          f"{'scipy/nlmerge':>14} {'same objective':>15}")
     for n in sizes:
         for noise in noises:
             gen = torch.Generator().manual_seed(n)
@@ -198,9 +237,149 @@ def assignment_figures(sizes, inner, noises):
             score = (r @ o.T).double()
             matmul = time.perf_counter() - start
             start = time.perf_counter()
-            linear_sum_assignment(score.numpy(), maximize=True)
+            cols = torch.as_tensor(linear_sum_assignment(score.numpy(), maximize=True)[1])
             lsa = time.perf_counter() - start
-            print(f"{n:>6} {noise:>6g} {matmul:12.3f}s {lsa:10.3f}s {lsa / matmul:17.2f}x", flush=True)
+            start = time.perf_counter()
+            perm = assign_module.solve_assignment(score)
+            ours = time.perf_counter() - start
+            same = assign_module.assignment_score(score, perm) == assign_module.assignment_score(score, cols)
+            print(f"{n:>6} {noise:>6g} {matmul:12.3f}s {lsa:8.3f}s {lsa / matmul:12.2f}x {ours:8.3f}s "
+                  f"{lsa / ours:13.2f}x {str(same):>15}", flush=True)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def write_pair(root, gb, seed=0):
+    """A Llama-shaped bf16 checkpoint ``root/reference`` of about ``gb`` GB and ``root/other``:
+    the reference under a random permutation of every symmetry of its spec, plus 5% noise.
+    Returns (reference dir, other dir, the permutations that align other to reference, bytes of
+    one model)."""
+    from tests.conftest import random_perms
+
+    shapes, config = llama_shapes(gb)
+    ref_dir, shuffled, other_dir = (os.path.join(root, n) for n in ("reference", "shuffled", "other"))
+    write_model(ref_dir, shapes, config, seed)
+    with open_checkpoint(ref_dir) as ref:
+        spec, _ = spec_from_config(ref.config, keys=ref.keys())
+        meta = {k: torch.empty(ref.info(k).shape, dtype=ref.info(k).dtype, device="meta") for k in spec.params}
+        planted = random_perms(spec, spec.validate(meta), torch.Generator().manual_seed(seed))
+        align_job.write_aligned(ref, spec, planted, shuffled, out_shard_size=1 << 28)  # sharded: load_base reads the index
+    write_model(other_dir, shapes, config, seed + 1, base=shuffled)  # shuffled + 0.05 x its own scale
+    shutil.rmtree(shuffled)
+    size = sum(2 * int(np.prod(shape)) for _, shape in shapes)
+    return ref_dir, other_dir, {p: torch.argsort(v) for p, v in planted.items()}, size
+
+
+def align_child(ref_dir, other_dir, out, info_path, restarts):
+    """Run ``run_align`` (weight matching) with clocks on its phases; write them to ``info_path``."""
+    clocks = {"weight_matching": _Clock((align_job, "weight_matching")),
+              "scores": _Clock((wm_module._Descent, "score")),
+              "assignment": _Clock((wm_module, "solve_assignment"), (wm_module, "solve_group")),
+              "objectives": _Clock((wm_module._Descent, "objective"))}
+    runs = []
+    descend = wm_module._descend
+
+    def counted(*args, **kwargs):
+        runs.append(descend(*args, **kwargs))
+        return runs[-1]
+
+    wm_module._descend = counted
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for clock in clocks.values():
+            stack.enter_context(clock.installed())
+        result = align_job.run_align(ref_dir, other_dir, out, restarts=restarts, force=True)
+    figures = {name: clock.seconds for name, clock in clocks.items()}
+    figures.update(total=time.perf_counter() - start, sweeps=[s for s, _ in runs],
+                   converged=[c for _, c in runs], best_objective=result["info"]["objective"])
+    with open(info_path, "w") as f:
+        json.dump(figures, f)
+
+
+def stats_overheads(layers, batches, repeat):
+    """Activation statistics on small transformers Llamas (grouped-query attention) against their
+    plain forward passes, seconds of the best of ``repeat`` interleaved rounds: matching (the
+    statistics phase of ``activation_matching`` of two models of different seeds at the spec's
+    sites, cross-correlations) and correction (``activation_stats`` of one model at the correct
+    job's sites, per-channel; loaded with the bias switches, as the job does). Returns
+    ``(description, [(name, stats seconds, forward seconds)])``."""
+    import transformers
+
+    from nlmerge.correct import activation_stats
+    from nlmerge.jobs.correct_job import correction_sites
+
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                      attention_bias=True, mlp_bias=True)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(transformers.LlamaForCausalLM(config).eval())
+    spec, sites = spec_from_config(config, keys=models[0].state_dict().keys())
+    fix = correction_sites(models[0])
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 2048, (8, 128), generator=gen)} for _ in range(batches)]
+
+    def forwards(which):
+        def run():
+            with torch.no_grad():
+                for batch in data:
+                    for model in which:
+                        model(**batch)
+        return run
+
+    clock = _Clock((am_module, "solve_assignment"), (am_module, "solve_group"))
+    with clock.installed():
+        (two, _), (match, assign), (one, _), (stats, _) = interleaved(
+            [forwards(models), lambda: activation_matching(spec, *models, data, sites), forwards(models[:1]),
+             lambda: activation_stats(models[0], data, fix)], clock, repeat, "cpu")
+    n_sites = len({s for v in sites.values() for s in ([v] if isinstance(v, (str, tuple)) else v)})
+    what = (f"Llama hidden 256, intermediate 704, {layers} layers, 8 heads / 2 KV heads, {batches} batches of "
+            f"8x128 tokens; best of {repeat} interleaved rounds")
+    return what, [(f"matching, 2 models, {n_sites} sites (cross-correlations)", match - assign, two),
+                  (f"correction, 1 model, {len(fix)} sites (per-channel)", stats, one)]
+
+
+def checkpoint_figures(args):
+    print(f"machine: {machine()}; assignment solver: {'lapx' if assign_module._lapjvh else 'scipy'}")
+    root = args.dir or tempfile.mkdtemp(prefix="bench_align_")
+    os.makedirs(root, exist_ok=True)
+    try:
+        start = time.perf_counter()
+        ref_dir, other_dir, expected, size = write_pair(root, args.checkpoint_gb)
+        layers = llama_shapes(args.checkpoint_gb)[1]["num_hidden_layers"]
+        print(f"two Llama-shaped bf16 checkpoints: hidden 2048, intermediate 5632, {layers} layers, "
+              f"{size / 2e9:.2f}B parameters, {size / 1e9:.2f} GB each (written in "
+              f"{time.perf_counter() - start:.0f} s); the other is the reference under a random "
+              f"permutation of all {len(expected)} permutations plus 5% noise", flush=True)
+        out, info_path = os.path.join(root, "perms.safetensors"), os.path.join(root, "info.json")
+        seconds, peak = run_measured([sys.executable, os.path.abspath(__file__), "--align-child", ref_dir, other_dir,
+                                      out, info_path, "--restarts", str(args.restarts)])
+        _, idle = run_measured([sys.executable, "-c", "import nlmerge.jobs.align_job, time; time.sleep(1)"])
+        info = json.load(open(info_path))
+        _, found, _ = load_permutations(out)
+        recovered = sum(torch.equal(found[p], expected[p]) for p in expected)
+        sweeps = sum(info["sweeps"])
+        per_sweep = (info["weight_matching"] - info["objectives"]) / sweeps
+        print(f"nlmerge align --restarts {args.restarts}: {seconds:.1f} s in the child "
+              f"(run_align {info['total']:.1f} s, weight matching {info['weight_matching']:.1f} s); "
+              f"{sweeps} sweeps {info['sweeps']} (converged {info['converged']})")
+        print(f"  per sweep {per_sweep:.1f} s: scores (read + fp32 matmuls) {info['scores'] / sweeps:.1f} s, "
+              f"assignment {info['assignment'] / sweeps:.2f} s; objective of each order {info['objectives'] / len(info['sweeps']):.1f} s")
+        largest = 4 * max(int(np.prod(shape)) for _, shape in llama_shapes(args.checkpoint_gb)[0])
+        print(f"  peak anonymous memory {peak / 1e9:.2f} GB = {peak / size:.2f}x one model; above a child that only "
+              f"imports nlmerge ({idle / 1e9:.2f} GB): {(peak - idle) / size:.2f}x one model, "
+              f"{(peak - idle) / largest:.1f}x its largest tensor in fp32")
+        print(f"  planted permutation recovered: {recovered}/{len(expected)} permutations", flush=True)
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    what, rows = stats_overheads(args.stats_layers, 4, args.repeat)
+    print(f"activation statistics over the plain forward passes ({what}):")
+    for name, stats, forward in rows:
+        print(f"  {name}: statistics {ms(stats).strip()}, forwards {ms(forward).strip()}: "
+              f"overhead {100 * (stats / forward - 1):+.1f}%")
 
 
 def main():
@@ -215,7 +394,19 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up (best kept)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="width 16, 2 batches of 16, one repeat")
+    parser.add_argument("--checkpoint-gb", type=float, default=None, metavar="G",
+                        help="benchmark nlmerge align on two generated checkpoints of G GB (see above)")
+    parser.add_argument("--restarts", type=int, default=1, help="--checkpoint-gb: weight matching's orders")
+    parser.add_argument("--stats-layers", type=int, default=4, help="--checkpoint-gb: layers of the statistics Llamas")
+    parser.add_argument("--dir", default=None, help="--checkpoint-gb: where to write them (default: a temporary folder)")
+    parser.add_argument("--align-child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.align_child:
+        align_child(*args.align_child, args.restarts)
+        return
+    if args.checkpoint_gb is not None:
+        checkpoint_figures(args)
+        return
     if args.assignment:
         assignment_figures([int(v) for v in args.assignment.split(",")], args.inner,
                            [float(v) for v in args.noise.split(",")])
@@ -250,7 +441,7 @@ def main():
                 model_a(b)
                 model_b(b)
 
-    clock = _AssignmentClock()
+    clock = _Clock((am_module, "solve_assignment"))
     result = {}
 
     def nl_match():

@@ -566,7 +566,8 @@ def test_weight_matching_restarts_keep_the_best_objective():
 def test_assignment_accelerator_reaches_scipys_optimum(monkeypatch):
     """With lapx installed, the assignment (flat and head-structured) reaches scipy's objective:
     exactly on small-integer scores full of ties (float64 sums of integers are exact), with the
-    same permutation on Gaussian scores, whose optimum is unique."""
+    same permutation on Gaussian scores, whose optimum is unique; the caller's score is left as it
+    was (lapx negates it in place and back)."""
     lap = pytest.importorskip("lap", reason="lapx not installed")
     if not hasattr(lap, "lapjvh"):
         pytest.skip("the installed lap module is not lapx's (no lapjvh)")
@@ -579,11 +580,27 @@ def test_assignment_accelerator_reaches_scipys_optimum(monkeypatch):
         cases += [("ties", torch.randint(0, 4, (n, n), generator=g).double(), heads),
                   ("zeros", torch.zeros(n, n, dtype=torch.float64), heads),
                   ("gauss", torch.randn(n, n, generator=g, dtype=torch.float64), heads)]
+    kept = [s.clone() for _, s, _ in cases]
     fast = [_assign.solve_assignment(s, heads) for _, s, heads in cases]
     monkeypatch.setattr(_assign, "_lapjvh", None)
-    for (kind, s, heads), perm in zip(cases, fast):
+    for (kind, s, heads), perm, before in zip(cases, fast, kept):
+        assert torch.equal(s, before), "the score negated in place was not restored"
         ref = _assign.solve_assignment(s, heads)
         check_permutation(f"{kind} n={s.shape[0]}", perm, s.shape[0], heads)
         assert _assign.assignment_score(s, perm) == _assign.assignment_score(s, ref), (kind, s.shape, heads)
         if kind == "gauss":
             assert torch.equal(perm, ref), (s.shape, heads)
+
+
+def test_assignment_refuses_non_finite_scores():
+    """NaN or Inf anywhere is refused; finite scores whose sum overflows are solved."""
+    from nlmerge.align._assign import solve_assignment
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        score = torch.zeros(5, 5, dtype=torch.float64)
+        score[3, 1] = bad
+        with pytest.raises(ValueError, match="score has non-finite entries"):
+            solve_assignment(score)
+    huge = torch.full((3, 3), 1e308, dtype=torch.float64)
+    huge[0, 2] = huge[1, 0] = huge[2, 1] = 1.7e308  # the sum overflows; the best assignment is (2, 0, 1)
+    assert solve_assignment(huge).tolist() == [2, 0, 1]
