@@ -26,6 +26,14 @@ struct TiesResult {
     int64_t sign_sum, ambiguous, nonfinite;
 };
 
+// DARE's random keep of a merge over the models: element i of task t is kept iff the 24-bit
+// draw of element i on stream t of (k0, k1, h) (random_bits below) is < thresholds[t]; a dropped
+// element's task vector entry is +0.
+struct RandomKeep {
+    uint32_t k0, k1, h;
+    const uint32_t* thresholds;  // [T], each in [0, 2^24]
+};
+
 // Arguments of a TIES pass besides its inputs.
 struct TiesArgs {
     const float* thresholds;
@@ -43,6 +51,7 @@ struct TiesArgs {
     uint8_t* ambiguous_blocks;   // nullptr, or [ceil(N / BLOCK)]: 1 for a run block with an
                                  // ambiguous element (zero elected sign, a kept entry), 0 else
     int nthreads;
+    const RandomKeep* keep;      // ties_merge_models only: nullptr (every element kept) or DARE's draws
 };
 
 TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const TiesArgs& args);
@@ -58,10 +67,20 @@ int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const f
 
 // task_arithmetic on the task vectors fp32(experts[t]) - fp32(base), formed in registers (bit-identical
 // to task_arithmetic on them precomputed in fp32, with `base` as its base when include_base, else none);
-// base and the T experts are separate buffers of N elements of one dtype.
+// base and the T experts are separate buffers of N elements of one dtype. With `keep`, the task
+// vectors with DARE's dropped entries set to +0 (the non-finite count still covers every entry).
 int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
                                const float* weights, void* out, int out_dtype, float lam, bool include_base,
-                               int nthreads);
+                               const RandomKeep* keep, int nthreads);
+
+// DARE's L1 norms over the models (norms [T][2]): norms[t][0] = L1(x_t), norms[t][1] = L1 of x_t's
+// entries kept by `keep`, x_t = fp32(experts[t]) - fp32(base). Each is the fp64 sum of the fp32
+// |x| in a fixed order (nlmerge.ops.dare.l1_norm): per block of BLOCK elements (zero-padded), 16
+// lanes (lane l: elements l, l + 16, ...) summed in element order, the lanes then halved pairwise
+// (l + w onto l, w = 8, 4, 2, 1); the block sums, zero-padded to a power of two, halved likewise.
+// Independent of the thread count; NaN/Inf in a task vector makes its norms non-finite.
+void keep_l1_norms_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                          const RandomKeep& keep, double* norms, int nthreads);
 
 // out: T rows of row_bytes = ceil(N/8) bytes.
 int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,
@@ -120,5 +139,9 @@ struct PhiloxStream {
 void random_bits(const PhiloxStream& s, int64_t offset, int64_t n, int64_t* out, int nthreads);
 void random_uniform(const PhiloxStream& s, int64_t offset, int64_t n, float* out, int nthreads);
 void random_keep(const PhiloxStream& s, int64_t offset, int64_t n, uint32_t threshold, uint8_t* out, int nthreads);
+// The draws of the elements [off, off + n) into draws[0, n), in the calling thread: off a multiple
+// of 4, n <= BLOCK; draws holds BLOCK entries (those from n on may be overwritten). What the merge
+// kernels' random keep compares.
+void block_draws(const PhiloxStream& s, int64_t off, int n, uint32_t* draws);
 
 }  // namespace nlm

@@ -12,6 +12,10 @@
 // vector x_t = fp32(e_t) - fp32(base) (rounded to fp32: what precomputed fp32 task vectors hold,
 // so its results are bit-identical to theirs).
 //
+// A models kernel may also drop entries at random (DARE, RandomKeep): a Keep policy (KeepAll or
+// KeepDrawn) draws the T tasks' keep flags of a block as it begins and zeroes the dropped entries
+// of the task vectors in registers.
+//
 // Every element's arithmetic is independent of the partition, so outputs do not depend on the
 // thread count; the counters are integers. Non-finite task vector entries are detected cheaply
 // (a running max of the |x| bit patterns, >= 0x7f800000 iff NaN/Inf) and counted exactly only
@@ -190,10 +194,36 @@ inline vf task_value(const typename DT<D>::S* __restrict xt, int u, vf b) {
     return DIFF ? v - b : v;
 }
 
+// Every entry kept (no random keep).
+struct KeepAll {
+    void begin_block(int64_t, int) {}
+    inline vf apply(int64_t, int, vf v) const { return v; }
+};
+
+// DARE's random keep: the T tasks' draws of the block (stream t for task t), and v where
+// draw < thresholds[t], else +0 (what masking precomputed task vectors writes).
+struct KeepDrawn {
+    const RandomKeep* keep;
+    int64_t T;
+    std::vector<uint32_t> draws;  // T x BLOCK
+
+    KeepDrawn(const RandomKeep* k, int64_t T_) : keep(k), T(T_), draws(size_t(T_) * BLOCK) {}
+    void begin_block(int64_t off, int n) {
+        for (int64_t t = 0; t < T; t++)
+            block_draws(PhiloxStream{keep->k0, keep->k1, uint32_t(t), keep->h}, off, n, draws.data() + t * BLOCK);
+    }
+    // v: the task vector values of task t at block offset j (VL of them)
+    inline vf apply(int64_t t, int j, vf v) const {
+        vu d;
+        std::memcpy(&d, draws.data() + t * BLOCK + j, sizeof d);
+        return keep_if(d < splatu(keep->thresholds[t]), v);
+    }
+};
+
 // ---------------------------------------------------------------------------------------------
 // TIES: res = lam * merged. Pass 1 trims, elects (task order) and keeps the trimmed values of
 // the strip in a T x STRIP buffer (L1); pass 2 merges the entries agreeing with the sign.
-template <int D, bool COUNT, int DISJ, bool DIFF_>
+template <int D, bool COUNT, int DISJ, bool DIFF_, class Keep>
 struct TiesKernel {
     using S = typename DT<D>::S;
     static constexpr bool DIFF = DIFF_;
@@ -202,10 +232,14 @@ struct TiesKernel {
     const float* w;
     vf fill, lam;
     std::vector<float> buf;
+    Keep keep;
 
-    int64_t begin_block(int64_t, int) { return 0; }
+    int64_t begin_block(int64_t off, int n) {
+        keep.begin_block(off, n);
+        return 0;
+    }
 
-    inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
+    inline void strip(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
         float* __restrict b = buf.data();
         vf m[U], bv[U];
         vu any[U], absmax[U];
@@ -220,17 +254,17 @@ struct TiesKernel {
             float* __restrict bt = b + t * STRIP;
             const vf th = splat(thr[t]), wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
-                const vf v = task_value<D, DIFF>(xt, u, bv[u]);
-                const vf a = vabs(v);
-                const vf tr = keep_if(a >= th, v);  // trimmed_t
+                const vf x0 = task_value<D, DIFF>(xt, u, bv[u]);
+                const vf v = keep.apply(t, j + u * VL, x0);
+                const vf tr = keep_if(vabs(v) >= th, v);  // trimmed_t
                 store(bt + u * VL, tr);
                 if (COUNT) {
                     m[u] = m[u] + __builtin_convertvector((tr < 0.0f) - (tr > 0.0f), vf);  // + sign
                 } else {
                     m[u] = m[u] + wt * tr;
                 }
-                any[u] |= (vu)tr;                    // |bits| != 0 iff some trimmed_t != 0
-                absmax[u] = vmaxu(absmax[u], (vu)a);  // >= 0x7f800000 iff some NaN/Inf
+                any[u] |= (vu)tr;                             // |bits| != 0 iff some trimmed_t != 0
+                absmax[u] = vmaxu(absmax[u], (vu)vabs(x0));  // >= 0x7f800000 iff some NaN/Inf (dropped or not)
             }
         }
         // s0 = sign(m); s = fill where s0 == 0; dir = +1 where agreeing means trimmed > 0 and
@@ -277,18 +311,29 @@ struct TiesKernel {
     }
 };
 
-template <int D, bool COUNT, int DISJ, bool DIFF>
+// The Keep policy of a kernel: KeepAll, or KeepDrawn from `keep` (non-null).
+template <class Keep>
+Keep make_keep(const RandomKeep* keep, int64_t T) {
+    if constexpr (std::is_same_v<Keep, KeepAll>) {
+        return KeepAll{};
+    } else {
+        return KeepDrawn(keep, T);
+    }
+}
+
+template <int D, bool COUNT, int DISJ, bool DIFF, class Keep>
 Counts ties_impl(const void* const* rows, int64_t T, int64_t N, const TiesArgs& a) {
     const BlockSel sel{a.blocks, a.nblocks, a.ambiguous_blocks};
     return parallel_blocks<D>(rows, T, N, a.out, a.out_dtype, a.base, a.base_dtype, sel, a.nthreads, [&] {
-        return TiesKernel<D, COUNT, DISJ, DIFF>{T, a.thresholds, a.weights, splat(float(a.fill_sign)), splat(a.lam),
-                                                std::vector<float>(size_t(T) * STRIP)};
+        return TiesKernel<D, COUNT, DISJ, DIFF, Keep>{T, a.thresholds, a.weights, splat(float(a.fill_sign)),
+                                                      splat(a.lam), std::vector<float>(size_t(T) * STRIP),
+                                                      make_keep<Keep>(a.keep, T)};
     });
 }
 
-template <int D, bool DIFF>
+template <int D, bool DIFF, class Keep>
 Counts ties_modes(const void* const* rows, int64_t T, int64_t N, const TiesArgs& a) {
-#define NLM_TIES(C, J) return ties_impl<D, C, J, DIFF>(rows, T, N, a)
+#define NLM_TIES(C, J) return ties_impl<D, C, J, DIFF, Keep>(rows, T, N, a)
     if (a.count_sign) {
         if (a.disjoint == SUM) NLM_TIES(true, SUM);
         if (a.disjoint == MAX) NLM_TIES(true, MAX);
@@ -300,32 +345,46 @@ Counts ties_modes(const void* const* rows, int64_t T, int64_t N, const TiesArgs&
 #undef NLM_TIES
 }
 
+template <bool DIFF, class Keep>
+Counts ties_dtypes(const void* const* rows, int dtype, int64_t T, int64_t N, const TiesArgs& a) {
+    switch (dtype) {
+        case F16: return ties_modes<F16, DIFF, Keep>(rows, T, N, a);
+        case BF16: return ties_modes<BF16, DIFF, Keep>(rows, T, N, a);
+        default: return ties_modes<F32, DIFF, Keep>(rows, T, N, a);
+    }
+}
+
+// A random keep only over the models (DIFF): stacked task vectors come masked already.
 template <bool DIFF>
 TiesResult ties_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const TiesArgs& a) {
     if (N <= 0 || T <= 0 || (a.blocks != nullptr && a.nblocks <= 0)) return TiesResult{0, 0, 0};
     Counts c;
-    switch (dtype) {
-        case F16: c = ties_modes<F16, DIFF>(rows, T, N, a); break;
-        case BF16: c = ties_modes<BF16, DIFF>(rows, T, N, a); break;
-        default: c = ties_modes<F32, DIFF>(rows, T, N, a);
+    if constexpr (DIFF) {
+        c = a.keep ? ties_dtypes<true, KeepDrawn>(rows, dtype, T, N, a) : ties_dtypes<true, KeepAll>(rows, dtype, T, N, a);
+    } else {
+        c = ties_dtypes<false, KeepAll>(rows, dtype, T, N, a);
     }
     return TiesResult{c.sign_sum, c.ambiguous, c.nonfinite};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Task arithmetic: res = lam * (0 + w_0 x_0 + w_1 x_1 + ...), in task order; with DIFF
-// x_t = fp32(e_t) - fp32(base) (row T), formed in registers.
-template <int D, bool DIFF_>
+// x_t = fp32(e_t) - fp32(base) (row T), formed in registers (then kept or dropped by Keep).
+template <int D, bool DIFF_, class Keep>
 struct TaskArithmeticKernel {
     using S = typename DT<D>::S;
     static constexpr bool DIFF = DIFF_;
     int64_t T;
     const float* w;
     vf lam;
+    Keep keep;
 
-    int64_t begin_block(int64_t, int) { return 0; }
+    int64_t begin_block(int64_t off, int n) {
+        keep.begin_block(off, n);
+        return 0;
+    }
 
-    inline void strip(const S* const* __restrict x, int64_t at, int, float* __restrict res, Lanes& lanes) {
+    inline void strip(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
         vf acc[U], b[U];
         vu absmax[U];
         strip_base<D, DIFF>(x, T, at, b);
@@ -338,7 +397,7 @@ struct TaskArithmeticKernel {
             const vf wt = splat(w[t]);
             for (int u = 0; u < U; u++) {
                 const vf v = task_value<D, DIFF>(xt, u, b[u]);
-                acc[u] = acc[u] + wt * v;
+                acc[u] = acc[u] + wt * keep.apply(t, j + u * VL, v);
                 absmax[u] = vmaxu(absmax[u], (vu)vabs(v));
             }
         }
@@ -397,23 +456,44 @@ struct ConsensusKernel {
 };
 
 // rows: T task vector rows, or (DIFF) T experts and the base, all of dtype D.
-template <int D, bool DIFF>
+template <int D, bool DIFF, class Keep>
 int64_t task_arithmetic_t(const void* const* rows, int64_t T, int64_t N, const float* w, void* out, int out_dtype,
-                          const void* base, int base_dtype, float lam, int nthreads) {
+                          const void* base, int base_dtype, float lam, const RandomKeep* keep, int nthreads) {
     return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, BlockSel{}, nthreads,
-                              [&] { return TaskArithmeticKernel<D, DIFF>{T, w, splat(lam)}; })
+                              [&] {
+                                  return TaskArithmeticKernel<D, DIFF, Keep>{T, w, splat(lam),
+                                                                             make_keep<Keep>(keep, T)};
+                              })
         .nonfinite;
 }
 
+template <bool DIFF, class Keep>
+int64_t task_arithmetic_dtypes(const void* const* rows, int dtype, int64_t T, int64_t N, const float* w, void* out,
+                               int out_dtype, const void* base, int base_dtype, float lam, const RandomKeep* keep,
+                               int nthreads) {
+#define NLM_TA(D) return task_arithmetic_t<D, DIFF, Keep>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, keep, nthreads)
+    switch (dtype) {
+        case F16: NLM_TA(F16);
+        case BF16: NLM_TA(BF16);
+        default: NLM_TA(F32);
+    }
+#undef NLM_TA
+}
+
+// A random keep only over the models (DIFF), as for TIES.
 template <bool DIFF>
 int64_t task_arithmetic_rows(const void* const* rows, int dtype, int64_t T, int64_t N, const float* w, void* out,
-                             int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
+                             int out_dtype, const void* base, int base_dtype, float lam, const RandomKeep* keep,
+                             int nthreads) {
     if (N <= 0 || T <= 0) return 0;
-    switch (dtype) {
-        case F16: return task_arithmetic_t<F16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
-        case BF16: return task_arithmetic_t<BF16, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
-        default: return task_arithmetic_t<F32, DIFF>(rows, T, N, w, out, out_dtype, base, base_dtype, lam, nthreads);
+    if constexpr (DIFF) {
+        if (keep) {
+            return task_arithmetic_dtypes<true, KeepDrawn>(rows, dtype, T, N, w, out, out_dtype, base, base_dtype,
+                                                           lam, keep, nthreads);
+        }
     }
+    return task_arithmetic_dtypes<DIFF, KeepAll>(rows, dtype, T, N, w, out, out_dtype, base, base_dtype, lam, nullptr,
+                                                 nthreads);
 }
 
 template <int D, bool DIFF>
@@ -444,6 +524,68 @@ int64_t consensus_rows(const void* const* rows, int dtype, int64_t T, int64_t N,
     }
 #undef NLM_CONSENSUS
 }
+// ---------------------------------------------------------------------------------------------
+// DARE's L1 norms (keep_l1_norms_models in kernels.h states the summation order).
+constexpr int L1_LANES = 16;
+static_assert(BLOCK % L1_LANES == 0, "blocks hold whole rows of lanes");
+typedef float vf_l1 __attribute__((vector_size(4 * L1_LANES)));
+typedef double vd_l1 __attribute__((vector_size(8 * L1_LANES)));
+
+// The fp64 sum of a[0, BLOCK) (non-negative fp32) in the lane order.
+double block_l1(const float* __restrict a) {
+    vd_l1 acc = vd_l1{};
+    for (int i = 0; i < BLOCK; i += L1_LANES) {
+        vf_l1 v;
+        std::memcpy(&v, a + i, sizeof v);
+        acc = acc + __builtin_convertvector(v, vd_l1);
+    }
+    for (int w = L1_LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] = acc[l] + acc[l + w];
+    return acc[0];
+}
+
+// The pairwise-halving sum of v[0, n), zero-padded to a power of two (v is overwritten).
+double halving_sum(double* v, int64_t n) {
+    int64_t p = 1;
+    while (p < n) p *= 2;
+    for (int64_t w = p / 2; w >= 1; w /= 2)
+        for (int64_t l = 0; l < w && l + w < n; l++) v[l] = v[l] + v[l + w];  // v[l + w] beyond n: +0
+    return v[0];
+}
+
+struct L1Scratch {
+    alignas(64) float all[BLOCK];
+    alignas(64) float kept[BLOCK];
+    alignas(64) uint32_t draws[BLOCK];
+};
+
+template <int D>
+void keep_l1_norms_t(const void* base_, const void* const* experts_, int64_t T, int64_t N, const RandomKeep& keep,
+                     double* norms, int nthreads) {
+    using S = typename DT<D>::S;
+    const S* base = static_cast<const S*>(base_);
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    std::vector<double> sums(size_t(2 * T * nblocks));  // [t][0: all, 1: kept][block]
+    for_each_block<L1Scratch>(N, threads_for(N * T, nthreads), [&](L1Scratch& s, int64_t off, int n) {
+        const int64_t blk = off / BLOCK;
+        for (int64_t t = 0; t < T; t++) {
+            const S* __restrict e = static_cast<const S*>(experts_[t]) + off;
+            const S* __restrict b = base + off;
+            block_draws(PhiloxStream{keep.k0, keep.k1, uint32_t(t), keep.h}, off, n, s.draws);
+            const uint32_t thr = keep.thresholds[t];
+            for (int i = 0; i < n; i++) {
+                const float a = std::fabs(DT<D>::load(e[i]) - DT<D>::load(b[i]));
+                s.all[i] = a;
+                s.kept[i] = s.draws[i] < thr ? a : 0.0f;
+            }
+            for (int i = n; i < BLOCK; i++) s.all[i] = s.kept[i] = 0.0f;
+            sums[size_t((2 * t) * nblocks + blk)] = block_l1(s.all);
+            sums[size_t((2 * t + 1) * nblocks + blk)] = block_l1(s.kept);
+        }
+    });
+    for (int64_t k = 0; k < 2 * T; k++) norms[k] = halving_sum(sums.data() + k * nblocks, nblocks);
+}
+
 }  // namespace
 
 TiesResult ties_merge(const void* tv, int dtype, int64_t T, int64_t N, const TiesArgs& a) {
@@ -461,15 +603,29 @@ int64_t task_arithmetic(const void* tv, int dtype, int64_t T, int64_t N, const f
                         int out_dtype, const void* base, int base_dtype, float lam, int nthreads) {
     const std::vector<const void*> rows = stacked_rows(tv, dtype, T, N);
     return task_arithmetic_rows<false>(rows.data(), dtype, T, N, weights, out, out_dtype, base, base_dtype, lam,
-                                       nthreads);
+                                       nullptr, nthreads);
 }
 
 int64_t task_arithmetic_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
                                const float* weights, void* out, int out_dtype, float lam, bool include_base,
-                               int nthreads) {
+                               const RandomKeep* keep, int nthreads) {
     const std::vector<const void*> rows = model_rows(base, experts, T);
     return task_arithmetic_rows<true>(rows.data(), dtype, T, N, weights, out, out_dtype, include_base ? base : nullptr,
-                                      dtype, lam, nthreads);
+                                      dtype, lam, keep, nthreads);
+}
+
+void keep_l1_norms_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
+                          const RandomKeep& keep, double* norms, int nthreads) {
+    if (T <= 0) return;
+    if (N <= 0) {
+        std::fill(norms, norms + 2 * T, 0.0);
+        return;
+    }
+    switch (dtype) {
+        case F16: keep_l1_norms_t<F16>(base, experts, T, N, keep, norms, nthreads); break;
+        case BF16: keep_l1_norms_t<BF16>(base, experts, T, N, keep, norms, nthreads); break;
+        default: keep_l1_norms_t<F32>(base, experts, T, N, keep, norms, nthreads);
+    }
 }
 
 int64_t consensus(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,

@@ -171,6 +171,26 @@ Models models_buffers(const py::array& base, const py::list& experts, int d) {
     return m;
 }
 
+// DARE's random keep of a models kernel: None (nullptr), or (k0, k1, h, thresholds) with
+// thresholds a uint32 array [T] of values in [0, 2^24] (alive as long as `keep`).
+const RandomKeep* parse_keep(const py::object& keep, int64_t T, RandomKeep& k) {
+    if (keep.is_none()) return nullptr;
+    const py::tuple parts = keep.cast<py::tuple>();
+    if (parts.size() != 4) throw py::value_error("keep must be None or (k0, k1, h, thresholds)");
+    k.k0 = parts[0].cast<uint32_t>();
+    k.k1 = parts[1].cast<uint32_t>();
+    k.h = parts[2].cast<uint32_t>();
+    if (!py::isinstance<py::array>(parts[3])) throw py::type_error("keep's thresholds must be a numpy array");
+    Buf b = typed_buffer(py::reinterpret_borrow<py::array>(parts[3]), 'u', 4, "keep thresholds", false);
+    check_size(b, T, "keep thresholds");
+    k.thresholds = static_cast<const uint32_t*>(b.ptr);
+    for (int64_t t = 0; t < T; t++)
+        if (k.thresholds[t] > (uint32_t(1) << 24))
+            throw py::value_error("keep thresholds[" + std::to_string(t) + "] = " + std::to_string(k.thresholds[t]) +
+                                  " exceeds 2**24");
+    return &k;
+}
+
 // The options of a TIES pass (checked), for T tasks of N elements: thresholds, weights, lam,
 // modes, and the block selection: `blocks` None or int64 block indices (each in range), and
 // `ambiguous_blocks` None or a writable uint8 [ceil(N / BLOCK)].
@@ -351,12 +371,14 @@ PYBIND11_MODULE(_C, m) {
         [](py::array base, py::list experts, const std::string& dtype, py::array thresholds, py::array weights,
            py::array out, const std::string& out_dtype, bool include_base, double lam, const std::string& sign_mode,
            const std::string& disjoint, int fill_sign, py::object blocks, py::object ambiguous_blocks,
-           int nthreads) {
+           py::object keep, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size()), N = mb.n;
             TiesArgs a = ties_args(T, N, thresholds, weights, lam, sign_mode, disjoint, fill_sign, blocks,
                                    ambiguous_blocks, nthreads);
+            RandomKeep k;
+            a.keep = parse_keep(keep, T, k);
             Buf ob = output_buffer(out, od, N);
             a.out = ob.ptr;
             a.out_dtype = od;
@@ -372,8 +394,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"),
         py::arg("out"), py::arg("out_dtype"), py::arg("include_base"), py::arg("lam"), py::arg("sign_mode"),
         py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
-        py::arg("ambiguous_blocks") = py::none(), py::arg("nthreads") = 0,
-        "Fused TIES pass on fp32(experts[t]) - fp32(base); returns (sign_sum, ambiguous, nonfinite)");
+        py::arg("ambiguous_blocks") = py::none(), py::arg("keep") = py::none(), py::arg("nthreads") = 0,
+        "Fused TIES pass on fp32(experts[t]) - fp32(base) (DARE's dropped entries 0 with keep); returns "
+        "(sign_sum, ambiguous, nonfinite)");
 
     m.def(
         "task_arithmetic",
@@ -396,20 +419,44 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "task_arithmetic_models",
         [](py::array base, py::list experts, const std::string& dtype, py::array weights, py::array out,
-           const std::string& out_dtype, double lam, bool include_base, int nthreads) {
+           const std::string& out_dtype, double lam, bool include_base, py::object keep, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size());
             const float* w = per_task(weights, T, "weights");
             Buf ob = output_buffer(out, od, mb.n);
+            RandomKeep k;
+            const RandomKeep* kp = parse_keep(keep, T, k);
             py::gil_scoped_release release;
             return nlm::task_arithmetic_models(mb.base, mb.experts.data(), d, T, mb.n, w, ob.ptr, od, float(lam),
-                                               include_base, threads(nthreads));
+                                               include_base, kp, threads(nthreads));
         },
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("weights"), py::arg("out"),
-        py::arg("out_dtype"), py::arg("lam"), py::arg("include_base") = true, py::arg("nthreads") = 0,
-        "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)) (no base term unless include_base); returns "
-        "the non-finite input and result count");
+        py::arg("out_dtype"), py::arg("lam"), py::arg("include_base") = true, py::arg("keep") = py::none(),
+        py::arg("nthreads") = 0,
+        "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)) (no base term unless include_base; DARE's "
+        "dropped entries 0 with keep); returns the non-finite input and result count");
+
+    m.def(
+        "keep_l1_norms_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::object keep, py::array norms,
+           int nthreads) {
+            const int d = parse_dtype(dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size());
+            RandomKeep k;
+            if (keep.is_none()) throw py::value_error("keep_l1_norms_models needs keep = (k0, k1, h, thresholds)");
+            parse_keep(keep, T, k);
+            Buf nb = typed_buffer(norms, 'f', 8, "norms", true);
+            check_size(nb, 2 * T, "norms");
+            py::gil_scoped_release release;
+            nlm::keep_l1_norms_models(mb.base, mb.experts.data(), d, T, mb.n, k, static_cast<double*>(nb.ptr),
+                                      threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("keep"), py::arg("norms"),
+        py::arg("nthreads") = 0,
+        "norms [T, 2] float64: L1 of fp32(experts[t]) - fp32(base) and of its entries kept by keep (fixed "
+        "blocked fp64 summation order), in place");
 
     m.def(
         "tall_masks",
@@ -632,7 +679,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 7;
+    m.attr("api_version") = 8;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

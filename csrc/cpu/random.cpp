@@ -162,4 +162,10 @@ void random_keep(const PhiloxStream& s, int64_t offset, int64_t n, uint32_t thre
     draws(s, offset, n, Keep{out, threshold}, nthreads);
 }
 
+void block_draws(const PhiloxStream& s, int64_t off, int n, uint32_t* out) {
+    static_assert((BLOCK / 4) % (QL * U) == 0, "a block's counters are whole steps: philox_words stays inside it");
+    philox_words(uint64_t(off / 4), (n + 3) / 4, s.stream, s.h, s.k0, s.k1, out);
+    for (int i = 0; i < n; i++) out[i] >>= 32 - UNIFORM_BITS;
+}
+
 }  // namespace nlm

@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 7  # must match csrc/cpu/module.cpp
+_API_VERSION = 8  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -42,6 +42,7 @@ __all__ = [
     "ties_merge_models",
     "task_arithmetic",
     "task_arithmetic_models",
+    "keep_l1_norms_models",
     "tall_masks",
     "tall_masks_models",
     "consensus",
@@ -167,11 +168,13 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
 
 
 def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
-                      blocks=None, ambiguous_blocks=None):
+                      blocks=None, ambiguous_blocks=None, keep=None):
     """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers
     (bit-identical to ``ties_merge`` on them precomputed in fp32), adding ``base`` to the result when
-    ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s element count. The
-    non-finite count covers the task vector entries, the base where it is added, and results."""
+    ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s element count. ``keep``:
+    None, or DARE's draws ``(k0, k1, h, thresholds)`` (``RandomKeep.draw_key()``): entry i of task t
+    is +0 unless its draw on stream t is below ``thresholds[t]``. The non-finite count covers the
+    task vector entries (dropped or not), the base where it is added, and results."""
     sign_sum, ambiguous, nonfinite = _C.ties_merge_models(
         _in(base.reshape(-1)),
         [_in(x.reshape(-1)) for x in experts],
@@ -186,9 +189,18 @@ def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam
         disjoint,
         int(fill_sign),
         *_blocks(blocks, ambiguous_blocks),
+        _keep(keep),
         _threads(),
     )
     return int(sign_sum), int(ambiguous), int(nonfinite)
+
+
+def _keep(keep):
+    """DARE's draws as the extension takes them: None, or ``(k0, k1, h, uint32 thresholds)``."""
+    if keep is None:
+        return None
+    k0, k1, h, thresholds = keep
+    return k0, k1, h, np.asarray(thresholds, dtype=np.uint32)
 
 
 def task_arithmetic(tv, weights, out, base, lam):
@@ -203,12 +215,12 @@ def task_arithmetic(tv, weights, out, base, lam):
     )
 
 
-def task_arithmetic_models(base, experts, weights, out, lam, include_base=True):
+def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None):
     """``out = base + lam * sum_t weights[t] * (fp32(experts[t]) - fp32(base))`` (the task vectors formed in
     registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); without the ``base +``
-    term unless ``include_base``. ``base`` and the T ``experts``: one dtype, ``out``'s element count.
-    Returns the count of NaN/Inf task vector entries, base values (where added) and results (in
-    ``out``'s dtype)."""
+    term unless ``include_base``; ``keep`` as in ``ties_merge_models``. ``base`` and the T ``experts``:
+    one dtype, ``out``'s element count. Returns the count of NaN/Inf task vector entries (dropped or
+    not), base values (where added) and results (in ``out``'s dtype)."""
     return int(
         _C.task_arithmetic_models(
             _in(base.reshape(-1)),
@@ -219,8 +231,20 @@ def task_arithmetic_models(base, experts, weights, out, lam, include_base=True):
             _name(out),
             float(lam),
             bool(include_base),
+            _keep(keep),
             _threads(),
         )
+    )
+
+
+def keep_l1_norms_models(base, experts, keep, norms):
+    """DARE's L1 norms into ``norms`` (float64 [T, 2], in place): ``[t, 0]`` the L1 norm of
+    ``fp32(experts[t]) - fp32(base)``, ``[t, 1]`` that of its entries that ``keep`` (as in
+    ``ties_merge_models``, required) keeps, each summed in fp64 in ``nlmerge.ops.dare.l1_norm``'s
+    order; non-finite where the task vector has NaN/Inf. ``base`` and the T ``experts``: one dtype."""
+    _C.keep_l1_norms_models(
+        _in(base.reshape(-1)), [_in(x.reshape(-1)) for x in experts], _name(base), _keep(keep), _out(norms, "norms"),
+        _threads(),
     )
 
 

@@ -18,7 +18,9 @@ The methods of mergekit 0.1.5 (``merge_methods/generalized_task_arithmetic.py``)
      ``b + 1 .. b + m`` (drop the ``g_t`` largest fraction, then the smallest), as magnitudes
      between the exact rank-(b+1) and rank-(b+m) values (ties at either end all kept);
 
-   ``rescale`` multiplies the kept values by ``L1(tau_t) / L1(kept)`` unless either is < 1e-7;
+   ``rescale`` multiplies the kept values by ``L1(tau_t) / L1(kept)`` unless either is < 1e-7
+   (DARE's norms: fp64 sums in the fixed order of ``nlmerge.ops.dare.l1_norm``, the same bits on
+   every backend and thread count; the magnitude trims': fp32);
 2. ``delta_t = w_t * sparsified_t``;
 3. consensus ``"sum"`` (``"count"``): ``majority = +1`` where ``sum_t delta_t`` (the sum of
    ``sign(delta_t)``) is ``>= 0``, else -1; ``agree_t = sign(delta_t) == majority`` (zeros never
@@ -41,8 +43,11 @@ vectors formed as the kernel reads the models) without sparsification or consens
 ``ops.ties_merge`` (trim, elect, disjoint sum or mean in one pass; magnitude thresholds applied
 in the kernel) with consensus, except with ``normalize`` together with ``rescale`` or a negative
 weight, whose mergekit divisor the kernel cannot form: a plain-PyTorch formulation
-(:func:`_consensus_plain`) runs those. DARE's and breadcrumbs' masks are applied in PyTorch
-before the kernel.
+(:func:`_consensus_plain`) runs those. Breadcrumbs' masks are applied in PyTorch before the kernel.
+DARE reads the models: one pass for the rescale's norms (``ops.keep_l1_norms_models``), one merge
+pass (``ops.task_arithmetic_models`` / ``ops.ties_merge_models`` with ``random_keep``: the draws,
+drops and rescaled weights applied in the kernel's registers); only consensus with a zero or
+negative weight, or with ``normalize`` and a rescale, merges the masked fp32 task vectors as above.
 """
 import math
 from collections.abc import Sequence
@@ -61,6 +66,7 @@ from nlmerge.merge._common import (
     check_scalar,
     check_weights,
     make_plan,
+    model_tensors,
     naming_nonfinite,
     running_stat_values,
     task_tensors,
@@ -266,9 +272,7 @@ def sparsify_mask(tau, sparsify, density, *, gamma=0.01, seed=0, name=None, stre
     if sparsify == "magnitude":
         return tau.abs() >= magnitude_threshold(tau, density, backend=backend)
     if sparsify == "random":
-        if name is None:
-            raise ValueError("sparsify='random' needs the tensor's name: DARE's drops are keyed by it")
-        return keep_mask(seed, name, tau.shape, density, stream=stream, device=tau.device)
+        return keep_mask(seed, _dare_name(name), tau.shape, density, stream=stream, device=tau.device)
     if sparsify == "magnitude_outliers":
         kept = int(density * n)
         if kept == 0:
@@ -280,8 +284,16 @@ def sparsify_mask(tau, sparsify, density, *, gamma=0.01, seed=0, name=None, stre
     raise ValueError(f"sparsify must be one of {SPARSIFY[1:]}, got {sparsify!r}")
 
 
+def _dare_name(name):
+    """DARE's draws are keyed by the tensor's name: ``name``, or ValueError when it is None."""
+    if name is None:
+        raise ValueError("sparsify='random' needs the tensor's name: DARE's drops are keyed by it")
+    return name
+
+
 def _l1_rescale(before, after):
-    """mergekit's L1 rescale factor ``L1(tau) / L1(kept part)`` (fp32 norms), 1 when either is < 1e-7."""
+    """mergekit's L1 rescale factor ``L1(tau) / L1(kept part)`` (numbers or 0-dim tensors: fp32
+    norms of the magnitude trims, fp64 ones of DARE), 1 when either is < 1e-7."""
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return 1.0
     return float(before / after)
@@ -293,16 +305,12 @@ def _fused_consensus(o, scales):
     return not o.normalize or (all(c == 1.0 for c in scales) and all(w >= 0 for w in o.weights))
 
 
-def _merge_taus(key, taus, base, o, name, out_dtype, backend):
+def _merge_taus(key, taus, base, o, out_dtype, backend):
     """Key ``key``'s result in ``out_dtype`` from ``taus`` [T, *shape] (fp32, consumed: masked in
-    place) and the base's tensor (any float dtype)."""
+    place) and the base's tensor (any float dtype); magnitude sparsification (DARE: _dare_key)."""
     num = taus.shape[0]
     if taus[0].numel() == 0:
         return base.to(out_dtype, copy=True)
-    # masking could hide a NaN from the kernels' checks; a sum is one read without a temporary (a
-    # sum that overflows from finite values goes on to the exact check, which passes it)
-    if o.sparsify == "random" and not bool(torch.isfinite(taus.sum())):
-        check_finite([("task_vectors", taus, True)])
     # magnitude trims without rescale are left to the TIES kernel's threshold (no masking pass)
     in_kernel = o.consensus is not None and o.sparsify == "magnitude" and not o.rescale and _fused_consensus(o, [1.0])
     zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
@@ -313,15 +321,20 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
             continue
         if o.sparsify is None:
             continue
-        kept = sparsify_mask(
-            taus[t], o.sparsify, o.density[t], gamma=o.gamma[t], seed=o.seed, name=name, stream=t, backend=backend
-        )
+        kept = sparsify_mask(taus[t], o.sparsify, o.density[t], gamma=o.gamma[t], backend=backend)
         if kept is None:
             continue
         before = torch.linalg.vector_norm(taus[t], 1) if o.rescale else None
         taus[t].masked_fill_(~kept, 0.0)
         if o.rescale:  # L1 norms in one read each, no masked copy
             scales[t] = _l1_rescale(before, torch.linalg.vector_norm(taus[t], 1))
+    return _combine(key, taus, base, o, scales, thresholds, out_dtype, backend)
+
+
+def _combine(key, taus, base, o, scales, thresholds, out_dtype, backend):
+    """Steps 2-4 of the rule on the sparsified fp32 ``taus`` [T, *shape] (consumed) with the
+    rescale factors ``scales`` and the TIES kernel's trim ``thresholds`` (0-dim tensors)."""
+    num = taus.shape[0]
     weights = [w * c for w, c in zip(o.weights, scales)]
     common = dict(base=base, out_dtype=out_dtype, backend=backend)
     if o.consensus is None:
@@ -341,7 +354,7 @@ def _merge_taus(key, taus, base, o, name, out_dtype, backend):
     return ops.ties_merge(
         taus,
         torch.stack([thresholds[t] for t in live]),
-        sign="mass" if o.consensus == "sum" else "count",
+        sign=_sign_mode(o),
         disjoint="mean" if o.normalize else "sum",
         weights=[abs(weights[t]) for t in live],
         lam=o.lam,
@@ -472,8 +485,44 @@ def _merge_key(key, name, base, experts, o, out_dtype, backend):
                 backend=backend,
             )
         if _ties_in_kernel(o) and base[key].numel():
-            return _ties_models(base[key].detach(), [sd[key].detach() for sd in experts], o, out_dtype, backend)
-        return _merge_taus(key, task_tensors(key, base, experts), base[key].detach(), o, name, out_dtype, backend)
+            return _ties_models(*model_tensors(key, base, experts), o, out_dtype, backend)
+        if o.sparsify == "random" and base[key].numel():
+            return _dare_key(key, name, *model_tensors(key, base, experts), o, out_dtype, backend)
+        return _merge_taus(key, task_tensors(key, base, experts), base[key].detach(), o, out_dtype, backend)
+
+
+def _dare_key(key, name, base, experts, o, out_dtype, backend):
+    """DARE on one key's tensors (non-empty): the keep draws and the rescale's L1 norms are taken
+    from the models (``ops.keep_l1_norms_models``: one read, the C++ kernel on CPU tensors); the
+    merge reads the models too, the drops and weights applied in the kernel's registers
+    (:func:`_dare_fused`); else it runs on the masked fp32 task vectors (:func:`_combine`)."""
+    keep = ops.RandomKeep(o.seed, _dare_name(name), tuple(o.density))
+    scales = [1.0] * len(experts)
+    if o.rescale and any(d < 1 for d in o.density):
+        norms = ops.keep_l1_norms_models(base, experts, keep, backend=backend).tolist()
+        scales = [_l1_rescale(*norms[t]) if d < 1 else 1.0 for t, d in enumerate(o.density)]
+    common = dict(random_keep=keep, out_dtype=out_dtype, backend=backend)
+    if not _dare_fused(o, scales):
+        taus = ops.keep_task_vectors(base.reshape(-1), [x.reshape(-1) for x in experts], keep)
+        zero = torch.zeros((), device=base.device)
+        return _combine(key, taus.view(-1, *base.shape), base, o, scales, [zero] * len(experts), out_dtype, backend)
+    weights = [w * c for w, c in zip(o.weights, scales)]
+    if o.consensus is None:
+        return ops.task_arithmetic_models(base, experts, weights=weights, lam=_summed_lam(o), **common)
+    return ops.ties_merge_models(base, experts, thresholds=torch.zeros(len(experts)), sign=_sign_mode(o),
+                                 disjoint="mean" if o.normalize else "sum", weights=weights, lam=o.lam,
+                                 zero_sign="positive", **common)
+
+
+def _dare_fused(o, scales):
+    """Whether DARE's merge runs on the models kernels: task arithmetic (any weights), or consensus
+    over positive weights where the TIES kernel's divisor is mergekit's (``_fused_consensus``)."""
+    return o.consensus is None or (all(w > 0 for w in o.weights) and _fused_consensus(o, scales))
+
+
+def _sign_mode(o):
+    """The TIES kernels' election for mergekit's consensus method."""
+    return "mass" if o.consensus == "sum" else "count"
 
 
 def _ties_in_kernel(o):
@@ -492,7 +541,7 @@ def _ties_models(base, experts, o, out_dtype, backend):
         zero if o.sparsify is None or density >= 1 else
         ops.kth_smallest_magnitude_models(base, x, _trim_rank(base.numel(), density), backend=backend)
         for x, density in zip(experts, o.density)])
-    return ops.ties_merge_models(base, experts, thresholds=thresholds, sign="mass" if o.consensus == "sum" else "count",
+    return ops.ties_merge_models(base, experts, thresholds=thresholds, sign=_sign_mode(o),
                                  disjoint="mean" if o.normalize else "sum", weights=list(o.weights), lam=o.lam,
                                  zero_sign="positive", out_dtype=out_dtype, backend=backend)
 

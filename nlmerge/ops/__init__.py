@@ -7,6 +7,8 @@
 - ``tall``: TALL masks (bit-packed), consensus, rebuilding a task from its mask.
 - ``stats``: streaming activation statistics (means, variances, covariance, cross-correlation).
 - ``random``: counter-based random draws (Philox4x32-10) keyed by (seed, name, index): DARE.
+- ``dare``: DARE's random keep over the models (``RandomKeep``, the ``random_keep=`` of the
+  models merge ops) and the L1 norms of its rescale, in a defined summation order.
 - ``permute``: batched permutation gathers (applying an alignment's permutations).
 - ``activations``: feeding batches to a model and hooked activations and their feature axis
   (shared by alignment and correction).
@@ -14,6 +16,7 @@
 Every op takes ``backend=None | "torch" | "cpu" | "triton"`` (see ``_dispatch``).
 """
 from nlmerge.ops._checks import NonFiniteError
+from nlmerge.ops.dare import RandomKeep, keep_l1_norms_models, keep_task_vectors
 from nlmerge.ops.permute import permute_tensors
 from nlmerge.ops.random import keep_mask, random_bits, uniform
 from nlmerge.ops.selection import (
@@ -49,13 +52,16 @@ from nlmerge.ops.ties import (
 __all__ = [
     "MagnitudeSelector",
     "NonFiniteError",
+    "RandomKeep",
     "StreamingStats",
     "TiesPass",
     "apply_mask",
     "complete_ties_pass",
     "consensus_merge",
     "consensus_merge_models",
+    "keep_l1_norms_models",
     "keep_mask",
+    "keep_task_vectors",
     "kth_smallest_magnitude",
     "kth_smallest_magnitude_models",
     "magnitude_threshold",

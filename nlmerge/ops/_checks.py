@@ -220,11 +220,12 @@ def raise_nonfinite_model(base, experts, labels=None):
     raise err
 
 
-def via_task_vectors(base, experts, op):
-    """``op(task_vectors)`` on the fp32 task vectors of flat models (the backends without a models
-    kernel), a non-finite input named as the model it comes from (base / experts[t] / task_vectors[t])."""
+def via_task_vectors(base, experts, op, task_vectors=model_task_vectors):
+    """``op(task_vectors(base, experts))`` on the fp32 task vectors of flat models (the backends
+    without a models kernel; ``task_vectors`` may drop entries, e.g. ``ops.dare.keep_task_vectors``),
+    a non-finite input named as the model it comes from (base / experts[t] / task_vectors[t])."""
     try:
-        return op(model_task_vectors(base, experts))
+        return op(task_vectors(base, experts))
     except NonFiniteResultError:
         raise
     except NonFiniteError as err:

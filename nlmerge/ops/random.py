@@ -218,9 +218,16 @@ def keep_mask(seed, name, shape, density, *, offset=0, stream=0, device="cpu", b
     ValueError
         ``density`` outside [0, 1] (or NaN), and the errors of :func:`random_bits`.
     """
+    shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    threshold = keep_threshold(density)
+    return _draws("keep_mask", seed, name, shape.numel(), offset, stream, device, backend, threshold).reshape(shape)
+
+
+def keep_threshold(density):
+    """The integer threshold of :func:`keep_mask`: ``ceil(density * 2**24)``, in [0, 2**24]; an
+    element is kept iff its 24-bit draw is below it. Raises ValueError for a ``density`` outside
+    [0, 1] (or NaN)."""
     density = float(density)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be in [0, 1] (the probability of keeping an element), got {density}")
-    shape = torch.Size([shape] if isinstance(shape, int) else shape)
-    threshold = math.ceil(density * 2.0**UNIFORM_BITS)
-    return _draws("keep_mask", seed, name, shape.numel(), offset, stream, device, backend, threshold).reshape(shape)
+    return math.ceil(density * 2.0**UNIFORM_BITS)

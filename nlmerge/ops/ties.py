@@ -11,7 +11,9 @@ once per pass and allocate only the output.
 The ``*_models`` ops take the base and the experts themselves (their storage dtype) and form the
 task vectors ``fp32(expert) - fp32(base)`` as they read them (C++ backend; the other backends build
 the fp32 task vectors first, for now): bit-identical to the stacked-task-vector ops on
-``model_task_vectors(base, experts)``, which define them.
+``model_task_vectors(base, experts)``, which define them. With ``random_keep`` (DARE's draws,
+:mod:`nlmerge.ops.dare`) the task vectors' dropped entries are +0: bit-identical to the same ops on
+``keep_task_vectors(base, experts, random_keep)``.
 
 The zero-sign rule of TIES ("majority": the sign of the sum of all elected signs over the scope)
 needs the whole scope before any element can be finished. One pass with ``fill_sign=0`` also
@@ -45,6 +47,7 @@ from nlmerge.ops._checks import (
     via_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
+from nlmerge.ops.dare import check_random_keep, keep_task_vectors
 from nlmerge.ops.selection import magnitude_threshold_models
 
 SIGN_MODES = ("mass", "count")
@@ -162,8 +165,8 @@ def _blocks_of(mask):
 
 class _Inputs:
     """The inputs of a TIES pass: stacked task vectors with a base to add (``models=None``), or a
-    base and its experts (``models=(base, experts, include_base)``). ``tv()`` gives the fp32 (or
-    stored) task vectors that define the pass, ``added`` the base added to the result."""
+    base and its experts (``models=(base, experts, include_base, random_keep)``). ``tv()`` gives the
+    fp32 (or stored) task vectors that define the pass, ``added`` the base added to the result."""
 
     def __init__(self, tv=None, base=None, models=None):
         self.stacked, self.models = tv, models
@@ -171,12 +174,12 @@ class _Inputs:
             self.added = base
             self.numel, self.num_tasks, self.device = tv.shape[1], tv.shape[0], tv.device
         else:
-            flat_base, flat, include_base = models
+            flat_base, flat, include_base, _ = models
             self.added = flat_base if include_base else None
             self.numel, self.num_tasks, self.device = flat_base.shape[0], len(flat), flat_base.device
 
     def tv(self):
-        return self.stacked if self.models is None else model_task_vectors(*self.models[:2])
+        return self.stacked if self.models is None else keep_task_vectors(*self.models[:2], self.models[3])
 
     def raise_nonfinite(self):
         """Raise for a non-finite input (naming it); return when all are finite."""
@@ -191,9 +194,10 @@ class _Inputs:
         """The fast pass into ``flat``: ``(sign_sum, ambiguous, nonfinite)``."""
         thresholds, weights, lam, sign, disjoint, fill_sign = args
         if self.models is not None and name == "cpu":
-            base, experts, include_base = self.models
+            base, experts, include_base, random_keep = self.models
             return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
-                                             disjoint, fill_sign, blocks, flags)
+                                             disjoint, fill_sign, blocks, flags,
+                                             None if random_keep is None else random_keep.draw_key())
         if name == "cpu":
             return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
                                       fill_sign, blocks, flags)
@@ -332,6 +336,7 @@ def ties_merge_pass_models(
     out=None,
     check_result=True,
     blocks=None,
+    random_keep=None,
     backend=None,
 ):
     """``ties_merge_pass`` over the models: the task vectors ``fp32(experts[t]) - fp32(base)`` are
@@ -353,6 +358,9 @@ def ties_merge_pass_models(
         Return ``base + lam * merged`` (True) or ``lam * merged`` alone (the merged task vector).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's).
+    random_keep : None or nlmerge.ops.RandomKeep
+        DARE's draws (T densities): the task vectors' dropped entries are +0, in the kernel's
+        registers (the reference: ``keep_task_vectors``).
 
     Returns
     -------
@@ -373,7 +381,7 @@ def ties_merge_pass_models(
     weights = per_task(weights, len(flat), "weights", base.device, default=1.0, bound="positive")
     lam = finite_scalar(lam, "lam")
     dtype = result_dtype(base, base, out_dtype)
-    inputs = _Inputs(models=(flat_base, flat, bool(include_base)))
+    inputs = _Inputs(models=(flat_base, flat, bool(include_base), check_random_keep(random_keep, len(flat))))
     return _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, tuple(base.shape), out,
                       check_result, blocks, backend, "ties_merge_models")
 
@@ -480,6 +488,7 @@ def ties_merge_models(
     zero_sign="majority",
     include_base=True,
     out_dtype=None,
+    random_keep=None,
     backend=None,
 ):
     """TIES over one tensor of the models: ``ties_merge`` of the task vectors ``fp32(experts[t]) -
@@ -499,11 +508,13 @@ def ties_merge_models(
         ``base + lam * merged`` (True) or ``lam * merged`` (the merged task vector).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's).
+    random_keep : None or nlmerge.ops.RandomKeep
+        DARE's draws, as in ``ties_merge_pass_models`` (with ``thresholds``, not ``keep``).
 
     Returns
     -------
     Tensor
-        The base's shape, in ``out_dtype``; bit-identical to ``ties_merge(model_task_vectors(...),
+        The base's shape, in ``out_dtype``; bit-identical to ``ties_merge(keep_task_vectors(...),
         thresholds, base=base, ...)``.
 
     Raises
@@ -516,6 +527,8 @@ def ties_merge_models(
     """
     if (keep is None) == (thresholds is None):
         raise ValueError("give keep (per-tensor thresholds) or thresholds, not both or neither")
+    if keep is not None and random_keep is not None:
+        raise ValueError("random_keep takes thresholds, not keep (whose trim would ignore the drops)")
     if keep is not None:
         flat_base, flat = check_models(base, experts)
         try:
@@ -523,7 +536,7 @@ def ties_merge_models(
         except NonFiniteError as err:  # name the expert by its index
             raise (first_nonfinite_model(flat_base, flat) or err) from None
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
-                  out_dtype=out_dtype, backend=backend)
+                  out_dtype=out_dtype, random_keep=random_keep, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
                            disjoint)
 
@@ -587,7 +600,8 @@ def task_arithmetic(task_vectors, *, weights=None, base=None, lam=1.0, out_dtype
     return out.view(shape)
 
 
-def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base=True, out_dtype=None, backend=None):
+def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base=True, out_dtype=None,
+                           random_keep=None, backend=None):
     """Task arithmetic from the models: ``base + lam * sum_t w_t * (experts[t] - base)``.
 
     Bit-identical to ``task_arithmetic(fp32 task vectors, base=base, ...)`` with the task vectors
@@ -610,6 +624,9 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
         ``base + lam * sum`` (True) or ``lam * sum`` alone (e.g. TALL's multi-task vector).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's).
+    random_keep : None or nlmerge.ops.RandomKeep
+        DARE's draws (T densities): the dropped task vector entries are +0 (bit-identical to
+        ``task_arithmetic`` on ``keep_task_vectors(base, experts, random_keep)``).
     backend : None, "torch", "cpu" or "triton"
 
     Returns
@@ -630,17 +647,20 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
     weights = per_task(weights, len(experts), "weights", base.device, default=1.0)
     lam = finite_scalar(lam, "lam")
     added = flat_base if include_base else None
+    random_keep = check_random_keep(random_keep, len(flat))
 
     name, kernels = resolve(backend, base.device, "task_arithmetic_models")
     if name != "cpu":
         out = via_task_vectors(flat_base, flat, lambda tv: task_arithmetic(
-            tv, weights=weights, base=added, lam=lam, out_dtype=dtype, backend=name))
+            tv, weights=weights, base=added, lam=lam, out_dtype=dtype, backend=name),
+            lambda b, e: keep_task_vectors(b, e, random_keep))
         return out.view(base.shape)
     out = torch.empty(flat_base.shape[0], dtype=dtype)
-    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base):
+    draw_key = None if random_keep is None else random_keep.draw_key()
+    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base, draw_key):
         err = first_nonfinite_model(flat_base, flat)
         if err is not None:
             raise err
-        tv = model_task_vectors(flat_base, flat)
+        tv = keep_task_vectors(flat_base, flat, random_keep)
         raise result_error(dtype, lambda: task_arithmetic_reference(tv, weights, added, lam, torch.float32))
     return out.view(base.shape)
