@@ -1,0 +1,165 @@
+"""DARE over the models (nlmerge.ops.dare, the ``random_keep`` of the models merge kernels, and
+merge.generalized's fused DARE path): kernels against their references bit for bit, the same
+bits on 1 and 2 threads, the fused path against the masked-task-vector path (which
+test_generalized holds to mergekit), non-finite inputs named."""
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import DTYPES, KINDS, nasty
+
+from nlmerge import kernels, ops
+from nlmerge.merge import METHODS, generalized, merge_tensor
+from nlmerge.ops.dare import BLOCK, l1_norm
+from nlmerge.ops.random import keep_mask
+
+needs_cpu = pytest.mark.skipif(kernels.load("cpu")[0] is None, reason="the C++ extension is not built")
+SIZES = (1, 15, BLOCK - 1, BLOCK + 1, 3 * BLOCK + 17, 40_013)
+DENSITIES = ((0.3, 1.0, 1e-4), (0.9, 0.5, 0.05))
+
+
+def models(kind, n, dtype, generator, num=3):
+    """A base and ``num`` experts of ``n`` elements of ``kind`` (experts: halves of the base plus
+    another such tensor, so that they fit ``dtype``)."""
+    base = nasty(kind, (n,), dtype, generator)
+    return base, [(0.5 * base.float() + 0.5 * nasty(kind, (n,), dtype, generator).float()).to(dtype)
+                  for _ in range(num)]
+
+
+def threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def outcome(fn):
+    """``fn()``'s tensor, or its ValueError's type and message (both paths must fail alike)."""
+    try:
+        return fn()
+    except ValueError as err:
+        return type(err), str(err)
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    else:
+        assert a == b
+
+
+def test_l1_norm_is_an_accurate_fixed_order_fp64_sum(generator):
+    for kind, n in itertools.product(("normal", "denormal", "huge", "mixed"), (1, BLOCK + 5, 70_001)):
+        x = nasty(kind, (n,), torch.float32, generator)
+        exact = math.fsum(x.abs().double().tolist())
+        got = float(l1_norm(x))
+        assert abs(got - exact) <= (68 + math.log2(n)) * 2.0**-53 * exact, (kind, n)
+        assert float(l1_norm(x.flip(0))) == pytest.approx(exact, rel=1e-13)  # another order: close, not defined equal
+    assert float(l1_norm(torch.zeros(0))) == 0.0
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_keep_l1_norms_kernel_is_the_reference(dtype, generator):
+    for n, densities, kind in itertools.product(SIZES, DENSITIES, ("normal", "mixed", "ties")):
+        base, experts = models(kind, n, dtype, generator)
+        keep = ops.RandomKeep(11, f"layer.{n}", densities)
+        expected = ops.keep_l1_norms_models(base, experts, keep, backend="torch")
+        one = threads(1, lambda: ops.keep_l1_norms_models(base, experts, keep, backend="cpu"))
+        two = threads(2, lambda: ops.keep_l1_norms_models(base, experts, keep, backend="cpu"))
+        assert torch.equal(one, expected) and torch.equal(two, expected), (n, densities, kind)
+        assert torch.equal(expected[1, 0], expected[1, 1]) or densities[1] < 1  # density 1 keeps all
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_models_kernels_with_random_keep_are_the_reference(dtype, kind, generator):
+    n = 3 * BLOCK + 17
+    base, experts = models(kind, n, dtype, generator)
+    keep = ops.RandomKeep(5, "w", DENSITIES[0])
+    calls = {
+        "task_arithmetic": lambda b: ops.task_arithmetic_models(
+            base, experts, weights=[0.75, -0.5, 0.0], lam=0.9, random_keep=keep, backend=b),
+        "ties": lambda b: ops.ties_merge_models(
+            base, experts, thresholds=[0.0, 0.0, 0.0], weights=[1.0, 0.5, 2.0], sign="mass", disjoint="sum",
+            zero_sign="positive", random_keep=keep, out_dtype=torch.float32, backend=b),
+        "ties_count_mean": lambda b: ops.ties_merge_models(
+            base, experts, thresholds=[0.0, 0.0, 0.0], weights=[1.0, 0.5, 2.0], sign="count", disjoint="mean",
+            random_keep=keep, backend=b),
+    }
+    for name, call in calls.items():
+        expected = outcome(lambda: call("torch"))
+        assert_same(threads(1, lambda: outcome(lambda: call("cpu"))), expected)
+        assert_same(threads(2, lambda: outcome(lambda: call("cpu"))), expected)
+        if isinstance(expected, torch.Tensor):  # the reference is the masked task vectors' merge
+            tv = ops.keep_task_vectors(base, experts, keep)
+            dropped = ~keep_mask(5, "w", n, DENSITIES[0][2], stream=2)
+            assert torch.equal(tv[2][dropped], torch.zeros(int(dropped.sum())))
+
+
+def fused_and_masked(monkeypatch, **kwargs):
+    """merge_tensor's fused DARE path and its masked-task-vector path (``_dare_fused`` off)."""
+    fused = outcome(lambda: merge_tensor(**kwargs))
+    with monkeypatch.context() as m:
+        m.setattr(generalized, "_dare_fused", lambda o, scales: False)
+        masked = outcome(lambda: merge_tensor(**kwargs))
+    return fused, masked
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_dare_is_the_masked_path(method, dtype, generator, monkeypatch):
+    """Every option: the fused kernels where they apply, bit-identical to merging the masked fp32
+    task vectors; fp32 and the storage dtype out."""
+    options = itertools.product(
+        ((1.0, 1.0, 1.0), (0.75, -0.5, 1.25), (0.5, 0.0, 1.5)), (False, True), (False, True), DENSITIES,
+        (torch.float32, dtype))
+    for (weights, normalize, rescale, densities, out_dtype), n in zip(options, itertools.cycle(SIZES[:5])):
+        base, experts = models("normal", n, dtype, generator)
+        kwargs = dict(METHODS[method].kwargs(dict(weight=list(weights), density=list(densities), normalize=normalize,
+                                                  rescale=rescale)), lam=0.8)
+        fused, masked = fused_and_masked(monkeypatch, base=base.view(1, n), experts=[x.view(1, n) for x in experts],
+                                         name="m.w", seed=3, out_dtype=out_dtype, **kwargs)
+        assert isinstance(fused, torch.Tensor)
+        assert_same(fused, masked)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_dare_nasty_values(kind, generator, monkeypatch):
+    base, experts = models(kind, 2 * BLOCK + 3, torch.bfloat16, generator)
+    for method in ("dare_linear", "dare_ties"):
+        kwargs = METHODS[method].kwargs(dict(weight=[1.0, 0.5, 0.25], density=[0.5, 1.0, 0.01]))
+        fused, masked = fused_and_masked(monkeypatch, base=base, experts=experts, name="n.w", out_dtype=torch.bfloat16,
+                                         **kwargs)
+        assert_same(fused, masked)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_nonfinite_in_a_dropped_element_is_named(method):
+    n = 300
+    base = torch.zeros(n)
+    experts = [torch.full((n,), 0.5), torch.full((n,), -0.25), torch.full((n,), 1.0)]
+    dropped = int((~keep_mask(0, "w", n, 0.1, stream=1)).nonzero()[0])
+    kwargs = METHODS[method].kwargs(dict(weight=[1.0, 1.0, 1.0], density=0.1))
+    for bad_value in (float("nan"), float("inf")):
+        bad = experts[1].clone()
+        bad[dropped] = bad_value
+        with pytest.raises(ValueError, match=r"key 'w': expert 1 contains NaN or Inf"):
+            merge_tensor(base, [experts[0], bad, experts[2]], **kwargs, name="w")
+    with pytest.raises(ops.NonFiniteError, match=r"task_vectors\[2\]"):  # a task vector overflowing fp32
+        ops.keep_l1_norms_models(torch.full((n,), -3e38), [base, base, torch.full((n,), 3e38)],
+                                 ops.RandomKeep(0, "w", (0.5, 0.5, 0.5)))
+
+
+def test_random_keep_is_checked():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="random_keep has 1 densities for 2 task vectors"):
+        ops.task_arithmetic_models(x, [x, x], random_keep=ops.RandomKeep(0, "w", (0.5,)))
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        ops.ties_merge_models(x, [x], thresholds=[0.0], random_keep=ops.RandomKeep(0, "w", (1.5,)))
+    with pytest.raises(ValueError, match="random_keep takes thresholds, not keep"):
+        ops.ties_merge_models(x, [x], keep=0.5, random_keep=ops.RandomKeep(0, "w", (0.5,)))
