@@ -278,9 +278,9 @@ def test_complete_ties_pass_reruns_blocks(monkeypatch, generator):
     calls = []
     real = module.ties_merge_models
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         calls.append(args[-2])
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "ties_merge_models", spy)
     ops.ties_merge_models(base, experts, thresholds=[0.0] * 3, backend="cpu")

@@ -197,7 +197,7 @@ class _Inputs:
             base, experts, include_base, random_keep = self.models
             return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
                                              disjoint, fill_sign, blocks, flags,
-                                             None if random_keep is None else random_keep.draw_key())
+                                             keep=None if random_keep is None else random_keep.draw_key())
         if name == "cpu":
             return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
                                       fill_sign, blocks, flags)
