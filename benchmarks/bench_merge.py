@@ -12,8 +12,14 @@ The models rows (``--models``) take the base and T experts in their storage dtyp
 from the models' histograms, then the merge pass), the same through ``nlmerge.merge.ties`` on a
 dict of 1024 x 1024 tensors, task arithmetic; their floor reads T + 1 inputs and writes one output.
 
+The DARE rows (``--dare``) run mergekit's ``dare_linear`` and ``dare_ties`` (rescale on, density
+``--density``) on one tensor of the models through ``nlmerge.merge.merge_tensor``: the fused path
+(norms pass + merge pass over the models) against the unfused one it replaced (fp32 task vectors,
+a keep mask per task, masking, two fp32 L1 norms per task, then the stacked-task-vector kernel),
+over the same floor.
+
     python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16]
-                                     [--device cpu|cuda] [--quick] [--models]
+                                     [--device cpu|cuda] [--quick] [--models] [--dare]
 """
 import argparse
 import os
@@ -23,6 +29,8 @@ import sys
 import torch
 
 from nlmerge import merge, ops
+from nlmerge.merge import METHODS as MERGEKIT_METHODS
+from nlmerge.merge import merge_tensor
 from nlmerge.ops import _dispatch
 from common import best_time, copy_bandwidth, machine, peak_extra_bytes
 
@@ -51,6 +59,23 @@ def nlmerge_ties_models(base, experts, keep, backend=None):
     then the merge pass with the zero-sign rule (no fp32 task vector is stored)."""
     thresholds = torch.stack([ops.magnitude_threshold_models(base, x, keep, backend=backend) for x in experts])
     return ops.ties_merge_models(base, experts, thresholds=thresholds, backend=backend)
+
+
+def unfused_dare(base, experts, density, consensus, name="w", seed=0):
+    """DARE with rescale as nlmerge ran it before the fused path: the fp32 task vectors stacked,
+    per task a keep mask, masked in place, fp32 L1 norms before and after, then the stacked kernel
+    (task arithmetic, or TIES with mergekit's consensus: zero thresholds, + for zero signs)."""
+    taus = torch.stack([x.float() - base.float() for x in experts])
+    weights = []
+    for t, tau in enumerate(taus):
+        kept = ops.keep_mask(seed, name, tau.shape, density, stream=t, device=tau.device)
+        before = torch.linalg.vector_norm(tau, 1)
+        tau.masked_fill_(~kept, 0.0)
+        weights.append(float(before / torch.linalg.vector_norm(tau, 1)))
+    if consensus is None:
+        return ops.task_arithmetic(taus, weights=weights, base=base)
+    return ops.ties_merge(taus, [0.0] * len(experts), sign="mass", disjoint="sum", weights=weights, base=base,
+                          zero_sign="positive")
 
 
 def make_models(tasks, n, dtype, gen, device="cpu"):
@@ -94,6 +119,8 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
     parser.add_argument("--models", action="store_true", help="only the rows that take the models")
+    parser.add_argument("--dare", action="store_true", help="only the DARE rows (dare_linear, dare_ties)")
+    parser.add_argument("--density", type=float, default=0.3, help="DARE's density (--dare)")
     parser.add_argument("--peak-of", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.peak_of:
@@ -112,10 +139,10 @@ def main():
     backend, _ = _dispatch.resolve(None, torch.device(device), "benchmark")
     print(f"machine: {machine()}\nfused backend: {backend}; T = {args.tasks}, keep = {args.keep}\n")
     gen = torch.Generator().manual_seed(0)
-    if args.models:
+    if args.models or args.dare:
         for log2n in sizes:
             for dtype_name in args.dtypes:
-                models_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
+                (dare_rows if args.dare else models_rows)(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
         return
     for log2n in sizes:
         for dtype_name in args.dtypes:
@@ -189,6 +216,30 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
     if device == "cpu":
         peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep)
         print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
+    print()
+
+
+def dare_rows(log2n, dtype, args, repeat, device, gen):
+    """dare_linear and dare_ties on one tensor of the models: fused vs unfused vs the floor."""
+    n, t = 1 << log2n, args.tasks
+    base, experts = make_models(t, n, dtype, gen, device)
+    size = base.element_size()
+    bandwidth = copy_bandwidth(t * n * size, device)
+    floor = (t + 1) * n * size / bandwidth
+    print(f"N = 2^{log2n}, {dtype} models, density {args.density}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"floor {floor * 1e3:.1f} ms (read {t + 1}xN, write N)")
+    keep = ops.RandomKeep(0, "w", (args.density,) * t)
+    for method in ("dare_linear", "dare_ties"):
+        kwargs = MERGEKIT_METHODS[method].kwargs({"weight": 1.0, "density": args.density})
+        fused = best_time(lambda: merge_tensor(base, experts, **kwargs, name="w", out_dtype=dtype), repeat, device)
+        unfused = best_time(lambda: unfused_dare(base, experts, args.density, kwargs["consensus"]),
+                            max(1, repeat - 1), device)
+        row(f"{method} (rescale) from models", fused, floor, [("| unfused", unfused)])
+        row("  unfused (fp32 task vectors)", unfused, floor)
+    norms = best_time(lambda: ops.keep_l1_norms_models(base, experts, keep), repeat, device)
+    row("  norms pass only (T tasks)", norms, t * n * size / bandwidth * (t + 1) / t)
+    merge_pass = best_time(lambda: ops.task_arithmetic_models(base, experts, random_keep=keep), repeat, device)
+    row("  dare_linear merge pass only", merge_pass, floor)
     print()
 
 
