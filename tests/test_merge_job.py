@@ -182,29 +182,33 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert bool(torch.isfinite(logits.float()).all())
 
 
-def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
+def _killed_after(monkeypatch, writes, run):
+    """Run ``run()`` with the shard writer killed (KeyboardInterrupt) at its ``writes``-th write."""
     from nlmerge.io import writer as writer_module
 
-    _, paths, _, _ = llama_family
-    cfg = _config(paths, "ties", {"scope": "global", "convention": "ties"}, WEIGHTS)
-    run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size="20K")
-    calls = {"n": 0}
-    real_write = writer_module.ShardWriter.write
+    real_write, calls = writer_module.ShardWriter.write, [0]
 
     def dying_write(self, key, tensor):
-        calls["n"] += 1
-        if calls["n"] == 25:
+        calls[0] += 1
+        if calls[0] == writes:
             raise KeyboardInterrupt("killed")
         return real_write(self, key, tensor)
 
-    monkeypatch.setattr(writer_module.ShardWriter, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
+    with monkeypatch.context() as patch:
+        patch.setattr(writer_module.ShardWriter, "write", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
+def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "ties", {"scope": "global", "convention": "ties"}, WEIGHTS)
+    run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size="20K")
+    _killed_after(monkeypatch, 25, lambda: run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K"))
     partial = sorted(os.listdir(tmp_path / "resumed"))
     assert not [n for n in partial if n.endswith(".partial")]
     done_before = [n for n in partial if n.startswith("model-")]
     assert done_before, "the kill should come after at least one finished shard"
-    monkeypatch.setattr(writer_module.ShardWriter, "write", real_write)
     with pytest.raises(FileExistsError):
         run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
     run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
@@ -562,25 +566,12 @@ def test_tall_masks_output_and_consensus_with_ties_mtl(llama_family, tmp_path):
 
 
 def test_tall_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
-    from nlmerge.io import writer as writer_module
-
     _, paths, _, _ = llama_family
     cfg = _config(paths, "tall", None, TALL_LAMBDAS)
     run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size="20K")
-    real_write, calls = writer_module.ShardWriter.write, {"n": 0}
-
-    def dying_write(self, key, tensor):
-        calls["n"] += 1
-        if calls["n"] == 90:
-            raise KeyboardInterrupt("killed")
-        return real_write(self, key, tensor)
-
-    monkeypatch.setattr(writer_module.ShardWriter, "write", dying_write)
-    with pytest.raises(KeyboardInterrupt):
-        run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
+    _killed_after(monkeypatch, 90, lambda: run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K"))
     assert os.listdir(tmp_path / "resumed" / "task_0"), "the kill should come after a finished step"
     assert not (tmp_path / "resumed" / "tall.json").exists()
-    monkeypatch.setattr(writer_module.ShardWriter, "write", real_write)
     run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
     for folder in ("", "task_0", "task_1", "task_2"):
         clean, resumed = tmp_path / "clean" / folder, tmp_path / "resumed" / folder
