@@ -1,4 +1,5 @@
-// Radix histograms of magnitudes (the exact TIES threshold without sorting).
+// Radix histograms of magnitudes (the exact TIES threshold without sorting), and the one-read
+// window count that brackets the k-th magnitude (count_window).
 //
 // Each thread counts its contiguous range into private uint32 tables, then adds them into the
 // shared int64 histogram (integer sums: the result does not depend on the thread count).
@@ -8,6 +9,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "simd.h"
 
 namespace nlm {
 namespace {
@@ -161,6 +163,115 @@ void hist_low_models_t(const void* base, const void* expert, int64_t n, int64_t*
     });
 }
 
+// One-read selection: fp32 magnitude bits counted against a window [lo, lo + width) of bit
+// patterns. A vector of VL elements at a time: lane counters of the elements below the window
+// and of the non-finite ones (magnitude bits are below 2^31: signed compares), and a test for
+// any element inside; a vector with one is compacted without branches into a per-thread buffer
+// of window offsets, which is added into the shared int64 window under a lock when full (integer
+// sums: the counts do not depend on the thread count).
+constexpr int PENDING = 4096;
+constexpr int32_t INF_BITS = 0x7F800000;
+constexpr int64_t LANE_RUN = int64_t(1) << 24;  // vectors counted before the lane counters are summed
+
+inline bool any_lane(simd::vu m) {
+    uint64_t words[sizeof m / 8];
+    std::memcpy(words, &m, sizeof m);
+    uint64_t any = 0;
+    for (uint64_t w : words) any |= w;
+    return any != 0;
+}
+
+struct WindowCounter {
+    uint32_t lo, width;
+    int64_t* hist;  // [1 + width]: below the window, then one bin per bit pattern in it
+    int64_t below = 0, nonfinite = 0;
+    int npending = 0;
+    uint32_t pending[PENDING + 4 * simd::VL];
+
+    void flush() {
+#pragma omp critical(nlm_window)
+        for (int j = 0; j < npending; j++) hist[1 + pending[j]] += 1;
+        npending = 0;
+    }
+
+    void compact(const uint32_t* __restrict c, int m) {
+        int k = npending;
+        for (int j = 0; j < m; j++) {
+            const uint32_t off = (c[j] & 0x7FFFFFFFu) - lo;
+            pending[k] = off;
+            k += int(off < width);
+        }
+        npending = k;
+        if (npending >= PENDING) flush();
+    }
+
+    void count(const uint32_t* __restrict x, int64_t n) {
+        using simd::vi;
+        using simd::vu;
+        constexpr int VL = simd::VL, G = 4 * VL;  // a group of four vectors shares one test
+        const int32_t l = int32_t(lo);
+        int64_t i = 0;
+        while (i + G <= n) {
+            vi nb{}, nf{};
+            const int64_t end = i + std::min<int64_t>((n - i) / G, LANE_RUN) * G;
+            for (; i < end; i += G) {
+                vu in{};
+                for (int q = 0; q < 4; q++) {
+                    vi v;
+                    std::memcpy(&v, x + i + q * VL, sizeof v);
+                    v &= 0x7FFFFFFF;
+                    nb -= v < l;
+                    nf -= v >= INF_BITS;
+                    in |= (vu)(v - l) < width;
+                }
+                if (any_lane(in)) compact(x + i, G);
+            }
+            for (int j = 0; j < VL; j++) {
+                below += nb[j];
+                nonfinite += nf[j];
+            }
+        }
+        for (int64_t j = i; j < n; j++) {
+            const uint32_t v = x[j] & 0x7FFFFFFFu;
+            below += v < lo;
+            nonfinite += v >= uint32_t(INF_BITS);
+        }
+        compact(x + i, int(n - i));
+    }
+
+    // adds what is pending and the count below the window into hist; returns the non-finite count
+    int64_t finish() {
+        flush();
+#pragma omp critical(nlm_window)
+        hist[0] += below;
+        return nonfinite;
+    }
+};
+
+// feed(p, q, counter) counts the elements [p, q) into the counter; on up to nthreads threads.
+template <class Feed>
+int64_t threaded_window(int64_t n, int nthreads, uint32_t lo, uint32_t width, int64_t* hist, Feed feed) {
+    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+    int64_t nonfinite = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : nonfinite)
+    {
+        int64_t b, e;
+        thread_range(n, NLM_NUM_THREADS(), NLM_THREAD_ID(), b, e);
+        WindowCounter w{lo, width, hist};
+        feed(b, e, w);
+        nonfinite += w.finish();
+    }
+    return nonfinite;
+}
+
+template <int D>
+int64_t window_models_t(const void* base, const void* expert, int64_t n, uint32_t lo, uint32_t width, int64_t* hist,
+                        int nthreads) {
+    return threaded_window(n, nthreads, lo, width, hist, [&](int64_t p, int64_t q, WindowCounter& w) {
+        over_diff_runs<D>(base, expert, p, q, [&](const uint32_t* x, int m) { w.count(x, m); });
+    });
+}
+
 }  // namespace
 
 void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads) {
@@ -202,6 +313,23 @@ void hist_magnitude_low_models(const void* base, const void* expert, int dtype, 
         case F16: hist_low_models_t<F16>(base, expert, n, hist, pre, nthreads); break;
         case BF16: hist_low_models_t<BF16>(base, expert, n, hist, pre, nthreads); break;
         default: hist_low_models_t<F32>(base, expert, n, hist, pre, nthreads);
+    }
+}
+
+int64_t count_window(const float* x, int64_t n, uint32_t lo, uint32_t width, int64_t* hist, int nthreads) {
+    if (n <= 0) return 0;
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+    return threaded_window(n, nthreads, lo, width, hist,
+                           [&](int64_t p, int64_t q, WindowCounter& w) { w.count(bits + p, q - p); });
+}
+
+int64_t count_window_models(const void* base, const void* expert, int dtype, int64_t n, uint32_t lo, uint32_t width,
+                            int64_t* hist, int nthreads) {
+    if (n <= 0) return 0;
+    switch (dtype) {
+        case F16: return window_models_t<F16>(base, expert, n, lo, width, hist, nthreads);
+        case BF16: return window_models_t<BF16>(base, expert, n, lo, width, hist, nthreads);
+        default: return window_models_t<F32>(base, expert, n, lo, width, hist, nthreads);
     }
 }
 

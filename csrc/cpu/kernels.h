@@ -20,6 +20,14 @@ void hist_magnitude_models(const void* base, const void* expert, int dtype, int6
 void hist_magnitude_low_models(const void* base, const void* expert, int dtype, int64_t n, int64_t* hist,
                                int64_t prefix, int nthreads);
 
+// One-read selection over fp32 magnitude bits v = abs_bits(x) (count_window: fp32 x;
+// count_window_models: x = fp32(expert) - fp32(base), base and expert n elements of one dtype):
+// hist[0] += #(v < lo), hist[1 + v - lo] += 1 for lo <= v < lo + width (hist: int64 [1 + width]);
+// returns #(v >= 0x7F800000), the non-finite elements. The caller keeps lo + width <= 0x7F800000.
+int64_t count_window(const float* x, int64_t n, uint32_t lo, uint32_t width, int64_t* hist, int nthreads);
+int64_t count_window_models(const void* base, const void* expert, int dtype, int64_t n, uint32_t lo, uint32_t width,
+                            int64_t* hist, int nthreads);
+
 // nonfinite (here and in the returns below): NaN/Inf inputs plus results that are NaN/Inf in the
 // output dtype.
 struct TiesResult {

@@ -116,6 +116,16 @@ void advise_huge_pages(void* ptr, int64_t nbytes) {
 int64_t item_size(int d) { return d == F32 ? 4 : 2; }
 
 // The `out` array of a kernel: n writable elements of dtype d, advised huge pages.
+// The window histogram of count_window: int64 [1 + width], width >= 1, over the finite bit
+// patterns [lo, lo + width) of fp32 magnitudes.
+Buf window_buffer(const py::array& hist, int64_t lo) {
+    Buf hb = typed_buffer(hist, 'i', 8, "hist", true);
+    if (hb.size < 2) throw py::value_error("hist must have at least 2 bins (below the window, then the window)");
+    if (lo < 0 || lo + (hb.size - 1) > 0x7F800000LL)
+        throw py::value_error("the window [lo, lo + len(hist) - 1) must lie in the finite fp32 magnitudes [0, 0x7F800000)");
+    return hb;
+}
+
 Buf output_buffer(const py::array& out, int d, int64_t n) {
     Buf b = data_buffer(out, d, "out", true);
     check_size(b, n, "out");
@@ -337,6 +347,34 @@ PYBIND11_MODULE(_C, m) {
         py::arg("base"), py::arg("expert"), py::arg("dtype"), py::arg("hist"), py::arg("prefix"),
         py::arg("nthreads") = 0,
         "x = fp32(expert) - fp32(base): hist[abs_bits & 0xffff] += 1 where abs_bits >> 16 == prefix (int64 [65536])");
+
+    m.def(
+        "count_window",
+        [](py::array x, py::array hist, int64_t lo, int nthreads) {
+            Buf xb = data_buffer(x, F32, "x", false);
+            Buf hb = window_buffer(hist, lo);
+            py::gil_scoped_release release;
+            return count_window(static_cast<const float*>(xb.ptr), xb.size, uint32_t(lo), uint32_t(hb.size - 1),
+                                static_cast<int64_t*>(hb.ptr), threads(nthreads));
+        },
+        py::arg("x"), py::arg("hist"), py::arg("lo"), py::arg("nthreads") = 0,
+        "fp32 x, v = abs_bits(x): hist[0] += #(v < lo), hist[1 + v - lo] += 1 inside the window (hist: int64 "
+        "[1 + width], in place); returns the number of non-finite elements");
+
+    m.def(
+        "count_window_models",
+        [](py::array base, py::array expert, const std::string& dtype, py::array hist, int64_t lo, int nthreads) {
+            const int d = parse_dtype(dtype);
+            Buf bb = data_buffer(base, d, "base", false);
+            Buf eb = data_buffer(expert, d, "expert", false);
+            check_size(eb, bb.size, "expert");
+            Buf hb = window_buffer(hist, lo);
+            py::gil_scoped_release release;
+            return count_window_models(bb.ptr, eb.ptr, d, bb.size, uint32_t(lo), uint32_t(hb.size - 1),
+                                       static_cast<int64_t*>(hb.ptr), threads(nthreads));
+        },
+        py::arg("base"), py::arg("expert"), py::arg("dtype"), py::arg("hist"), py::arg("lo"), py::arg("nthreads") = 0,
+        "count_window over x = fp32(expert) - fp32(base); returns the number of non-finite elements of x");
 
     m.def(
         "ties_merge",

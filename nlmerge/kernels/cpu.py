@@ -38,6 +38,8 @@ __all__ = [
     "hist_magnitude_low",
     "hist_magnitude_models",
     "hist_magnitude_low_models",
+    "count_window",
+    "count_window_models",
     "ties_merge",
     "ties_merge_models",
     "task_arithmetic",
@@ -128,6 +130,22 @@ def hist_magnitude_low_models(base, expert, hist, prefix):
     _C.hist_magnitude_low_models(
         _in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"), int(prefix), _threads()
     )
+
+
+def count_window(x, hist, lo):
+    """fp32 x, ``v = abs_bits(x)``: ``hist[0] += #(v < lo)``, ``hist[1 + v - lo] += 1`` for ``lo <= v <
+    lo + len(hist) - 1`` (hist: int64, in place; the window within the finite magnitudes); returns
+    the number of non-finite elements as an int."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"count_window takes float32, got {x.dtype}")
+    return _C.count_window(_in(x.reshape(-1)), _out(hist, "hist"), int(lo), _threads())
+
+
+def count_window_models(base, expert, hist, lo):
+    """``count_window`` over ``x = fp32(expert) - fp32(base)`` (one dtype and size), formed as it is
+    counted; returns the number of non-finite elements of ``x``."""
+    return _C.count_window_models(_in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"),
+                                  int(lo), _threads())
 
 
 def _blocks(blocks, ambiguous_blocks):

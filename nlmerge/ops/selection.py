@@ -9,9 +9,29 @@ one pass over the 15 magnitude bits of fp16/bf16; two passes for fp32 (high 16 b
 global threshold never concatenates the model.
 
 The ``*_models`` forms select among the magnitudes of the task vectors ``fp32(expert) -
-fp32(base)`` (fp32 values: two histogram passes), which the C++ kernels form as they count; the
-reference (and Triton, for now) builds each fp32 task vector first.
+fp32(base)`` (fp32 values), which the C++ kernels form as they count; the reference (and Triton)
+builds each fp32 task vector first.
+
+fp32 magnitudes in one read (the C++ backend; Triton keeps the two histogram passes):
+
+1. *sample*: a deterministic stratified sample of about ``SAMPLE_SIZE`` elements — one position
+   drawn in each run of ``stride`` consecutive elements by a generator seeded from (seed, size,
+   stride) (:func:`sample_positions`) — counted into a histogram of the high 16 bits of its
+   magnitudes (``counts``: int64 [HIGH_BINS + 1], the last entry the number of elements the
+   sample was drawn from). Reading the sample costs a few cache lines per thousand elements.
+2. *bracket*: :func:`bracket` takes the sample ranks ``k * m / d -+ SAMPLE_SIGMAS`` standard
+   deviations and returns the window of bit patterns ``[lo, lo + width)`` spanning their high-bit
+   bins (at most ``WINDOW_BINS`` patterns; a wider span keeps the bins around the sample's own
+   estimate).
+3. *one pass* (:func:`count_window`): count the elements below the window and histogram, one bin
+   per bit pattern, the elements inside it (int64 [1 + width]: a bounded, exact collection of the
+   values in the bracket, whose counts add across tensors and processes).
+4. *select*: when the window holds the k-th element (``below < k <= below + inside``) it is found
+   exactly in the window (:func:`window_bits`); otherwise — the sample missed, which happens for
+   about one input in 10^4 of ordinary data, for ranks near 1 or d, or for data built against the
+   sample — the two histogram passes run (logged at debug level).
 """
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,13 +45,18 @@ from nlmerge.ops._checks import (
     model_task_vectors,
     raise_nonfinite,
 )
-from nlmerge.ops._dispatch import resolve
+from nlmerge.ops._dispatch import log, resolve
 
 HIGH_BINS = 1 << 15  # magnitude bits above the low 16 of fp32, or all 15 of a 16-bit float
 LOW_BINS = 1 << 16
 # first histogram bin of a non-finite magnitude (exponent all ones)
 _NONFINITE_BIN = {torch.float32: 0x7F80, torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+SAMPLE_SIZE = 1 << 15  # elements in the one-read sample of an op (about; at least one per tensor;
+# under torch's parallel grain, so that the sampling ops stay on one thread)
+SAMPLE_SIGMAS = 4.0  # half-width of the bracket in standard deviations of the sample rank
+WINDOW_BINS = 1 << 20  # most bit patterns in a window (its int64 histogram: 8 MiB)
+_FINITE_HIGH = 0x7F80  # high-bit bins of finite fp32 magnitudes: [0, 0x7F80)
 
 
 def _as_list(x):
@@ -59,6 +84,14 @@ def kth_smallest_magnitude_reference(xs, k):
 def _radix_select(xs, k, kernels, names):
     dtype, device = xs[0].dtype, xs[0].device
     flat = [t.detach().reshape(-1).contiguous() for t in xs]
+    if dtype == torch.float32 and hasattr(kernels, "count_window"):
+        def count(t, hist, lo):
+            if count_window(kernels, t, hist, lo):
+                raise_nonfinite(names)
+
+        found = _one_read(flat, [t.numel() for t in flat], k, add_sample, count)
+        if found is not None:
+            return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(device)
     high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
     shift = 16 if dtype == torch.float32 else 0
     for t in flat:
@@ -82,6 +115,133 @@ def _locate(hist, k):
     bin_ = int(torch.searchsorted(cumulative, torch.tensor([k], device=hist.device)))
     below = int(cumulative[bin_ - 1]) if bin_ else 0
     return bin_, k - below
+
+
+def sample_stride(d):
+    """Stride of the one-read sample over ``d`` elements: about ``SAMPLE_SIZE`` samples."""
+    return max(1, d // SAMPLE_SIZE)
+
+
+def sample_positions(n, stride, seed=0):
+    """Positions of the sample of a flat tensor of ``n`` elements: int64 [ceil(n / stride)] on the
+    CPU, one drawn uniformly in each run ``[j * stride, min((j + 1) * stride, n))``. A function of
+    ``(n, stride, seed)`` only (a generator seeded from them): the same in every run and process."""
+    m = -(-n // stride)
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + n * 0xBF58476D1CE4E5B9 + stride) % (1 << 63))
+    start = torch.arange(m, dtype=torch.int64) * stride
+    span = (n - start).clamp(max=stride)
+    return start + (torch.rand(m, dtype=torch.float64, generator=generator) * span).to(torch.int64)
+
+
+def _add_sample(counts, n, gather, stride, seed):
+    values = gather(sample_positions(n, stride, seed))
+    counts[:HIGH_BINS] += torch.bincount(_fp32_bits(values) >> 16, minlength=HIGH_BINS)[:HIGH_BINS].to(counts.device)
+    counts[HIGH_BINS] += n
+
+
+def add_sample(counts, x, stride, seed=0):
+    """Add the sample of ``x`` (any float dtype and device; its magnitudes in fp32) to ``counts``
+    (int64 [HIGH_BINS + 1]: the high-16-bit histogram of the sampled magnitudes, then the number of
+    elements sampled from). Reads ``ceil(numel / stride)`` elements; non-finite ones are counted
+    like others (the counting pass refuses them)."""
+    flat = x.detach().reshape(-1)
+    _add_sample(counts, flat.numel(), lambda pos: flat[pos.to(flat.device)].float(), stride, seed)
+
+
+def add_sample_models(counts, base, expert, stride, seed=0):
+    """``add_sample`` of the task vector ``fp32(expert) - fp32(base)`` (flat tensors of one size),
+    reading only the sampled elements of both."""
+    b, e = base.detach().reshape(-1), expert.detach().reshape(-1)
+
+    def gather(pos):
+        pos = pos.to(b.device)
+        return e[pos].float() - b[pos].float()
+
+    _add_sample(counts, b.numel(), gather, stride, seed)
+
+
+def bracket(counts, k):
+    """The window ``(lo, width)`` of fp32 magnitude bit patterns ``[lo, lo + width)`` that holds
+    the k-th smallest magnitude (``1 <= k <= d``) unless the sample misled.
+
+    ``counts``: int64 [HIGH_BINS + 1] from ``add_sample*`` (``d`` is its last entry, at least one
+    sample). The window spans the high-16-bit bins of the sample ranks ``k * m / d -+
+    (SAMPLE_SIGMAS * sqrt(m p (1 - p)) + 1)`` (``p = k / d``; from bin 0 / to the last finite bin
+    where a rank falls outside the sample), at most ``WINDOW_BINS`` patterns: a wider span keeps
+    the bins around the sample's estimate, rank ``k * m / d``. Finite magnitudes only.
+    """
+    counts = counts.cpu()
+    d, hist = int(counts[HIGH_BINS]), counts[:HIGH_BINS]
+    m = int(hist.sum())
+    if m < 1 or not 1 <= k <= d:
+        raise ValueError(f"bracket needs a sample and 1 <= k <= d = {d}, got {m} samples and k = {k}")
+    cumulative = hist.cumsum(0)
+
+    def bin_of(rank):  # the high-bit bin of the sample's rank-th smallest magnitude, finite
+        rank = min(max(rank, 1), m)
+        return min(int(torch.searchsorted(cumulative, torch.tensor([rank]))), _FINITE_HIGH - 1)
+
+    p = k / d
+    rank = k * m / d
+    margin = SAMPLE_SIGMAS * math.sqrt(m * p * (1 - p)) + 1
+    first = 0 if rank - margin < 1 else bin_of(math.floor(rank - margin))
+    last = _FINITE_HIGH - 1 if rank + margin > m else bin_of(math.ceil(rank + margin))
+    bins = min(last - first + 1, WINDOW_BINS >> 16)
+    first = min(max(bin_of(round(rank)) - bins // 2, first), last - bins + 1)
+    return first << 16, bins << 16
+
+
+def count_window(kernels, x, hist, lo):
+    """The one-read pass over the fp32 magnitudes ``v`` of ``x`` (flat, any float dtype):
+    ``hist[0] += #(v < lo)``, ``hist[1 + v - lo] += 1`` for ``v`` in the window ``[lo, lo + len(hist)
+    - 1)`` (hist int64 on x's device, in place). Returns the number of non-finite elements.
+    ``kernels`` with ``count_window`` (C++, fp32 x): fused; else (reference, Triton) torch ops."""
+    if kernels is not None and hasattr(kernels, "count_window") and x.dtype == torch.float32:
+        return kernels.count_window(x, hist, lo)
+    bits = _fp32_bits(x)
+    width = hist.numel() - 1
+    hist[0] += (bits < lo).sum()
+    inside = bits[(bits >= lo) & (bits < lo + width)] - lo
+    hist[1:] += torch.bincount(inside, minlength=width)
+    return int((bits >= 0x7F800000).sum())
+
+
+def count_window_models(kernels, base, expert, hist, lo):
+    """``count_window`` over the task vector ``fp32(expert) - fp32(base)`` (flat, one dtype), which
+    the C++ kernels form as they count."""
+    if kernels is not None and hasattr(kernels, "count_window_models"):
+        return kernels.count_window_models(base, expert, hist, lo)
+    return count_window(None, expert.float() - base.float(), hist, lo)
+
+
+def window_bits(hist, lo, k):
+    """The bit pattern (int) of the k-th smallest magnitude counted by ``count_window`` into
+    ``hist`` with window start ``lo``, or None when the window does not hold it."""
+    below = int(hist[0])
+    inside = hist[1:]
+    if k <= below or below + int(inside.sum()) < k:
+        return None
+    offset, _ = _locate(inside, k - below)
+    return lo + offset
+
+
+def _one_read(sources, sizes, k, add, count):
+    """The k-th smallest fp32 magnitude's bit pattern over ``sources`` (of ``sizes`` elements)
+    in one read, or None when the sample's bracket misses. ``add(counts, source, stride)`` samples a
+    source, ``count(source, hist, lo)`` counts it (raising on non-finite values)."""
+    stride = sample_stride(sum(sizes))
+    counts = torch.zeros(HIGH_BINS + 1, dtype=torch.int64)
+    for source in sources:
+        add(counts, source, stride)
+    lo, width = bracket(counts, k)
+    hist = torch.zeros(width + 1, dtype=torch.int64)
+    for source in sources:
+        count(source, hist, lo)
+    found = window_bits(hist, lo, k)
+    if found is None:
+        log.debug("nlmerge.ops.selection: the sample's bracket missed the k-th magnitude (k = %d, %d below "
+                  "[%#x, %#x)); two histogram passes", k, int(hist[0]), lo, lo + width)
+    return found
 
 
 def kth_smallest_magnitude(x, k, *, backend=None):
@@ -234,6 +394,16 @@ def kth_smallest_magnitude_models(base, expert, k, *, backend=None):
     if kernels is None:
         _check_pairs(pairs)
         return kth_smallest_magnitude_reference([model_task_vectors(b, [e])[0] for b, e in pairs], k)
+    if hasattr(kernels, "count_window_models"):
+        def count(pair, hist, lo):
+            if count_window_models(kernels, *pair, hist, lo):
+                _check_pairs([pair])
+                raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
+
+        found = _one_read(pairs, [b.numel() for b, _ in pairs], k, lambda c, pair, stride: add_sample_models(c, *pair, stride),
+                          count)
+        if found is not None:
+            return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(device)
     high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
     for b, e in pairs:
         count_models(kernels, b, e, high)
