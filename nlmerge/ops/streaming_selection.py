@@ -1,24 +1,55 @@
 """Exact k-th smallest magnitude over tensors that arrive one at a time (never held together).
 
 The merge job's global TIES reads a model key by key from disk; the threshold of each task is the
-same one ``magnitude_threshold`` computes over all of the task's tensors taken together, found in
-two streaming passes over the data: :meth:`MagnitudeSelector.count` adds every tensor to a
-histogram of the high 16 bits of its fp32 magnitudes, :meth:`~MagnitudeSelector.locate` fixes
-the bin that holds the k-th one, :meth:`~MagnitudeSelector.count_low` adds the low 16 bits of the
-elements in that bin, and :meth:`~MagnitudeSelector.threshold` returns the exact value. Counts are
-int64, so the result does not depend on how the data is split (by keys, chunks or processes:
-histograms of several selectors add with :meth:`~MagnitudeSelector.add`).
+same one ``magnitude_threshold`` computes over all of the task's tensors taken together. Counts
+are int64 tensors, so the result does not depend on how the data is split (by keys, chunks or
+processes): the tensors named below are what a many-process job all-reduces (sums), or what
+:meth:`~MagnitudeSelector.add` adds.
 
-:meth:`~MagnitudeSelector.count_models` and :meth:`~MagnitudeSelector.count_low_models` count the
-task vector ``fp32(expert) - fp32(base)`` of a key from the models themselves (the C++ kernels form
-it as they count: no fp32 copy); the counts equal those of ``count``/``count_low`` on that task
-vector.
+**One read** (the common case; ``selection``'s module docstring has the method):
+
+1. sample pass — :meth:`~MagnitudeSelector.sample` / :meth:`~MagnitudeSelector.sample_models` on
+   every tensor: reads only ``ceil(n / sample_stride)`` elements of each (stratified positions
+   that depend on ``(n, sample_stride, seed)`` only; pass lazily mapped tensors and nothing else
+   is read). Counts go to ``sample_counts`` (int64 [HIGH_BINS + 1]). *All-reduce
+   ``sample_counts``.*
+2. :meth:`~MagnitudeSelector.bracket` ``(k)``: the window of bit patterns, from the summed sample
+   (the same on every process); allocates ``window_counts`` (int64 [1 + width]).
+3. counting pass — :meth:`~MagnitudeSelector.count_window` /
+   :meth:`~MagnitudeSelector.count_window_models` on every tensor: the one full read. *All-reduce
+   ``window_counts``.*
+4. :attr:`~MagnitudeSelector.hit`: True → :meth:`~MagnitudeSelector.threshold` is exact.
+
+**Fallback** (``hit`` False: the sample missed; rare): the two histogram passes —
+:meth:`~MagnitudeSelector.count` / :meth:`~MagnitudeSelector.count_models` (high 16 bits of the
+fp32 magnitudes into ``high``, int64 [HIGH_BINS]; *all-reduce ``high``*),
+:meth:`~MagnitudeSelector.locate` ``(k)``, :meth:`~MagnitudeSelector.count_low` /
+:meth:`~MagnitudeSelector.count_low_models` (low 16 bits of the elements in the located bin into
+``low``, int64 [LOW_BINS]; *all-reduce ``low``*), then :meth:`~MagnitudeSelector.threshold`.
+
+The ``*_models`` methods count the task vector ``fp32(expert) - fp32(base)`` of a key from the
+models themselves (the C++ kernels form it as they count: no fp32 copy); their counts equal those
+of the plain methods on that task vector. The fused one-read pass is the C++ kernel; the reference
+(``backend="torch"``) and Triton count with torch ops.
 """
 import torch
 
 from nlmerge.ops._checks import check_float, check_models, first_nonfinite_model, raise_nonfinite
 from nlmerge.ops._dispatch import resolve
-from nlmerge.ops.selection import _NONFINITE_BIN, HIGH_BINS, LOW_BINS, _fp32_bits as _bits, _locate, count_models
+from nlmerge.ops.selection import (
+    _NONFINITE_BIN,
+    HIGH_BINS,
+    LOW_BINS,
+    _fp32_bits as _bits,
+    _locate,
+    add_sample,
+    add_sample_models,
+    bracket,
+    count_models,
+    count_window,
+    count_window_models,
+    window_bits,
+)
 
 
 class MagnitudeSelector:
@@ -27,30 +58,98 @@ class MagnitudeSelector:
     Parameters
     ----------
     device : torch.device or str
-        Where the histograms live (the tensors' device).
+        Where the counts live (the tensors' device).
     backend : None, "torch", "cpu" or "triton"
-        Histogram kernels (``"torch"``: ``torch.bincount``, the reference).
+        Counting kernels (``"torch"``: torch ops, the reference).
+    sample_stride : int
+        One sampled element per ``sample_stride`` (>= 1). A job that knows the element count
+        ``d`` of a task passes ``selection.sample_stride(d)`` (about 2^15 samples); a larger
+        sample narrows the window, a smaller one reads less in the sample pass.
+    seed : int
+        Seed of the sample positions (any fixed value; every process must use the same).
 
     Tensors of any float dtype are counted by their magnitude rounded to fp32 (exact for fp16,
     bf16 and fp32 inputs). Non-finite values raise :class:`nlmerge.ops.NonFiniteError` naming
-    the tensor.
+    the tensor, in the counting passes.
     """
 
-    def __init__(self, device="cpu", *, backend=None):
+    def __init__(self, device="cpu", *, backend=None, sample_stride=1024, seed=0):
+        if isinstance(sample_stride, bool) or not isinstance(sample_stride, int) or sample_stride < 1:
+            raise ValueError(f"sample_stride must be an integer >= 1, got {sample_stride!r}")
         self.device = torch.device(device)
         _, self._kernels = resolve(backend, self.device, "kth_smallest_magnitude")
+        self.sample_stride, self.seed = sample_stride, int(seed)
+        self.sample_counts = torch.zeros(HIGH_BINS + 1, dtype=torch.int64, device=self.device)
+        self.window_counts = None
         self.high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=self.device)
         self.low = torch.zeros(LOW_BINS, dtype=torch.int64, device=self.device)
+        self._lo = None  # window start (bit pattern) after bracket(k)
+        self._k = None
         self._bin = None
         self._rank = None
 
     @property
+    def sampled_numel(self):
+        """Number of elements of the tensors sampled so far (``d`` of the one-read protocol)."""
+        return int(self.sample_counts[HIGH_BINS])
+
+    def sample(self, x, name="x"):
+        """Sample pass: add the sample of ``|x|`` (fp32) to ``sample_counts``."""
+        check_float(x, name)
+        add_sample(self.sample_counts, x, self.sample_stride, self.seed)
+
+    def sample_models(self, base, expert):
+        """Sample pass over a key of the models: add the sample of ``|fp32(expert) - fp32(base)|``
+        (one shape; each tensor's own dtype) to ``sample_counts``, reading only the sampled
+        elements of both."""
+        flat_base, (flat,) = check_models(base, [expert])
+        add_sample_models(self.sample_counts, flat_base, flat, self.sample_stride, self.seed)
+
+    def bracket(self, k):
+        """Fix the rank ``k`` (``1 <= k <= sampled_numel``) and the window from the (summed) sample;
+        zeroes ``window_counts``. Returns self."""
+        d = self.sampled_numel
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+            raise ValueError(f"k must be an integer in [1, {d}], got {k!r}")
+        self._lo, width = bracket(self.sample_counts, k)
+        self._k = k
+        self.window_counts = torch.zeros(width + 1, dtype=torch.int64, device=self.device)
+        return self
+
+    def _window(self, what):
+        if self.window_counts is None:
+            raise RuntimeError(f"call bracket(k) after the sample pass before {what}")
+        return self.window_counts
+
+    def count_window(self, x, name="x"):
+        """Counting pass (the one read): add ``x`` to ``window_counts`` (below the window, then one
+        bin per bit pattern in it)."""
+        check_float(x, name)
+        flat = x.detach().reshape(-1).float().contiguous()
+        if count_window(self._kernels, flat, self._window("count_window"), self._lo):
+            raise_nonfinite([(name, flat, False)])
+
+    def count_window_models(self, base, expert, label="expert"):
+        """Counting pass over a key of the models: ``count_window`` of ``fp32(expert) - fp32(base)``.
+        Raises NonFiniteError naming ``"base"``, ``label`` or ``"<label> - base"``."""
+        flat_base, (flat,) = check_models(base, [expert])
+        flat_base, flat = flat_base.contiguous(), flat.contiguous()
+        if count_window_models(self._kernels, flat_base, flat, self._window("count_window_models"), self._lo):
+            _raise_model(flat_base, flat, label)
+
+    @property
+    def hit(self):
+        """Whether the (summed) ``window_counts`` hold the k-th magnitude: then ``threshold()`` needs
+        no other pass; else run the fallback histogram passes."""
+        return window_bits(self._window("hit"), self._lo, self._k) is not None
+
+    @property
     def total(self):
-        """Number of elements counted by :meth:`count` so far."""
+        """Number of elements counted into ``high`` (:meth:`count`, :meth:`count_models`) so far."""
         return int(self.high.sum())
 
     def count(self, x, name="x"):
-        """First pass: add the high 16 bits of ``|x|`` (fp32) to the histogram."""
+        """Fallback, first histogram pass: add the high 16 bits of ``|x|`` (fp32) to ``high``."""
         check_float(x, name)
         x = x.detach().reshape(-1).float().contiguous()
         if self._kernels is None:
@@ -61,7 +160,7 @@ class MagnitudeSelector:
             raise_nonfinite([(name, x, False)])
 
     def count_models(self, base, expert, label="expert"):
-        """First pass over a key of the models: add the high 16 bits of ``|fp32(expert) -
+        """Fallback, first histogram pass over a key of the models: add the high 16 bits of ``|fp32(expert) -
         fp32(base)|`` to the histogram.
 
         ``base`` and ``expert``: float tensors of one shape and device (dtypes other than each
@@ -71,13 +170,10 @@ class MagnitudeSelector:
         flat_base, (flat,) = check_models(base, [expert])
         count_models(self._kernels, flat_base.contiguous(), flat.contiguous(), self.high)
         if int(self.high[_NONFINITE_BIN[torch.float32]:].sum()):
-            err = first_nonfinite_model(flat_base, [flat], [label])
-            if err is None:
-                raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
-            raise err
+            _raise_model(flat_base, flat, label)
 
     def count_low_models(self, base, expert):
-        """Second pass over a key of the models: add the low 16 bits of the elements of
+        """Fallback, second histogram pass over a key of the models: add the low 16 bits of the elements of
         ``|fp32(expert) - fp32(base)|`` in the located bin."""
         if self._bin is None:
             raise RuntimeError("call locate(k) after the first pass before count_low_models")
@@ -85,7 +181,13 @@ class MagnitudeSelector:
         count_models(self._kernels, flat_base.contiguous(), flat.contiguous(), self.low, self._bin)
 
     def add(self, other):
-        """Add another selector's counts (e.g. from another process); same pass only."""
+        """Add another selector's counts (e.g. from another process, at the same step): the sample,
+        the window (same ``bracket``), ``high`` and ``low``."""
+        self.sample_counts += other.sample_counts.to(self.device)
+        if self.window_counts is not None and other.window_counts is not None:
+            if (self._lo, self.window_counts.numel()) != (other._lo, other.window_counts.numel()):
+                raise ValueError("the selectors' windows differ: bracket both from the same summed sample")
+            self.window_counts += other.window_counts.to(self.device)
         self.high += other.high.to(self.device)
         self.low += other.low.to(self.device)
 
@@ -98,7 +200,7 @@ class MagnitudeSelector:
         return self
 
     def count_low(self, x):
-        """Second pass: add the low 16 bits of the elements of ``|x|`` in the located bin."""
+        """Fallback, second histogram pass: add the low 16 bits of the elements of ``|x|`` in the located bin."""
         if self._bin is None:
             raise RuntimeError("call locate(k) after the first pass before count_low")
         x = x.detach().reshape(-1).float().contiguous()
@@ -110,13 +212,24 @@ class MagnitudeSelector:
             self._kernels.hist_magnitude_low(x, self.low, self._bin)
 
     def threshold(self):
-        """The exact k-th smallest magnitude: a 0-dim fp32 tensor on ``device``."""
-        if self._bin is None:
-            raise RuntimeError("call locate(k) and count_low over every tensor first")
-        found = int(self.low.sum())
-        if found < self._rank:
-            raise RuntimeError(f"the second pass saw {found} elements in the located bin, fewer than the rank "
-                               f"{self._rank}: count_low must see the same tensors as count")
-        low_bin, _ = _locate(self.low, self._rank)
-        bits = torch.tensor((self._bin << 16) | low_bin, dtype=torch.int32)
-        return bits.view(torch.float32).to(self.device)
+        """The exact k-th smallest magnitude: a 0-dim fp32 tensor on ``device`` — from the window
+        when it holds the k-th magnitude, else from the fallback passes' histograms."""
+        found = None if self.window_counts is None else window_bits(self.window_counts, self._lo, self._k)
+        if found is None:
+            if self._bin is None:
+                raise RuntimeError("no threshold yet: run the one-read passes (a hit), or the histogram passes "
+                                   "(count, locate(k), count_low)")
+            counted = int(self.low.sum())
+            if counted < self._rank:
+                raise RuntimeError(f"the second pass saw {counted} elements in the located bin, fewer than the "
+                                   f"rank {self._rank}: count_low must see the same tensors as count")
+            low_bin, _ = _locate(self.low, self._rank)
+            found = (self._bin << 16) | low_bin
+        return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(self.device)
+
+
+def _raise_model(base, expert, label):
+    err = first_nonfinite_model(base, [expert], [label])
+    if err is None:
+        raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
+    raise err
