@@ -18,8 +18,13 @@ The DARE rows (``--dare``) run mergekit's ``dare_linear`` and ``dare_ties`` (res
 a keep mask per task, masking, two fp32 L1 norms per task, then the stacked-task-vector kernel),
 over the same floor.
 
+The selection rows (``--selection``): one task's exact threshold, the one-read path (sample,
+bracket, one counting pass; ``ops.magnitude_threshold*``) against the two histogram passes
+(``MagnitudeSelector``'s fallback protocol), from a task vector (fp32) and from the models (base
+and expert in the dtype); the floor reads the inputs once. Times interleaved, best of the rounds.
+
     python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16]
-                                     [--device cpu|cuda] [--quick] [--models] [--dare]
+                                     [--device cpu|cuda] [--quick] [--models] [--dare] [--selection]
 """
 import argparse
 import os
@@ -32,7 +37,7 @@ from nlmerge import merge, ops
 from nlmerge.merge import METHODS as MERGEKIT_METHODS
 from nlmerge.merge import merge_tensor
 from nlmerge.ops import _dispatch
-from common import best_time, copy_bandwidth, machine, peak_extra_bytes
+from common import best_time, copy_bandwidth, interleaved_times, machine, peak_extra_bytes
 
 
 def fusionbench_ties(tv, keep):
@@ -121,6 +126,7 @@ def main():
     parser.add_argument("--models", action="store_true", help="only the rows that take the models")
     parser.add_argument("--dare", action="store_true", help="only the DARE rows (dare_linear, dare_ties)")
     parser.add_argument("--density", type=float, default=0.3, help="DARE's density (--dare)")
+    parser.add_argument("--selection", action="store_true", help="only the selection rows (one read vs two passes)")
     parser.add_argument("--peak-of", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.peak_of:
@@ -139,6 +145,11 @@ def main():
     backend, _ = _dispatch.resolve(None, torch.device(device), "benchmark")
     print(f"machine: {machine()}\nfused backend: {backend}; T = {args.tasks}, keep = {args.keep}\n")
     gen = torch.Generator().manual_seed(0)
+    if args.selection:
+        for log2n in sizes:
+            for dtype_name in args.dtypes:
+                selection_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
+        return
     if args.models or args.dare:
         for log2n in sizes:
             for dtype_name in args.dtypes:
@@ -184,6 +195,43 @@ def main():
             row("TALL masks (bit-packed)", tall, tall_floor, [("| reference", tall_ref)])
             print()
             del tv, mtl
+
+
+def two_pass_threshold(keep, device, x=None, models=None):
+    """The exact threshold by the two histogram passes (the one-read path's fallback)."""
+    sel = ops.MagnitudeSelector(device)
+    if x is not None:
+        sel.count(x)
+    else:
+        sel.count_models(*models)
+    d = sel.total
+    sel.locate(d - int(d * keep))
+    if x is not None:
+        sel.count_low(x)
+    else:
+        sel.count_low_models(*models)
+    return sel.threshold()
+
+
+def selection_rows(log2n, dtype, args, repeat, device, gen):
+    """One task's threshold: one read vs two passes vs the floor (reading the inputs once)."""
+    n = 1 << log2n
+    base, (expert,) = make_models(1, n, dtype, gen, device)
+    bandwidth = copy_bandwidth(2 * n * base.element_size(), device)
+    print(f"N = 2^{log2n}, {dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    cases = [("threshold from models", 2 * n * base.element_size(), lambda: ops.magnitude_threshold_models(base, expert, args.keep),
+              lambda: two_pass_threshold(args.keep, device, models=(base, expert)))]
+    if dtype == torch.float32:
+        tau = expert - base
+        cases.append(("threshold of fp32 tau", n * 4, lambda: ops.magnitude_threshold(tau, args.keep),
+                      lambda: two_pass_threshold(args.keep, device, x=tau)))
+    for name, nbytes, one, two in cases:
+        assert torch.equal(one(), two())
+        times = interleaved_times([one, two], repeat, device)
+        fast, slow = (min(r[i] for r in times) for i in (0, 1))
+        row(f"  {name}: one read", fast, nbytes / bandwidth, [("| two passes", slow)])
+        row(f"  {name}: two passes", slow, nbytes / bandwidth)
+    print()
 
 
 def models_rows(log2n, dtype, args, repeat, device, gen):

@@ -195,11 +195,13 @@ struct WindowCounter {
     }
 
     void compact(const uint32_t* __restrict c, int m) {
+        const uint32_t l = lo, w = width;
+        uint32_t* __restrict out = pending;
         int k = npending;
         for (int j = 0; j < m; j++) {
-            const uint32_t off = (c[j] & 0x7FFFFFFFu) - lo;
-            pending[k] = off;
-            k += int(off < width);
+            const uint32_t off = (c[j] & 0x7FFFFFFFu) - l;
+            out[k] = off;
+            k += int(off < w);
         }
         npending = k;
         if (npending >= PENDING) flush();

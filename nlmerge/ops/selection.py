@@ -145,7 +145,7 @@ def add_sample(counts, x, stride, seed=0):
     elements sampled from). Reads ``ceil(numel / stride)`` elements; non-finite ones are counted
     like others (the counting pass refuses them)."""
     flat = x.detach().reshape(-1)
-    _add_sample(counts, flat.numel(), lambda pos: flat[pos.to(flat.device)].float(), stride, seed)
+    _add_sample(counts, flat.numel(), lambda pos: flat.index_select(0, pos.to(flat.device)).float(), stride, seed)
 
 
 def add_sample_models(counts, base, expert, stride, seed=0):
@@ -155,7 +155,7 @@ def add_sample_models(counts, base, expert, stride, seed=0):
 
     def gather(pos):
         pos = pos.to(b.device)
-        return e[pos].float() - b[pos].float()
+        return e.index_select(0, pos).float() - b.index_select(0, pos).float()
 
     _add_sample(counts, b.numel(), gather, stride, seed)
 
@@ -218,11 +218,10 @@ def window_bits(hist, lo, k):
     """The bit pattern (int) of the k-th smallest magnitude counted by ``count_window`` into
     ``hist`` with window start ``lo``, or None when the window does not hold it."""
     below = int(hist[0])
-    inside = hist[1:]
-    if k <= below or below + int(inside.sum()) < k:
+    cumulative = hist[1:].cumsum(0)
+    if k <= below or below + int(cumulative[-1]) < k:
         return None
-    offset, _ = _locate(inside, k - below)
-    return lo + offset
+    return lo + int(torch.searchsorted(cumulative, torch.tensor([k - below], device=hist.device)))
 
 
 def _one_read(sources, sizes, k, add, count):
