@@ -36,7 +36,7 @@ import torch
 from nlmerge import merge, ops
 from nlmerge.merge import METHODS as MERGEKIT_METHODS
 from nlmerge.merge import merge_tensor
-from nlmerge.ops import _dispatch
+from nlmerge.ops import _dispatch, selection
 from common import best_time, copy_bandwidth, interleaved_times, machine, peak_extra_bytes
 
 
@@ -225,6 +225,7 @@ def selection_rows(log2n, dtype, args, repeat, device, gen):
         tau = expert - base
         cases.append(("threshold of fp32 tau", n * 4, lambda: ops.magnitude_threshold(tau, args.keep),
                       lambda: two_pass_threshold(args.keep, device, x=tau)))
+    selection.ONE_READ_MIN_ELEMENTS = 1  # the one-read path at every size here (the ops take it from 2^25)
     for name, nbytes, one, two in cases:
         assert torch.equal(one(), two())
         times = interleaved_times([one, two], repeat, device)

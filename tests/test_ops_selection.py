@@ -9,6 +9,13 @@ from conftest import DTYPES, KINDS, device_for, fast_backends, max_size, nasty
 SIZES = (1, 7, 4097, 1_000_003)
 
 
+@pytest.fixture(autouse=True)
+def one_read_at_every_size(monkeypatch):
+    """The one-read path serves only large selections (ONE_READ_MIN_ELEMENTS); here it runs at the
+    tests' small sizes too (the two histogram passes are its fallback, tested by forcing misses)."""
+    monkeypatch.setattr(selection, "ONE_READ_MIN_ELEMENTS", 1)
+
+
 @pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES)

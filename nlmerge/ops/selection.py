@@ -56,6 +56,9 @@ SAMPLE_SIZE = 1 << 15  # elements in the one-read sample of an op (about; at lea
 # under torch's parallel grain, so that the sampling ops stay on one thread)
 SAMPLE_SIGMAS = 4.0  # half-width of the bracket in standard deviations of the sample rank
 WINDOW_BINS = 1 << 20  # most bit patterns in a window (its int64 histogram: 8 MiB)
+# below this many elements the window's fixed cost (allocating and summing up to 8 MiB) outweighs
+# the read it saves: the two histogram passes are faster (benchmarks/RESULTS.md, "one read")
+ONE_READ_MIN_ELEMENTS = 1 << 25
 _FINITE_HIGH = 0x7F80  # high-bit bins of finite fp32 magnitudes: [0, 0x7F80)
 
 
@@ -84,7 +87,7 @@ def kth_smallest_magnitude_reference(xs, k):
 def _radix_select(xs, k, kernels, names):
     dtype, device = xs[0].dtype, xs[0].device
     flat = [t.detach().reshape(-1).contiguous() for t in xs]
-    if dtype == torch.float32 and hasattr(kernels, "count_window"):
+    if dtype == torch.float32 and hasattr(kernels, "count_window") and sum(t.numel() for t in flat) >= ONE_READ_MIN_ELEMENTS:
         def count(t, hist, lo):
             if count_window(kernels, t, hist, lo):
                 raise_nonfinite(names)
@@ -393,7 +396,7 @@ def kth_smallest_magnitude_models(base, expert, k, *, backend=None):
     if kernels is None:
         _check_pairs(pairs)
         return kth_smallest_magnitude_reference([model_task_vectors(b, [e])[0] for b, e in pairs], k)
-    if hasattr(kernels, "count_window_models"):
+    if hasattr(kernels, "count_window_models") and sum(b.numel() for b, _ in pairs) >= ONE_READ_MIN_ELEMENTS:
         def count(pair, hist, lo):
             if count_window_models(kernels, *pair, hist, lo):
                 _check_pairs([pair])
