@@ -85,8 +85,11 @@ def test_task_arithmetic_equals_in_memory(llama_family, tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)
 
 
-def test_global_ties_equals_in_memory_bit_for_bit(llama_family, tmp_path):
+@pytest.mark.parametrize("bracket", ["hit", "missed"])
+def test_global_ties_equals_in_memory_bit_for_bit(llama_family, tmp_path, monkeypatch, bracket):
     _, paths, base, experts = llama_family
+    if bracket == "missed":  # every sample's bracket misses: the job falls back to the histogram passes
+        monkeypatch.setattr(ops.MagnitudeSelector, "hit", property(lambda self: False))
     cfg = _config(paths, "ties", {"scope": "global", "convention": "ties", "lambda": 1.0}, WEIGHTS)
     run_merge(cfg, tmp_path / "out", progress=False, out_shard_size="30K")
     got = _load_out(tmp_path / "out")

@@ -22,6 +22,7 @@ import torch
 
 from nlmerge import io as ckio
 from nlmerge import ops
+from nlmerge.ops import selection
 from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
@@ -465,38 +466,50 @@ def _bar(total, desc, progress):
 
 
 def _global_thresholds(plan, progress, world, steps):
-    """Exact per-task TIES thresholds over the whole model: two streaming histogram passes, each
-    rank counting the keys of its ``steps`` (its share of the output shards), the integer counts
-    summed over the ranks after each pass."""
+    """Exact per-task TIES thresholds over the whole model, each rank reading the keys of its
+    ``steps`` (its share of the output shards), the integer counts summed over the ranks.
+
+    The one-read protocol of :class:`nlmerge.ops.MagnitudeSelector`: a sample pass (only sampled
+    elements of the mapped tensors are read), a bracket of the k-th magnitude, one counting pass;
+    for a task whose bracket missed (rare), the two histogram passes.
+    """
     merged = list(_by_method(plan.keys))
-    mine = [k for i in steps for k in map(plan.keys.get, plan.shards[i].keys) if k.merged and not k.running_stat]
-    densities = [p["density"] for p in merged[0].per_model[1:]]
-    selectors = [ops.MagnitudeSelector(plan.device, backend=plan.backend) for _ in densities]
-    total = sum(_nbytes(k) for k in mine)
-    for step in ("high", "low"):
-        if step == "low":
-            d = selectors[0].total
-            ranks = [d - int(d * keep) for keep in densities]
-            for sel, k in zip(selectors, ranks):
-                if k >= 1:
-                    sel.locate(k)
-            if all(k < 1 for k in ranks):
-                break
-        with world.step(), _bar(total, f"TIES thresholds ({step} bits)", progress) as bar:
-            for key, tensors in _stream(plan, [k.key for k in mine]):
-                base = tensors[0]
-                for t, expert in enumerate(tensors[1:]):
-                    if step == "high":
-                        with _naming(key, plan, tensors):
-                            selectors[t].count_models(base, expert, plan.checkpoints[t + 1].path)
-                    elif ranks[t] >= 1:
-                        selectors[t].count_low_models(base, expert)
+    keys = [key for i in steps for key in plan.shards[i].keys
+            if plan.keys[key].merged and not plan.keys[key].running_stat]
+    d = sum(math.prod(k.shape) for k in merged)  # every task counts the same elements
+    ranks = [d - int(d * p["density"]) for p in merged[0].per_model[1:]]
+    selectors = [ops.MagnitudeSelector(plan.device, backend=plan.backend, sample_stride=selection.sample_stride(d))
+                 for _ in ranks]
+
+    def one_pass(what, tasks, count):
+        with world.step(), _bar(sum(_nbytes(plan.keys[key]) for key in keys), f"TIES thresholds ({what})",
+                                progress) as bar:
+            for key, tensors in _stream(plan, keys):
+                for t in tasks:
+                    with _naming(key, plan, tensors):
+                        count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
-        for sel in selectors:
-            world.sum_(sel.high if step == "high" else sel.low)
-    return torch.stack([sel.threshold() if k >= 1 else torch.zeros((), device=plan.device)
-                        for sel, k in zip(selectors, ranks)])
+
+    tasks = [t for t, k in enumerate(ranks) if k >= 1]  # keep >= 1: nothing trimmed, threshold 0
+    one_pass("sample", tasks, lambda sel, base, expert, _: sel.sample_models(base, expert))
+    for t in tasks:
+        world.sum_(selectors[t].sample_counts)
+        selectors[t].bracket(ranks[t])
+    one_pass("count", tasks, lambda sel, base, expert, label: sel.count_window_models(base, expert, label))
+    for t in tasks:
+        world.sum_(selectors[t].window_counts)
+    missed = [t for t in tasks if not selectors[t].hit]
+    if missed:  # the sample misled a bracket: the two histogram passes for those tasks
+        one_pass("high bits", missed, lambda sel, base, expert, label: sel.count_models(base, expert, label))
+        for t in missed:
+            world.sum_(selectors[t].high)
+            selectors[t].locate(ranks[t])
+        one_pass("low bits", missed, lambda sel, base, expert, _: sel.count_low_models(base, expert))
+        for t in missed:
+            world.sum_(selectors[t].low)
+    return torch.stack([selectors[t].threshold() if t in tasks else torch.zeros((), device=plan.device)
+                        for t in range(len(ranks))])
 
 
 def _nbytes(k):
