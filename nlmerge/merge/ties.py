@@ -112,26 +112,14 @@ def ties_vectors(
 
 def _global_thresholds(keys, get_models, keep, backend, naming):
     """The per-task TIES thresholds over every element of ``keys`` (fp32 [T]): the exact k-th
-    smallest task vector magnitude, ``k = d - int(d * keep)``, by two streaming histogram passes
-    over the models (0 where ``k < 1``)."""
-    base, experts = get_models(keys[0])
-    selectors = [ops.MagnitudeSelector(base.device, backend=backend) for _ in experts]
-    for key in keys:
-        base, experts = get_models(key)
-        with naming([key]):
-            for t, (sel, x) in enumerate(zip(selectors, experts)):
-                sel.count_models(base, x, f"experts[{t}]")
-    d = selectors[0].total
-    k = d - int(d * keep)
-    if k < 1:
-        return torch.zeros(len(selectors), dtype=torch.float32, device=base.device)
-    for sel in selectors:
-        sel.locate(k)
-    for key in keys:
-        base, experts = get_models(key)
-        for sel, x in zip(selectors, experts):
-            sel.count_low_models(base, x)
-    return torch.stack([sel.threshold() for sel in selectors])
+    smallest task vector magnitude, ``k = d - int(d * keep)`` (0 where ``k < 1``), over the models'
+    tensors taken together (``ops.magnitude_threshold_models``: one read of them when large)."""
+    models = [get_models(key) for key in keys]
+    bases = [base for base, _ in models]
+    with naming(keys):
+        return torch.stack([ops.magnitude_threshold_models(bases, [experts[t] for _, experts in models], keep,
+                                                           backend=backend)
+                            for t in range(len(models[0][1]))])
 
 
 def ties(
