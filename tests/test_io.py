@@ -523,3 +523,48 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "nlmerge-manifest.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="nlmerge-manifest.json"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("order", ["file", "reversed"])
+def test_writer_hashes_in_file_order_without_reading_back(tmp_path, monkeypatch, order):
+    from nlmerge.io import writer as writer_module
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {"b.weight": torch.randn(33, 7, generator=g).to(torch.bfloat16), "a.bias": torch.randn(5, generator=g),
+               "c.empty": torch.zeros(0), "d.weight": torch.randn(4, 4, generator=g)}
+    (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
+    keys = plan.file_order if order == "file" else plan.file_order[::-1]
+    assert [plan.entries[k].begin for k in plan.file_order] == sorted(e.begin for e in plan.entries.values())
+    read_back = []
+    real = writer_module.file_sha256
+    monkeypatch.setattr(writer_module, "file_sha256", lambda path: read_back.append(path) or real(path))
+    with ShardWriter(plan, tmp_path) as w:
+        for key in keys:
+            w.write(key, tensors[key])
+        written = w.finish()
+    assert written.sha256 == real(tmp_path / plan.name)
+    assert bool(read_back) == (order == "reversed")  # in file order the hash grew as the bytes were written
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / plan.name).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_writer_error_in_flight_surfaces_and_aborts(tmp_path, monkeypatch):
+    from nlmerge.io import writer as writer_module
+
+    tensors = {"a": torch.ones(8), "b": torch.ones(8), "c": torch.ones(8)}
+    (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
+    real, calls = writer_module._pwrite_all, [0]
+
+    def failing(fd, view, offset):
+        calls[0] += 1
+        if calls[0] == 3:  # the header, then the first tensor, then: the disk is full
+            raise OSError(28, "No space left on device")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(writer_module, "_pwrite_all", failing)
+    w = ShardWriter(plan, tmp_path)
+    w.write(plan.file_order[0], tensors[plan.file_order[0]])
+    w.write(plan.file_order[1], tensors[plan.file_order[1]])  # in flight: its error comes later
+    with pytest.raises(OSError, match="No space left"):
+        w.write(plan.file_order[2], tensors[plan.file_order[2]])
+    assert os.listdir(tmp_path) == []  # aborted: no temporary file, nothing under the final name

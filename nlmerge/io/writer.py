@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,12 @@ class ShardPlan:
     def keys(self):
         """The shard's keys in planned order."""
         return list(self.entries)
+
+    @property
+    def file_order(self):
+        """The shard's keys in the order of their bytes in the file (writing them in this order
+        lets :class:`ShardWriter` hash the file as it is written)."""
+        return sorted(self.entries, key=lambda key: self.entries[key].begin)
 
 
 def plan_shards(entries, max_shard_bytes, basename="model"):
@@ -161,12 +168,16 @@ class ShardWriter:
     ``finish``.
 
     The file is created as ``.NAME.partial`` in ``out_dir``, preallocated to its final size,
-    with the header written first. With ``source`` (a finished file of this plan, see
+    with the header written first. Each ``write`` stores its bytes on the writer's own thread
+    while the caller goes on (one write in flight: memory stays at one tensor), hashing them as it
+    goes when the keys come in file order (:attr:`ShardPlan.file_order`); ``finish`` otherwise
+    hashes the file by reading it back. A written tensor must not change until the next ``write``
+    or ``finish`` returns (its bytes may still be in flight). With ``source`` (a finished file of this plan, see
     ``rewrite_shard``) it starts as a copy of that file instead, every key counts as present and
     ``write`` replaces keys (each at most once). Any error in ``write`` or ``finish`` aborts:
-    the temporary file is removed and the error re-raised; leaving a ``with`` block without
-    ``finish`` aborts too. Byte order is the host's, which must be little-endian (as safetensors
-    assumes).
+    the temporary file is removed and the error re-raised (an error of a write in flight surfaces
+    at the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts
+    too. Byte order is the host's, which must be little-endian (as safetensors assumes).
     """
 
     def __init__(self, plan, out_dir, source=None):
@@ -178,6 +189,10 @@ class ShardWriter:
         self._written = set()
         self._complete_from_start = source is not None
         self._fd = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-write")
+        self._in_flight = None
+        # the running sha256 of the file's bytes [0, _hashed_to); None once a write skips ahead
+        self._hash, self._hashed_to = (None, 0) if source is not None else (hashlib.sha256(plan.header), len(plan.header))
         try:
             if source is not None:
                 _check_matches_plan(source, plan)
@@ -211,9 +226,23 @@ class ShardWriter:
                 raise ValueError(f"{where}: got shape {tuple(tensor.shape)} {tensor.dtype}, "
                                  f"planned {entry.shape} {entry.dtype}")
             # raw little-endian bytes; a uint8 view also carries bf16/fp8/bool, which numpy lacks
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fd, memoryview(data), entry.begin)
+            data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            hasher = self._hash if entry.begin == self._hashed_to else None
+            self._hash, self._hashed_to = hasher, entry.end if hasher is not None else None
+            self._settle()
+            self._in_flight = self._pool.submit(self._store, data, entry.begin, hasher)
             self._written.add(key)
+
+    def _store(self, data, offset, hasher):
+        _pwrite_all(self._fd, data, offset)
+        if hasher is not None:  # the bytes follow those already hashed: the file's hash grows in order
+            hasher.update(data)
+
+    def _settle(self):
+        """Wait for the write in flight (re-raising its error)."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
 
     def finish(self):
         """Check that every planned key was written, flush and fsync, hash, and rename to the
@@ -225,15 +254,21 @@ class ShardWriter:
             if missing:
                 raise ValueError(f"shard {self.plan.name}: {len(missing)} planned tensor(s) never "
                                  f"written: {missing[:5]}")
+            self._settle()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            digest = file_sha256(self.temp_path)
+            self._pool.shutdown()
+            complete = self._hash is not None and self._hashed_to == self.plan.size
+            digest = self._hash.hexdigest() if complete else file_sha256(self.temp_path)
             _publish(self.temp_path, self.final_path)
         return WrittenShard(self.plan.name, self.plan.size, digest)
 
     def abort(self):
         """Close and remove the temporary file (nothing under the final name is touched)."""
+        with contextlib.suppress(BaseException):
+            self._settle()
+        self._pool.shutdown()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

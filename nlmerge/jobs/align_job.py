@@ -102,7 +102,7 @@ def write_aligned(checkpoint, spec, perms, out_dir, *, out_shard_size="5B"):
                         parse_size(out_shard_size))
     for plan in plans:
         with ShardWriter(plan, out_dir) as writer:
-            for key in plan.keys:
+            for key in plan.file_order:
                 tensor = checkpoint.get(key)
                 gathers = [(axis % tensor.dim(), perms[p]) for p, axis in spec.params.get(key, ()) if p in perms]
                 if gathers:

@@ -474,7 +474,7 @@ def _global_thresholds(plan, progress, world, steps):
     for a task whose bracket missed (rare), the two histogram passes.
     """
     merged = list(_by_method(plan.keys))
-    keys = [key for i in steps for key in plan.shards[i].keys
+    keys = [key for i in steps for key in plan.shards[i].file_order
             if plan.keys[key].merged and not plan.keys[key].running_stat]
     d = sum(math.prod(k.shape) for k in merged)  # every task counts the same elements
     ranks = [d - int(d * p["density"]) for p in merged[0].per_model[1:]]
@@ -610,9 +610,9 @@ def _merge_shards(plan, manifest, thresholds, progress, steps):
     done_shards = [plan.shards[i] for i in steps if i not in todo]
     sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in done_shards)
     rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in done_shards}
-    step_of = {key: i for i in todo for key in plan.shards[i].keys}
+    step_of = {key: i for i in todo for key in plan.shards[i].file_order}
     keys = list(step_of)  # step by step: one step's files are open at a time
-    last_keys = {plan.shards[i].keys[-1] for i in todo}
+    last_keys = {plan.shards[i].file_order[-1] for i in todo}
     tall = plan.config.method.name == "tall"
     writers, finishing = None, []
     try:
