@@ -163,3 +163,58 @@ def test_random_keep_is_checked():
         ops.ties_merge_models(x, [x], thresholds=[0.0], random_keep=ops.RandomKeep(0, "w", (1.5,)))
     with pytest.raises(ValueError, match="random_keep takes thresholds, not keep"):
         ops.ties_merge_models(x, [x], keep=0.5, random_keep=ops.RandomKeep(0, "w", (0.5,)))
+
+
+needs_triton = pytest.mark.skipif(kernels.load("triton")[0] is None, reason="Triton is not available")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_random_keep_is_the_reference(dtype, generator):
+    """Triton's draws are the reference's: one-hot task arithmetic of ones from zeros is the keep
+    mask itself; the models kernels with random_keep equal the reference bit for bit (nasty
+    values, partial blocks); NaN in a dropped entry is named."""
+    n = 2 * BLOCK + 37
+    zeros, ones = (torch.full((n,), v, dtype=dtype, device=TRITON_DEVICE) for v in (0.0, 1.0))
+    keep = ops.RandomKeep(7, "draws", (0.5, 0.3))
+    for t in range(2):
+        onehot = [float(s == t) for s in range(2)]
+        got = ops.task_arithmetic_models(zeros, [ones, ones], weights=onehot, random_keep=keep, backend="triton")
+        assert torch.equal(got.cpu() == 1, keep_mask(7, "draws", n, keep.densities[t], stream=t)), t
+    calls = {
+        "task_arithmetic": lambda b, e, k, be: ops.task_arithmetic_models(
+            b, e, weights=[0.75, -0.5, 0.0], lam=0.9, random_keep=k, backend=be),
+        "ties": lambda b, e, k, be: ops.ties_merge_models(
+            b, e, thresholds=[0.0, 0.1, 0.0], weights=[1.0, 0.5, 2.0], sign="count", disjoint="mean",
+            random_keep=k, out_dtype=torch.float32, backend=be),
+    }
+    for kind, size in zip(("mixed", "ties", "huge"), (n, BLOCK - 1, 15)):
+        base, experts = models(kind, size, dtype, generator)
+        keep = ops.RandomKeep(5, f"w.{kind}", DENSITIES[size % 2])
+        for name, call in calls.items():
+            got = outcome(lambda: call(base.to(TRITON_DEVICE), [x.to(TRITON_DEVICE) for x in experts], keep, "triton"))
+            expected = outcome(lambda: call(base, experts, keep, "torch"))
+            assert_same(got.cpu() if isinstance(got, torch.Tensor) else got, expected), (kind, size, name)
+    bad = [x.clone().to(TRITON_DEVICE) for x in experts]
+    bad[1][int((~keep_mask(5, "w.huge", 15, keep.densities[1], stream=1)).nonzero()[0])] = float("nan")
+    for call in calls.values():
+        with pytest.raises(ops.NonFiniteError, match=r"experts\[1\]"):
+            call(base.to(TRITON_DEVICE), bad, keep, "triton")
+
+
+@needs_triton
+def test_triton_keep_l1_norms_are_the_reference(monkeypatch, generator):
+    """Triton's norms (block sums on the device) equal the reference bit for bit: bf16 models with
+    nasty values, a partial block, and (two blocks per program here) a partial group of blocks;
+    a task vector overflowing fp32 is named."""
+    module, _ = kernels.load("triton")
+    monkeypatch.setattr(module, "_SUM_GROUP", 2)
+    base, experts = models("mixed", 2 * BLOCK + 37, torch.bfloat16, generator)
+    keep = ops.RandomKeep(3, "n", DENSITIES[1])
+    got = ops.keep_l1_norms_models(base.to(TRITON_DEVICE), [x.to(TRITON_DEVICE) for x in experts], keep,
+                                   backend="triton")
+    assert torch.equal(got, ops.keep_l1_norms_models(base, experts, keep, backend="torch"))
+    far = torch.full((5,), 3e38, device=TRITON_DEVICE)
+    with pytest.raises(ops.NonFiniteError, match=r"task_vectors\[0\]"):
+        ops.keep_l1_norms_models(-far, [far], ops.RandomKeep(0, "w", (0.5,)), backend="triton")

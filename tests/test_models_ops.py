@@ -1,9 +1,9 @@
 """The ``*_models`` ops (task vectors formed from the base and the experts inside the kernel) against
 their definition: the stacked-task-vector reference on ``model_task_vectors(base, experts)``.
 
-The C++ kernels do the same fp32 operations in the same order as the reference, so every result,
-threshold, mask, count and block list is compared with ``torch.equal``. Triton builds the task
-vectors and runs its stacked kernels (tiny shapes in the interpreter).
+The C++ and Triton kernels do the same fp32 operations in the same order as the reference, so every
+result, threshold, mask, count and block list is compared with ``torch.equal`` (Triton: tiny shapes
+in the interpreter).
 """
 import pytest
 import torch
@@ -69,9 +69,7 @@ def test_ties_pass_models_equals_reference(backend, dtype, num_tasks, generator)
                 where = (size, kind, sign, disjoint, fill, include_base, out_dtype)
                 assert got.merged.dtype == expected.merged.dtype, where
                 assert torch.equal(got.merged.cpu(), expected.merged), where
-                assert got[1:4] == expected[1:4], where
-                if backend == "cpu":
-                    assert got.ambiguous_blocks == expected.ambiguous_blocks, where
+                assert got[1:5] == expected[1:5], where
 
 
 @pytest.mark.parametrize("backend", ["torch", *fast_backends()])
@@ -249,8 +247,7 @@ def test_zero_sign_rule_reruns_only_ambiguous_blocks(backend, dtype, majority, g
         kw = dict(disjoint=disjoint, backend=backend)
         first = ops.ties_merge_pass_models(b, ex, [0.0] * 3, fill_sign=0, check_result=False, **kw)
         assert first.ambiguous > 1000 and (first.sign_sum > 0) - (first.sign_sum < 0) == majority
-        if backend != "triton":
-            assert first.ambiguous_blocks == (1, 4, 8)
+        assert first.ambiguous_blocks == (1, 4, 8)
         full = ops.ties_merge_pass(tv, [0.0] * 3, fill_sign=majority, base=base, disjoint=disjoint, backend="torch")
         out = torch.full((n,), float("nan"), dtype=dtype, device=device)
         rerun = ops.ties_merge_pass_models(b, ex, [0.0] * 3, fill_sign=majority, out=out, blocks=[1, 4, 8], **kw)
@@ -270,11 +267,11 @@ def test_zero_sign_rule_reruns_only_ambiguous_blocks(backend, dtype, majority, g
         ops.ties_merge_pass_models(b, ex, [0.0] * 3, fill_sign=1, blocks=[0, 9], out=out, backend=backend)
 
 
-@needs_cpu
-def test_complete_ties_pass_reruns_blocks(monkeypatch, generator):
+@pytest.mark.parametrize("backend", fast_backends())
+def test_complete_ties_pass_reruns_blocks(backend, monkeypatch, generator):
     """ties_merge_models hands the first pass's ambiguous blocks to the rerun (not every block)."""
-    base, experts = zero_sign_models(torch.float32, 1, generator)
-    module, _ = kernels.load("cpu")
+    base, experts = on(device_for(backend), *zero_sign_models(torch.float32, 1, generator))
+    module, _ = kernels.load(backend)
     calls = []
     real = module.ties_merge_models
 
@@ -283,8 +280,33 @@ def test_complete_ties_pass_reruns_blocks(monkeypatch, generator):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "ties_merge_models", spy)
-    ops.ties_merge_models(base, experts, thresholds=[0.0] * 3, backend="cpu")
+    ops.ties_merge_models(base, experts, thresholds=[0.0] * 3, backend=backend)
     assert calls[0] is None and calls[1].tolist() == [1, 4, 8] and len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_models_ops_never_build_task_vectors(backend, monkeypatch, generator):
+    """Every models op runs its models kernel: the stacked-task-vector kernels and the fp32 task
+    vectors are never used (each would fail here), and the results are the reference's."""
+    device = device_for(backend)
+    module, _ = kernels.load(backend)
+    for name in ("ties_merge", "task_arithmetic", "tall_masks", "consensus", "hist_magnitude", "hist_magnitude_low"):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"stacked kernel {_name} ran"))
+    base, experts = models("mixed", 3, 2 * BLOCK + 37, torch.bfloat16, generator)
+    mtl = ops.task_arithmetic(model_task_vectors(base, experts), backend="torch")
+    calls = {
+        "task_arithmetic": lambda b, e, be: ops.task_arithmetic_models(b, e, weights=[0.5, -1.0, 2.0], backend=be),
+        "ties": lambda b, e, be: ops.ties_merge_models(b, e, keep=0.3, backend=be),
+        "tall": lambda b, e, be: ops.tall_masks_models(b, e, mtl.to(b.device), [0.2, 0.4, 1.0], backend=be),
+        "consensus": lambda b, e, be: ops.consensus_merge_models(b, e, mtl.to(b.device), 0.4, backend=be),
+    }
+    with monkeypatch.context() as m:
+        for where in ("dare.model_task_vectors", "selection.model_task_vectors", "tall.model_task_vectors",
+                      "tall.via_task_vectors", "ties.via_task_vectors"):
+            m.setattr(f"nlmerge.ops.{where}", lambda *a, _w=where, **k: pytest.fail(f"{_w}: fp32 task vectors built"))
+        got = {name: call(*on(device, base, experts), backend).cpu() for name, call in calls.items()}
+    for name, call in calls.items():
+        assert torch.equal(got[name], call(base, experts, "torch")), name
 
 
 @needs_cpu

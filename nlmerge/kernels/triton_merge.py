@@ -5,18 +5,31 @@ bfloat16 tensors as int16 bit patterns, launches one Triton kernel over blocks o
 where the contract returns counters, reads back a small int64 device tensor.
 
 Design notes (for the GPU):
-- Offsets are int64 where they can exceed 2**31: each program offsets its scalar base pointers by
-  ``pid * BLOCK`` (int64) and steps the 64-bit row pointer by ``N`` per task (``T * N`` may exceed
-  2**31), then adds an int32 ``tl.arange``. (A runtime ``for t in range(T)`` gives a python int in
-  the interpreter, so the row pointer is bumped instead of computing ``t.to(tl.int64) * N``.)
+- The T task rows reach a kernel as a *tuple of tensors* (Triton >= 3.2), one pointer argument
+  each: the experts themselves (``*_models``: the task vector ``fp32(expert) - fp32(base)`` is
+  formed in registers and never written), or the rows of stacked task vectors. The loop over tasks
+  is ``tl.static_range`` (unrolled; T is the tuple's length, so a kernel is compiled per T). Why a
+  tuple rather than a stacked copy (T x the model in the storage dtype, written and read again) or
+  a table of ``data_ptr()`` addresses: each tuple element is an ordinary pointer argument, so
+  Triton specializes it on 16-byte alignment and emits vector loads (an address loaded from memory
+  carries no alignment, and scalar loads cost bandwidth); and it runs unchanged in the interpreter.
+- Offsets are int64 where they can exceed 2**31: each program offsets its scalar pointers by
+  ``start = block * BLOCK`` (int64), then adds an int32 ``tl.arange``.
 - All arithmetic is fp32. Kernels are launched with ``enable_fp_fusion=False`` (plain multiply then
   add, as the contract requires; Triton contracts ``a * b + c`` into FMA by default) and divide
   with ``tl.div_rn`` (Triton's ``/`` on fp32 is the approximate ``div.full.f32`` on NVIDIA).
 - bfloat16 is read as int16 bits (``bits << 16`` is the fp32 value) and written by rounding the
   fp32 bits to nearest even in integer arithmetic, with NaN -> 0x7FC0 like torch's CPU ``.to``.
   The same code runs in the interpreter (whose bf16 cast is not round-to-nearest-even) and on GPU.
-- Reductions over tasks run ``for t in range(T)`` in order. TIES reads each task row twice (elect,
-  then merge); the first read asks L2 to keep the lines (``evict_last``) so the second one hits.
+- Reductions over tasks run t = 0, 1, ..., T-1 in order. TIES keeps each task's trimmed values in
+  registers between the election and the merge (one read of every input); above 8 tasks the
+  kernels run 8 warps, halving the registers each thread holds per task.
+- TIES passes take an optional list of blocks to run (the zero-sign rerun) and write one uint8
+  flag per block that holds an ambiguous element (``ambiguous_blocks``), like the C++ kernels.
+- DARE's random keep (``keep``): each program draws its block's Philox4x32-10 words with
+  ``tl.philox`` (counter ``(j mod 2**32, j >> 32, task, h)`` for the 4 elements ``4j .. 4j + 3``;
+  the key ``(k0, k1)`` as the seed ``k1 << 32 | k0``; nlmerge.ops.random), one call per 4 elements,
+  interleaved into element order with ``tl.join``; bit-identical to the torch and C++ draws.
 - Counters: per-program ``tl.sum`` then one relaxed int64 atomic per program and counter. The
   non-finite counter of a merge counts NaN/Inf inputs and stored results that are NaN/Inf in the
   output dtype (an fp32 value that overflows fp16 or bf16 when rounded), which ops turns into an
@@ -34,9 +47,11 @@ import triton.language as tl
 available = True
 load_error = None
 
-_BLOCK = 1024  # elements per program (4 warps: 8 fp32 = two 16-byte vectors per thread)
+_BLOCK = 1024  # elements per program (4 warps: 8 fp32 = two 16-byte vectors per thread); ops.ties.BLOCK
 _NUM_WARPS = 4
 _LAUNCH = dict(num_warps=_NUM_WARPS, enable_fp_fusion=False)
+_MANY_TASKS = 8  # above this many task rows, 8 warps (fewer registers per thread per task)
+_SUM_GROUP = 16  # blocks per program of DARE's norms: loads of [16 blocks, 16 lanes]
 
 # compile-time dtype codes of data tensors
 _F32, _F16, _BF16 = 0, 1, 2
@@ -92,12 +107,16 @@ def _add_counter(ptr, value):
 
 
 @triton.jit
-def _block(N, BLOCK: tl.constexpr):
-    """This program's block of a length-N array: int64 ``start``, ``offs`` (int32 [BLOCK]) and the
-    in-bounds mask."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+def _block(N, blocks_ptr, HAS_BLOCKS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's block of a length-N array (the program's index, or the ``blocks_ptr`` entry it
+    is given): the block index and int64 ``start``, ``offs`` (int32 [BLOCK]) and the in-bounds mask."""
+    if HAS_BLOCKS:
+        blk = tl.load(blocks_ptr + tl.program_id(0))
+    else:
+        blk = tl.program_id(0).to(tl.int64)
+    start = blk * BLOCK
     offs = tl.arange(0, BLOCK)
-    return start, offs, offs < N - start
+    return blk, start, offs, offs < N - start
 
 
 @triton.jit
@@ -113,19 +132,58 @@ def _packed_block(N, BYTES: tl.constexpr):
 
 
 @triton.jit
+def _base_values(base_ptr, offs, inb, KIND: tl.constexpr, LOAD: tl.constexpr):
+    """fp32 base values at ``base_ptr + offs`` (zeros when the kernel has no base: ``LOAD`` False)."""
+    if LOAD:
+        b = _load_f32(base_ptr + offs, inb, KIND, "evict_first")
+    else:
+        b = tl.zeros(offs.shape, dtype=tl.float32)
+    return b
+
+
+@triton.jit
+def _keep_flags(keys_ptr, j, t: tl.constexpr):
+    """DARE's keep flags of task t for the 4 elements ``4j .. 4j + 3`` of each Philox counter ``j``
+    (int64, any shape): their 24-bit draws on stream t below the task's threshold, as bool
+    ``[*j.shape, 2, 2]`` whose entry ``[..., p, q]`` is element ``4j + 2p + q``. ``keys_ptr``: int64
+    ``[k0, k1, h, threshold_0, ..., threshold_{T-1}]``."""
+    seed = (tl.load(keys_ptr + 1).to(tl.uint64) << 32) | tl.load(keys_ptr).to(tl.uint64)
+    c0 = (j & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (j >> 32).to(tl.uint32)
+    c2 = tl.full(j.shape, t, tl.uint32)
+    c3 = tl.full(j.shape, 0, tl.uint32) + tl.load(keys_ptr + 2).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # the outer join adds q: lane 2p + q
+    return (words >> 8).to(tl.int32) < tl.load(keys_ptr + 3 + t).to(tl.int32)
+
+
+@triton.jit
+def _task_row(rows, t: tl.constexpr, b, start, offs, inb, keys_ptr, KIND: tl.constexpr, SUB: tl.constexpr,
+              KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    """Task t's fp32 values of the block and their non-finite flags: ``rows[t]`` (a stacked task
+    vector row), or ``fp32(rows[t]) - b`` (``SUB``: an expert minus the base), with DARE's dropped
+    entries +0 (``KEEP``; the flags cover every entry, dropped or not)."""
+    x = _load_f32(rows[t] + start + offs, inb, KIND, "evict_first")
+    if SUB:
+        x = x - b
+    bad = _nonfinite(x)
+    if KEEP:  # start is a multiple of 4: one counter per 4 elements of the block
+        kept = _keep_flags(keys_ptr, start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64), t)
+        x = tl.where(tl.reshape(kept, [BLOCK]), x, 0.0)
+    return x, bad
+
+
+@triton.jit
 def _tall_keep(x, mtl, lam):
     """TALL's mask predicate ``|x| > lam * |mtl - x|`` (fp32)."""
     return tl.abs(x) > lam * tl.abs(mtl - x)
 
 
 @triton.jit
-def _store_with_base(res, bad, out_ptr, base_ptr, offs, inb, cnt_ptr, OUT_KIND: tl.constexpr,
-                     BASE_KIND: tl.constexpr, HAS_BASE: tl.constexpr):
-    """Store ``base + res`` (``res`` without base) and add the block's non-finite count (``bad``,
-    plus the base's and the stored results') to the counter at ``cnt_ptr``. ``out_ptr``/``base_ptr``
-    point at the block."""
-    if HAS_BASE:
-        b = _load_f32(base_ptr + offs, inb, BASE_KIND, "evict_first")
+def _store_result(res, b, bad, out_ptr, offs, inb, cnt_ptr, OUT_KIND: tl.constexpr, ADD: tl.constexpr):
+    """Store ``b + res`` (``res`` alone without ``ADD``) at ``out_ptr + offs`` and add the block's
+    non-finite count (``bad``, plus the added base's and the stored results') to ``cnt_ptr``."""
+    if ADD:
         bad += _nonfinite(b)
         res = b + res
     bad += _store_f32(out_ptr + offs, res, inb, OUT_KIND)
@@ -133,22 +191,34 @@ def _store_with_base(res, bad, out_ptr, base_ptr, offs, inb, cnt_ptr, OUT_KIND: 
 
 
 # ----------------------------------------------------------------------------- kernels
+#
+# Common arguments: ``rows`` the tuple of T task rows (ROW_KIND); ``base_ptr`` the base (BASE_KIND),
+# subtracted from every row (``SUB``: rows are experts, BASE_KIND == ROW_KIND) and/or added to the
+# result (``ADD``); a dummy pointer when neither.
 
 
 @triton.jit
 def _hist_kernel(
-    x_ptr,  # int32 (fp32 bits) or int16 (fp16/bf16 bits), [N]
+    x_ptr,  # int32 (fp32 bits) or int16 (fp16/bf16 bits) [N]; with SUB an expert (KIND)
+    base_ptr,  # with SUB: the base (KIND); the counted magnitudes are |fp32(x) - fp32(base)|
     hist_ptr,  # int64 [32768] or [65536]
     N,
     prefix,
     ABS_MASK: tl.constexpr,  # 0x7FFFFFFF or 0x7FFF
     SHIFT: tl.constexpr,
     LOW: tl.constexpr,  # hist_magnitude_low: select abs >> 16 == prefix, bin abs & 0xFFFF
+    SUB: tl.constexpr,
+    KIND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, offs, inb = _block(N, BLOCK)
-    bits = tl.load(x_ptr + start + offs, mask=inb, other=0, eviction_policy="evict_first")
-    mag = bits.to(tl.int32) & ABS_MASK
+    _, start, offs, inb = _block(N, x_ptr, False, BLOCK)
+    if SUB:
+        x = _load_f32(x_ptr + start + offs, inb, KIND, "evict_first")
+        x = x - _load_f32(base_ptr + start + offs, inb, KIND, "evict_first")
+        mag = x.to(tl.int32, bitcast=True) & ABS_MASK
+    else:
+        bits = tl.load(x_ptr + start + offs, mask=inb, other=0, eviction_policy="evict_first")
+        mag = bits.to(tl.int32) & ABS_MASK
     if LOW:
         valid = inb & ((mag >> 16) == prefix)
         b = mag & 0xFFFF
@@ -164,178 +234,216 @@ def _hist_kernel(
     tl.atomic_add(hist_ptr + b, ones, mask=valid & (b != hot), sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["fill_sign", "count_mode", "disjoint"])  # values 0/1: one compile for all modes
 def _ties_kernel(
-    tv_ptr,  # [T, N]
+    rows,
+    base_ptr,
     thr_ptr,  # fp32 [T]
     w_ptr,  # fp32 [T]
     out_ptr,  # [N]
-    base_ptr,  # [N] or dummy
     cnt_ptr,  # int64 [3]: sign_sum, ambiguous, nonfinite
+    blocks_ptr,  # int64 [programs]: the blocks to run (HAS_BLOCKS)
+    flags_ptr,  # uint8 [ceil(N / BLOCK)]: 1 where a run block holds an ambiguous element (HAS_FLAGS)
+    keys_ptr,  # int64 [3 + T]: DARE's Philox key and keep thresholds (KEEP)
     N,
-    T,
     lam,
     fill_sign,
-    TV_KIND: tl.constexpr,
-    OUT_KIND: tl.constexpr,
+    count_mode,  # 1: sign election by count, 0: by mass
+    disjoint,  # 0 mean, 1 sum (MAX: unused)
+    ROW_KIND: tl.constexpr,
     BASE_KIND: tl.constexpr,
-    HAS_BASE: tl.constexpr,
-    COUNT: tl.constexpr,  # sign election by count (else by mass)
-    DISJOINT: tl.constexpr,  # 0 mean, 1 sum, 2 max
+    OUT_KIND: tl.constexpr,
+    SUB: tl.constexpr,
+    ADD: tl.constexpr,
+    KEEP: tl.constexpr,
+    MAX: tl.constexpr,  # disjoint "max"
+    HAS_BLOCKS: tl.constexpr,
+    HAS_FLAGS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, offs, inb = _block(N, BLOCK)
-    tv_blk = tv_ptr + start
+    # The sign mode and the choice of mean or sum are run-time values (uniform selects, a few ALU
+    # operations on a memory-bound kernel): two compiled variants per T and dtypes instead of six
+    # (compile time on a GPU). "max" stays a compile-time branch (its own accumulator).
+    blk, start, offs, inb = _block(N, blocks_ptr, HAS_BLOCKS, BLOCK)
+    b = _base_values(base_ptr + start, offs, inb, BASE_KIND, SUB or ADD)
+    by_count = count_mode != 0
 
-    # pass 1: elect the sign, count non-finite and non-zero trimmed entries
+    # elect the sign, count non-finite and non-zero trimmed entries; keep the trimmed rows
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     nz = tl.zeros([BLOCK], dtype=tl.int32)
     m = tl.zeros([BLOCK], dtype=tl.float32)
-    row = tv_blk
-    for t in range(T):
-        x = _load_f32(row + offs, inb, TV_KIND, "evict_last")
-        row += N
-        bad += _nonfinite(x)
-        thr = tl.load(thr_ptr + t)
-        tr = tl.where(tl.abs(x) >= thr, x, 0.0)
+    trimmed = ()
+    for t in tl.static_range(len(rows)):
+        x, bad_t = _task_row(rows, t, b, start, offs, inb, keys_ptr, ROW_KIND, SUB, KEEP, BLOCK)
+        bad += bad_t
+        tr = tl.where(tl.abs(x) >= tl.load(thr_ptr + t), x, 0.0)
+        trimmed = trimmed + (tr,)
         nz = nz | (tr != 0).to(tl.int32)
-        if COUNT:
-            m = m + ((tr > 0).to(tl.float32) - (tr < 0).to(tl.float32))
-        else:
-            w = tl.load(w_ptr + t)
-            m = m + w * tr
+        sign_t = (tr > 0).to(tl.float32) - (tr < 0).to(tl.float32)
+        m = m + tl.where(by_count, sign_t, tl.load(w_ptr + t) * tr)
     s0 = (m > 0).to(tl.int32) - (m < 0).to(tl.int32)
     s = tl.where(s0 == 0, fill_sign, s0)
     pos = s > 0
 
-    # pass 2: disjoint merge of the entries agreeing with s
+    # disjoint merge of the entries agreeing with s
     num = tl.zeros([BLOCK], dtype=tl.float32)
     den = tl.zeros([BLOCK], dtype=tl.float32)
-    row = tv_blk
-    for t in range(T):
-        x = _load_f32(row + offs, inb, TV_KIND, "evict_first")
-        row += N
-        thr = tl.load(thr_ptr + t)
-        tr = tl.where(tl.abs(x) >= thr, x, 0.0)
+    for t in tl.static_range(len(rows)):
+        tr = trimmed[t]
         agree = tl.where(pos, tr > 0, tr < 0)
-        if DISJOINT == 2:
+        if MAX:
             num = tl.maximum(num, tl.where(agree, tl.abs(tr), 0.0))
         else:
             w = tl.load(w_ptr + t)
             num = num + tl.where(agree, w * tr, 0.0)
-            if DISJOINT == 0:
-                den = den + tl.where(agree, w, 0.0)
-    if DISJOINT == 0:
-        merged = tl.where(den != 0, tl.div_rn(num, tl.where(den != 0, den, 1.0)), 0.0)
-    elif DISJOINT == 1:
-        merged = num
-    else:
+            den = den + tl.where(agree, w, 0.0)
+    if MAX:
         merged = num * s.to(tl.float32)
-    _store_with_base(lam * merged, bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr + 2, OUT_KIND,
-                     BASE_KIND, HAS_BASE)
+    else:  # mean (0) or sum (1)
+        merged = tl.where(disjoint == 0, tl.where(den != 0, tl.div_rn(num, tl.where(den != 0, den, 1.0)), 0.0), num)
+    _store_result(lam * merged, b, bad, out_ptr + start, offs, inb, cnt_ptr + 2, OUT_KIND, ADD)
+    ambiguous = tl.sum(((s0 == 0) & (nz != 0) & inb).to(tl.int32), axis=0)
     _add_counter(cnt_ptr + 0, tl.sum(tl.where(inb, s0, 0), axis=0))
-    _add_counter(cnt_ptr + 1, tl.sum(((s0 == 0) & (nz != 0) & inb).to(tl.int32), axis=0))
+    _add_counter(cnt_ptr + 1, ambiguous)
+    if HAS_FLAGS:
+        tl.store(flags_ptr + blk, (ambiguous > 0).to(tl.uint8))
 
 
 @triton.jit
 def _task_arith_kernel(
-    tv_ptr,
-    w_ptr,
-    out_ptr,
+    rows,
     base_ptr,
+    w_ptr,  # fp32 [T]
+    out_ptr,
     cnt_ptr,  # int64 [1]: nonfinite
+    keys_ptr,  # int64 [3 + T] (KEEP)
     N,
-    T,
     lam,
-    TV_KIND: tl.constexpr,
-    OUT_KIND: tl.constexpr,
+    ROW_KIND: tl.constexpr,
     BASE_KIND: tl.constexpr,
-    HAS_BASE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    SUB: tl.constexpr,
+    ADD: tl.constexpr,
+    KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, offs, inb = _block(N, BLOCK)
-    tv_blk = tv_ptr + start
+    _, start, offs, inb = _block(N, w_ptr, False, BLOCK)
+    b = _base_values(base_ptr + start, offs, inb, BASE_KIND, SUB or ADD)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    row = tv_blk
-    for t in range(T):
-        x = _load_f32(row + offs, inb, TV_KIND, "evict_first")
-        row += N
-        bad += _nonfinite(x)
-        w = tl.load(w_ptr + t)
-        acc = acc + w * x
-    _store_with_base(lam * acc, bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr, OUT_KIND, BASE_KIND,
-                     HAS_BASE)
+    for t in tl.static_range(len(rows)):
+        x, bad_t = _task_row(rows, t, b, start, offs, inb, keys_ptr, ROW_KIND, SUB, KEEP, BLOCK)
+        bad += bad_t
+        acc = acc + tl.load(w_ptr + t) * x
+    _store_result(lam * acc, b, bad, out_ptr + start, offs, inb, cnt_ptr, OUT_KIND, ADD)
 
 
 @triton.jit
 def _tall_masks_kernel(
-    tv_ptr,  # [T, N]
+    rows,
+    base_ptr,
     mtl_ptr,  # [N]
     lam_ptr,  # fp32 [T]
     out_ptr,  # uint8 [T, NB]
     cnt_ptr,  # int64 [1]: nonfinite
     N,
     NB,
-    T,
-    TV_KIND: tl.constexpr,
+    ROW_KIND: tl.constexpr,
     MTL_KIND: tl.constexpr,
+    SUB: tl.constexpr,
     BYTES: tl.constexpr,  # output bytes per program; BLOCK = 8 * BYTES elements
 ):
-    start, byte_start, rows, bit, offs, inb = _packed_block(N, BYTES)
-    byte_inb = rows < NB - byte_start
+    start, byte_start, rows_, bit, offs, inb = _packed_block(N, BYTES)
+    byte_inb = rows_ < NB - byte_start
     weights = (1 << bit)[None, :]
-
+    b = _base_values(base_ptr + start, offs, inb, ROW_KIND, SUB)
     mtl = _load_f32(mtl_ptr + start + offs, inb, MTL_KIND, "evict_first")  # kept in registers
     bad = _nonfinite(mtl)
-    tv_blk = tv_ptr + start
     out_row = out_ptr + byte_start
-    row = tv_blk
-    for t in range(T):
-        x = _load_f32(row + offs, inb, TV_KIND, "evict_first")
-        row += N
-        bad += _nonfinite(x)
-        lam = tl.load(lam_ptr + t)
-        keep = _tall_keep(x, mtl, lam) & inb  # padding bits are 0
+    for t in tl.static_range(len(rows)):
+        x, bad_t = _task_row(rows, t, b, start, offs, inb, lam_ptr, ROW_KIND, SUB, False, 8 * BYTES)
+        bad += bad_t
+        keep = _tall_keep(x, mtl, tl.load(lam_ptr + t)) & inb  # padding bits are 0
         packed = tl.sum(keep.to(tl.int32) * weights, axis=1)
-        tl.store(out_row + rows, packed.to(tl.uint8), mask=byte_inb)
+        tl.store(out_row + rows_, packed.to(tl.uint8), mask=byte_inb)
         out_row += NB
     _add_counter(cnt_ptr, tl.sum(tl.sum(tl.where(inb, bad, 0), axis=1), axis=0))
 
 
 @triton.jit
 def _consensus_kernel(
-    tv_ptr,
-    mtl_ptr,
-    lam_ptr,
-    out_ptr,
+    rows,
     base_ptr,
+    mtl_ptr,
+    lam_ptr,  # fp32 [T]
+    out_ptr,
     cnt_ptr,  # int64 [1]: nonfinite
     N,
-    T,
     k,
     alpha,
-    TV_KIND: tl.constexpr,
+    ROW_KIND: tl.constexpr,
+    BASE_KIND: tl.constexpr,
     MTL_KIND: tl.constexpr,
     OUT_KIND: tl.constexpr,
-    BASE_KIND: tl.constexpr,
-    HAS_BASE: tl.constexpr,
+    SUB: tl.constexpr,
+    ADD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    start, offs, inb = _block(N, BLOCK)
+    _, start, offs, inb = _block(N, lam_ptr, False, BLOCK)
+    b = _base_values(base_ptr + start, offs, inb, BASE_KIND, SUB or ADD)
     mtl = _load_f32(mtl_ptr + start + offs, inb, MTL_KIND, "evict_first")
     bad = _nonfinite(mtl)
-    tv_blk = tv_ptr + start
     c = tl.zeros([BLOCK], dtype=tl.int32)
-    row = tv_blk
-    for t in range(T):
-        x = _load_f32(row + offs, inb, TV_KIND, "evict_first")
-        row += N
-        bad += _nonfinite(x)
-        lam = tl.load(lam_ptr + t)
-        c += _tall_keep(x, mtl, lam).to(tl.int32)
-    _store_with_base(alpha * tl.where(c >= k, mtl, 0.0), bad, out_ptr + start, base_ptr + start, offs, inb, cnt_ptr,
-                     OUT_KIND, BASE_KIND, HAS_BASE)
+    for t in tl.static_range(len(rows)):
+        x, bad_t = _task_row(rows, t, b, start, offs, inb, lam_ptr, ROW_KIND, SUB, False, BLOCK)
+        bad += bad_t
+        c += _tall_keep(x, mtl, tl.load(lam_ptr + t)).to(tl.int32)
+    _store_result(alpha * tl.where(c >= k, mtl, 0.0), b, bad, out_ptr + start, offs, inb, cnt_ptr, OUT_KIND, ADD)
+
+
+@triton.jit
+def _halve(x, G: tl.constexpr, W: tl.constexpr):
+    """``x[:, :W/2] + x[:, W/2:]`` of ``x`` [G, W]: lane l += lane l + W/2."""
+    a, b = tl.split(tl.permute(tl.reshape(x, [G, 2, W // 2]), (0, 2, 1)))
+    return a + b
+
+
+@triton.jit
+def _lane_total(x, G: tl.constexpr):
+    """The 16 lanes of ``x`` [G, 16] combined by pairwise halving (ops.dare.l1_norm's order): [G]."""
+    return tl.reshape(_halve(_halve(_halve(_halve(x, G, 16), G, 8), G, 4), G, 2), [G])
+
+
+@triton.jit
+def _l1_sums_kernel(
+    rows,  # the T experts
+    base_ptr,
+    sums_ptr,  # fp64 [T, 2, NBLK]: per block, the L1 of x_t and of its kept entries
+    keys_ptr,  # int64 [3 + T]: DARE's Philox key and keep thresholds
+    N,
+    NBLK,
+    KIND: tl.constexpr,
+    G: tl.constexpr,  # blocks per program
+    BLOCK: tl.constexpr,
+    LANES: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G).to(tl.int64)
+    lane = tl.arange(0, LANES)
+    for t in tl.static_range(len(rows)):
+        full = tl.zeros([G, LANES], dtype=tl.float64)
+        kept = tl.zeros([G, LANES], dtype=tl.float64)
+        for r in range(BLOCK // LANES):  # lane l of a block sums its elements l, l + 16, ... in order
+            first = blk * BLOCK + r * LANES  # [G]
+            idx = first[:, None] + lane[None, :]
+            inb = idx < N  # past the end: +0, as the reference's zero padding
+            x = _load_f32(rows[t] + idx, inb, KIND, "evict_first") - _load_f32(base_ptr + idx, inb, KIND, "evict_first")
+            mag = tl.abs(x).to(tl.float64)
+            full = full + mag
+            keep = _keep_flags(keys_ptr, first[:, None] // 4 + tl.arange(0, LANES // 4).to(tl.int64)[None, :], t)
+            kept = kept + tl.where(tl.reshape(keep, [G, LANES]), mag, 0.0)
+        row = sums_ptr + (2 * t) * NBLK + blk
+        tl.store(row, _lane_total(full, G), mask=blk < NBLK)
+        tl.store(row + NBLK, _lane_total(kept, G), mask=blk < NBLK)
 
 
 @triton.jit
@@ -396,108 +504,198 @@ def _grid(n, block):
     return (triton.cdiv(n, block),)
 
 
-def _tasks(tv):
-    num_tasks = tv.shape[0]
-    return num_tasks, (tv.numel() // num_tasks if num_tasks else 0)
+def _launch(num_rows):
+    """Launch options for a kernel over ``num_rows`` task rows."""
+    return dict(_LAUNCH, num_warps=_NUM_WARPS if num_rows <= _MANY_TASKS else 2 * _NUM_WARPS)
+
+
+class _Rows:
+    """A kernel's task rows and base: the rows of stacked task vectors ``tv`` [T, N] with an
+    optional base added, or the experts with their base (subtracted; added when ``add``).
+    ``args`` are the tuple of rows and the base pointer (a dummy when there is none), ``flags``
+    the ROW_KIND, BASE_KIND, SUB and ADD compile-time arguments."""
+
+    def __init__(self, tv=None, base=None, experts=None, add=True):
+        if experts is None:
+            rows, sub, add = tuple(tv.unbind(0)), False, base is not None
+        else:
+            rows, sub = tuple(experts), True
+        self.num, self.n = len(rows), rows[0].numel()
+        self.device = rows[0].device
+        dummy = base if base is not None else rows[0]
+        self.args = (tuple(_arg(r) for r in rows), _arg(dummy))
+        self.flags = dict(ROW_KIND=_kind(rows[0]), BASE_KIND=_kind(dummy), SUB=sub, ADD=add)
+
+    def counters(self, size):
+        return torch.zeros(size, dtype=torch.int64, device=self.device)
+
+
+def _keys(keep, rows):
+    """DARE's draws ``(k0, k1, h, thresholds)`` as the kernels read them: int64 [3 + T] on the
+    rows' device (a dummy when ``keep`` is None)."""
+    words = [0, 0, 0] if keep is None else [keep[0], keep[1], keep[2], *keep[3]]
+    return torch.tensor(words, dtype=torch.int64, device=rows.device)
+
+
+def _hist(x, base, hist, prefix, abs_mask, shift):
+    n = x.numel()
+    if n == 0:
+        return
+    with _device(x):
+        _hist_kernel[_grid(n, _BLOCK)](
+            x, x if base is None else _arg(base), hist, n, int(prefix or 0), ABS_MASK=abs_mask, SHIFT=shift,
+            LOW=prefix is not None, SUB=base is not None, KIND=_F32 if base is None else _kind(base), BLOCK=_BLOCK,
+            **_LAUNCH,
+        )  # fmt: skip
 
 
 def hist_magnitude(x, hist, shift):
     """``hist[abs_bits(x) >> shift] += 1`` for every element (hist int64 [32768], in place)."""
-    n = x.numel()
-    if n == 0:
-        return
     if x.dtype == torch.float32:
-        bits, abs_mask = x.view(torch.int32), 0x7FFFFFFF
+        _hist(x.view(torch.int32), None, hist, None, 0x7FFFFFFF, int(shift))
     else:
-        bits, abs_mask = x.view(torch.int16), 0x7FFF
-    with _device(x):
-        _hist_kernel[_grid(n, _BLOCK)](
-            bits, hist, n, 0, ABS_MASK=abs_mask, SHIFT=int(shift), LOW=False, BLOCK=_BLOCK, **_LAUNCH
-        )
+        _hist(x.view(torch.int16), None, hist, None, 0x7FFF, int(shift))
 
 
 def hist_magnitude_low(x, hist, prefix):
     """For fp32 elements with ``abs_bits(x) >> 16 == prefix``: ``hist[abs_bits(x) & 0xffff] += 1``."""
-    n = x.numel()
-    if n == 0:
-        return
-    with _device(x):
-        _hist_kernel[_grid(n, _BLOCK)](
-            x.view(torch.int32), hist, n, int(prefix), ABS_MASK=0x7FFFFFFF, SHIFT=0, LOW=True, BLOCK=_BLOCK, **_LAUNCH
-        )
+    _hist(x.view(torch.int32), None, hist, prefix, 0x7FFFFFFF, 0)
 
 
-def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign):
-    """Fused TIES pass; returns ``(sign_sum, ambiguous, nonfinite)`` as python ints (``nonfinite``:
-    NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype)."""
+def hist_magnitude_models(base, expert, hist):
+    """``hist_magnitude(fp32(expert) - fp32(base), hist, 16)`` with the difference formed in registers."""
+    _hist(_arg(expert), base, hist, None, 0x7FFFFFFF, 16)
+
+
+def hist_magnitude_low_models(base, expert, hist, prefix):
+    """``hist_magnitude_low(fp32(expert) - fp32(base), hist, prefix)`` with the difference formed in registers."""
+    _hist(_arg(expert), base, hist, prefix, 0x7FFFFFFF, 0)
+
+
+def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks, ambiguous_blocks, keep):
     if sign_mode not in _SIGN_MODES:
         raise ValueError(f"sign_mode must be one of {tuple(_SIGN_MODES)}, got {sign_mode!r}")
     if disjoint not in _DISJOINT:
         raise ValueError(f"disjoint must be one of {tuple(_DISJOINT)}, got {disjoint!r}")
-    num_tasks, n = _tasks(tv)
-    if n == 0:
-        return 0, 0, 0
-    counters = torch.zeros(3, dtype=torch.int64, device=tv.device)
-    with _device(tv):
-        _ties_kernel[_grid(n, _BLOCK)](
-            _arg(tv), thresholds, weights, _arg(out), _arg(base if base is not None else out), counters,
-            n, num_tasks, float(lam), int(fill_sign),
-            TV_KIND=_kind(tv), OUT_KIND=_kind(out), BASE_KIND=_kind(base if base is not None else out),
-            HAS_BASE=base is not None, COUNT=_SIGN_MODES[sign_mode] == 1, DISJOINT=_DISJOINT[disjoint],
-            BLOCK=_BLOCK, **_LAUNCH,
-        )  # fmt: skip
+    counters = rows.counters(3)
+    if blocks is not None:
+        blocks = blocks.to(device=rows.device, dtype=torch.int64)
+    programs = _grid(rows.n, _BLOCK)[0] if blocks is None else blocks.numel()
+    if rows.n and programs:
+        with _device(out):
+            _ties_kernel[(programs,)](
+                *rows.args, thresholds, weights, _arg(out), counters, blocks if blocks is not None else counters,
+                ambiguous_blocks if ambiguous_blocks is not None else counters, _keys(keep, rows), rows.n, float(lam),
+                int(fill_sign), _SIGN_MODES[sign_mode], _DISJOINT[disjoint], OUT_KIND=_kind(out), KEEP=keep is not None,
+                MAX=disjoint == "max", HAS_BLOCKS=blocks is not None, HAS_FLAGS=ambiguous_blocks is not None,
+                BLOCK=_BLOCK, **rows.flags, **_launch(rows.num),
+            )  # fmt: skip
     sign_sum, ambiguous, nonfinite = counters.tolist()
     return sign_sum, ambiguous, nonfinite
 
 
+def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign, blocks=None,
+               ambiguous_blocks=None):
+    """Fused TIES pass; returns ``(sign_sum, ambiguous, nonfinite)`` as python ints (``nonfinite``:
+    NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype), counted over the blocks run:
+    every block, or the ``blocks`` listed (int64 indices of 1024-element blocks, any device; the
+    other elements of ``out`` are left as they are). ``ambiguous_blocks`` (uint8 [ceil(N / 1024)]
+    on the device): set to 1 for each run block holding an ambiguous element, 0 for the others run."""
+    return _ties(_Rows(tv, base), thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks,
+                 ambiguous_blocks, None)
+
+
+def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
+                      blocks=None, ambiguous_blocks=None, keep=None):
+    """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers, adding
+    ``base`` to the result when ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s
+    element count. ``keep``: None, or DARE's draws ``(k0, k1, h, thresholds)``: entry i of task t is
+    +0 unless its draw on stream t is below ``thresholds[t]``."""
+    return _ties(_Rows(base=base, experts=experts, add=bool(include_base)), thresholds, weights, out, lam, sign_mode,
+                 disjoint, fill_sign, blocks, ambiguous_blocks, keep)
+
+
+def _task_arithmetic(rows, weights, out, lam, keep):
+    counters = rows.counters(1)
+    if rows.n:
+        with _device(out):
+            _task_arith_kernel[_grid(rows.n, _BLOCK)](
+                *rows.args, weights, _arg(out), counters, _keys(keep, rows), rows.n, float(lam),
+                OUT_KIND=_kind(out), KEEP=keep is not None, BLOCK=_BLOCK, **rows.flags, **_launch(rows.num),
+            )  # fmt: skip
+    return int(counters.item())
+
+
 def task_arithmetic(tv, weights, out, base, lam):
     """``out = base + lam * sum_t weights[t] * tv[t]``; returns the count of NaN/Inf inputs and results."""
-    num_tasks, n = _tasks(tv)
-    if n == 0:
-        return 0
-    counters = torch.zeros(1, dtype=torch.int64, device=tv.device)
-    with _device(tv):
-        _task_arith_kernel[_grid(n, _BLOCK)](
-            _arg(tv), weights, _arg(out), _arg(base if base is not None else out), counters,
-            n, num_tasks, float(lam),
-            TV_KIND=_kind(tv), OUT_KIND=_kind(out), BASE_KIND=_kind(base if base is not None else out),
-            HAS_BASE=base is not None, BLOCK=_BLOCK, **_LAUNCH,
-        )  # fmt: skip
+    return _task_arithmetic(_Rows(tv, base), weights, out, lam, None)
+
+
+def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None):
+    """``task_arithmetic`` on ``fp32(experts[t]) - fp32(base)`` formed in registers (the ``base +``
+    term only when ``include_base``; ``keep`` as in ``ties_merge_models``); returns the count of
+    NaN/Inf task vector entries (dropped or not), added base values and results."""
+    return _task_arithmetic(_Rows(base=base, experts=experts, add=bool(include_base)), weights, out, lam, keep)
+
+
+def _tall_masks(rows, tau_mtl, lam, out):
+    counters = rows.counters(1)
+    if rows.n:
+        with _device(out):
+            _tall_masks_kernel[_grid(rows.n, _BLOCK)](
+                *rows.args, _arg(tau_mtl), lam, out, counters, rows.n, (rows.n + 7) // 8,
+                ROW_KIND=rows.flags["ROW_KIND"], MTL_KIND=_kind(tau_mtl), SUB=rows.flags["SUB"], BYTES=_BLOCK // 8,
+                **_launch(rows.num),
+            )  # fmt: skip
     return int(counters.item())
 
 
 def tall_masks(tv, tau_mtl, lam, out):
     """Bit-packed TALL masks into ``out`` uint8 [T, ceil(N/8)]; returns the non-finite count."""
-    num_tasks, n = _tasks(tv)
-    if n == 0:
-        return 0
-    nb = (n + 7) // 8
-    counters = torch.zeros(1, dtype=torch.int64, device=tv.device)
-    nbytes = _BLOCK // 8
-    with _device(tv):
-        _tall_masks_kernel[_grid(n, _BLOCK)](
-            _arg(tv), _arg(tau_mtl), lam, out, counters, n, nb, num_tasks,
-            TV_KIND=_kind(tv), MTL_KIND=_kind(tau_mtl), BYTES=nbytes, **_LAUNCH,
-        )  # fmt: skip
+    return _tall_masks(_Rows(tv), tau_mtl, lam, out)
+
+
+def tall_masks_models(base, experts, tau_mtl, lam, out):
+    """``tall_masks`` on ``fp32(experts[t]) - fp32(base)`` formed in registers."""
+    return _tall_masks(_Rows(base=base, experts=experts, add=False), tau_mtl, lam, out)
+
+
+def _consensus(rows, tau_mtl, lam, k, out, alpha):
+    counters = rows.counters(1)
+    if rows.n:
+        with _device(out):
+            _consensus_kernel[_grid(rows.n, _BLOCK)](
+                *rows.args, _arg(tau_mtl), lam, _arg(out), counters, rows.n, int(k), float(alpha),
+                MTL_KIND=_kind(tau_mtl), OUT_KIND=_kind(out), BLOCK=_BLOCK, **rows.flags, **_launch(rows.num),
+            )  # fmt: skip
     return int(counters.item())
 
 
 def consensus(tv, tau_mtl, lam, k, out, base, alpha):
     """``out = base + alpha * (#t with m_t >= k ? tau_mtl : 0)``; returns the count of NaN/Inf inputs
     and results."""
-    num_tasks, n = _tasks(tv)
-    if n == 0:
-        return 0
-    counters = torch.zeros(1, dtype=torch.int64, device=tv.device)
-    with _device(tv):
-        _consensus_kernel[_grid(n, _BLOCK)](
-            _arg(tv), _arg(tau_mtl), lam, _arg(out), _arg(base if base is not None else out), counters,
-            n, num_tasks, int(k), float(alpha),
-            TV_KIND=_kind(tv), MTL_KIND=_kind(tau_mtl), OUT_KIND=_kind(out),
-            BASE_KIND=_kind(base if base is not None else out), HAS_BASE=base is not None,
-            BLOCK=_BLOCK, **_LAUNCH,
-        )  # fmt: skip
-    return int(counters.item())
+    return _consensus(_Rows(tv, base), tau_mtl, lam, k, out, alpha)
+
+
+def consensus_models(base, experts, tau_mtl, lam, k, out, alpha):
+    """``consensus`` on ``fp32(experts[t]) - fp32(base)`` formed in registers, with this base added."""
+    return _consensus(_Rows(base=base, experts=experts), tau_mtl, lam, k, out, alpha)
+
+
+def keep_l1_block_sums(base, experts, keep, sums):
+    """DARE's rescale norms per block: ``sums`` fp64 [T, 2, ceil(N / 1024)] on the device, written:
+    ``[t, 0, b]`` the L1 of block b of x_t = fp32(experts[t]) - fp32(base) (formed in registers),
+    ``[t, 1, b]`` that of its entries that ``keep`` ``(k0, k1, h, thresholds)`` keeps; each in
+    ``nlmerge.ops.dare.l1_norm``'s order within a block (16 lanes summed in element order from +0,
+    then combined by pairwise halving). NaN/Inf in x_t makes its sums non-finite."""
+    rows = _Rows(base=base, experts=experts, add=False)
+    nblk = sums.shape[2]
+    if nblk:
+        with _device(sums):
+            _l1_sums_kernel[_grid(nblk, _SUM_GROUP)](
+                *rows.args, sums, _keys(keep, rows), rows.n, nblk, KIND=rows.flags["ROW_KIND"], G=_SUM_GROUP,
+                BLOCK=_BLOCK, LANES=16, **_LAUNCH,
+            )  # fmt: skip
 
 
 def apply_mask(packed, tau_mtl, out, base):

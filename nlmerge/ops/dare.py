@@ -16,8 +16,10 @@ at most ``68 + log2(n)`` fp64 additions of non-negative values, so the norm is w
 ``(68 + log2(n)) * 2**-53`` relative of the exact sum: far inside the fp32 rescale factor.
 
 Backends (``backend=``): ``"cpu"`` (the default on CPU tensors when the extension is built) runs the
-C++ kernel (``csrc/cpu/merge.cpp``, the draws of ``csrc/cpu/random.cpp``); ``"torch"``, and every
-backend on CUDA tensors for now, the reference.
+C++ kernel (``csrc/cpu/merge.cpp``, the draws of ``csrc/cpu/random.cpp``); ``"triton"`` (the default
+on CUDA tensors) the Triton kernels (``nlmerge/kernels/triton_merge.py``: the draws by ``tl.philox``
+with the same counters, the norms' block sums on the device, combined across blocks here);
+``"torch"`` the reference. All give the same bits.
 """
 from typing import NamedTuple
 
@@ -170,7 +172,7 @@ def keep_l1_norms_models(base, experts, keep, *, backend=None):
     keep : RandomKeep
         T densities.
     backend : None, "torch", "cpu" or "triton"
-        Every backend gives the same bits (the reference on CUDA tensors, for now).
+        Every backend gives the same bits.
 
     Returns
     -------
@@ -194,6 +196,10 @@ def keep_l1_norms_models(base, experts, keep, *, backend=None):
     if name == "cpu":
         norms = torch.empty((len(flat), 2), dtype=torch.float64)
         kernels.keep_l1_norms_models(flat_base, flat, keep.draw_key(), norms)
+    elif name == "triton":  # block sums on the device, combined across blocks here as l1_norm does
+        sums = torch.empty((len(flat), 2, -(-flat_base.numel() // BLOCK)), dtype=torch.float64, device=flat_base.device)
+        kernels.keep_l1_block_sums(flat_base, flat, keep.draw_key(), sums)
+        norms = torch.stack([torch.stack([_halving_sum(row) for row in task]) for task in sums]).cpu()
     else:
         rows = []
         for t, tau in enumerate(model_task_vectors(flat_base, flat)):

@@ -9,7 +9,7 @@ one pass over the 15 magnitude bits of fp16/bf16; two passes for fp32 (high 16 b
 global threshold never concatenates the model.
 
 The ``*_models`` forms select among the magnitudes of the task vectors ``fp32(expert) -
-fp32(base)`` (fp32 values), which the C++ kernels form as they count; the reference (and Triton)
+fp32(base)`` (fp32 values), which the C++ and Triton kernels form as they count; the reference
 builds each fp32 task vector first.
 
 fp32 magnitudes in one read (the C++ backend; Triton keeps the two histogram passes):
@@ -316,22 +316,15 @@ def count_models(kernels, base, expert, hist, prefix=None):
     """Add the magnitudes of the task vector ``fp32(expert) - fp32(base)`` (flat tensors of one
     dtype) to ``hist``: the high 16 bits (``prefix`` None; int64 [HIGH_BINS]) or, of the elements
     whose high bits are ``prefix``, the low 16 bits (int64 [LOW_BINS]). ``kernels`` None: the
-    reference (``torch.bincount``); the C++ kernels form the task vector as they count; others
-    (Triton) count the fp32 task vector built first."""
-    if kernels is not None and hasattr(kernels, "hist_magnitude_models"):
+    reference (``torch.bincount`` of the fp32 task vector); the C++ and Triton kernels form the task
+    vector as they count."""
+    if kernels is not None:
         if prefix is None:
             kernels.hist_magnitude_models(base, expert, hist)
         else:
             kernels.hist_magnitude_low_models(base, expert, hist, prefix)
         return
-    tau = (expert.float() - base.float()).contiguous()
-    if kernels is not None:
-        if prefix is None:
-            kernels.hist_magnitude(tau, hist, 16)
-        else:
-            kernels.hist_magnitude_low(tau, hist, prefix)
-        return
-    bits = _fp32_bits(tau)
+    bits = _fp32_bits(expert.float() - base.float())
     if prefix is None:
         hist += torch.bincount(bits >> 16, minlength=HIGH_BINS)[:HIGH_BINS]
     else:

@@ -7,8 +7,8 @@ Consensus keeps ``tau_MTL`` where at least ``k`` masks are set: ``base + alpha *
 tau_MTL``; its fused kernel computes the masks on the fly and never stores them.
 
 The ``*_models`` forms take the base and the experts and form the task vectors ``fp32(expert) -
-fp32(base)`` as the C++ kernels read them (bit-identical to the stacked forms on
-``model_task_vectors(base, experts)``, which define them; Triton builds those first, for now).
+fp32(base)`` as the C++ and Triton kernels read them (bit-identical to the stacked forms on
+``model_task_vectors(base, experts)``, which define them and which the reference builds).
 
 ``lam`` is finite and >= 0 per task (a negative one would set every mask); consensus needs
 ``1 <= k <= T``. Results are written in ``out_dtype`` (default: the base's dtype, else tau_MTL's)
@@ -217,10 +217,10 @@ def tall_masks_models(base, experts, tau_mtl, lam, *, backend=None):
         NaN/Inf in the base, an expert, a task vector (overflowing fp32) or tau_mtl.
     """
     flat_base, flat, mtl, lam = _models_with_mtl(base, experts, tau_mtl, lam)
-    name, kernels = resolve(backend, base.device, "tall_masks_models")
-    if name != "cpu":
-        return via_task_vectors(flat_base, flat, lambda tv: tall_masks(tv, mtl, lam, backend=name))
-    out = torch.empty(len(flat), packed_size(flat_base.numel()), dtype=torch.uint8)
+    _, kernels = resolve(backend, base.device, "tall_masks_models")
+    if kernels is None:
+        return via_task_vectors(flat_base, flat, lambda tv: tall_masks(tv, mtl, lam, backend="torch"))
+    out = torch.empty(len(flat), packed_size(flat_base.numel()), dtype=torch.uint8, device=base.device)
     if kernels.tall_masks_models(flat_base, flat, mtl, lam, out):
         _raise_models_input(flat_base, flat, mtl)
     return out
@@ -258,12 +258,12 @@ def consensus_merge_models(base, experts, tau_mtl, lam, *, k=2, alpha=1.0, out_d
     k = check_k(k, len(flat))
     alpha = finite_scalar(alpha, "alpha")
     dtype = result_dtype(base, base, out_dtype)
-    name, kernels = resolve(backend, base.device, "consensus_merge_models")
-    if name != "cpu":
+    _, kernels = resolve(backend, base.device, "consensus_merge_models")
+    if kernels is None:
         out = via_task_vectors(flat_base, flat, lambda tv: consensus_merge(
-            tv, mtl, lam, k=k, base=flat_base, alpha=alpha, out_dtype=dtype, backend=name))
+            tv, mtl, lam, k=k, base=flat_base, alpha=alpha, out_dtype=dtype, backend="torch"))
         return out.view(base.shape)
-    out = torch.empty(flat_base.shape[0], dtype=dtype)
+    out = torch.empty(flat_base.shape[0], dtype=dtype, device=base.device)
     if kernels.consensus_models(flat_base, flat, mtl, lam, k, out, alpha):
         if first_nonfinite_model(flat_base, flat) is not None or not bool(torch.isfinite(mtl).all()):
             _raise_models_input(flat_base, flat, mtl)

@@ -9,8 +9,8 @@ magnitude times ``s``); return ``base + lam * merged``. The fast kernels read ev
 once per pass and allocate only the output.
 
 The ``*_models`` ops take the base and the experts themselves (their storage dtype) and form the
-task vectors ``fp32(expert) - fp32(base)`` as they read them (C++ backend; the other backends build
-the fp32 task vectors first, for now): bit-identical to the stacked-task-vector ops on
+task vectors ``fp32(expert) - fp32(base)`` as they read them (the C++ and Triton kernels; the
+reference builds the fp32 task vectors first): bit-identical to the stacked-task-vector ops on
 ``model_task_vectors(base, experts)``, which define them. With ``random_keep`` (DARE's draws,
 :mod:`nlmerge.ops.dare`) the task vectors' dropped entries are +0: bit-identical to the same ops on
 ``keep_task_vectors(base, experts, random_keep)``.
@@ -52,15 +52,15 @@ from nlmerge.ops.selection import magnitude_threshold_models
 
 SIGN_MODES = ("mass", "count")
 DISJOINT_MODES = ("mean", "sum", "max")
-BLOCK = 1024  # elements of a block of a TIES pass (``ambiguous_blocks``, ``blocks=``): the C++ kernels' block
+BLOCK = 1024  # elements of a block of a TIES pass (``ambiguous_blocks``, ``blocks=``): the fast kernels' block
 
 
 class TiesPass(NamedTuple):
     """One TIES pass: the merged tensor, the sum of elected signs, the count of ambiguous elements,
     whether the result overflowed its dtype (only ever True with ``check_result=False``), and the
     indices (a tuple of ascending ints: passes compare as tuples) of the blocks of ``BLOCK``
-    elements of the flat tensor that hold an ambiguous element (None where the backend does not
-    report them: Triton)."""
+    elements of the flat tensor that hold an ambiguous element (None for a pass run with
+    ``blocks=``)."""
 
     merged: torch.Tensor
     sign_sum: int
@@ -190,24 +190,16 @@ class _Inputs:
             if err is not None:
                 raise err
 
-    def run_kernel(self, name, kernels, args, flat, blocks, flags):
+    def run_kernel(self, kernels, args, flat, blocks, flags):
         """The fast pass into ``flat``: ``(sign_sum, ambiguous, nonfinite)``."""
         thresholds, weights, lam, sign, disjoint, fill_sign = args
-        if self.models is not None and name == "cpu":
+        if self.models is not None:
             base, experts, include_base, random_keep = self.models
             return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
                                              disjoint, fill_sign, blocks, flags,
                                              keep=None if random_keep is None else random_keep.draw_key())
-        if name == "cpu":
-            return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
-                                      fill_sign, blocks, flags)
-        # Triton: every block, into a scratch output when only some are asked for
-        dest = flat if blocks is None else torch.empty_like(flat)
-        counts = kernels.ties_merge(self.tv(), thresholds, weights, dest, self.added, lam, sign, disjoint, fill_sign)
-        if blocks is not None:
-            idx = _block_elements(blocks, self.numel, flat.device)
-            flat[idx] = dest[idx]
-        return counts
+        return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
+                                  fill_sign, blocks, flags)
 
 
 def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, shape, out, check_result, blocks,
@@ -223,7 +215,7 @@ def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtyp
         return _ties_reference_elements(inputs.tv(), thresholds, weights, inputs.added, lam, sign, disjoint, fill_sign,
                                         dt)
 
-    name, kernels = resolve(backend, inputs.device, op)
+    _, kernels = resolve(backend, inputs.device, op)
     flat = torch.empty(inputs.numel, dtype=dtype, device=inputs.device) if out is None else out.view(-1)
     amb_blocks = None
     if kernels is None:
@@ -240,9 +232,9 @@ def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtyp
         overflow = not bool(torch.isfinite(merged).all())
     else:
         flags = None
-        if name == "cpu" and blocks is None:
-            flags = torch.empty((inputs.numel + BLOCK - 1) // BLOCK, dtype=torch.uint8)
-        sign_sum, ambiguous_count, nonfinite = inputs.run_kernel(name, kernels, args, flat, blocks, flags)
+        if blocks is None:
+            flags = torch.empty((inputs.numel + BLOCK - 1) // BLOCK, dtype=torch.uint8, device=inputs.device)
+        sign_sum, ambiguous_count, nonfinite = inputs.run_kernel(kernels, args, flat, blocks, flags)
         if nonfinite:
             inputs.raise_nonfinite()  # a non-finite input raises here; else the result overflowed
         overflow = nonfinite > 0
@@ -340,10 +332,9 @@ def ties_merge_pass_models(
     backend=None,
 ):
     """``ties_merge_pass`` over the models: the task vectors ``fp32(experts[t]) - fp32(base)`` are
-    formed as the C++ kernel reads the models (no fp32 copy of them); bit-identical to
+    formed as the C++ or Triton kernel reads the models (no fp32 copy of them); bit-identical to
     ``ties_merge_pass(model_task_vectors(base, experts), thresholds, base=base, ...)``, which
-    defines it (the "torch" backend runs that). Triton builds the fp32 task vectors and runs its
-    ``ties_merge`` kernel, for now.
+    defines it (the "torch" backend runs that).
 
     Parameters
     ----------
@@ -606,9 +597,8 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
 
     Bit-identical to ``task_arithmetic(fp32 task vectors, base=base, ...)`` with the task vectors
     ``fp32(experts[t]) - fp32(base)`` (each rounded to fp32), accumulated in fp32 in task order;
-    the C++ kernel forms them in registers instead of writing and re-reading them (a third of the
-    memory traffic for 16-bit models). Other backends ("torch", "triton" / CUDA tensors) build the
-    fp32 task vectors on the device and run ``task_arithmetic`` on them, for now.
+    the C++ and Triton kernels form them in registers instead of writing and re-reading them (a
+    third of the memory traffic for 16-bit models); the reference (``"torch"``) builds them.
 
     Parameters
     ----------
@@ -649,13 +639,13 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
     added = flat_base if include_base else None
     random_keep = check_random_keep(random_keep, len(flat))
 
-    name, kernels = resolve(backend, base.device, "task_arithmetic_models")
-    if name != "cpu":
+    _, kernels = resolve(backend, base.device, "task_arithmetic_models")
+    if kernels is None:
         out = via_task_vectors(flat_base, flat, lambda tv: task_arithmetic(
-            tv, weights=weights, base=added, lam=lam, out_dtype=dtype, backend=name),
+            tv, weights=weights, base=added, lam=lam, out_dtype=dtype, backend="torch"),
             lambda b, e: keep_task_vectors(b, e, random_keep))
         return out.view(base.shape)
-    out = torch.empty(flat_base.shape[0], dtype=dtype)
+    out = torch.empty(flat_base.shape[0], dtype=dtype, device=base.device)
     draw_key = None if random_keep is None else random_keep.draw_key()
     if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base, draw_key):
         err = first_nonfinite_model(flat_base, flat)
