@@ -11,6 +11,9 @@ The models rows (``--models``) take the base and T experts in their storage dtyp
 ``*_models`` ops form the task vectors in the kernel): global TIES at the op level (thresholds
 from the models' histograms, then the merge pass), the same through ``nlmerge.merge.ties`` on a
 dict of 1024 x 1024 tensors, task arithmetic; their floor reads T + 1 inputs and writes one output.
+With ``--device cuda`` (the Triton kernels) they add TALL masks and consensus from the models, the
+share of the card's copy bandwidth each op reaches (issue 13's targets: >= 80% for the merge pass,
+>= 70% for selection) and the peak extra memory.
 
 The DARE rows (``--dare``) run mergekit's ``dare_linear`` and ``dare_ties`` (rescale on, density
 ``--density``) on one tensor of the models through ``nlmerge.merge.merge_tensor``: the fused path
@@ -265,7 +268,32 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
     if device == "cpu":
         peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep)
         print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
+    else:
+        gpu_models_rows(base, experts, thresholds, args, repeat, bandwidth, {"merge pass": merge_pass,
+                                                                            "thresholds": selection})
     print()
+
+
+def gpu_models_rows(base, experts, thresholds, args, repeat, bandwidth, measured):
+    """The card's rows of the models ops (Triton): TALL masks, consensus, the zero-sign pass, peak
+    extra memory, and each op's share of the copy bandwidth: the bytes it moves (the Triton
+    selection reads base and expert twice per task: two histogram passes) over its time."""
+    t, n, size = len(experts), base.numel(), base.element_size()
+    inputs = (t + 1) * n * size
+    mtl = ops.task_arithmetic_models(base, experts, include_base=False, out_dtype=torch.float32)
+    moved = {"merge pass": inputs + n * size, "thresholds": 4 * t * n * size}
+    measured["TALL masks"] = best_time(lambda: ops.tall_masks_models(base, experts, mtl, 0.4), repeat, "cuda")
+    moved["TALL masks"] = inputs + 4 * n + t * n / 8
+    measured["consensus"] = best_time(lambda: ops.consensus_merge_models(base, experts, mtl, 0.4), repeat, "cuda")
+    moved["consensus"] = inputs + 4 * n + n * size
+    measured["task arithmetic"] = best_time(lambda: ops.task_arithmetic_models(base, experts), repeat, "cuda")
+    moved["task arithmetic"] = inputs + n * size
+    for name in ("TALL masks", "consensus"):
+        row(f"{name} from models", measured[name], moved[name] / bandwidth)
+    print("  share of the copy bandwidth: " + ", ".join(
+        f"{name} {moved[name] / bandwidth / seconds:.0%}" for name, seconds in measured.items()))
+    peak = peak_extra_bytes(lambda: nlmerge_ties_models(base, experts, args.keep), "cuda")
+    print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
 
 
 def dare_rows(log2n, dtype, args, repeat, device, gen):

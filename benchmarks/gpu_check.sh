@@ -3,11 +3,12 @@
 #   1. the Triton kernels compiled for the GPU against the references, and the merge job with
 #      --device cuda against the CPU job (tests -k "triton or cuda"),
 #   2. the GPU benchmark tables: merge (fused vs reference vs FusionBench-style vs copy bandwidth),
-#      streaming statistics, permutation gathers,
+#      the merge ops over the models (share of the copy bandwidth) and DARE, streaming statistics,
+#      permutation gathers,
 #   3. `nlmerge demo --quick --device cuda` (the whole pipeline on the GPU backends), when the
 #      machine has the demo's scikit-learn, matplotlib and tqdm.
 # Usage on the device machine, from the repo root:  bash benchmarks/gpu_check.sh
-# Writes tests.txt and bench.txt under $OUT (the device tool brings them back) or /tmp/gpu_check.
+# Writes tests.txt, bench*.txt under $OUT (the device tool brings them back) or /tmp/gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -18,6 +19,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 timeout "${TEST_TIMEOUT:-240}" python -m pytest -q -x -p no:warnings --continue-on-collection-errors tests -k "triton or cuda" 2>&1 | tee "$out/tests.txt" | tail -25
 timeout "${BENCH_TIMEOUT:-180}" python benchmarks/bench_merge.py --device cuda --sizes 24 26 2>&1 | tee "$out/bench.txt"
+# the ops that read the models (issue 13: share of the copy bandwidth), then DARE over the models
+timeout 120 python benchmarks/bench_merge.py --device cuda --models --sizes 24 26 2>&1 | tee "$out/bench_models.txt"
+timeout 60 python benchmarks/bench_merge.py --device cuda --dare --sizes 24 2>&1 | tee "$out/bench_dare.txt"
 timeout 60 python benchmarks/bench_stats.py --device cuda 2>&1 | tee "$out/bench_stats.txt"
 timeout 60 python benchmarks/bench_permute.py --device cuda 2>&1 | tee "$out/bench_permute.txt"
 if python -c "import sklearn, matplotlib, tqdm" 2>/dev/null; then
