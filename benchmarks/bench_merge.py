@@ -269,15 +269,14 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
         peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep)
         print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
     else:
-        gpu_models_rows(base, experts, thresholds, args, repeat, bandwidth, {"merge pass": merge_pass,
-                                                                            "thresholds": selection})
+        gpu_models_rows(base, experts, args, repeat, bandwidth, {"merge pass": merge_pass, "thresholds": selection})
     print()
 
 
-def gpu_models_rows(base, experts, thresholds, args, repeat, bandwidth, measured):
-    """The card's rows of the models ops (Triton): TALL masks, consensus, the zero-sign pass, peak
-    extra memory, and each op's share of the copy bandwidth: the bytes it moves (the Triton
-    selection reads base and expert twice per task: two histogram passes) over its time."""
+def gpu_models_rows(base, experts, args, repeat, bandwidth, measured):
+    """The card's rows of the models ops (Triton): TALL masks, consensus, peak extra memory, and the
+    share of the copy bandwidth of these and of the ``measured`` ones: the bytes each moves (the
+    Triton selection reads base and expert twice per task: two histogram passes) over its time."""
     t, n, size = len(experts), base.numel(), base.element_size()
     inputs = (t + 1) * n * size
     mtl = ops.task_arithmetic_models(base, experts, include_base=False, out_dtype=torch.float32)
