@@ -66,25 +66,43 @@ def _demo(args):
 
 
 # mergekit-yaml flags that nlmerge does not do, refused by name with the reason
+_MULTI_DEVICE = "one device per process: run torchrun --nproc-per-node N -m nlmerge merge ... --device cuda"
 _REFUSED_MERGEKIT_FLAGS = {
     "--allow-crimes": "nlmerge merges models with one set of keys and shapes",
+    "--unsafe-truncate-embeddings": "nlmerge merges models with one set of keys and shapes",
     "--trust-remote-code": "nlmerge runs no code from checkpoints",
+    "--transformers-cache": "nlmerge reads local folders only (download the models first)",
     "--lora-merge-cache": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
     "--lora-merge-dtype": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
     "--no-safe-serialization": "nlmerge writes safetensors only",
-    "--write-model-card": "nlmerge writes no model card (the config is kept as nlmerge_config.yml)",
     "--clone-tensors": "nlmerge writes every tensor of the base once; nothing is shared",
-    "--multi-gpu": "one device per process; many processes come with torch.distributed (not yet)",
-    "--gpu-rich": "one device per process; many processes come with torch.distributed (not yet)",
-    "--async-write": "reading, computing and writing already overlap",
+    "--multi-gpu": _MULTI_DEVICE,
+    "--gpu-rich": _MULTI_DEVICE,
 }
-# mergekit-yaml flags accepted with nothing to do: nlmerge always does what they ask for
+# mergekit-yaml flags accepted with nothing to do: nlmerge always does what they ask for (the --no-
+# forms of mergekit's switches whose default nlmerge keeps)
 _NO_OP_MERGEKIT_FLAGS = {
     "--lazy-unpickle": "tensors are always read lazily",
+    "--no-lazy-unpickle": "tensors are always read lazily",
     "--low-cpu-memory": "one key is held at a time",
+    "--no-low-cpu-memory": "one key is held at a time",
     "--safe-serialization": "the output is always safetensors",
+    "--write-model-card": "nlmerge writes no README model card; the config is kept as nlmerge_config.yml",
     "--no-write-model-card": "nlmerge writes no model card",
+    "--read-to-gpu": "with --device cuda, tensors go to the GPU as they are read",
+    "--no-read-to-gpu": "tensors are read on the CPU",
+    "--async-write": "reading, computing and writing already overlap",
+    "--no-async-write": "reading, computing and writing already overlap",
+    "--no-cuda": "the default is the CPU",
+    "--no-quiet": "the default shows progress",
+    "--no-allow-crimes": "the default",
+    "--no-trust-remote-code": "the default",
+    "--no-clone-tensors": "the default",
+    "--no-unsafe-truncate-embeddings": "the default",
+    "--no-multi-gpu": "the default",
 }
+# mergekit-yaml options with a value, accepted with nothing to do
+_NO_OP_MERGEKIT_OPTIONS = {"--write-threads": "each output shard is written on its own thread"}
 
 
 class _Refused(argparse.Action):
@@ -102,7 +120,8 @@ def _add_merge(commands):
         description="Merge Hugging Face checkpoints (safetensors or .bin, sharded or not) as a mergekit config "
                     "says, streaming one tensor at a time, in fp32, into OUT in the Hugging Face layout. "
                     "Methods: linear, task_arithmetic, ties (also scope: global, convention: ties), dare_linear, "
-                    "dare_ties, breadcrumbs, breadcrumbs_ties, consensus.")
+                    "dare_ties, breadcrumbs, breadcrumbs_ties, consensus, tall. Many processes: start it under "
+                    "torchrun (see the README).")
     merge.add_argument("config", metavar="CONFIG.yml", help="mergekit-style YAML (the models: form)")
     merge.add_argument("out", metavar="OUT", help="output folder")
     merge.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -119,39 +138,65 @@ def _add_merge(commands):
     merge.add_argument("--resume", action="store_true",
                        help="continue an interrupted job: finished shards (size and sha256 checked) are kept")
     merge.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
-    merge.add_argument("--num-threads", metavar="N", type=_checked(options.check_threads, "N"), default=None,
+    merge.add_argument("--num-threads", "-j", metavar="N", type=_checked(options.check_threads, "N"), default=None,
                        help="torch CPU threads (default: torch's)")
+    merge.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log nlmerge's decisions (-v: info, -vv: debug), as mergekit's -v")
     merge.add_argument("--backend", choices=("torch", "cpu", "triton"), default=None,
                        help="kernel backend (default: auto, see the README)")
-    for flag, reason in _NO_OP_MERGEKIT_FLAGS.items():
-        merge.add_argument(flag, action="store_true", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
+    for flag, reason in _NO_OP_MERGEKIT_FLAGS.items():  # the --no- forms of mergekit's defaults stay out of --help
+        merge.add_argument(flag, action="store_true", help=argparse.SUPPRESS if flag.startswith("--no-") else
+                           f"accepted from mergekit-yaml, nothing to do: {reason}")
+    for flag, reason in _NO_OP_MERGEKIT_OPTIONS.items():
+        merge.add_argument(flag, metavar="N", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
     for flag in _REFUSED_MERGEKIT_FLAGS:
         merge.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
     merge.set_defaults(run=_merge, parser=merge)
 
 
 def _merge(args):
+    import logging
+    import os
+    import signal
+    import warnings
+
     import torch
 
+    from nlmerge.io import MANIFEST_NAME
     from nlmerge.jobs import run_merge
+    from nlmerge.jobs.distributed import RankFailedError
 
     if args.cuda and args.device == "cpu":
         raise SystemExit("nlmerge merge: error: --cuda contradicts --device cpu")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(name)s: %(message)s")
+    rank = os.environ.get("RANK", "0")
+    prefix = "nlmerge merge" if rank == "0" else f"nlmerge merge (rank {rank})"
+    warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    def terminated(signum, frame):  # torchrun and schedulers stop a job with SIGTERM: clean up as for Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
                         out_shard_size=args.out_shard_size, random_seed=args.random_seed,
                         copy_tokenizer=args.copy_tokenizer, force=args.force, resume=args.resume,
                         progress=not args.no_progress, backend=args.backend)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"nlmerge merge: error: {err}", file=sys.stderr)
+    except (ValueError, FileExistsError, OSError, RankFailedError) as err:
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"nlmerge merge: interrupted; finished shards are kept: run the same command with --resume "
-              f"to continue into {args.out}", file=sys.stderr)
+        if os.path.isfile(os.path.join(args.out, MANIFEST_NAME)):
+            print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to continue "
+                  f"into {args.out}", file=sys.stderr)
+        else:
+            print(f"{prefix}: interrupted before any shard was finished; nothing was kept", file=sys.stderr)
         return 130
-    print(f"merged into {out}")
+    if rank == "0":
+        print(f"merged into {out}")
     return 0
 
 

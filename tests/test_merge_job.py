@@ -377,6 +377,17 @@ def test_command_line(llama_family, tmp_path, capsys):
     path.write_text(yaml.safe_dump({**_config(paths, "ties", None, WEIGHTS), "slices": []}))
     assert main(["merge", str(path), str(tmp_path / "o3"), "--no-progress"]) == 1
     assert "'slices'" in capsys.readouterr().err and not (tmp_path / "o3").exists()
+    # mergekit-yaml's other flags: its defaults' --no- forms, -v, -j, --write-threads are accepted
+    path.write_text(yaml.safe_dump(_config(paths, "task_arithmetic", None, WEIGHTS)))
+    assert main(["merge", str(path), str(tmp_path / "o4"), "--no-progress", "--no-cuda", "--no-allow-crimes",
+                 "--write-model-card", "-v", "-j", str(torch.get_num_threads()), "--write-threads", "2"]) == 0
+    with pytest.raises(SystemExit):
+        main(["merge", str(path), str(tmp_path / "o5"), "--gpu-rich"])
+    assert "torchrun" in capsys.readouterr().err
+    path.write_text("merge_method: ties\nmodels: [oops\n")
+    assert main(["merge", str(path), str(tmp_path / "o6"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nlmerge merge: error:") and "line" in err
 
 
 def test_batchnorm_running_statistics_are_the_experts_mean(tmp_path):
@@ -618,3 +629,20 @@ def test_float64_tensors_and_a_varying_global_normalize_are_refused(tmp_path):
                    "rope.inv_freq": torch.zeros(3, dtype=torch.float64)}, str(tmp_path / f"{name}.safetensors"))
     with pytest.raises(ConfigError, match="normalize must be the same for every tensor"):
         plan_merge(cfg, tmp_path / "out2")
+
+
+def test_nan_found_mid_run_names_the_model_and_leaves_no_output(llama_family, tmp_path):
+    _, paths, base, experts = llama_family
+    plan = plan_merge(_config(paths, "task_arithmetic", None, WEIGHTS), tmp_path / "out", out_shard_size="20K")
+    last = plan.shards[-1].file_order[-1]  # the last key merged: every other shard is finished by then
+    assert len(plan.shards) > 2
+    for ckpt in plan.checkpoints:
+        ckpt.close()
+    poisoned = {k: v.clone() for k, v in experts[1].items()}
+    poisoned[last][0] = float("nan")
+    bad = _save_llama(tmp_path / "poisoned", poisoned, torch.float32)
+    for method, shared in (("dare_ties", None), ("ties", {"scope": "global", "convention": "ties"}), ("tall", None)):
+        cfg = _config({**paths, "e1": bad}, method, shared, [{**w, "tall_lambda": 0.4} for w in WEIGHTS])
+        with pytest.raises(ValueError, match=rf"{last}.*{bad}.* NaN or Inf"):
+            run_merge(cfg, tmp_path / "out", progress=False, out_shard_size="20K")
+        assert not (tmp_path / "out").exists(), method

@@ -146,7 +146,10 @@ def load_config(source):
         except OSError as err:
             raise ConfigError(f"cannot read the config {os.fspath(source)!r}: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{os.fspath(source)!r} is not valid YAML: {err}") from None
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ConfigError(f"{os.fspath(source)!r} is not valid YAML{at}: "
+                              f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}") from None
     else:
         raw = source
     if not isinstance(raw, dict):

@@ -14,6 +14,10 @@ import os
 import torch
 
 
+class RankFailedError(RuntimeError):
+    """Another process of the job failed: this one stops too (the message names the rank and its error)."""
+
+
 class World:
     """This process's place in the job: ``rank`` of ``size``, and the ``device`` its arithmetic
     runs on (``cuda:LOCAL_RANK`` for a CUDA job over several processes)."""
@@ -70,7 +74,7 @@ class World:
     def step(self):
         """A stretch of work that every rank runs before the next collective. An error on any rank
         fails every rank at the end of the stretch: the rank that failed re-raises its own error,
-        the others raise RuntimeError naming that rank and its error (no rank waits forever in a
+        the others raise RankFailedError naming that rank and its error (no rank waits forever in a
         collective that a failed rank never joins)."""
         if self.size == 1:
             yield
@@ -85,7 +89,7 @@ class World:
             raise error
         for rank, failure in enumerate(failures):
             if failure is not None:
-                raise RuntimeError(f"the job failed on rank {rank} of {self.size}: {failure}")
+                raise RankFailedError(f"the job failed on rank {rank} of {self.size}: {failure}")
 
     def close(self):
         """Tear down the process group if :func:`join` created it."""

@@ -144,7 +144,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
 
     Raises
     ------
-    RuntimeError
+    nlmerge.jobs.distributed.RankFailedError (a RuntimeError)
         Over several processes: another rank failed (naming the rank and its error); this rank
         stops too, and nothing is left under a final name half-written.
     ConfigError
@@ -193,9 +193,12 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer):
             total = world.sum(sign_sum)
             with world.step():
                 _rerun_majority(plan, manifest, thresholds, (total > 0) - (total < 0), rerun)
-    except BaseException:
+    except BaseException as err:
         if world.leader:
-            _forget_empty_job(plan, manifest, created)
+            if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
+                _discard_job(plan, manifest, created)
+            else:
+                _forget_empty_job(plan, manifest, created)
         raise
     recorded = world.gather(None if world.leader else manifest.shards)
     with world.step():
@@ -398,6 +401,21 @@ def _remove_previous_outputs(out):
                 os.remove(os.path.join(folder, name))
 
 
+def _discard_job(plan, manifest, created):
+    """After an error that the same job cannot get past (a non-finite input, a result that does not
+    fit its dtype: the config or the inputs must change, and their fingerprint with them), remove
+    every file the job recorded, so that no incomplete model is left in OUT."""
+    recorded = dict(manifest.shards)
+    for part in glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
+        recorded.update(ckio.Manifest.load_part(part))
+        os.remove(part)
+    for name in recorded:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(plan.out, name))
+    manifest.shards = {}
+    _forget_empty_job(plan, manifest, created)
+
+
 def _forget_empty_job(plan, manifest, created):
     """After a failure before any shard was finished, leave nothing behind: a rerun after fixing
     the input then needs neither --force nor --resume."""
@@ -529,7 +547,9 @@ def _naming(key, plan, tensors):
         hint = "set out_dtype: float32 in the config" if err.fits is not None else "fp32 overflows too"
         raise ValueError(f"tensor {key!r}: the merged result does not fit {err.dtype} (it would be Inf); "
                          f"{hint}") from err
-    except ops.NonFiniteError as err:
+    except (ops.NonFiniteError, ValueError) as err:
+        if not isinstance(err, ops.NonFiniteError) and not isinstance(err.__cause__, ops.NonFiniteError):
+            raise  # another error, already named (merge.generalized names the model by its index only)
         for ckpt, x in zip(plan.checkpoints, tensors):
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"tensor {key!r}: {ckpt.path} contains NaN or Inf; non-finite values are never "
@@ -713,7 +733,10 @@ def _write_model_files(plan, folder, copy_tokenizer):
     source model, into one output model's folder."""
     ref = plan.checkpoints[plan.copy_source]
     dtypes = {k.dtype for k in plan.keys.values() if k.merged}
-    if ref.config is not None:
+    if ref.config is None:
+        warnings.warn(f"{ref.path} has no config.json beside it: {folder} holds the merged tensors only (copy a "
+                      "config.json there to load it with transformers)", stacklevel=2)
+    else:
         config = dict(ref.config)
         if len(dtypes) == 1:
             name = str(dtypes.pop()).removeprefix("torch.")
