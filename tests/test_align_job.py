@@ -124,7 +124,12 @@ def test_align_refusals(tmp_path, capsys):
     assert "p.safetensors: the output exists (use --force" in error(tmp_path / "a", tmp_path / "a", out)
     assert out.read_bytes() == b"old"
     assert "model types differ" in error(tmp_path / "a", tmp_path / "v", tmp_path / "q.safetensors")
-    assert "the output is an input" in error(tmp_path / "a", tmp_path / "a", out, "--write-aligned", tmp_path / "a")
+    assert "overlaps the input" in error(tmp_path / "a", tmp_path / "a", out, "--write-aligned", tmp_path / "a")
+    weights = sorted((tmp_path / "a").glob("*.safetensors"))[0]
+    before = weights.read_bytes()
+    for argv in ([weights, "--force"], [out, "--force", "--write-aligned", tmp_path / "a" / "aligned"]):
+        assert "overlaps the input" in error(tmp_path / "a", tmp_path / "v", *argv)  # never written into an input
+    assert weights.read_bytes() == before and not (tmp_path / "a" / "aligned").exists()
     save_file({"labels": torch.zeros(2, 3, dtype=torch.int64)}, tmp_path / "bad.safetensors")
     assert "tensors ['labels'] are not model inputs" in error(tmp_path / "a", tmp_path / "a", out, "--force",
                                                                "--method", "activation", "--data", tmp_path / "bad.safetensors")

@@ -339,6 +339,17 @@ def _atomic_file(path):
         raise
 
 
+def check_apart(out, inputs, remedy="write it elsewhere"):
+    """Raise FileExistsError when the output path ``out`` is, holds or lies inside one of the
+    ``inputs`` (files or folders; links resolved): writing or replacing it could destroy what the
+    job reads. The message names both paths."""
+    real = os.path.realpath(out)
+    for path in inputs:
+        src = os.path.realpath(path)
+        if src == real or src.startswith(real + os.sep) or real.startswith(src + os.sep):
+            raise FileExistsError(f"output {os.fspath(out)!r} overlaps the input {os.fspath(path)!r}; {remedy}")
+
+
 def write_json_atomic(path, obj):
     """Write ``obj`` as indented JSON (plus a newline) to ``path`` through a temporary name."""
     with _atomic_file(path) as f:

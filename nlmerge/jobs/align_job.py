@@ -8,7 +8,7 @@ import torch
 from nlmerge.align import activation_matching, spec_from_config, weight_matching
 from nlmerge.align.hf_specs import LLAMA_FAMILY
 from nlmerge.align.spec import check_int
-from nlmerge.io import (WEIGHT_FILES, CheckpointError, ShardWriter, copy_file_atomic, open_checkpoint,
+from nlmerge.io import (WEIGHT_FILES, CheckpointError, ShardWriter, check_apart, copy_file_atomic, open_checkpoint,
                         parse_size, plan_shards, shard_index, write_json_atomic)
 from nlmerge.io.permutations import save_permutations
 from nlmerge.ops.permute import permute_tensors
@@ -173,10 +173,9 @@ def run_align(reference, other, out, *, method="weight", data=None, restarts=1, 
         raise ValueError("activation matching needs --data (a safetensors file of model inputs)")
     batch_size = check_int(batch_size, "batch_size", 1)
     reference, other, out = os.fspath(reference), os.fspath(other), os.fspath(out)
-    inputs = {os.path.realpath(reference), os.path.realpath(other)}
     for path in (out, aligned):
-        if path is not None and os.path.realpath(path) in inputs:
-            raise ValueError(f"{path}: the output is an input checkpoint")
+        if path is not None:
+            check_apart(path, [reference, other] + ([data] if data is not None else []), "write it elsewhere")
     _check_output(out, force, "file")
     if aligned is not None:
         _check_output(os.fspath(aligned), force, "folder")

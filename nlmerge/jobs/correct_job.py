@@ -50,7 +50,7 @@ import torch
 from nlmerge.correct import activation_stats, correct_to, default_sites, fold, fold_problem, repair_targets
 from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
-from nlmerge.io import WEIGHT_FILES
+from nlmerge.io import WEIGHT_FILES, check_apart
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
 
 METHODS = ("tact", "repair")
@@ -246,11 +246,7 @@ def _same_architecture(ref, config, label, ref_path):
 
 
 def _check_out(out, inputs, force):
-    real = os.path.realpath(out)
-    for path in inputs:
-        src = os.path.realpath(path)
-        if src == real or src.startswith(real + os.sep) or real.startswith(src + os.sep):
-            raise FileExistsError(f"output {out!r} overlaps the input {path!r}; write the correction elsewhere")
+    check_apart(out, inputs, "write the correction elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"output {out!r} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not force:

@@ -371,10 +371,8 @@ def _prepare_out(plan, *, force, resume):
     ``--resume`` on a folder that holds no nlmerge job.
     """
     out = os.path.realpath(plan.out)
-    for path in [c.path for c in plan.checkpoints] + list(plan.permutations.files):
-        src = os.path.realpath(path)
-        if src == out or src.startswith(out + os.sep) or out.startswith(src + os.sep):
-            raise FileExistsError(f"output {plan.out!r} overlaps the input {path!r}; write the merge elsewhere")
+    ckio.check_apart(plan.out, [c.path for c in plan.checkpoints] + list(plan.permutations.files),
+                     "write the merge elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out):
