@@ -222,6 +222,19 @@ def test_mismatched_experts_and_data(llama_paths, tmp_path, capsys):
     refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "2 experts but 1 data files")
 
 
+def test_expert_of_another_size_is_refused_before_any_model_runs(llama_paths, tmp_path, capsys, monkeypatch):
+    from nlmerge.jobs import correct_job
+
+    torch.manual_seed(0)
+    wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**llama(False).config.to_dict(), "intermediate_size": llama(False).config.intermediate_size + 8}))
+    wide.save_pretrained(tmp_path / "wide")
+    capsys.readouterr()
+    monkeypatch.setattr(correct_job, "_load", lambda *a: pytest.fail("a model was loaded before the check"))
+    paths = {**llama_paths, "experts": [llama_paths["experts"][0], tmp_path / "wide"]}
+    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "expert 1", "model.layers.0.mlp.", "shape (32, 56)")
+
+
 def test_architecture_without_foldable_sites(llama_paths, tmp_path, capsys):
     # transformers' Mistral has no bias on any projection and no switch that adds one
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ import torch
 from nlmerge.correct import activation_stats, correct_to, default_sites, fold, fold_problem, repair_targets
 from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
-from nlmerge.io import WEIGHT_FILES, check_apart
+from nlmerge.io import WEIGHT_FILES, check_apart, open_checkpoint
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
 
 METHODS = ("tact", "repair")
@@ -124,6 +124,7 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
     expert_configs = [_read_config(path, f"expert {t}") for t, path in enumerate(experts)]
     for t, (path, expert_config) in enumerate(zip(experts, expert_configs)):
         _same_architecture(config, expert_config, f"expert {t} ({path})", merged)
+    _same_tensors(merged, experts)
     out = os.fspath(out)
     _check_out(out, [merged, *experts, *data], force)
     tensors = [_read_data(path, t) for t, path in enumerate(data)]
@@ -236,6 +237,24 @@ def _read_config(path, label):
     if not any(os.path.isfile(os.path.join(path, name)) for name, _ in WEIGHT_FILES):
         raise ValueError(f"{label}: {path!r} holds no weights (none of {', '.join(n for n, _ in WEIGHT_FILES)})")
     return config
+
+
+def _same_tensors(merged, experts):
+    """Every expert's checkpoint holds the merged checkpoint's tensor names and shapes (headers
+    only, read before any model is built); ValueError naming the expert, the tensor and both
+    shapes, or a tensor one side lacks."""
+    with open_checkpoint(merged) as ref:
+        shapes = {key: tuple(ref.info(key).shape) for key in ref.keys()}
+    for t, path in enumerate(experts):
+        with open_checkpoint(path) as ckpt:
+            theirs = {key: tuple(ckpt.info(key).shape) for key in ckpt.keys()}
+        for key in sorted(set(shapes) ^ set(theirs)):
+            has, lacks = (merged, path) if key in shapes else (path, merged)
+            raise ValueError(f"expert {t} ({path}): tensor {key!r} is in {has} but not in {lacks}")
+        for key, shape in shapes.items():
+            if theirs[key] != shape:
+                raise ValueError(f"expert {t} ({path}): tensor {key!r} has shape {theirs[key]}, the merged model's "
+                                 f"{shape} ({merged})")
 
 
 def _same_architecture(ref, config, label, ref_path):
