@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nlmerge import kernels, ops
+from nlmerge.ops import selection
 from nlmerge.ops._checks import NonFiniteResultError, model_task_vectors
 from nlmerge.ops.ties import BLOCK
 from conftest import DTYPES, device_for, fast_backends, nasty
@@ -108,6 +109,34 @@ def test_thresholds_and_histograms_from_models(backend, dtype, generator):
     old.locate(k).count_low(tau)
     assert torch.equal(new.high.cpu(), old.high) and torch.equal(new.low.cpu(), old.low)
     assert torch.equal(new.threshold().cpu(), old.threshold())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_count_window_equals_torch(dtype, generator):
+    """Triton's one-read window count (of an fp32 tensor, and of the models' task vector formed in
+    registers) equals the torch form: windows around, below, above and over the data, and the
+    non-finite count (what the C++ kernels are held to in test_ops_selection)."""
+    module, reason = kernels.load("triton")
+    if module is None:
+        pytest.skip(f"triton unavailable: {reason}")
+    device = device_for("triton")
+    for n in (1, 2 * BLOCK + 37):
+        base, experts = models("mixed", 1, n, dtype, generator)
+        experts[0][n // 2] = float("inf")
+        tau = model_task_vectors(base, experts)[0]
+        bits = selection._fp32_bits(tau)
+        pick = int(bits[int(torch.randint(0, n, (), generator=generator))])
+        for lo, width in ((pick, 1), (pick - 500, 1000), (0, 1 << 16), (0x7F7F0000, 1 << 16), (0x3F000000, 3)):
+            lo = min(max(lo, 0), 0x7F800000 - width)
+            expected = torch.zeros(width + 1, dtype=torch.int64)
+            nonfinite = selection.count_window(None, tau, expected, lo)
+            assert nonfinite == int((~tau.isfinite()).sum()) > 0
+            got = torch.full((width + 1,), 7, dtype=torch.int64, device=device)
+            assert module.count_window_models(base.to(device), experts[0].to(device), got, lo) == nonfinite
+            assert torch.equal(got.cpu() - 7, expected), (n, lo, width)  # accumulated
+            got.zero_()
+            assert module.count_window(tau.to(device), got, lo) == nonfinite
+            assert torch.equal(got.cpu(), expected), (n, lo, width)
 
 
 @pytest.mark.parametrize("backend", fast_backends())

@@ -36,7 +36,9 @@ Design notes (for the GPU):
   error: a merge never hands back Inf.
 - Histograms: one relaxed int64 atomic per element, except that each program first counts the
   elements of its smallest bin (zeros, or the single value of constant data) and adds them with
-  one atomic, which removes the worst same-address contention.
+  one atomic, which removes the worst same-address contention. The window count of the one-read
+  selection (``count_window*``) is a mode of the same kernel: the elements below the window and
+  the non-finite ones are added with one atomic per program each.
 """
 import contextlib
 
@@ -197,16 +199,19 @@ def _store_result(res, b, bad, out_ptr, offs, inb, cnt_ptr, OUT_KIND: tl.constex
 # result (``ADD``); a dummy pointer when neither.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["prefix", "lo", "width"])
 def _hist_kernel(
     x_ptr,  # int32 (fp32 bits) or int16 (fp16/bf16 bits) [N]; with SUB an expert (KIND)
     base_ptr,  # with SUB: the base (KIND); the counted magnitudes are |fp32(x) - fp32(base)|
-    hist_ptr,  # int64 [32768] or [65536]
+    hist_ptr,  # int64: [32768], [65536] or [1 + width]
+    cnt_ptr,  # int64 [1]: non-finite magnitudes (MODE 2)
     N,
     prefix,
+    lo,
+    width,
     ABS_MASK: tl.constexpr,  # 0x7FFFFFFF or 0x7FFF
     SHIFT: tl.constexpr,
-    LOW: tl.constexpr,  # hist_magnitude_low: select abs >> 16 == prefix, bin abs & 0xFFFF
+    MODE: tl.constexpr,  # 0: bin abs >> SHIFT; 1: abs >> 16 == prefix, bin abs & 0xFFFF; 2: window (count_window)
     SUB: tl.constexpr,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -219,7 +224,13 @@ def _hist_kernel(
     else:
         bits = tl.load(x_ptr + start + offs, mask=inb, other=0, eviction_policy="evict_first")
         mag = bits.to(tl.int32) & ABS_MASK
-    if LOW:
+    if MODE == 2:  # bin 0 counts the magnitudes below the window, bin 1 + v - lo those inside it
+        rel = mag - lo  # no overflow: 0 <= mag, lo < 2**31
+        valid = inb & (rel >= 0) & (rel < width)
+        b = rel + 1
+        _add_counter(hist_ptr, tl.sum((inb & (rel < 0)).to(tl.int32), axis=0))
+        _add_counter(cnt_ptr, tl.sum((inb & (mag >= 0x7F800000)).to(tl.int32), axis=0))
+    elif MODE == 1:
         valid = inb & ((mag >> 16) == prefix)
         b = mag & 0xFFFF
     else:
@@ -537,39 +548,56 @@ def _keys(keep, rows):
     return torch.tensor(words, dtype=torch.int64, device=rows.device)
 
 
-def _hist(x, base, hist, prefix, abs_mask, shift):
+def _hist(x, base, hist, abs_mask=0x7FFFFFFF, shift=0, mode=0, prefix=0, lo=0):
+    """Launch ``_hist_kernel`` over ``x`` (bit view; with ``base``: an expert, its difference
+    counted); returns the non-finite count of a window count (``mode`` 2), else 0."""
     n = x.numel()
-    if n == 0:
-        return
-    with _device(x):
-        _hist_kernel[_grid(n, _BLOCK)](
-            x, x if base is None else _arg(base), hist, n, int(prefix or 0), ABS_MASK=abs_mask, SHIFT=shift,
-            LOW=prefix is not None, SUB=base is not None, KIND=_F32 if base is None else _kind(base), BLOCK=_BLOCK,
-            **_LAUNCH,
-        )  # fmt: skip
+    counters = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if n:
+        with _device(x):
+            _hist_kernel[_grid(n, _BLOCK)](
+                x, x if base is None else _arg(base), hist, counters, n, int(prefix), int(lo), hist.numel() - 1,
+                ABS_MASK=abs_mask, SHIFT=shift, MODE=mode, SUB=base is not None,
+                KIND=_F32 if base is None else _kind(base), BLOCK=_BLOCK, **_LAUNCH,
+            )  # fmt: skip
+    return int(counters.item()) if mode == 2 else 0
 
 
 def hist_magnitude(x, hist, shift):
     """``hist[abs_bits(x) >> shift] += 1`` for every element (hist int64 [32768], in place)."""
     if x.dtype == torch.float32:
-        _hist(x.view(torch.int32), None, hist, None, 0x7FFFFFFF, int(shift))
+        _hist(x.view(torch.int32), None, hist, shift=int(shift))
     else:
-        _hist(x.view(torch.int16), None, hist, None, 0x7FFF, int(shift))
+        _hist(x.view(torch.int16), None, hist, 0x7FFF, int(shift))
 
 
 def hist_magnitude_low(x, hist, prefix):
     """For fp32 elements with ``abs_bits(x) >> 16 == prefix``: ``hist[abs_bits(x) & 0xffff] += 1``."""
-    _hist(x.view(torch.int32), None, hist, prefix, 0x7FFFFFFF, 0)
+    _hist(x.view(torch.int32), None, hist, mode=1, prefix=prefix)
 
 
 def hist_magnitude_models(base, expert, hist):
     """``hist_magnitude(fp32(expert) - fp32(base), hist, 16)`` with the difference formed in registers."""
-    _hist(_arg(expert), base, hist, None, 0x7FFFFFFF, 16)
+    _hist(_arg(expert), base, hist, shift=16)
 
 
 def hist_magnitude_low_models(base, expert, hist, prefix):
     """``hist_magnitude_low(fp32(expert) - fp32(base), hist, prefix)`` with the difference formed in registers."""
-    _hist(_arg(expert), base, hist, prefix, 0x7FFFFFFF, 0)
+    _hist(_arg(expert), base, hist, mode=1, prefix=prefix)
+
+
+def count_window(x, hist, lo):
+    """fp32 x, ``v = abs_bits(x)``: ``hist[0] += #(v < lo)``, ``hist[1 + v - lo] += 1`` for ``lo <= v < lo +
+    len(hist) - 1`` (hist int64, in place; the window within the finite magnitudes); returns the
+    number of non-finite elements as an int."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"count_window takes float32, got {x.dtype}")
+    return _hist(x.view(torch.int32), None, hist, mode=2, lo=lo)
+
+
+def count_window_models(base, expert, hist, lo):
+    """``count_window`` over ``x = fp32(expert) - fp32(base)`` (one dtype and size), formed in registers."""
+    return _hist(_arg(expert), base, hist, mode=2, lo=lo)
 
 
 def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks, ambiguous_blocks, keep):

@@ -12,7 +12,7 @@ The ``*_models`` forms select among the magnitudes of the task vectors ``fp32(ex
 fp32(base)`` (fp32 values), which the C++ and Triton kernels form as they count; the reference
 builds each fp32 task vector first.
 
-fp32 magnitudes in one read (the C++ backend; Triton keeps the two histogram passes):
+fp32 magnitudes in one read (the C++ and Triton backends):
 
 1. *sample*: a deterministic stratified sample of about ``SAMPLE_SIZE`` elements — one position
    drawn in each run of ``stride`` consecutive elements by a generator seeded from (seed, size,
@@ -92,7 +92,7 @@ def _radix_select(xs, k, kernels, names):
             if count_window(kernels, t, hist, lo):
                 raise_nonfinite(names)
 
-        found = _one_read(flat, [t.numel() for t in flat], k, add_sample, count)
+        found = _one_read(flat, [t.numel() for t in flat], k, add_sample, count, device)
         if found is not None:
             return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(device)
     high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
@@ -198,7 +198,7 @@ def count_window(kernels, x, hist, lo):
     """The one-read pass over the fp32 magnitudes ``v`` of ``x`` (flat, any float dtype):
     ``hist[0] += #(v < lo)``, ``hist[1 + v - lo] += 1`` for ``v`` in the window ``[lo, lo + len(hist)
     - 1)`` (hist int64 on x's device, in place). Returns the number of non-finite elements.
-    ``kernels`` with ``count_window`` (C++, fp32 x): fused; else (reference, Triton) torch ops."""
+    ``kernels`` with ``count_window`` (C++ and Triton, fp32 x): fused; else torch ops."""
     if kernels is not None and hasattr(kernels, "count_window") and x.dtype == torch.float32:
         return kernels.count_window(x, hist, lo)
     bits = _fp32_bits(x)
@@ -211,7 +211,7 @@ def count_window(kernels, x, hist, lo):
 
 def count_window_models(kernels, base, expert, hist, lo):
     """``count_window`` over the task vector ``fp32(expert) - fp32(base)`` (flat, one dtype), which
-    the C++ kernels form as they count."""
+    the C++ and Triton kernels form as they count."""
     if kernels is not None and hasattr(kernels, "count_window_models"):
         return kernels.count_window_models(base, expert, hist, lo)
     return count_window(None, expert.float() - base.float(), hist, lo)
@@ -227,16 +227,16 @@ def window_bits(hist, lo, k):
     return lo + int(torch.searchsorted(cumulative, torch.tensor([k - below], device=hist.device)))
 
 
-def _one_read(sources, sizes, k, add, count):
-    """The k-th smallest fp32 magnitude's bit pattern over ``sources`` (of ``sizes`` elements)
-    in one read, or None when the sample's bracket misses. ``add(counts, source, stride)`` samples a
-    source, ``count(source, hist, lo)`` counts it (raising on non-finite values)."""
+def _one_read(sources, sizes, k, add, count, device=None):
+    """The k-th smallest fp32 magnitude's bit pattern over ``sources`` (of ``sizes`` elements, on
+    ``device``, default the CPU) in one read, or None when the sample's bracket misses. ``add(counts, source,
+    stride)`` samples a source, ``count(source, hist, lo)`` counts it (raising on non-finite values)."""
     stride = sample_stride(sum(sizes))
     counts = torch.zeros(HIGH_BINS + 1, dtype=torch.int64)
     for source in sources:
         add(counts, source, stride)
     lo, width = bracket(counts, k)
-    hist = torch.zeros(width + 1, dtype=torch.int64)
+    hist = torch.zeros(width + 1, dtype=torch.int64, device=device)  # where the kernels count
     for source in sources:
         count(source, hist, lo)
     found = window_bits(hist, lo, k)
@@ -396,7 +396,7 @@ def kth_smallest_magnitude_models(base, expert, k, *, backend=None):
                 raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
 
         found = _one_read(pairs, [b.numel() for b, _ in pairs], k, lambda c, pair, stride: add_sample_models(c, *pair, stride),
-                          count)
+                          count, device)
         if found is not None:
             return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(device)
     high = torch.zeros(HIGH_BINS, dtype=torch.int64, device=device)
