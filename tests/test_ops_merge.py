@@ -58,9 +58,7 @@ def test_ties_pass_equals_reference(backend, dtype, num_tasks, generator):
                 kwargs["base"] = base.to(device)
                 actual = ops.ties_merge_pass(tv.to(device), thr, backend=backend, **kwargs)
                 where = (size, kind, sign, disjoint, fill)
-                assert actual[1:4] == expected[1:4], where  # sign_sum, ambiguous, overflow
-                if actual.ambiguous_blocks is not None:  # Triton reports none: its majority rerun is a full pass
-                    assert actual.ambiguous_blocks == expected.ambiguous_blocks, where
+                assert actual[1:] == expected[1:], where  # sign_sum, ambiguous, overflow, ambiguous_blocks
                 assert_matches(actual.merged.cpu(), expected.merged)
 
 

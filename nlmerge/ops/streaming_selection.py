@@ -28,7 +28,7 @@ fp32 magnitudes into ``high``, int64 [HIGH_BINS]; *all-reduce ``high``*),
 ``low``, int64 [LOW_BINS]; *all-reduce ``low``*), then :meth:`~MagnitudeSelector.threshold`.
 
 The ``*_models`` methods count the task vector ``fp32(expert) - fp32(base)`` of a key from the
-models themselves (the C++ kernels form it as they count: no fp32 copy); their counts equal those
+models themselves (the C++ and Triton kernels form it as they count: no fp32 copy); their counts equal those
 of the plain methods on that task vector. The fused one-read pass is the C++ kernel; the reference
 (``backend="torch"``) and Triton count with torch ops.
 """
