@@ -49,15 +49,6 @@ class Manifest:
                 shards.update(part[1])
         return cls(out_dir, fingerprint, shards)
 
-    @classmethod
-    def load_part(cls, path):
-        """The shards recorded in one per-process part (``{name: entry}``; {} when unreadable)."""
-        try:
-            part = cls._read(path)
-        except ValueError:
-            return {}
-        return {} if part is None else part[1]
-
     def remove_parts(self):
         """Delete the per-process parts (after their shards were recorded in this manifest)."""
         for path in glob.glob(os.path.join(glob.escape(self.out_dir), PART_PATTERN)):

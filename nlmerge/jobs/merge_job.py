@@ -290,9 +290,8 @@ def _plan_outputs(cfg, keys, shards):
     filled = [i for i, step in enumerate(entries) if step]
     plans = [None] * len(shards)
     for n, i in enumerate(filled):
-        name = (f"{TALL_BASENAME}.safetensors" if len(filled) == 1 else
-                f"{TALL_BASENAME}-{n + 1:05d}-of-{len(filled):05d}.safetensors")
-        (plans[i],) = ckio.plan_shards(entries[i], 0, basename=name.removesuffix(".safetensors"))
+        basename = TALL_BASENAME if len(filled) == 1 else f"{TALL_BASENAME}-{n + 1:05d}-of-{len(filled):05d}"
+        (plans[i],) = ckio.plan_shards(entries[i], 0, basename=basename)
     return outputs + [Output("", "masks", plans, f"{TALL_BASENAME}.safetensors.index.json")]
 
 
@@ -403,13 +402,10 @@ def _discard_job(plan, manifest, created):
     """After an error that the same job cannot get past (a non-finite input, a result that does not
     fit its dtype: the config or the inputs must change, and their fingerprint with them), remove
     every file the job recorded, so that no incomplete model is left in OUT."""
-    recorded = dict(manifest.shards)
-    for part in glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
-        recorded.update(ckio.Manifest.load_part(part))
-        os.remove(part)
-    for name in recorded:
+    for name in ckio.Manifest.load(plan.out).shards:  # rank 0's shards and the other ranks' parts
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(plan.out, name))
+    manifest.remove_parts()
     manifest.shards = {}
     _forget_empty_job(plan, manifest, created)
 
@@ -585,16 +581,16 @@ def _running_stat(plan, k, tensors, dtype):
 
 def _tall_writes(plan, k, tensors):
     """A TALL key's tensors: ``[(role, name, tensor)]`` for the task models and the masks file."""
+    tasks = [o.role for o in plan.outputs if o.role != "masks"]  # none with output: masks
     if k.running_stat:
         value = _running_stat(plan, k, tensors, torch.float32).cpu()  # each task model rounds it once
-        models, masks = [value.to(k.dtype)] * len(plan.config.experts), [(f"stat.{k.key}", value)]
+        models, masks = [value.to(k.dtype)] * len(tasks), [(f"stat.{k.key}", value)]
     else:
         with _naming(k.key, plan, tensors):
             tau_mtl, packed, models = tall_key(tensors, k.shared, k.per_model, out_dtype=k.dtype,
                                                backend=plan.backend)
         masks = [(f"mask.{k.key}", packed.cpu()), (f"tau_mtl.{k.key}", tau_mtl.cpu())]
-    tasks = {o.role for o in plan.outputs}
-    return ([(("task", t), k.key, x.cpu()) for t, x in enumerate(models or []) if ("task", t) in tasks]
+    return ([(role, k.key, x.cpu()) for role, x in zip(tasks, models or [])]
             + [("masks", name, x) for name, x in masks])
 
 
