@@ -480,6 +480,24 @@ def test_output_that_overlaps_an_input_is_refused_untouched(llama_family, tmp_pa
     assert sorted(os.listdir(own_base)) == before
 
 
+def test_too_little_free_space_is_refused_before_anything_is_written(llama_family, tmp_path, monkeypatch):
+    import collections
+    import errno
+
+    from nlmerge.jobs import merge_job
+
+    _, paths, _, _ = llama_family
+    real = os.statvfs(tmp_path)
+    Stat = collections.namedtuple("Stat", "f_bavail f_frsize")
+    seen = []
+    monkeypatch.setattr(merge_job.os, "statvfs", lambda path: seen.append(path) or Stat(10, real.f_frsize))
+    with pytest.raises(OSError, match=r"writes \d+\.\d+ GB of shards but its file system has 0\.00 GB free") as err:
+        run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), tmp_path / "new" / "out", progress=False)
+    assert err.value.errno == errno.ENOSPC
+    assert seen == [str(tmp_path)]  # the nearest existing folder's file system
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
     for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
         save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16)}, str(tmp_path / f"{name}.safetensors"))

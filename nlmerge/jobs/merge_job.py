@@ -8,6 +8,7 @@ written under a final name until it is complete; a manifest (sizes, sha256) lets
 skip finished shards and give byte-identical output.
 """
 import contextlib
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -384,10 +385,26 @@ def _prepare_out(plan, *, force, resume):
                                   "it or --resume to continue an interrupted job")
         else:
             _remove_previous_outputs(out)
+    _check_free_space(plan, out)
     created = not os.path.isdir(out)
     for output in plan.outputs:
         os.makedirs(os.path.join(out, output.folder), exist_ok=True)
     return created
+
+
+def _check_free_space(plan, out):
+    """OSError (ENOSPC) naming both sizes when the file system of ``out`` has less free space than
+    the shards still to write (files are not preallocated, so this is the early check)."""
+    needed = sum(f.size for o in plan.outputs for f in map(o.file, range(len(plan.shards)))
+                 if f is not None and not os.path.exists(os.path.join(out, f.name)))
+    existing = out
+    while not os.path.exists(existing):  # OUT may not exist yet: its file system is its nearest ancestor's
+        existing = os.path.dirname(existing)
+    stat = os.statvfs(existing)
+    free = stat.f_bavail * stat.f_frsize
+    if needed > free:
+        raise OSError(errno.ENOSPC, f"output {plan.out!r}: the merge writes {needed / 1e9:.2f} GB of shards but "
+                      f"its file system has {free / 1e9:.2f} GB free")
 
 
 def _remove_previous_outputs(out):
