@@ -7,6 +7,7 @@ nothing larger than one tensor is held in memory. Every file is written under a 
 ever partial.
 """
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -189,8 +190,10 @@ class ShardWriter:
         self._written = set()
         self._complete_from_start = source is not None
         self._fd = None
+        # storing and hashing a tensor run side by side, each on its own thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-write")
-        self._in_flight = None
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-hash")
+        self._in_flight = []
         # the running sha256 of the file's bytes [0, _hashed_to); None once a write skips ahead
         self._hash, self._hashed_to = (None, 0) if source is not None else (hashlib.sha256(plan.header), len(plan.header))
         try:
@@ -229,18 +232,19 @@ class ShardWriter:
             hasher = self._hash if entry.begin == self._hashed_to else None
             self._hash, self._hashed_to = hasher, entry.end if hasher is not None else None
             self._settle()
-            self._in_flight = self._pool.submit(self._store, data, entry.begin, hasher)
+            self._in_flight = [self._pool.submit(self._store, data, entry.begin)]
+            if hasher is not None:  # the bytes follow those already hashed: the file's hash grows in order
+                self._in_flight.append(self._hash_pool.submit(hasher.update, data))
             self._written.add(key)
 
-    def _store(self, data, offset, hasher):
+    def _store(self, data, offset):
         _pwrite_all(self._fd, data, offset)
-        if hasher is not None:  # the bytes follow those already hashed: the file's hash grows in order
-            hasher.update(data)
+        _start_writeback(self._fd, offset, len(data))
 
     def _settle(self):
-        """Wait for the write in flight (re-raising its error)."""
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
+        """Wait for the write (and hash) in flight, re-raising an error."""
+        futures, self._in_flight = self._in_flight, []
+        for future in futures:
             future.result()
 
     def finish(self):
@@ -257,7 +261,7 @@ class ShardWriter:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            self._pool.shutdown()
+            self._shutdown()
             complete = self._hash is not None and self._hashed_to == self.plan.size
             digest = self._hash.hexdigest() if complete else file_sha256(self.temp_path)
             _publish(self.temp_path, self.final_path)
@@ -267,12 +271,16 @@ class ShardWriter:
         """Close and remove the temporary file (nothing under the final name is touched)."""
         with contextlib.suppress(BaseException):
             self._settle()
-        self._pool.shutdown()
+        self._shutdown()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)
+
+    def _shutdown(self):
+        self._pool.shutdown()
+        self._hash_pool.shutdown()
 
     @contextlib.contextmanager
     def _aborting(self):
@@ -318,6 +326,19 @@ def _pwrite_all(fd, view, offset):
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd, offset, nbytes):
+    """Start writing ``nbytes`` at ``offset`` to disk without waiting (Linux ``sync_file_range``;
+    a no-op elsewhere), so that the fsync finishing a shard waits for its last tensors only."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 @contextlib.contextmanager
