@@ -87,8 +87,6 @@ _NO_OP_MERGEKIT_FLAGS = {
     "--low-cpu-memory": "one key is held at a time",
     "--no-low-cpu-memory": "one key is held at a time",
     "--safe-serialization": "the output is always safetensors",
-    "--write-model-card": "nlmerge writes no README model card; the config is kept as nlmerge_config.yml",
-    "--no-write-model-card": "nlmerge writes no model card",
     "--read-to-gpu": "with --device cuda, tensors go to the GPU as they are read",
     "--no-read-to-gpu": "tensors are read on the CPU",
     "--async-write": "reading, computing and writing already overlap",
@@ -134,6 +132,8 @@ def _add_merge(commands):
                        help="seed of DARE's drops, keyed by (seed, tensor name, element) (default: 0)")
     merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                        help="copy the base model's tokenizer files (default: yes)")
+    merge.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                       help="write a README.md model card into each merged model (default: yes)")
     merge.add_argument("--force", action="store_true", help="write into an existing output folder")
     merge.add_argument("--resume", action="store_true",
                        help="continue an interrupted job: finished shards (size and sha256 checked) are kept")
@@ -183,7 +183,8 @@ def _merge(args):
     try:
         out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
                         out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                        copy_tokenizer=args.copy_tokenizer, force=args.force, resume=args.resume,
+                        copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+                        force=args.force, resume=args.resume,
                         progress=not args.no_progress, backend=args.backend)
     except (ValueError, FileExistsError, OSError, RankFailedError) as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 import torch
 
 yaml = pytest.importorskip("yaml")
@@ -179,6 +180,10 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert "tokenizer_config.json" in names and "nlmerge_config.yml" in names
     assert not [n for n in names if n.endswith(".partial")]
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == [str(paths[n]) for n in ("base", "e0", "e1", "e2")] and "merge" in meta["tags"]
+    assert "TIES-merging" in card and yaml.safe_load(card.split("```yaml")[1].split("```")[0])["merge_method"] == "ties"
     model = _transformers().LlamaForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 2, 3]])).logits
@@ -498,6 +503,26 @@ def test_too_little_free_space_is_refused_before_anything_is_written(llama_famil
     assert not (tmp_path / "new").exists()
 
 
+def test_force_over_a_mergekit_output_replaces_its_files_and_keeps_the_users(llama_family, tmp_path):
+    _, paths, _, _ = llama_family
+    out = tmp_path / "out"
+    out.mkdir()
+    mergekit_card = "---\nbase_model:\n- a\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n\n---\n# merge\n"
+    files = {"model.safetensors": "stale", "mergekit_config.yml": "merge_method: slerp\n", "README.md": mergekit_card,
+             "notes.txt": "mine"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    cfg = _config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS)
+    run_merge(cfg, out, progress=False, force=True, write_model_card=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "mergekit_config.yml").exists() and not (out / "README.md").exists()
+    run_merge(cfg, out, progress=False, force=True)
+    assert "task arithmetic" in (out / "README.md").read_text()
+    (out / "README.md").write_text("# my own notes\n")  # not a merge card: --force keeps it
+    run_merge(cfg, out, progress=False, force=True, write_model_card=False)
+    assert (out / "README.md").read_text() == "# my own notes\n"
+
+
 def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
     for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
         save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16)}, str(tmp_path / f"{name}.safetensors"))
@@ -557,6 +582,8 @@ def test_tall_writes_each_task_and_the_masks_as_in_memory(llama_family, tmp_path
     want = merge.tall(base, experts, lam=[p["tall_lambda"] for p in TALL_LAMBDAS], mtl=mtl, ties_kwargs=ties_kwargs)
     assert info["num_tasks"] == NUM_EXPERTS and info["task_folders"] == [f"task_{t}" for t in range(NUM_EXPERTS)]
     assert len(os.listdir(tmp_path / "out" / "task_0")) > 3  # sharded: several files and an index
+    assert "Task 1 of a TALL merge" in (tmp_path / "out" / "task_1" / "README.md").read_text()
+    assert not (tmp_path / "out" / "README.md").exists()  # OUT holds the masks, not a model
     for t in range(NUM_EXPERTS):
         expected = want.task_state_dict(t)
         assert list(tasks[t]) == list(expected) or set(tasks[t]) == set(expected)

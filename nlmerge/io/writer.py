@@ -372,8 +372,13 @@ def check_apart(out, inputs, remedy="write it elsewhere"):
 
 def write_json_atomic(path, obj):
     """Write ``obj`` as indented JSON (plus a newline) to ``path`` through a temporary name."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_text_atomic(path, text):
+    """Write the str ``text`` (UTF-8) to ``path`` through a temporary name."""
     with _atomic_file(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+        f.write(text.encode("utf-8"))
 
 
 def copy_file_atomic(src, dst):

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
+import yaml
 
 from nlmerge import io as ckio
 from nlmerge import ops
@@ -27,6 +28,7 @@ from nlmerge.ops import selection
 from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
+from nlmerge.jobs.model_card import CARD_NAME, is_merge_card, model_card
 from nlmerge.jobs.permutations import load_permutations
 from nlmerge.merge._common import MERGE_DTYPES, Plan, is_running_stat, running_stat_values
 from nlmerge.ops._checks import NonFiniteResultError
@@ -39,9 +41,10 @@ INDEX_NAME = "model.safetensors.index.json"
 TALL_BASENAME = "tall-masks"
 TALL_INFO = "tall.json"
 TALL_FORMAT = "nlmerge-tall/1"
-# data files a previous job may have left in OUT (or in its task_<t> folders), removed by --force
+# files a previous job (nlmerge's or mergekit's) may have left in OUT (or in its task_<t> folders), removed by --force
 _OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME, ckio.PART_PATTERN,
-                    f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO)
+                    f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO,
+                    CONFIG_COPY, "mergekit_config.yml")
 
 
 @dataclass
@@ -100,7 +103,7 @@ class MergePlan:
 
 
 def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, copy_tokenizer=True,
-              force=False, resume=False, progress=True, backend=None):
+              write_model_card=True, force=False, resume=False, progress=True, backend=None):
     """Merge the checkpoints a mergekit-style config names, into ``out`` in the Hugging Face layout.
 
     Parameters
@@ -110,8 +113,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     out : str or os.PathLike
         Output folder: safetensors shards of at most ``out_shard_size`` bytes (``model.safetensors``
         alone, or ``model-0000i-of-0000N.safetensors`` and ``model.safetensors.index.json``),
-        ``config.json`` with the output dtype, tokenizer files of the base, the config as
-        ``nlmerge_config.yml`` and ``nlmerge-manifest.json``.
+        ``config.json`` with the output dtype, tokenizer files of the base, a ``README.md`` model
+        card, the config as ``nlmerge_config.yml`` and ``nlmerge-manifest.json``.
     device : "cpu" or "cuda"
         Where the arithmetic runs (tensors are read on the CPU).
     out_shard_size : int or str
@@ -121,6 +124,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         the output does not depend on device, backend or process count. Default 0.
     copy_tokenizer : bool
         Copy the base's tokenizer files.
+    write_model_card : bool
+        Write a ``README.md`` model card into each merged model's folder (as mergekit-yaml does):
+        the Hub's metadata (``base_model``, ``tags``), the method and its paper, the models, the config.
     force : bool
         Write into an existing output folder (replacing a previous job's files).
     resume : bool
@@ -165,7 +171,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
             plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
                               random_seed=random_seed, backend=backend)
         _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
-             copy_tokenizer=copy_tokenizer)
+             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
     finally:
         for ckpt in plan.checkpoints if plan is not None else ():
             ckpt.close()
@@ -173,7 +179,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     return os.fspath(out)
 
 
-def _run(plan, world, *, force, resume, progress, copy_tokenizer):
+def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card):
     """Run a planned job on this process: rank 0 prepares OUT; every rank merges its share of the
     output shards (global TIES: histogram counts and the zero-sign majority summed over the
     ranks); rank 0 then records every rank's shards and writes the index and the other files."""
@@ -208,7 +214,7 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer):
                 manifest.shards.update(shards)
             manifest.save()
             manifest.remove_parts()
-            _finish_out(plan, copy_tokenizer)
+            _finish_out(plan, copy_tokenizer, write_model_card)
 
 
 def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, backend=None):
@@ -408,11 +414,18 @@ def _check_free_space(plan, out):
 
 
 def _remove_previous_outputs(out):
-    """--force: remove a previous job's data files from OUT and its task folders."""
+    """--force: remove a previous job's (nlmerge's or mergekit's) data files, config copy and model
+    card from OUT and its task folders; other files stay."""
     for folder in [out] + sorted(glob.glob(os.path.join(glob.escape(out), "task_[0-9]*"))):
         for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS):
-                os.remove(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS) or (name == CARD_NAME and _is_card(path)):
+                os.remove(path)
+
+
+def _is_card(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return is_merge_card(f.read())
 
 
 def _discard_job(plan, manifest, created):
@@ -711,9 +724,10 @@ def _rerun_majority(plan, manifest, thresholds, majority, rerun):
         manifest.record(written, extra={**manifest.extra(shard.name), "fills": {}})
 
 
-def _finish_out(plan, copy_tokenizer):
-    """Write what follows the shards: each output's index, each model folder's config.json and
-    tokenizer files, a TALL job's ``tall.json``, and the config as ``nlmerge_config.yml``."""
+def _finish_out(plan, copy_tokenizer, write_model_card):
+    """Write what follows the shards: each output's index, each model folder's config.json,
+    tokenizer files and model card, a TALL job's ``tall.json``, and the config as
+    ``nlmerge_config.yml``."""
     out = plan.out
     for output in plan.outputs:
         index = ckio.shard_index([p for p in output.plans if p is not None])
@@ -721,6 +735,10 @@ def _finish_out(plan, copy_tokenizer):
             ckio.write_json_atomic(os.path.join(out, output.folder, output.index_name), index)
         if output.role != "masks":
             _write_model_files(plan, os.path.join(out, output.folder), copy_tokenizer)
+        if output.role != "masks" and write_model_card:
+            task = output.role[1] if isinstance(output.role, tuple) else None
+            card = model_card(plan.config, [c.path for c in plan.checkpoints], task)
+            ckio.write_text_atomic(os.path.join(out, output.folder, CARD_NAME), card)
     if plan.config.method.name == "tall":
         tasks = [c.path for c in plan.checkpoints[1:]]
         info = {"format": TALL_FORMAT, "base_model": plan.checkpoints[0].path, "num_tasks": len(tasks),
@@ -730,13 +748,7 @@ def _finish_out(plan, copy_tokenizer):
                          "task t's tensor = base + mask_t * tau_mtl (fp32, rounded once), running statistics "
                          "= stat, other keys = the base's"}
         ckio.write_json_atomic(os.path.join(out, TALL_INFO), info)
-    import yaml
-
-    text = yaml.safe_dump(plan.config.source, sort_keys=False)
-    tmp = os.path.join(out, f".{CONFIG_COPY}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(out, CONFIG_COPY))
+    ckio.write_text_atomic(os.path.join(out, CONFIG_COPY), yaml.safe_dump(plan.config.source, sort_keys=False))
 
 
 def _write_model_files(plan, folder, copy_tokenizer):
