@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nlmerge.io import (CheckpointError, Manifest, ShardWriter, copy_file_atomic, open_checkpoint,
-                        parse_size, plan_shards, rewrite_shard, shard_index, write_json_atomic)
+                        parse_size, plan_shards, shard_index, write_json_atomic)
 
 transformers = pytest.importorskip("transformers")
 
@@ -458,29 +458,33 @@ def test_failed_write_leaves_nothing(tmp_path, failure):
     assert os.listdir(tmp_path) == []
 
 
-def test_rewrite_shard_replaces_only_given_tensors(tmp_path):
-    tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16),
-               "c": torch.arange(3)}
+@pytest.mark.parametrize("order", ["file", "reversed"])
+def test_replaced_tensors_before_finish(tmp_path, order):
+    tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
+               "d": torch.randn(5)}
     (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
+    keys = plan.file_order if order == "file" else plan.file_order[::-1]
+    new = {"b": torch.tensor([-2.0, 7.5], dtype=BF16), "d": torch.full((5,), 3.0)}
     with ShardWriter(plan, tmp_path) as w:
-        for k, t in tensors.items():
-            w.write(k, t)
-        w.finish()
+        with pytest.raises(ValueError, match="'b' is replaced before it is written"):
+            w.write("b", new["b"], replace=True)
+    with ShardWriter(plan, tmp_path) as w:
+        for k in keys:
+            w.write(k, tensors[k])
+        with pytest.raises(ValueError, match="'a' is written twice"):
+            w.write("a", tensors["a"])
+    assert os.listdir(tmp_path) == []  # the error aborted the writer
+    with ShardWriter(plan, tmp_path) as w:
+        for k in keys:
+            w.write(k, tensors[k])
+        for k in ("d", "b"):
+            w.write(k, new[k], replace=True)
+        written = w.finish()
     out = tmp_path / plan.name
-    before = out.read_bytes()
-    with pytest.raises(ValueError, match="'b'.*planned"):
-        rewrite_shard(plan, tmp_path, {"b": torch.ones(3, dtype=BF16)})
-    assert out.read_bytes() == before and os.listdir(tmp_path) == [plan.name]
-    new_b = torch.tensor([-2.0, 7.5], dtype=BF16)
-    written = rewrite_shard(plan, tmp_path, {"b": new_b})
-    save_file({**tensors, "b": new_b}, tmp_path / "ref.st", metadata={"format": "pt"})
+    save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
     assert written.size == plan.size
     assert written.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
-    (other,) = plan_shards([("a", (4,), F32)], 0)
-    with pytest.raises(ValueError, match="not the planned shard"):
-        rewrite_shard(other, tmp_path, {})
-    assert sorted(os.listdir(tmp_path)) == [plan.name, "ref.st"]
 
 
 def test_atomic_json_and_copy(tmp_path):
@@ -504,10 +508,10 @@ def test_manifest_round_trip_and_verification(tmp_path):
     for plan in plans:
         with ShardWriter(plan, tmp_path) as w:
             w.write(plan.keys[0], torch.arange(8, dtype=F32))
-            manifest.record(w.finish(), extra={"sign_sum": 3, "fills": {plan.keys[0]: -1}})
+            manifest.record(w.finish(), extra={"sign_sum": 3})
     loaded = Manifest.load(tmp_path)
     assert loaded.fingerprint == "job-fingerprint" and loaded.shards == manifest.shards
-    assert loaded.extra(plans[1].name) == {"sign_sum": 3, "fills": {"b": -1}}
+    assert loaded.extra(plans[1].name) == {"sign_sum": 3}
     assert loaded.extra("never-written") == {}
     first, second = (p.name for p in plans)
     assert loaded.is_done(first) and loaded.is_done(second)

@@ -13,7 +13,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from nlmerge import merge, ops  # noqa: E402
-from nlmerge.io import CheckpointError  # noqa: E402
+from nlmerge.io import CheckpointError, file_sha256  # noqa: E402
 from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge  # noqa: E402
 
 NUM_EXPERTS = 3
@@ -416,10 +416,20 @@ def test_batchnorm_running_statistics_are_the_experts_mean(tmp_path):
     torch.testing.assert_close(got["bn.running_var"], torch.stack([e["bn.running_var"] for e in experts]).mean(0))
 
 
-def test_global_ties_zero_sign_majority_rewrites_a_finished_shard(tmp_path):
-    """Elected signs of exactly 0 take the model-wide majority, known only at the end: a key merged
-    earlier with another fill is merged again and its (finished) shard rewritten; the result equals
-    the in-memory global TIES bit for bit."""
+def test_global_ties_zero_sign_majority_replaces_a_held_key(tmp_path, monkeypatch):
+    """Elected signs of exactly 0 take the model-wide majority, known only at the end: the step of a
+    key merged earlier with another fill is held open, the key merged again and replaced in its
+    file before the file is finished; the result equals the in-memory global TIES bit for bit."""
+    from nlmerge.io import writer as writer_module
+
+    replaced, real_write = [], writer_module.ShardWriter.write
+
+    def spy(self, key, tensor, *, replace=False):
+        if replace:
+            replaced.append(key)
+        return real_write(self, key, tensor, replace=replace)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "write", spy)
     n = 64
     base = {"a": torch.zeros(n), "b": torch.zeros(n), "c": torch.zeros(n)}
     e0 = {"a": torch.full((n,), 1.0), "b": torch.linspace(1, 2, n), "c": -torch.full((4 * n // 4,), 3.0)}
@@ -437,8 +447,11 @@ def test_global_ties_zero_sign_majority_rewrites_a_finished_shard(tmp_path):
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert torch.equal(got["b"], -torch.linspace(1, 2, n))  # the negative entries, by the final majority
+    assert replaced == ["b"]
     manifest = json.load(open(tmp_path / "out" / "nlmerge-manifest.json"))
     assert len(manifest["shards"]) == 3
+    for name, entry in manifest["shards"].items():  # the held shard's hash covers its replaced bytes
+        assert entry["sha256"] == file_sha256(tmp_path / "out" / name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

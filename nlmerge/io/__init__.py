@@ -20,7 +20,6 @@ Writing (mergekit's output layout; see ``plan_shards`` for the shard-size rule):
             for key in plan.keys:
                 w.write(key, tensor_for(key))
             manifest.record(w.finish(), extra={})         # WrittenShard(name, size, sha256)
-    rewrite_shard(plans[0], out_dir, {key: fixed})        # replace tensors of a finished shard
     if (index := shard_index(plans)) is not None:
         write_json_atomic(out_dir / "model.safetensors.index.json", index)
 
@@ -30,12 +29,12 @@ from nlmerge.io.checkpoint import WEIGHT_FILES, Checkpoint, TensorInfo, open_che
 from nlmerge.io.format import DTYPES, CheckpointError
 from nlmerge.io.manifest import MANIFEST_NAME, PART_PATTERN, Manifest
 from nlmerge.io.writer import (ShardPlan, ShardWriter, WrittenShard, check_apart, copy_file_atomic,
-                               file_sha256, parse_size, plan_shards, rewrite_shard,
+                               file_sha256, parse_size, plan_shards,
                                shard_index, write_json_atomic, write_text_atomic)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DTYPES", "MANIFEST_NAME", "Manifest", "PART_PATTERN", "ShardPlan",
     "ShardWriter", "TensorInfo", "WEIGHT_FILES", "WrittenShard", "check_apart", "copy_file_atomic",
-    "file_sha256", "open_checkpoint", "parse_size", "plan_shards", "rewrite_shard", "shard_index",
+    "file_sha256", "open_checkpoint", "parse_size", "plan_shards", "shard_index",
     "write_json_atomic", "write_text_atomic",
 ]

@@ -170,58 +170,57 @@ class ShardWriter:
 
     The file is created as ``.NAME.partial`` in ``out_dir``, sized to its final size (sparse),
     with the header written first. Each ``write`` stores its bytes on the writer's own thread
-    while the caller goes on (one write in flight: memory stays at one tensor), hashing them as it
-    goes when the keys come in file order (:attr:`ShardPlan.file_order`); ``finish`` otherwise
-    hashes the file by reading it back. A written tensor must not change until the next ``write``
-    or ``finish`` returns (its bytes may still be in flight). With ``source`` (a finished file of this plan, see
-    ``rewrite_shard``) it starts as a copy of that file instead, every key counts as present and
-    ``write`` replaces keys (each at most once). Any error in ``write`` or ``finish`` aborts:
-    the temporary file is removed and the error re-raised (an error of a write in flight surfaces
-    at the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts
-    too. Byte order is the host's, which must be little-endian (as safetensors assumes).
+    while the caller goes on (one write in flight: memory stays at one tensor), hashing them on
+    another as it goes when the keys come in file order (:attr:`ShardPlan.file_order`); ``finish``
+    otherwise hashes the file by reading it back. ``write(key, tensor, replace=True)`` overwrites a
+    written key before ``finish`` (a global TIES merge fixing the keys whose zero signs it filled
+    before the model-wide majority was known); ``finish`` then reads back only the bytes from the
+    first replaced key on. A written tensor must not change until the next ``write`` or ``finish``
+    returns (its bytes may still be in flight). Any error in ``write`` or ``finish`` aborts: the
+    temporary file is removed and the error re-raised (an error of a write in flight surfaces at
+    the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts too.
+    Byte order is the host's, which must be little-endian (as safetensors assumes).
     """
 
-    def __init__(self, plan, out_dir, source=None):
+    def __init__(self, plan, out_dir):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; this host is not")
         self.plan = plan
         self.final_path = os.path.join(os.fspath(out_dir), plan.name)
         self.temp_path = temp_path(self.final_path)
         self._written = set()
-        self._complete_from_start = source is not None
         self._fd = None
         # storing and hashing a tensor run side by side, each on its own thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-write")
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-hash")
         self._in_flight = []
-        # the running sha256 of the file's bytes [0, _hashed_to); None once a write skips ahead
-        self._hash, self._hashed_to = (None, 0) if source is not None else (hashlib.sha256(plan.header), len(plan.header))
+        # the running sha256 of the file's bytes [0, _hashed_to), None once a write skips ahead;
+        # its state where each tensor began (a replaced key's hash restarts there)
+        self._hash, self._hashed_to = hashlib.sha256(plan.header), len(plan.header)
+        self._hash_at = {}
+        self._replaced_from = None  # the first byte of the earliest replaced key
         try:
-            if source is not None:
-                _check_matches_plan(source, plan)
-                shutil.copyfile(source, self.temp_path)
-                self._fd = os.open(self.temp_path, os.O_RDWR)
-            else:
-                self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
-                # slower on ext4 (benchmarks/RESULTS.md); the job checks free space up front instead
-                os.ftruncate(self._fd, plan.size)
-                _pwrite_all(self._fd, memoryview(plan.header), 0)
+            self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
+            # slower on ext4 (benchmarks/RESULTS.md); the job checks free space up front instead
+            os.ftruncate(self._fd, plan.size)
+            _pwrite_all(self._fd, memoryview(plan.header), 0)
         except BaseException:
             self.abort()
             raise
 
-    def write(self, key, tensor):
+    def write(self, key, tensor, *, replace=False):
         """Write ``tensor`` (any device; its shape and dtype must equal the plan's) at the
-        planned offset of ``key``. ValueError naming the key and the shard for a key not in the
-        plan, one already written, or a shape or dtype mismatch (both values given)."""
+        planned offset of ``key``; with ``replace``, over the tensor already written there.
+        ValueError naming the key and the shard for a key not in the plan, one written twice
+        (or replaced before it was written), or a shape or dtype mismatch (both values given)."""
         with self._aborting():
             entry = self.plan.entries.get(key)
             where = f"shard {self.plan.name}: tensor {key!r}"
             if entry is None:
                 raise ValueError(f"{where} is not planned for this shard")
-            if key in self._written:
-                raise ValueError(f"{where} is written twice")
+            if (key in self._written) != replace:
+                raise ValueError(f"{where} is {'replaced before it is written' if replace else 'written twice'}")
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{where}: expected a tensor, got {type(tensor).__name__}")
             if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
@@ -229,12 +228,17 @@ class ShardWriter:
                                  f"planned {entry.shape} {entry.dtype}")
             # raw little-endian bytes; a uint8 view also carries bf16/fp8/bool, which numpy lacks
             data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            hasher = self._hash if entry.begin == self._hashed_to else None
-            self._hash, self._hashed_to = hasher, entry.end if hasher is not None else None
             self._settle()
             self._in_flight = [self._pool.submit(self._store, data, entry.begin)]
-            if hasher is not None:  # the bytes follow those already hashed: the file's hash grows in order
-                self._in_flight.append(self._hash_pool.submit(hasher.update, data))
+            if replace:
+                self._replaced_from = min(entry.begin, self._replaced_from or entry.begin)
+            elif self._hash is not None and entry.begin == self._hashed_to:
+                # the bytes follow those already hashed (and settled): the file's hash grows in order
+                self._hash_at[entry.begin] = self._hash.copy()
+                self._in_flight.append(self._hash_pool.submit(self._hash.update, data))
+                self._hashed_to = entry.end
+            else:
+                self._hash = None
             self._written.add(key)
 
     def _store(self, data, offset):
@@ -252,20 +256,31 @@ class ShardWriter:
         final name. Returns ``WrittenShard(name, size, sha256)``; ValueError naming the shard
         and the missing keys otherwise."""
         with self._aborting():
-            missing = ([] if self._complete_from_start else
-                       [k for k in self.plan.entries if k not in self._written])
+            missing = [k for k in self.plan.entries if k not in self._written]
             if missing:
                 raise ValueError(f"shard {self.plan.name}: {len(missing)} planned tensor(s) never "
                                  f"written: {missing[:5]}")
             self._settle()
             os.fsync(self._fd)
+            digest = self._digest()
             os.close(self._fd)
             self._fd = None
             self._shutdown()
-            complete = self._hash is not None and self._hashed_to == self.plan.size
-            digest = self._hash.hexdigest() if complete else file_sha256(self.temp_path)
             _publish(self.temp_path, self.final_path)
         return WrittenShard(self.plan.name, self.plan.size, digest)
+
+    def _digest(self):
+        """The file's sha256: the running hash, restarted where the first replaced key began and
+        fed from the file from there on; the whole file read back when it was not written in order."""
+        if self._hash is None or self._hashed_to != self.plan.size:
+            return file_sha256(self.temp_path)
+        if self._replaced_from is None:
+            return self._hash.hexdigest()
+        hasher, offset = self._hash_at[self._replaced_from], self._replaced_from
+        while chunk := os.pread(self._fd, 1 << 24, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        return hasher.hexdigest()
 
     def abort(self):
         """Close and remove the temporary file (nothing under the final name is touched)."""
@@ -297,29 +312,6 @@ class ShardWriter:
 
     def __exit__(self, *exc):
         self.abort()
-
-
-def rewrite_shard(plan, out_dir, tensors):
-    """Replace some tensors of the finished shard ``plan.name`` in ``out_dir``: a copy of the
-    file gets the bytes of ``tensors`` ({key: tensor}, shapes and dtypes as planned) at their
-    offsets and atomically replaces it. Returns the new ``WrittenShard``. ValueError naming the
-    file when it does not match the plan (size or header), or the key as ``ShardWriter.write``
-    does; on error the old file is untouched."""
-    source = os.path.join(os.fspath(out_dir), plan.name)
-    with ShardWriter(plan, out_dir, source=source) as writer:
-        for key, tensor in tensors.items():
-            writer.write(key, tensor)
-        return writer.finish()
-
-
-def _check_matches_plan(path, plan):
-    """``path`` holds ``plan.size`` bytes starting with ``plan.header``; ValueError otherwise."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(len(plan.header))
-    if size != plan.size or head != plan.header:
-        raise ValueError(f"{path}: not the planned shard ({size} bytes, planned {plan.size}; "
-                         f"header {'equal' if head == plan.header else 'differs'})")
 
 
 def _pwrite_all(fd, view, offset):

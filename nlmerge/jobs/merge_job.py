@@ -192,15 +192,19 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
     mine = world.share([s.nbytes for s in plan.shards])
+    held = []  # global TIES: steps whose files stay open until the model-wide majority sign is known
     try:
         thresholds = _global_thresholds(plan, progress, world, mine) if plan.global_ties else None
         with world.step():
-            sign_sum, rerun = _merge_shards(plan, manifest, thresholds, progress, mine)
+            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, held)
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
-                _rerun_majority(plan, manifest, thresholds, (total > 0) - (total < 0), rerun)
+                _finish_held(plan, manifest, thresholds, (total > 0) - (total < 0), held)
     except BaseException as err:
+        for step in held:
+            for writer in step.writers.values():
+                writer.abort()
         if world.leader:
             if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
                 _discard_job(plan, manifest, created)
@@ -642,18 +646,28 @@ def _finish_files(writers):
     return written
 
 
-def _merge_shards(plan, manifest, thresholds, progress, steps):
+@dataclass
+class HeldStep:
+    """A global TIES step merged before the model-wide majority sign was known: its open writers,
+    its keys' fills (``{key: fill sign}`` where an elected sign of 0 was filled) and its sign sum."""
+
+    writers: dict
+    fills: dict
+    sign_sum: int
+
+
+def _merge_shards(plan, manifest, thresholds, progress, steps, held):
     """The merge pass over ``steps`` (this rank's share): the keys of every step not already done
     are streamed (one key read ahead, across step boundaries), merged and written to the step's
     files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
     step is merged, then recorded in the manifest. A step is done when all its files are.
 
-    Returns the sum of the elected signs over ``steps`` and, per shard, the keys whose zero signs
-    were filled before the model-wide majority was known (global TIES; see _rerun_majority)."""
+    Global TIES fills a zero elected sign with the majority of the signs merged so far (the
+    model-wide majority is only known at the end); a step where that happened is appended to
+    ``held``, its files open, for :func:`_finish_held`. Returns the sum of the elected signs over
+    ``steps``."""
     todo = [i for i in steps if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
-    done_shards = [plan.shards[i] for i in steps if i not in todo]
-    sign_sum = sum(manifest.extra(s.name).get("sign_sum", 0) for s in done_shards)
-    rerun = {s.name: manifest.extra(s.name).get("fills", {}) for s in done_shards}
+    sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in steps if i not in todo)
     step_of = {key: i for i in todo for key in plan.shards[i].file_order}
     keys = list(step_of)  # step by step: one step's files are open at a time
     last_keys = {plan.shards[i].file_order[-1] for i in todo}
@@ -684,9 +698,11 @@ def _merge_shards(plan, manifest, thresholds, progress, steps):
                     writers[role].write(name, tensor)
                 if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
-                    rerun[plan.shards[step].name] = fills
-                    extra = {"sign_sum": shard_sum, "fills": fills} if thresholds is not None else None
-                    finishing.append((finisher.submit(_finish_files, list(writers.values())), extra))
+                    if fills:
+                        held.append(HeldStep(writers, fills, shard_sum))
+                    else:
+                        extra = {"sign_sum": shard_sum} if thresholds is not None else None
+                        finishing.append((finisher.submit(_finish_files, list(writers.values())), extra))
                     writers = None
                     _record_finished(manifest, finishing, wait=False)
                 if bar is not None:
@@ -696,7 +712,7 @@ def _merge_shards(plan, manifest, thresholds, progress, steps):
         for writer in (writers or {}).values():
             writer.abort()
         _record_finished(manifest, finishing, wait=True)
-    return sign_sum, rerun
+    return sign_sum
 
 
 def _record_finished(manifest, finishing, *, wait):
@@ -707,21 +723,21 @@ def _record_finished(manifest, finishing, *, wait):
             manifest.record(written, extra=extra)
 
 
-def _rerun_majority(plan, manifest, thresholds, majority, rerun):
-    """Global TIES: keys (of the shards in ``rerun``) whose zero signs were filled before the
-    model-wide ``majority`` sign was known and whose result depends on it are merged again and
-    their shard rewritten (rare: an elected sign of exactly 0 with a kept entry)."""
+def _finish_held(plan, manifest, thresholds, majority, held):
+    """Global TIES, once the model-wide ``majority`` sign is known: in each held step, the keys
+    whose result depends on the fill they got are merged again with ``majority`` and replace
+    their bytes in the still-open file (rare: an elected sign of exactly 0 with a kept entry);
+    then the step's files are finished and recorded."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
-    for shard in plan.shards:
-        stale = [key for key, fill in rerun.get(shard.name, {}).items()
-                 if not ops.same_fill_result(fill, majority, disjoint)]
-        if not stale:
-            continue
-        fixed = {}
+    while held:
+        step = held[0]
+        stale = [key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
         for key, tensors in _stream(plan, stale):
-            fixed[key], _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
-        written = ckio.rewrite_shard(shard, plan.out, fixed)
-        manifest.record(written, extra={**manifest.extra(shard.name), "fills": {}})
+            fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
+            step.writers["model"].write(key, fixed, replace=True)
+        for written in _finish_files(list(step.writers.values())):
+            manifest.record(written, extra={"sign_sum": step.sign_sum})
+        held.pop(0)
 
 
 def _finish_out(plan, copy_tokenizer, write_model_card):
