@@ -340,7 +340,40 @@ def _align(args):
 # --- end of nlmerge align ------------------------------------------------------------------------
 
 
-SUBCOMMANDS = (_add_demo, _add_merge)
+def _add_tall_task(commands):
+    from nlmerge.io import parse_size
+
+    tall = commands.add_parser(
+        "tall-task", help="rebuild one task's model from a TALL job's masks and the base",
+        description="Write task TASK's model of a merge_method: tall job (e.g. one run with output: masks) from "
+                    "the masks and tau_MTL in MASKS and the base: base + mask_TASK * tau_MTL, bit for bit what the "
+                    "job writes in task_<TASK> with output: models.")
+    tall.add_argument("masks", metavar="MASKS", help="the TALL job's output folder (tall.json, tall-masks*.safetensors)")
+    tall.add_argument("task", metavar="TASK", type=int, help="the task, 0-based in the config's order of the experts")
+    tall.add_argument("out", metavar="OUT", help="output folder (the Hugging Face layout)")
+    tall.add_argument("--base", metavar="PATH", default=None, help="the base model (default: the path tall.json records)")
+    tall.add_argument("--out-shard-size", metavar="SIZE", default="5B", type=_checked(parse_size, "SIZE"),
+                      help="bytes per output shard, K/M/B = 1e3/1e6/1e9 (default: %(default)s)")
+    tall.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                      help="copy the base model's tokenizer files (default: yes)")
+    tall.add_argument("--force", action="store_true", help="write into an existing output folder")
+    tall.set_defaults(run=_tall_task, parser=tall)
+
+
+def _tall_task(args):
+    from nlmerge.jobs.tall_task import run_tall_task
+
+    try:
+        out = run_tall_task(args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
+                            copy_tokenizer=args.copy_tokenizer, force=args.force)
+    except (ValueError, FileExistsError, OSError) as err:
+        print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote task {args.task}'s model into {out}")
+    return 0
+
+
+SUBCOMMANDS = (_add_demo, _add_merge, _add_align, _add_correct, _add_tall_task)
 
 
 def build_parser():
@@ -350,8 +383,6 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(commands)
-    _add_align(commands)
-    _add_correct(commands)
     return parser
 
 

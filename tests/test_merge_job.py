@@ -637,6 +637,39 @@ def test_tall_masks_output_and_consensus_with_ties_mtl(llama_family, tmp_path):
         assert torch.equal(got[key], expected[key]), key
 
 
+def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_path, capsys):
+    from nlmerge.cli import main
+    from nlmerge.jobs.tall_task import run_tall_task
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "tall", {"mtl": "ties"}, [{**lam, **w} for lam, w in zip(TALL_LAMBDAS, WEIGHTS)],
+                  out_dtype="float16")
+    run_merge(cfg, tmp_path / "models", progress=False, out_shard_size="30K")
+    cfg["parameters"]["output"] = "masks"
+    run_merge(cfg, tmp_path / "masks", progress=False)
+    for t in range(NUM_EXPERTS):
+        rebuilt = tmp_path / f"rebuilt_{t}"
+        assert main(["tall-task", str(tmp_path / "masks"), str(t), str(rebuilt), "--out-shard-size", "30K"]) == 0
+        want = tmp_path / "models" / f"task_{t}"
+        for name in sorted(os.listdir(want)):  # shards, index, config.json (float16), tokenizer files
+            if name != "README.md":
+                assert (rebuilt / name).read_bytes() == (want / name).read_bytes(), name
+    assert "wrote task 2's model" in capsys.readouterr().out
+
+    with pytest.raises(ValueError, match=r"task must be an integer in \[0, 3\)"):
+        run_tall_task(tmp_path / "masks", 3, tmp_path / "bad")
+    with pytest.raises(ValueError, match="holds no TALL job"):
+        run_tall_task(tmp_path / "models" / "task_0", 0, tmp_path / "bad")
+    with pytest.raises(FileExistsError, match="not empty; pass --force"):
+        run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1")
+    run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
+    other = tmp_path / "other_base"
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"does not have the keys of the TALL job"):
+        run_tall_task(tmp_path / "masks", 0, other, base=tmp_path / "other.safetensors")
+    assert not other.exists()
+
+
 def test_tall_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch):
     _, paths, _, _ = llama_family
     cfg = _config(paths, "tall", None, TALL_LAMBDAS)

@@ -30,11 +30,12 @@ from nlmerge.io.format import DTYPES, CheckpointError
 from nlmerge.io.manifest import MANIFEST_NAME, PART_PATTERN, Manifest
 from nlmerge.io.writer import (ShardPlan, ShardWriter, WrittenShard, check_apart, copy_file_atomic,
                                file_sha256, parse_size, plan_shards,
-                               shard_index, write_json_atomic, write_text_atomic)
+                               shard_index, write_checkpoint, write_json_atomic,
+                               write_text_atomic)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DTYPES", "MANIFEST_NAME", "Manifest", "PART_PATTERN", "ShardPlan",
     "ShardWriter", "TensorInfo", "WEIGHT_FILES", "WrittenShard", "check_apart", "copy_file_atomic",
     "file_sha256", "open_checkpoint", "parse_size", "plan_shards", "shard_index",
-    "write_json_atomic", "write_text_atomic",
+    "write_checkpoint", "write_json_atomic", "write_text_atomic",
 ]

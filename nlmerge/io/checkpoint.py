@@ -198,12 +198,13 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(path):
+def open_checkpoint(path, *, basename=None):
     """Open the checkpoint at ``path`` lazily and validate every header before returning.
 
     ``path`` is a folder in the Hugging Face layout — ``model.safetensors``, shards listed by
     ``model.safetensors.index.json`` (``weight_map``), ``pytorch_model.bin`` or shards listed by
-    ``pytorch_model.bin.index.json``, looked for in that order (transformers' order) — or a
+    ``pytorch_model.bin.index.json``, looked for in that order (transformers' order); with
+    ``basename``, ``{basename}.safetensors`` or ``{basename}.safetensors.index.json`` only — or a
     single ``.safetensors`` file. Raises ``CheckpointError`` naming the file (and key) when the
     path is missing, a folder holds none of those, an index is unparsable, names a missing
     shard or a key that its shard does not hold, a shard holds a key that the index does not
@@ -218,12 +219,14 @@ def open_checkpoint(path):
         return _build(path, [path], None, None)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    for name, is_index in WEIGHT_FILES:
+    names = WEIGHT_FILES if basename is None else ((f"{basename}.safetensors", False),
+                                                   (f"{basename}.safetensors.index.json", True))
+    for name, is_index in names:
         found = os.path.join(path, name)
         if os.path.isfile(found):
             break
     else:
-        looked = ", ".join(name for name, _ in WEIGHT_FILES)
+        looked = ", ".join(name for name, _ in names)
         raise CheckpointError(f"{path}: no model weights found (looked for {looked}; "
                               "adapter files are not models)")
     if is_index:

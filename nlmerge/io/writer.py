@@ -122,6 +122,25 @@ def _plan_one(name, group):
     return ShardPlan(name, entries, header, start + nbytes, nbytes)
 
 
+def write_checkpoint(out_dir, entries, tensor_of, max_shard_bytes, basename="model"):
+    """Write a checkpoint in the Hugging Face layout: ``entries`` (``(key, shape, dtype)``, see
+    :func:`plan_shards`) in shards of at most ``max_shard_bytes``, each tensor from
+    ``tensor_of(key)`` (called once per key, in file order, one tensor held at a time), then the
+    index when there are several shards. Every file appears under its final name only when
+    complete. Returns the ``WrittenShard`` of each shard."""
+    plans = plan_shards(entries, max_shard_bytes, basename)
+    written = []
+    for plan in plans:
+        with ShardWriter(plan, out_dir) as writer:
+            for key in plan.file_order:
+                writer.write(key, tensor_of(key))
+            written.append(writer.finish())
+    index = shard_index(plans)
+    if index is not None:
+        write_json_atomic(os.path.join(os.fspath(out_dir), f"{basename}.safetensors.index.json"), index)
+    return written
+
+
 def shard_index(plans):
     """The ``model.safetensors.index.json`` object for ``plans``, or None for zero or one shard
     (mergekit and transformers write no index then): ``{"metadata": {"total_size": tensor data

@@ -6,6 +6,7 @@
 - :func:`load_config`: a mergekit-style YAML config, validated.
 - :mod:`nlmerge.jobs.align_job` (``nlmerge align``) and :mod:`nlmerge.jobs.correct_job`
   (``nlmerge correct``): alignment and correction of Hugging Face checkpoints.
+- :mod:`nlmerge.jobs.tall_task` (``nlmerge tall-task``): one task's model from a TALL job's masks.
 """
 from nlmerge.jobs.config import MergeConfig, load_config
 from nlmerge.jobs.merge_job import MergePlan, plan_merge, run_merge

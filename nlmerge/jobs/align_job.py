@@ -8,8 +8,8 @@ import torch
 from nlmerge.align import activation_matching, spec_from_config, weight_matching
 from nlmerge.align.hf_specs import LLAMA_FAMILY
 from nlmerge.align.spec import check_int
-from nlmerge.io import (WEIGHT_FILES, CheckpointError, ShardWriter, check_apart, copy_file_atomic, open_checkpoint,
-                        parse_size, plan_shards, shard_index, write_json_atomic)
+from nlmerge.io import (WEIGHT_FILES, CheckpointError, check_apart, copy_file_atomic, open_checkpoint, parse_size,
+                        write_checkpoint)
 from nlmerge.io.permutations import save_permutations
 from nlmerge.ops.permute import permute_tensors
 
@@ -97,21 +97,14 @@ def write_aligned(checkpoint, spec, perms, out_dir, *, out_shard_size="5B"):
     tokenizer) copied. Each tensor is read, permuted and written alone; every file appears under its
     final name only when complete."""
     os.makedirs(out_dir, exist_ok=True)
-    keys = checkpoint.keys()
-    plans = plan_shards([(k, checkpoint.info(k).shape, checkpoint.info(k).dtype) for k in keys],
-                        parse_size(out_shard_size))
-    for plan in plans:
-        with ShardWriter(plan, out_dir) as writer:
-            for key in plan.file_order:
-                tensor = checkpoint.get(key)
-                gathers = [(axis % tensor.dim(), perms[p]) for p, axis in spec.params.get(key, ()) if p in perms]
-                if gathers:
-                    tensor = permute_tensors([tensor], [gathers])[0]
-                writer.write(key, tensor)
-            writer.finish()
-    index = shard_index(plans)
-    if index is not None:
-        write_json_atomic(os.path.join(out_dir, "model.safetensors.index.json"), index)
+
+    def permuted(key):
+        tensor = checkpoint.get(key)
+        gathers = [(axis % tensor.dim(), perms[p]) for p, axis in spec.params.get(key, ()) if p in perms]
+        return permute_tensors([tensor], [gathers])[0] if gathers else tensor
+
+    write_checkpoint(out_dir, [(k, checkpoint.info(k).shape, checkpoint.info(k).dtype) for k in checkpoint.keys()],
+                     permuted, parse_size(out_shard_size))
     if os.path.isdir(checkpoint.path):
         weights = {name for name, _ in WEIGHT_FILES} | {os.path.basename(f) for f in checkpoint.files}
         for name in sorted(os.listdir(checkpoint.path)):

@@ -394,7 +394,7 @@ def _prepare_out(plan, *, force, resume):
             raise FileExistsError(f"output folder {plan.out!r} exists and is not empty; pass --force to write into "
                                   "it or --resume to continue an interrupted job")
         else:
-            _remove_previous_outputs(out)
+            remove_previous_outputs(out)
     _check_free_space(plan, out)
     created = not os.path.isdir(out)
     for output in plan.outputs:
@@ -417,7 +417,7 @@ def _check_free_space(plan, out):
                       f"its file system has {free / 1e9:.2f} GB free")
 
 
-def _remove_previous_outputs(out):
+def remove_previous_outputs(out):
     """--force: remove a previous job's (nlmerge's or mergekit's) data files, config copy and model
     card from OUT and its task folders; other files stay."""
     for folder in [out] + sorted(glob.glob(os.path.join(glob.escape(out), "task_[0-9]*"))):
@@ -759,6 +759,7 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
         tasks = [c.path for c in plan.checkpoints[1:]]
         info = {"format": TALL_FORMAT, "base_model": plan.checkpoints[0].path, "num_tasks": len(tasks),
                 "tasks": tasks, "task_folders": [o.folder for o in plan.outputs if o.role != "masks"],
+                "dtypes": {k.key: str(k.dtype).removeprefix("torch.") for k in plan.keys.values()},
                 "masks": "mask.<key>: uint8 [num_tasks, ceil(numel / 8)], bit i of byte j is element 8 j + i of "
                          "task t's mask (row t); tau_mtl.<key>: float32; stat.<key>: float32 running statistic; "
                          "task t's tensor = base + mask_t * tau_mtl (fp32, rounded once), running statistics "
@@ -770,8 +771,15 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
 def _write_model_files(plan, folder, copy_tokenizer):
     """config.json (``torch_dtype`` set to the merged dtype) and the tokenizer files of the
     source model, into one output model's folder."""
-    ref = plan.checkpoints[plan.copy_source]
-    dtypes = {k.dtype for k in plan.keys.values() if k.merged}
+    write_model_files(plan.checkpoints[plan.copy_source], {k.dtype for k in plan.keys.values() if k.merged}, folder,
+                      copy_tokenizer)
+
+
+def write_model_files(ref, dtypes, folder, copy_tokenizer):
+    """config.json of the checkpoint ``ref`` (its ``torch_dtype`` set to the one dtype in
+    ``dtypes``, the merged tensors' dtypes, when there is one) and ``ref``'s tokenizer files, into
+    ``folder``; a warning when ``ref`` has no config.json."""
+    dtypes = set(dtypes)
     if ref.config is None:
         warnings.warn(f"{ref.path} has no config.json beside it: {folder} holds the merged tensors only (copy a "
                       "config.json there to load it with transformers)", stacklevel=2)
