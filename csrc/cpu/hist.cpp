@@ -6,6 +6,9 @@
 // Consecutive elements go to NSUB interleaved sub-tables so that runs of equal values (zeros of
 // a sparse task vector, say) do not serialize on one counter's store-to-load latency.
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "kernels.h"
@@ -274,6 +277,156 @@ int64_t window_models_t(const void* base, const void* expert, int64_t n, uint32_
     });
 }
 
+// Several tasks' selections in one read (count_windows_models). For each task, a window lo <= hi of
+// magnitude bits chosen from a sample: the elements below lo, equal to lo and equal to hi are
+// counted in vector lanes (ties at the edges, e.g. the zeros of a sparse task vector, are never
+// collected), those strictly between are compacted into the task's candidate buffer (vpcompressd
+// with AVX-512, else branch-free stores). The base of a run of RUN elements is converted once and
+// stays in L1 while the T experts stream past it.
+struct TaskWindow {
+    int32_t lo, hi, hi_eq;  // hi_eq: hi, or -1 (never equal: magnitude bits are >= 0) when hi == lo
+    uint32_t* out;          // next free candidate slot of this thread's segment
+    uint32_t* end;          // end of the segment
+    bool overflow = false;
+    simd::vi below{}, at_lo{}, at_hi{};
+    simd::vu max{};
+    int64_t total[3] = {0, 0, 0};
+
+    void flush_lanes() {
+        for (int j = 0; j < simd::VL; j++) {
+            total[0] += below[j];
+            total[1] += at_lo[j];
+            total[2] += at_hi[j];
+        }
+        below = at_lo = at_hi = simd::vi{};
+    }
+
+    // counts VL magnitudes v and collects those in (lo, hi)
+    inline void add(simd::vi v) {
+        using simd::vi;
+        below -= v < lo;
+        at_lo -= v == lo;
+        at_hi -= v == hi_eq;
+        max = simd::vmaxu(max, (simd::vu)v);
+        const vi inside = (v > lo) & (v < hi);
+        if (out + simd::VL > end) {  // no room for a whole vector: the task falls back (overflow)
+            overflow = overflow || any_lane((simd::vu)inside);
+            return;
+        }
+#if defined(__AVX512F__)
+        const __mmask16 k = _mm512_test_epi32_mask((__m512i)inside, (__m512i)inside);
+        _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(k, (__m512i)v));
+        out += __builtin_popcount(k);
+#else
+        for (int j = 0; j < simd::VL; j++) {
+            *out = uint32_t(v[j]);
+            out += inside[j] != 0;
+        }
+#endif
+    }
+
+    inline void add_one(uint32_t v) {  // the scalar form of add, for a run's tail
+        const int32_t s = int32_t(v);
+        total[0] += s < lo;
+        total[1] += s == lo;
+        total[2] += s == hi_eq;
+        max[0] = std::max(max[0], v);
+        if (s > lo && s < hi) {
+            if (out < end) {
+                *out++ = v;
+            } else {
+                overflow = true;
+            }
+        }
+    }
+};
+
+constexpr int64_t LANE_FLUSH_RUNS = 1 << 16;  // runs before the int32 lane counters are summed
+
+// Start of a thread's candidate segment: cap * b / n without overflowing int64.
+inline int64_t segment(int64_t cap, int64_t b, int64_t n) { return int64_t((__int128)cap * b / n); }
+
+template <int D>
+void windows_models_t(const void* base, const void* const* experts, int64_t T, int64_t n, const uint32_t* lo,
+                      const uint32_t* hi, int64_t* counts, uint32_t* cand, int64_t cap, int nthreads) {
+    using S = typename DT<D>::S;
+    using simd::VL;
+    const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+    // per thread and task: candidates written (its segment starts at segment(cap, b, n)), counts
+    std::vector<int64_t> written(size_t(nt) * T, 0), sums(size_t(nt) * T * 5, 0);
+    int used = 1;
+#pragma omp parallel num_threads(nt)
+    {
+        const int nth = NLM_NUM_THREADS(), tid = NLM_THREAD_ID();
+        if (tid == 0) used = nth;
+        int64_t b, e;
+        thread_range(n, nth, tid, b, e);
+        std::vector<TaskWindow> w(T);
+        for (int64_t t = 0; t < T; t++) {
+            w[t].lo = int32_t(lo[t]);
+            w[t].hi = int32_t(hi[t]);
+            w[t].hi_eq = hi[t] == lo[t] ? -1 : int32_t(hi[t]);
+            w[t].out = cand + t * cap + segment(cap, b, n);
+            w[t].end = cand + t * cap + segment(cap, e, n);
+        }
+        alignas(64) float bf[RUN];
+        int64_t runs = 0;
+        for (int64_t r = b; r < e; r += RUN) {
+            const int m = int(std::min<int64_t>(RUN, e - r));
+            const S* bs = static_cast<const S*>(base) + r;
+            for (int i = 0; i < m; i++) bf[i] = DT<D>::load(bs[i]);
+            for (int64_t t = 0; t < T; t++) {
+                const S* xs = static_cast<const S*>(experts[t]) + r;
+                TaskWindow tw = w[t];  // a local copy stays in registers (stores to its buffer could alias w[t])
+                int i = 0;
+                for (; i + VL <= m; i += VL) {
+                    simd::vf x = simd::VLoad<D>::load(xs + i);
+                    simd::vf bv;
+                    std::memcpy(&bv, bf + i, sizeof bv);
+                    tw.add((simd::vi)((simd::vu)(x - bv) & 0x7FFFFFFFu));
+                }
+                for (; i < m; i++) tw.add_one(f32_bits(DT<D>::load(xs[i]) - bf[i]) & 0x7FFFFFFFu);
+                w[t] = tw;
+            }
+            if (++runs % LANE_FLUSH_RUNS == 0)
+                for (auto& tw : w) tw.flush_lanes();
+        }
+        for (int64_t t = 0; t < T; t++) {
+            TaskWindow& tw = w[t];
+            tw.flush_lanes();
+            int64_t* s = &sums[(size_t(tid) * T + t) * 5];
+            s[0] = tw.total[0];
+            s[1] = tw.total[1];
+            s[2] = tw.total[2];
+            uint32_t mx = 0;
+            for (int j = 0; j < VL; j++) mx = std::max(mx, tw.max[j]);
+            s[3] = mx >= uint32_t(INF_BITS);
+            s[4] = tw.overflow;
+            written[size_t(tid) * T + t] = tw.out - (cand + t * cap + segment(cap, b, n));
+        }
+    }
+    // gather each task's segments into one run from cand[t * cap]; counts in thread order
+    for (int64_t t = 0; t < T; t++) {
+        int64_t* c = counts + t * 6;
+        std::fill(c, c + 6, 0);
+        uint32_t* dst = cand + t * cap;
+        for (int i = 0; i < used; i++) {
+            int64_t b, e;
+            thread_range(n, used, i, b, e);
+            const int64_t* s = &sums[(size_t(i) * T + t) * 5];
+            const int64_t k = written[size_t(i) * T + t];
+            std::memmove(dst, cand + t * cap + segment(cap, b, n), size_t(k) * sizeof(uint32_t));
+            dst += k;
+            c[0] += s[0];
+            c[1] += s[1];
+            c[2] += k;
+            c[3] += s[2];
+            c[4] |= s[3];
+            c[5] |= s[4];
+        }
+    }
+}
+
 }  // namespace
 
 void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads) {
@@ -315,6 +468,20 @@ void hist_magnitude_low_models(const void* base, const void* expert, int dtype, 
         case F16: hist_low_models_t<F16>(base, expert, n, hist, pre, nthreads); break;
         case BF16: hist_low_models_t<BF16>(base, expert, n, hist, pre, nthreads); break;
         default: hist_low_models_t<F32>(base, expert, n, hist, pre, nthreads);
+    }
+}
+
+void count_windows_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t n,
+                          const uint32_t* lo, const uint32_t* hi, int64_t* counts, uint32_t* cand, int64_t cap,
+                          int nthreads) {
+    if (n <= 0 || T <= 0) {
+        std::fill(counts, counts + 6 * std::max<int64_t>(T, 0), 0);
+        return;
+    }
+    switch (dtype) {
+        case F16: windows_models_t<F16>(base, experts, T, n, lo, hi, counts, cand, cap, nthreads); break;
+        case BF16: windows_models_t<BF16>(base, experts, T, n, lo, hi, counts, cand, cap, nthreads); break;
+        default: windows_models_t<F32>(base, experts, T, n, lo, hi, counts, cand, cap, nthreads);
     }
 }
 

@@ -28,6 +28,16 @@ int64_t count_window(const float* x, int64_t n, uint32_t lo, uint32_t width, int
 int64_t count_window_models(const void* base, const void* expert, int dtype, int64_t n, uint32_t lo, uint32_t width,
                             int64_t* hist, int nthreads);
 
+// The one-read selections of T tasks over the models in one pass (count_windows_models): with
+// v = abs_bits(fp32(experts[t]) - fp32(base)) and the window lo[t] <= hi[t] <= 0x7F800000,
+// counts[t] (int64 [T][6]) = {#(v < lo), #(v == lo), candidates written, #(v == hi) (0 when hi ==
+// lo), any v >= 0x7F800000 (0/1), overflow (0/1)}; the candidates, the v with lo < v < hi, go to
+// cand[t * cap, t * cap + counts[t][2]) in no particular order. Overflow 1: they did not all fit
+// (each thread has a share of cap proportional to its range), and that task's window is unusable.
+void count_windows_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t n,
+                          const uint32_t* lo, const uint32_t* hi, int64_t* counts, uint32_t* cand, int64_t cap,
+                          int nthreads);
+
 // nonfinite (here and in the returns below): NaN/Inf inputs plus results that are NaN/Inf in the
 // output dtype.
 struct TiesResult {

@@ -377,6 +377,35 @@ PYBIND11_MODULE(_C, m) {
         "count_window over x = fp32(expert) - fp32(base); returns the number of non-finite elements of x");
 
     m.def(
+        "count_windows_models",
+        [](py::array base, py::list experts, const std::string& dtype, py::array lo, py::array hi, py::array counts,
+           py::array cand, int nthreads) {
+            const int d = parse_dtype(dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size());
+            Buf lb = typed_buffer(lo, 'u', 4, "lo", false), hb = typed_buffer(hi, 'u', 4, "hi", false);
+            check_size(lb, T, "lo");
+            check_size(hb, T, "hi");
+            const uint32_t* l = static_cast<const uint32_t*>(lb.ptr);
+            const uint32_t* h = static_cast<const uint32_t*>(hb.ptr);
+            for (int64_t t = 0; t < T; t++)
+                if (l[t] > h[t] || h[t] > 0x7F800000u)
+                    throw py::value_error("window " + std::to_string(t) + " [" + std::to_string(l[t]) + ", " +
+                                          std::to_string(h[t]) + "] must have lo <= hi <= 0x7F800000");
+            Buf cb = typed_buffer(counts, 'i', 8, "counts", true);
+            check_size(cb, 6 * T, "counts");
+            Buf kb = typed_buffer(cand, 'u', 4, "cand", true);
+            if (kb.ndim != 2 || kb.shape0 != T) throw py::value_error("cand must be uint32 [T, cap]");
+            py::gil_scoped_release release;
+            count_windows_models(mb.base, mb.experts.data(), d, T, mb.n, l, h, static_cast<int64_t*>(cb.ptr),
+                                 static_cast<uint32_t*>(kb.ptr), kb.shape1, threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("lo"), py::arg("hi"), py::arg("counts"),
+        py::arg("cand"), py::arg("nthreads") = 0,
+        "Per task t, v = abs_bits(fp32(experts[t]) - fp32(base)): counts[t] = (#v < lo, #v == lo, candidates, "
+        "#v == hi, any non-finite, overflow) and the v in (lo, hi) into cand[t] (uint32 [T, cap])");
+
+    m.def(
         "ties_merge",
         [](py::array tv, const std::string& dtype, py::array thresholds, py::array weights, py::array out,
            const std::string& out_dtype, py::object base, const std::string& base_dtype, double lam,
@@ -717,7 +746,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 8;
+    m.attr("api_version") = 9;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

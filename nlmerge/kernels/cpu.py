@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 8  # must match csrc/cpu/module.cpp
+_API_VERSION = 9  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -40,6 +40,7 @@ __all__ = [
     "hist_magnitude_low_models",
     "count_window",
     "count_window_models",
+    "count_windows_models",
     "ties_merge",
     "ties_merge_models",
     "task_arithmetic",
@@ -146,6 +147,25 @@ def count_window_models(base, expert, hist, lo):
     counted; returns the number of non-finite elements of ``x``."""
     return _C.count_window_models(_in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"),
                                   int(lo), _threads())
+
+
+def count_windows_models(base, experts, lo, hi, counts, cand):
+    """The one-read selections of T tasks in one pass over the base and the T experts (one dtype
+    and size): with ``v`` the fp32 magnitude bits of ``fp32(experts[t]) - fp32(base)`` and the
+    window ``lo[t] <= hi[t] <= 0x7F800000`` (ints), ``counts[t]`` (int64 [T, 6], overwritten) =
+    ``(#(v < lo), #(v == lo), candidates, #(v == hi) (0 when hi == lo), any non-finite v (0/1),
+    overflow (0/1))`` and the candidates, the ``v`` with ``lo < v < hi``, in ``cand[t, :counts[t, 2]]``
+    (int32 [T, cap], in no particular order; unusable where overflow is 1: they did not fit)."""
+    _C.count_windows_models(
+        _in(base.reshape(-1)),
+        [_in(x.reshape(-1)) for x in experts],
+        _name(base),
+        np.asarray(lo, dtype=np.uint32),
+        np.asarray(hi, dtype=np.uint32),
+        _out(counts, "counts"),
+        _out(cand, "cand").view(np.uint32),
+        _threads(),
+    )
 
 
 def _blocks(blocks, ambiguous_blocks):

@@ -38,7 +38,9 @@ Design notes (for the GPU):
   elements of its smallest bin (zeros, or the single value of constant data) and adds them with
   one atomic, which removes the worst same-address contention. The window count of the one-read
   selection (``count_window*``) is a mode of the same kernel: the elements below the window and
-  the non-finite ones are added with one atomic per program each.
+  the non-finite ones are added with one atomic per program each. The T tasks' windows of
+  ``count_windows_models`` collect the magnitudes inside each window: one atomic per program and
+  task claims the block's slots, ``tl.cumsum`` gives each candidate its place.
 """
 import contextlib
 
@@ -243,6 +245,38 @@ def _hist_kernel(
     tl.atomic_add(hist_ptr + tl.where(n_hot > 0, hot, 0), n_hot.to(tl.int64), mask=n_hot > 0, sem="relaxed")
     ones = tl.full([BLOCK], 1, tl.int64)
     tl.atomic_add(hist_ptr + b, ones, mask=valid & (b != hot), sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["cap"])
+def _windows_kernel(
+    experts,  # tuple of T experts (KIND; bf16 as int16 bits)
+    base_ptr,  # the base (KIND)
+    lo_ptr,  # int32 [T]: window lower edges (magnitude bits)
+    hi_ptr,  # int32 [T]: upper edges, lo <= hi <= 0x7F800000
+    counts_ptr,  # int64 [T, 6]: below, at lo, inside (claimed slots), at hi, non-finite, (unused)
+    cand_ptr,  # int32 [T, cap]: the magnitudes strictly inside each window
+    N,
+    cap,
+    KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    _, start, offs, inb = _block(N, base_ptr, False, BLOCK)
+    b = _load_f32(base_ptr + start + offs, inb, KIND, "evict_first")
+    for t in tl.static_range(len(experts)):
+        x = _load_f32(experts[t] + start + offs, inb, KIND, "evict_first") - b
+        mag = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        lo = tl.load(lo_ptr + t)
+        hi = tl.load(hi_ptr + t)
+        c = counts_ptr + 6 * t
+        _add_counter(c, tl.sum((inb & (mag < lo)).to(tl.int32), axis=0))
+        _add_counter(c + 1, tl.sum((inb & (mag == lo)).to(tl.int32), axis=0))
+        _add_counter(c + 3, tl.sum((inb & (mag == hi) & (hi != lo)).to(tl.int32), axis=0))
+        _add_counter(c + 4, tl.sum((inb & (mag >= 0x7F800000)).to(tl.int32), axis=0))
+        inside = (inb & (mag > lo) & (mag < hi)).to(tl.int32)
+        # one atomic claims the block's slots; each candidate goes to its rank among them
+        first = tl.atomic_add(c + 2, tl.sum(inside, axis=0).to(tl.int64), sem="relaxed")
+        slot = first + (tl.cumsum(inside, axis=0) - 1).to(tl.int64)
+        tl.store(cand_ptr + t * cap + slot, mag, mask=(inside != 0) & (slot < cap))
 
 
 @triton.jit(do_not_specialize=["fill_sign", "count_mode", "disjoint"])  # values 0/1: one compile for all modes
@@ -598,6 +632,27 @@ def count_window(x, hist, lo):
 def count_window_models(base, expert, hist, lo):
     """``count_window`` over ``x = fp32(expert) - fp32(base)`` (one dtype and size), formed in registers."""
     return _hist(_arg(expert), base, hist, mode=2, lo=lo)
+
+
+def count_windows_models(base, experts, lo, hi, counts, cand):
+    """The one-read selections of T tasks in one pass (the C++ contract): with ``v`` the fp32
+    magnitude bits of ``fp32(experts[t]) - fp32(base)`` (formed in registers) and the window ``lo[t]
+    <= hi[t] <= 0x7F800000`` (ints), ``counts[t]`` (int64 [T, 6] on the data's device, overwritten) =
+    ``(#(v < lo), #(v == lo), candidates, #(v == hi) (0 when hi == lo), any non-finite v (0/1),
+    overflow (0/1))``, the candidates (``lo < v < hi``) in ``cand[t, :counts[t, 2]]`` (int32 [T, cap],
+    in no particular order; unusable where overflow is 1)."""
+    n, cap = base.numel(), cand.shape[1]
+    counts.zero_()
+    if n:
+        edges = torch.tensor([list(lo), list(hi)], dtype=torch.int32, device=base.device)
+        with _device(base):
+            _windows_kernel[_grid(n, _BLOCK)](
+                tuple(_arg(x) for x in experts), _arg(base), edges[0], edges[1], counts, cand, n, cap,
+                KIND=_kind(base), BLOCK=_BLOCK, **_launch(len(experts)),
+            )  # fmt: skip
+    counts[:, 5] = (counts[:, 2] > cap).to(torch.int64)
+    counts[:, 2].clamp_(max=cap)
+    counts[:, 4] = (counts[:, 4] > 0).to(torch.int64)
 
 
 def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks, ambiguous_blocks, keep):

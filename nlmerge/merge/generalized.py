@@ -535,12 +535,14 @@ def _ties_in_kernel(o):
 
 def _ties_models(base, experts, o, out_dtype, backend):
     """TIES with mergekit's consensus on one tensor of the models: thresholds and the merge read
-    the models, the task vectors formed in the kernels (bit-identical to _merge_taus)."""
-    zero = torch.zeros((), device=base.device)
-    thresholds = torch.stack([
-        zero if o.sparsify is None or density >= 1 else
-        ops.kth_smallest_magnitude_models(base, x, _trim_rank(base.numel(), density), backend=backend)
-        for x, density in zip(experts, o.density)])
+    the models, the task vectors formed in the kernels (bit-identical to _merge_taus). The trimmed
+    experts' thresholds come from one read of the models (``ops.kth_smallest_magnitudes_models``)."""
+    thresholds = torch.zeros(len(experts), device=base.device)
+    trimmed = [t for t, density in enumerate(o.density) if o.sparsify is not None and density < 1]
+    if trimmed:
+        ranks = [_trim_rank(base.numel(), o.density[t]) for t in trimmed]
+        thresholds[trimmed] = ops.kth_smallest_magnitudes_models(base, [experts[t] for t in trimmed], ranks,
+                                                                 backend=backend)
     return ops.ties_merge_models(base, experts, thresholds=thresholds, sign=_sign_mode(o),
                                  disjoint="mean" if o.normalize else "sum", weights=list(o.weights), lam=o.lam,
                                  zero_sign="positive", out_dtype=out_dtype, backend=backend)

@@ -22,6 +22,7 @@ from nlmerge.ops.random import keep_mask, random_bits, uniform
 from nlmerge.ops.selection import (
     kth_smallest_magnitude,
     kth_smallest_magnitude_models,
+    kth_smallest_magnitudes_models,
     magnitude_threshold,
     magnitude_threshold_models,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "keep_task_vectors",
     "kth_smallest_magnitude",
     "kth_smallest_magnitude_models",
+    "kth_smallest_magnitudes_models",
     "magnitude_threshold",
     "magnitude_threshold_models",
     "pack_masks",

@@ -1,0 +1,139 @@
+"""kth_smallest_magnitudes_models: T tasks' exact thresholds in one read of the models, bit-identical
+to the reference selection in each fp32 task vector (and so to T calls of
+kth_smallest_magnitude_models), whether the sample's windows hold the k-th magnitudes or miss."""
+import pytest
+import torch
+
+from conftest import DTYPES, device_for, fast_backends
+from nlmerge import ops
+from nlmerge.ops import selection
+from nlmerge.ops.selection import kth_smallest_magnitude_reference, sample_positions
+
+
+def _reference(base, experts, ks):
+    return torch.stack([
+        kth_smallest_magnitude_reference([x.reshape(-1).float() - base.reshape(-1).float()], k)
+        for x, k in zip(experts, ks)])
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """Counts the tasks that fell back to the two histogram passes."""
+    calls = []
+    two_passes = selection._two_passes_models
+
+    def counted(kernels, pairs, k):
+        calls.append(k)
+        return two_passes(kernels, pairs, k)
+
+    monkeypatch.setattr(selection, "_two_passes_models", counted)
+    return calls
+
+
+def _models(kind, n, dtype, num, generator):
+    """A base ~N(0, 0.02) and ``num`` experts of one kind of task vector."""
+    base = torch.randn(n, generator=generator) * 0.02
+    experts = []
+    for _ in range(num):
+        if kind == "normal":  # fp32-precise differences: few ties
+            x = base + torch.randn(n, generator=generator) * 1e-3
+        elif kind == "rounded":  # differences of rounded values: many ties
+            x = (base + torch.randn(n, generator=generator) * 1e-3).to(dtype).float()
+        elif kind == "sparse":  # 60 % of the elements unchanged: zeros at the threshold's rank
+            x = base + torch.randn(n, generator=generator) * 1e-3 * (torch.rand(n, generator=generator) < 0.4)
+        elif kind == "denormal":  # fp32 differences below the smallest normal
+            x = base + torch.randn(n, generator=generator) * 1e-39
+        else:  # "equal": every magnitude the same
+            x = base + 0.25
+        experts.append(x.to(dtype))
+    return base.to(dtype), experts
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "rounded", "sparse", "denormal", "equal"])
+def test_equals_reference(backend, dtype, kind, generator, fallbacks):
+    if kind == "denormal" and dtype != torch.float32:
+        pytest.skip("fp16/bf16 models cannot hold a 1e-39 difference")
+    device = device_for(backend)
+    for n in ([1, 5, 1031] if backend == "triton" and device == "cpu" else [1, 1031, 300_007]):
+        base, experts = _models(kind, n, dtype, 3, generator)
+        ks = [1, n, max(1, int(0.7 * n))]  # both ends and a TIES trim's rank
+        base, experts = base.to(device), [x.to(device) for x in experts]
+        got = ops.kth_smallest_magnitudes_models(base, experts, ks, backend=backend)
+        assert fallbacks == [], fallbacks  # ordinary data: the windows held every threshold
+        assert got.dtype == torch.float32 and got.shape == (3,)
+        assert torch.equal(got.cpu(), _reference(base.cpu(), [x.cpu() for x in experts], ks)), (n, ks)
+        single = [ops.kth_smallest_magnitude_models(base, x, k, backend=backend) for x, k in zip(experts, ks)]
+        assert torch.equal(got, torch.stack(single))
+        fallbacks.clear()
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_misleading_sample_falls_back(backend, generator, fallbacks):
+    """Elements at the sample's positions 100x larger than all others: the sample brackets the
+    wrong magnitudes, the window misses, the task's two passes give the exact threshold; an
+    ordinary task beside it keeps its window."""
+    device = device_for(backend)
+    n = 20_000 if backend == "triton" and device == "cpu" else 1 << 20
+    base = torch.zeros(n)
+    misled = torch.rand(n, generator=generator) * 1e-3 + 1e-3
+    stride = max(selection.WINDOWS_MIN_STRIDE, n // selection.WINDOWS_SAMPLE)
+    misled[sample_positions(n, stride)] *= 100
+    ordinary = torch.rand(n, generator=generator)
+    ks = [n // 2, n // 2]
+    base, experts = base.to(device), [misled.to(device), ordinary.to(device)]
+    got = ops.kth_smallest_magnitudes_models(base, experts, ks, backend=backend)
+    assert torch.equal(got.cpu(), _reference(base.cpu(), [x.cpu() for x in experts], ks))
+    assert fallbacks == [n // 2]
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_candidate_overflow_falls_back(backend, generator, fallbacks, monkeypatch):
+    """No room for candidates: they overflow, the task falls back."""
+    monkeypatch.setattr(selection, "_CANDIDATE_SLACK", 0)
+    monkeypatch.setattr(selection, "_CANDIDATE_FACTOR", 0)
+    device = device_for(backend)
+    n = 4099 if backend == "triton" and device == "cpu" else 1 << 16
+    base = torch.zeros(n, device=device)
+    expert = torch.rand(n, generator=generator).to(device)
+    got = ops.kth_smallest_magnitudes_models(base, [expert], [n // 3], backend=backend)
+    assert torch.equal(got.cpu(), _reference(base.cpu(), [expert.cpu()], [n // 3]))
+    assert fallbacks == [n // 3]
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+@pytest.mark.parametrize("where", ["base", "expert", "overflow"])
+@pytest.mark.parametrize("sampled", [True, False])
+def test_nonfinite_inputs_are_named(backend, where, sampled, generator):
+    """NaN/Inf found by the sample or by the pass: NonFiniteError naming the base, expert t or
+    task vector t."""
+    device = device_for(backend)
+    n = 3000
+    base = torch.randn(n, generator=generator)
+    experts = [base + torch.randn(n, generator=generator) for _ in range(3)]
+    stride = max(selection.WINDOWS_MIN_STRIDE, n // selection.WINDOWS_SAMPLE)
+    positions = sample_positions(n, stride)
+    i = int(positions[1]) if sampled else int(positions[1]) + 1
+    if where == "base":
+        base[i], expected = float("nan"), ("base", None)
+    elif where == "expert":
+        experts[2][i], expected = float("inf"), ("experts", 2)
+    else:  # finite inputs whose difference overflows fp32
+        base[i], experts[1][i], expected = -3e38, 3e38, ("task_vectors", 1)
+    base, experts = base.to(device), [x.to(device) for x in experts]
+    with pytest.raises(ops.NonFiniteError) as info:
+        ops.kth_smallest_magnitudes_models(base, experts, [1, n // 2, n], backend=backend)
+    assert (info.value.tensor, info.value.task) == expected
+
+
+def test_bad_arguments():
+    base, expert = torch.zeros(10), torch.ones(10)
+    with pytest.raises(ValueError, match=r"ks\[1\] must be an integer in \[1, 10\], got 11"):
+        ops.kth_smallest_magnitudes_models(base, [expert, expert], [1, 11])
+    with pytest.raises(ValueError, match="ks must be a sequence of 2 ranks"):
+        ops.kth_smallest_magnitudes_models(base, [expert, expert], [1])
+    with pytest.raises(ValueError, match=r"experts\[0\] has shape \(9,\)"):
+        ops.kth_smallest_magnitudes_models(base, [torch.ones(9)], [1])
+    with pytest.raises(ValueError, match="no elements"):
+        ops.kth_smallest_magnitudes_models(torch.zeros(0), [torch.zeros(0)], [1])
