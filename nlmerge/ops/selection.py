@@ -491,9 +491,9 @@ def _window(sample, k, d):
     first, last = math.floor(rank - margin), math.ceil(rank + margin)
     lo = int(sample[first - 1]) if first >= 1 else 0
     hi = int(sample[last - 1]) if last <= m else _FINITE_HIGH << 16
-    bounds = torch.tensor([lo, hi], dtype=torch.int32, device=sample.device)
-    left, right = torch.searchsorted(sample, bounds, right=True)[0], torch.searchsorted(sample, bounds)[1]
-    return lo, hi, max(0, int(right) - int(left))
+    after_lo = torch.searchsorted(sample, torch.tensor([lo], dtype=torch.int32, device=sample.device), right=True)
+    before_hi = torch.searchsorted(sample, torch.tensor([hi], dtype=torch.int32, device=sample.device))
+    return lo, hi, max(0, int(before_hi) - int(after_lo))
 
 
 def _window_bits(counts, cand, lo, hi, k):
