@@ -126,8 +126,8 @@ def _add_merge(commands):
                        help="where the arithmetic runs (default: cpu)")
     merge.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit's flag)")
     merge.add_argument("--out-shard-size", metavar="SIZE", default="5B", type=_checked(parse_size, "SIZE"),
-                       help="bytes per output shard, K/M/B = 1e3/1e6/1e9, counted as mergekit's writer counts "
-                            "(default: %(default)s)")
+                       help="bytes per output shard, K/M/B = 1e3/1e6/1e9, counted as mergekit's writer counts; "
+                            "0: one shard (default: %(default)s)")
     merge.add_argument("--random-seed", metavar="N", type=int, default=None,
                        help="seed of DARE's drops, keyed by (seed, tensor name, element) (default: 0)")
     merge.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
@@ -165,6 +165,7 @@ def _merge(args):
     from nlmerge.io import MANIFEST_NAME
     from nlmerge.jobs import run_merge
     from nlmerge.jobs.distributed import RankFailedError
+    from nlmerge.jobs.merge_job import PREVIOUS
 
     if args.cuda and args.device == "cpu":
         raise SystemExit("nlmerge merge: error: --cuda contradicts --device cpu")
@@ -176,7 +177,10 @@ def _merge(args):
     prefix = "nlmerge merge" if rank == "0" else f"nlmerge merge (rank {rank})"
     warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
 
+    signals = []
+
     def terminated(signum, frame):  # torchrun and schedulers stop a job with SIGTERM: clean up as for Ctrl-C
+        signals.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
@@ -193,9 +197,12 @@ def _merge(args):
         if os.path.isfile(os.path.join(args.out, MANIFEST_NAME)):
             print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to continue "
                   f"into {args.out}", file=sys.stderr)
+            if os.path.isdir(os.path.join(args.out, PREVIOUS)):
+                print(f"{prefix}: the previous output stays in {os.path.join(args.out, PREVIOUS)} until the job "
+                      "completes", file=sys.stderr)
         else:
-            print(f"{prefix}: interrupted before any shard was finished; nothing was kept", file=sys.stderr)
-        return 130
+            print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept", file=sys.stderr)
+        return 128 + (signals[0] if signals else signal.SIGINT)
     if rank == "0":
         print(f"merged into {out}")
     return 0

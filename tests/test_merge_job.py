@@ -182,7 +182,9 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
-    assert meta["base_model"] == [str(paths[n]) for n in ("base", "e0", "e1", "e2")] and "merge" in meta["tags"]
+    assert "base_model" not in meta and "merge" in meta["tags"]  # the Hub's base_model takes repo ids, not paths
+    assert card.split("---", 2)[2].lstrip().startswith("# A ties merge of 4 models\n")
+    assert all(f"`{paths[n]}`" in card for n in ("base", "e0", "e1", "e2"))
     assert "TIES-merging" in card and yaml.safe_load(card.split("```yaml")[1].split("```")[0])["merge_method"] == "ties"
     model = _transformers().LlamaForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
@@ -506,9 +508,9 @@ def test_too_little_free_space_is_refused_before_anything_is_written(llama_famil
 
     _, paths, _, _ = llama_family
     real = os.statvfs(tmp_path)
-    Stat = collections.namedtuple("Stat", "f_bavail f_frsize")
+    Stat = collections.namedtuple("Stat", "f_bavail f_frsize f_flag")
     seen = []
-    monkeypatch.setattr(merge_job.os, "statvfs", lambda path: seen.append(path) or Stat(10, real.f_frsize))
+    monkeypatch.setattr(merge_job.os, "statvfs", lambda path: seen.append(path) or Stat(10, real.f_frsize, 0))
     with pytest.raises(OSError, match=r"writes \d+\.\d+ GB of shards but its file system has 0\.00 GB free") as err:
         run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), tmp_path / "new" / "out", progress=False)
     assert err.value.errno == errno.ENOSPC
@@ -534,6 +536,30 @@ def test_force_over_a_mergekit_output_replaces_its_files_and_keeps_the_users(lla
     (out / "README.md").write_text("# my own notes\n")  # not a merge card: --force keeps it
     run_merge(cfg, out, progress=False, force=True, write_model_card=False)
     assert (out / "README.md").read_text() == "# my own notes\n"
+    assert not (out / ".nlmerge-previous").exists()
+
+
+def test_force_keeps_the_previous_output_until_the_new_one_completes(llama_family, tmp_path, monkeypatch):
+    from nlmerge.jobs import merge_job
+
+    _, paths, _, _ = llama_family
+    out = tmp_path / "out"
+    run_merge(_config(paths, "tall", None, TALL_LAMBDAS), out, progress=False, out_shard_size="30K")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / "task_2").is_dir()
+
+    def failing(plan, k, tensors, thresholds, fill):  # a late error that --resume could not get past
+        raise ValueError("tensor 'model.norm.weight': expert 1 contains NaN or Inf")
+
+    monkeypatch.setattr(merge_job, "_merge_one", failing)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_merge(_config(paths, "ties", None, WEIGHTS), out, progress=False, force=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # restored as it was
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="pass one of them"):
+        run_merge(_config(paths, "ties", None, WEIGHTS), out, progress=False, force=True, resume=True)
+    run_merge(_config(paths, "ties", None, WEIGHTS), out, progress=False, force=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("task_", "tall", "."))) == []
 
 
 def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
@@ -665,8 +691,11 @@ def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_pat
     run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
     other = tmp_path / "other_base"
     save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match=r"does not have the keys of the TALL job"):
+    with pytest.raises(ValueError, match=r"is not the base of the TALL job"):
         run_tall_task(tmp_path / "masks", 0, other, base=tmp_path / "other.safetensors")
+    assert not other.exists()
+    with pytest.raises(ValueError, match="is not the base of the TALL job"):
+        run_tall_task(tmp_path / "masks", 0, other, base=paths["e0"])
     assert not other.exists()
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ INDEX_NAME = "model.safetensors.index.json"
 TALL_BASENAME = "tall-masks"
 TALL_INFO = "tall.json"
 TALL_FORMAT = "nlmerge-tall/1"
+PREVIOUS = ".nlmerge-previous"  # where --force keeps a previous job's outputs until this one completes
 # files a previous job (nlmerge's or mergekit's) may have left in OUT (or in its task_<t> folders), removed by --force
 _OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME, ckio.PART_PATTERN,
                     f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO,
@@ -128,7 +130,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Write a ``README.md`` model card into each merged model's folder (as mergekit-yaml does):
         the Hub's metadata (``base_model``, ``tags``), the method and its paper, the models, the config.
     force : bool
-        Write into an existing output folder (replacing a previous job's files).
+        Write into an existing output folder: a previous job's outputs (nlmerge's or mergekit's)
+        are moved into ``OUT/.nlmerge-previous``, removed when this job completes and moved back
+        when it fails before finishing a shard; other files stay.
     resume : bool
         Continue an interrupted job with the same config and inputs: finished shards (sizes and
         sha256 verified) are kept; the result is byte-identical to an uninterrupted run.
@@ -164,6 +168,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     ValueError
         A merged tensor that does not fit the output dtype (naming the key); non-finite inputs.
     """
+    if force and resume:
+        raise ValueError("--force starts the job again and --resume continues it: pass one of them")
     world = distributed.join(device)
     plan = None
     try:
@@ -207,9 +213,9 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
                 writer.abort()
         if world.leader:
             if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
-                _discard_job(plan, manifest, created)
-            else:
-                _forget_empty_job(plan, manifest, created)
+                _discard_job(plan, manifest)
+            if _forget_empty_job(plan, manifest, created):
+                _restore_previous_outputs(plan.out)
         raise
     recorded = world.gather(None if world.leader else manifest.shards)
     with world.step():
@@ -219,6 +225,7 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
             manifest.save()
             manifest.remove_parts()
             _finish_out(plan, copy_tokenizer, write_model_card)
+            shutil.rmtree(os.path.join(plan.out, PREVIOUS), ignore_errors=True)
 
 
 def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, backend=None):
@@ -385,6 +392,7 @@ def _prepare_out(plan, *, force, resume):
                      "write the merge elsewhere")
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
+    _check_free_space(plan, out, resume)
     if os.path.isdir(out) and os.listdir(out):
         if resume:
             if ckio.Manifest.load(out) is None:
@@ -394,37 +402,81 @@ def _prepare_out(plan, *, force, resume):
             raise FileExistsError(f"output folder {plan.out!r} exists and is not empty; pass --force to write into "
                                   "it or --resume to continue an interrupted job")
         else:
-            remove_previous_outputs(out)
-    _check_free_space(plan, out)
+            _set_aside_previous_outputs(out)
     created = not os.path.isdir(out)
     for output in plan.outputs:
         os.makedirs(os.path.join(out, output.folder), exist_ok=True)
     return created
 
 
-def _check_free_space(plan, out):
-    """OSError (ENOSPC) naming both sizes when the file system of ``out`` has less free space than
-    the shards still to write (files are not preallocated, so this is the early check)."""
+def _check_free_space(plan, out, resume):
+    """OSError naming both sizes when the file system of ``out`` has less free space than the shards
+    still to write (all of them; with ``resume``, those not written yet; files are not
+    preallocated, so this is the early check), or when it is read-only or not writable."""
     needed = sum(f.size for o in plan.outputs for f in map(o.file, range(len(plan.shards)))
-                 if f is not None and not os.path.exists(os.path.join(out, f.name)))
+                 if f is not None and not (resume and os.path.exists(os.path.join(out, f.name))))
     existing = out
     while not os.path.exists(existing):  # OUT may not exist yet: its file system is its nearest ancestor's
         existing = os.path.dirname(existing)
     stat = os.statvfs(existing)
+    if stat.f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"output {plan.out!r}: {existing!r} is "
+                              f"{'on a read-only file system' if stat.f_flag & os.ST_RDONLY else 'not writable'}")
     free = stat.f_bavail * stat.f_frsize
     if needed > free:
         raise OSError(errno.ENOSPC, f"output {plan.out!r}: the merge writes {needed / 1e9:.2f} GB of shards but "
                       f"its file system has {free / 1e9:.2f} GB free")
 
 
+def _previous_outputs(out):
+    """A previous job's files in OUT (nlmerge's or mergekit's: data files, config copies, a merge's
+    model card) and its ``task_<t>`` folders, as paths relative to OUT; other files are the user's."""
+    found = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and fnmatch.fnmatchcase(name, "task_[0-9]*"):
+            found.append(name)
+        elif os.path.isfile(path) and (any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS)
+                                       or (name == CARD_NAME and _is_card(path))):
+            found.append(name)
+    return found
+
+
+def _set_aside_previous_outputs(out):
+    """--force: move a previous job's outputs into ``OUT/.nlmerge-previous`` (removed when this job
+    completes, moved back if it fails before finishing a shard: see _restore_previous_outputs).
+    A folder already set aside by an earlier forced job that never completed is kept as it is, and
+    that job's own files are removed."""
+    aside = os.path.join(out, PREVIOUS)
+    if os.path.isdir(aside):
+        remove_previous_outputs(out)
+        return
+    names = _previous_outputs(out)
+    if names:
+        os.makedirs(aside)
+        for name in names:
+            os.replace(os.path.join(out, name), os.path.join(aside, name))
+
+
+def _restore_previous_outputs(out):
+    """Move what --force set aside back into OUT (after a failure that left no shard of this job)."""
+    aside = os.path.join(out, PREVIOUS)
+    if not os.path.isdir(aside):
+        return
+    remove_previous_outputs(out)
+    for name in os.listdir(aside):
+        os.replace(os.path.join(aside, name), os.path.join(out, name))
+    os.rmdir(aside)
+
+
 def remove_previous_outputs(out):
-    """--force: remove a previous job's (nlmerge's or mergekit's) data files, config copy and model
-    card from OUT and its task folders; other files stay."""
-    for folder in [out] + sorted(glob.glob(os.path.join(glob.escape(out), "task_[0-9]*"))):
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            path = os.path.join(folder, name)
-            if any(fnmatch.fnmatchcase(name, p) for p in _OUTPUT_PATTERNS) or (name == CARD_NAME and _is_card(path)):
-                os.remove(path)
+    """Remove a previous job's outputs from OUT (see _previous_outputs); other files stay."""
+    for name in _previous_outputs(out):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _is_card(path):
@@ -432,7 +484,7 @@ def _is_card(path):
         return is_merge_card(f.read())
 
 
-def _discard_job(plan, manifest, created):
+def _discard_job(plan, manifest):
     """After an error that the same job cannot get past (a non-finite input, a result that does not
     fit its dtype: the config or the inputs must change, and their fingerprint with them), remove
     every file the job recorded, so that no incomplete model is left in OUT."""
@@ -441,14 +493,13 @@ def _discard_job(plan, manifest, created):
             os.remove(os.path.join(plan.out, name))
     manifest.remove_parts()
     manifest.shards = {}
-    _forget_empty_job(plan, manifest, created)
 
 
 def _forget_empty_job(plan, manifest, created):
-    """After a failure before any shard was finished, leave nothing behind: a rerun after fixing
-    the input then needs neither --force nor --resume."""
+    """After a failure before any shard was finished, leave nothing of the job behind: a rerun after
+    fixing the input then needs neither --force nor --resume. Returns whether nothing was kept."""
     if manifest is None or manifest.shards or glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
-        return
+        return False
     with contextlib.suppress(FileNotFoundError):
         os.remove(manifest.path)
     if created:
@@ -457,6 +508,7 @@ def _forget_empty_job(plan, manifest, created):
                 os.rmdir(os.path.join(plan.out, folder))
         with contextlib.suppress(OSError):
             os.rmdir(plan.out)
+    return True
 
 
 def _manifest(plan, resume):
@@ -757,7 +809,8 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
             ckio.write_text_atomic(os.path.join(out, output.folder, CARD_NAME), card)
     if plan.config.method.name == "tall":
         tasks = [c.path for c in plan.checkpoints[1:]]
-        info = {"format": TALL_FORMAT, "base_model": plan.checkpoints[0].path, "num_tasks": len(tasks),
+        info = {"format": TALL_FORMAT, "base_model": os.path.abspath(plan.checkpoints[0].path),
+                "base_identity": plan.checkpoints[0].identity(), "num_tasks": len(tasks),
                 "tasks": tasks, "task_folders": [o.folder for o in plan.outputs if o.role != "masks"],
                 "dtypes": {k.key: str(k.dtype).removeprefix("torch.") for k in plan.keys.values()},
                 "masks": "mask.<key>: uint8 [num_tasks, ceil(numel / 8)], bit i of byte j is element 8 j + i of "

@@ -1,9 +1,9 @@
 """The README.md model card of a merged model, as ``mergekit-yaml`` writes one by default.
 
-The card is what the Hugging Face Hub shows: YAML front matter (``base_model``: the models merged,
-``library_name``, ``tags``) and a body naming the method (with its paper), the base model, the
-models merged and the config that produced it. The wording is nlmerge's own; the front matter's
-keys are the Hub's model-card metadata.
+The card is what the Hugging Face Hub shows: YAML front matter (``library_name``, ``tags``; no
+``base_model``: the Hub wants repo ids there, and nlmerge merges local folders, whose paths the
+body lists) and a body naming the method (with its paper), the base model, the models merged and
+the config that produced it. The wording is nlmerge's own.
 """
 import yaml
 
@@ -49,14 +49,17 @@ def model_card(config, inputs, task=None):
         YAML front matter, then Markdown.
     """
     method = config.method.name
-    meta = {"base_model": list(inputs), "library_name": "transformers", "tags": ["merge", "nlmerge"]}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", "# Merged model", ""]
+    meta = {"library_name": "transformers", "tags": ["merge", "nlmerge"]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# A {method} merge of {len(inputs)} models", ""]
     if task is not None:
         lines += [f"Task {task} of a TALL merge: the base plus task {task}'s mask of the multi-task vector, "
                   f"merged from pre-trained models with nlmerge.", ""]
     else:
         lines += ["Merged from pre-trained models with nlmerge.", ""]
-    lines += ["## Method", "", f"`{method}`: {_METHODS[method]}.", ""]
+    what = _METHODS[method]
+    if method == "ties" and (config.parameters.get("scope") == "global"):
+        what += "; here with one exact threshold per task over the whole model (`scope: global`)"
+    lines += ["## Method", "", f"`{method}`: {what}.", ""]
     if config.base_model is not None and config.method.uses_base:
         lines += [f"Base model: `{config.base_model}`.", ""]
     experts = [p for p in inputs if not (config.method.uses_base and p == config.base_model)]

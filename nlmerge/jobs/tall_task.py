@@ -4,7 +4,8 @@ A TALL merge with ``output: masks`` stores the base's multi-task vector ``tau_MT
 bit-packed masks of all T tasks (about ``T / 16`` of a bf16 model on top of ``tau_MTL``) instead of
 T models (Wang et al., 2024, *Localizing Task Information for Improved Model Merging and
 Compression*). Task ``t``'s model is ``base + m_t * tau_MTL``, rounded once to the dtype the job
-recorded: bit for bit what the same job with ``output: models`` writes in ``task_<t>``.
+recorded: the shards, index, config.json and tokenizer files are byte for byte what the same job
+with ``output: models`` writes in ``task_<t>`` (which also holds a model card).
 """
 import json
 import os
@@ -48,8 +49,9 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
     Raises
     ------
     ValueError
-        ``masks`` holds no TALL job (no or another ``tall.json``), ``task`` is out of range, or the
-        base does not fit the masks (a key missing from either, or a shape that differs: named).
+        ``masks`` holds no TALL job (no or another ``tall.json``), ``task`` is out of range, the
+        base is not the job's (its weights' fingerprint, ``Checkpoint.identity``, differs), or does
+        not fit the masks (a key missing from either, or a shape that differs: named).
     nlmerge.io.CheckpointError
         Unreadable or corrupt files (named).
     FileExistsError
@@ -60,8 +62,14 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
     if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < info["num_tasks"]:
         raise ValueError(f"task must be an integer in [0, {info['num_tasks']}) for the TALL job in {masks!r}, "
                          f"got {task!r}")
+    if base is None and not os.path.exists(info["base_model"]):
+        raise ValueError(f"the base {info['base_model']!r} that {os.path.join(masks, TALL_INFO)} names does not "
+                         "exist (moved?): pass its path with --base")
     base = os.fspath(base) if base is not None else info["base_model"]
     with ckio.open_checkpoint(base) as base_ckpt, ckio.open_checkpoint(masks, basename=TALL_BASENAME) as stored:
+        if base_ckpt.identity() != info["base_identity"]:
+            raise ValueError(f"{base!r} is not the base of the TALL job in {masks!r} (its weights differ from "
+                             f"{info['base_model']!r}'s, which the job merged)")
         dtypes = _check_fits(base_ckpt, stored, info, masks)
         ckio.check_apart(out, [base, masks], "write the task model elsewhere")
         if os.path.isdir(out) and os.listdir(out):
@@ -97,7 +105,7 @@ def _read_info(masks):
                          "merge_method: tall first") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read it: {err}") from None
-    if not isinstance(info, dict) or info.get("format") != TALL_FORMAT or "dtypes" not in info:
+    if not isinstance(info, dict) or info.get("format") != TALL_FORMAT or not {"dtypes", "base_identity"} <= set(info):
         raise ValueError(f"{path}: not a {TALL_FORMAT} file with the tensors' dtypes (written by another version "
                          "of nlmerge: run the merge again)")
     return info
