@@ -36,7 +36,8 @@ from nlmerge.ops._checks import NonFiniteResultError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "spiece.model", "vocab.txt",
-                   "generation_config.json", "chat_template.jinja", "preprocessor_config.json")
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json")
 CONFIG_COPY = "nlmerge_config.yml"
 INDEX_NAME = "model.safetensors.index.json"
 TALL_BASENAME = "tall-masks"
