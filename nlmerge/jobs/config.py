@@ -191,8 +191,9 @@ def load_config(source):
                               f"({name} takes {', '.join(sorted(known))})", stacklevel=2)
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
-        raise ConfigError(f"tokenizer_source {tokenizer_source!r} is not supported (only 'base' or unset); "
-                          "mergekit builds union tokenizers")
+        raise ConfigError(f"tokenizer_source {tokenizer_source!r} is not supported (only 'base' or unset: the "
+                          "base's tokenizer files are copied); mergekit builds union tokenizers and takes another "
+                          "model's tokenizer, resizing the embeddings to it")
     return MergeConfig(
         method=method, base_model=base, models=models, parameters=parameters,
         dtype=_dtype(raw, "dtype"), out_dtype=_dtype(raw, "out_dtype"), tokenizer_source=tokenizer_source,
