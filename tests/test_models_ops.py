@@ -111,6 +111,42 @@ def test_thresholds_and_histograms_from_models(backend, dtype, generator):
     assert torch.equal(new.threshold().cpu(), old.threshold())
 
 
+@needs_cpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_window_counts_of_several_tasks_in_one_pass(kind, dtype, generator):
+    """count_window_models_tasks: each task's window counts (its own window: near the bottom, the
+    middle, the top of the finite magnitudes) equal the task-by-task counts exactly; a NaN in one
+    expert is named by that expert's label."""
+    from nlmerge.ops.streaming_selection import count_window_models_tasks
+
+    n = 3 * 4096 + 1031  # several of the kernel's runs and a partial one
+    base, experts = models(kind, 3, n, dtype, generator)
+    k = n // 2
+    joint = [ops.MagnitudeSelector("cpu", backend="cpu", sample_stride=7) for _ in experts]
+    alone = [ops.MagnitudeSelector("cpu", backend="cpu", sample_stride=7) for _ in experts]
+    for t, x in enumerate(experts):
+        for sel in (joint[t], alone[t]):
+            sel.sample_models(base, x)
+            sel.bracket(k)
+    windows = {(sel._lo, sel.window_counts.numel()) for sel in joint}
+    for sel, lo in zip(joint[1:], (0, 0x7F800000 - (1 << 16))):  # forced windows at both ends
+        sel._lo = alone[joint.index(sel)]._lo = lo
+        sel.window_counts = torch.zeros((1 << 16) + 1, dtype=torch.int64)
+        alone[joint.index(sel)].window_counts = torch.zeros((1 << 16) + 1, dtype=torch.int64)
+    count_window_models_tasks(joint, base, experts, ["a", "b", "c"])
+    for sel, x in zip(alone, experts):
+        sel.count_window_models(base, x)
+    for a, b in zip(joint, alone):
+        assert torch.equal(a.window_counts, b.window_counts)
+        assert int(a.window_counts.sum()) <= n
+    assert windows  # the sampled windows were used for task 0
+    bad = [x.clone() for x in experts]
+    bad[1][n - 3] = float("nan")
+    with pytest.raises(ops.NonFiniteError, match="^second contains NaN or Inf"):
+        count_window_models_tasks(joint, base, bad, ["first", "second", "third"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_count_window_equals_torch(dtype, generator):
     """Triton's one-read window count (of an fp32 tensor, and of the models' task vector formed in

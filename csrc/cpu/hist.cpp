@@ -427,6 +427,37 @@ void windows_models_t(const void* base, const void* const* experts, int64_t T, i
     }
 }
 
+// T tasks' windows in one pass: each thread walks its range run by run, forming every task's
+// differences from the same run of the base (still in cache), one WindowCounter per task.
+template <int D>
+void window_models_tasks_t(const void* base, const void* const* experts, int64_t T, int64_t n, const uint32_t* lo,
+                           const uint32_t* width, int64_t* const* hists, int64_t* nonfinite, int nthreads) {
+    using S = typename DT<D>::S;
+    [[maybe_unused]] const int nt = threads_for(n, nthreads, MIN_PER_THREAD);
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t b, e;
+        thread_range(n, NLM_NUM_THREADS(), NLM_THREAD_ID(), b, e);
+        std::vector<WindowCounter> counters;
+        counters.reserve(size_t(T));
+        for (int64_t t = 0; t < T; t++) counters.push_back(WindowCounter{lo[t], width[t], hists[t]});
+        alignas(64) uint32_t bits[RUN];
+        const S* bs = static_cast<const S*>(base);
+        for (int64_t r = b; r < e; r += RUN) {
+            const int m = int(std::min<int64_t>(RUN, e - r));
+            for (int64_t t = 0; t < T; t++) {
+                diff_bits<D>(static_cast<const S*>(experts[t]) + r, bs + r, m, bits);
+                counters[size_t(t)].count(bits, m);
+            }
+        }
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t nf = counters[size_t(t)].finish();
+#pragma omp atomic
+            nonfinite[t] += nf;
+        }
+    }
+}
+
 }  // namespace
 
 void hist_magnitude(const void* x, int dtype, int64_t n, int64_t* hist, int shift, int nthreads) {
@@ -490,6 +521,17 @@ int64_t count_window(const float* x, int64_t n, uint32_t lo, uint32_t width, int
     const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
     return threaded_window(n, nthreads, lo, width, hist,
                            [&](int64_t p, int64_t q, WindowCounter& w) { w.count(bits + p, q - p); });
+}
+
+void count_window_models_tasks(const void* base, const void* const* experts, int dtype, int64_t T, int64_t n,
+                               const uint32_t* lo, const uint32_t* width, int64_t* const* hists, int64_t* nonfinite,
+                               int nthreads) {
+    if (n <= 0 || T <= 0) return;
+    switch (dtype) {
+        case F16: window_models_tasks_t<F16>(base, experts, T, n, lo, width, hists, nonfinite, nthreads); break;
+        case BF16: window_models_tasks_t<BF16>(base, experts, T, n, lo, width, hists, nonfinite, nthreads); break;
+        default: window_models_tasks_t<F32>(base, experts, T, n, lo, width, hists, nonfinite, nthreads);
+    }
 }
 
 int64_t count_window_models(const void* base, const void* expert, int dtype, int64_t n, uint32_t lo, uint32_t width,

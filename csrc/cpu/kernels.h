@@ -28,6 +28,13 @@ int64_t count_window(const float* x, int64_t n, uint32_t lo, uint32_t width, int
 int64_t count_window_models(const void* base, const void* expert, int dtype, int64_t n, uint32_t lo, uint32_t width,
                             int64_t* hist, int nthreads);
 
+// count_window_models of T tasks in one pass over the base and the T experts: task t's window
+// [lo[t], lo[t] + width[t]) into hists[t] (int64 [1 + width[t]]); nonfinite[t] += its
+// non-finite count (nonfinite: int64 [T], added to).
+void count_window_models_tasks(const void* base, const void* const* experts, int dtype, int64_t T, int64_t n,
+                               const uint32_t* lo, const uint32_t* width, int64_t* const* hists, int64_t* nonfinite,
+                               int nthreads);
+
 // The one-read selections of T tasks over the models in one pass (count_windows_models): with
 // v = abs_bits(fp32(experts[t]) - fp32(base)) and the window lo[t] <= hi[t] <= 0x7F800000,
 // counts[t] (int64 [T][6]) = {#(v < lo), #(v == lo), candidates written, #(v == hi) (0 when hi ==

@@ -377,6 +377,37 @@ PYBIND11_MODULE(_C, m) {
         "count_window over x = fp32(expert) - fp32(base); returns the number of non-finite elements of x");
 
     m.def(
+        "count_window_models_tasks",
+        [](py::array base, py::list experts, const std::string& dtype, py::list hists, py::array lo, py::array nonfinite,
+           int nthreads) {
+            const int d = parse_dtype(dtype);
+            const Models mb = models_buffers(base, experts, d);
+            const int64_t T = int64_t(mb.experts.size());
+            Buf lb = typed_buffer(lo, 'i', 8, "lo", false);
+            check_size(lb, T, "lo");
+            Buf nb = typed_buffer(nonfinite, 'i', 8, "nonfinite", true);
+            check_size(nb, T, "nonfinite");
+            if (int64_t(py::len(hists)) != T) throw py::value_error("hists must hold one histogram per expert");
+            const size_t nt = static_cast<size_t>(T);
+            std::vector<uint32_t> los(nt), widths(nt);
+            std::vector<int64_t*> hs(nt);
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t l = static_cast<const int64_t*>(lb.ptr)[t];
+                Buf hb = window_buffer(hists[size_t(t)].cast<py::array>(), l);
+                los[size_t(t)] = uint32_t(l);
+                widths[size_t(t)] = uint32_t(hb.size - 1);
+                hs[size_t(t)] = static_cast<int64_t*>(hb.ptr);
+            }
+            py::gil_scoped_release release;
+            count_window_models_tasks(mb.base, mb.experts.data(), d, T, mb.n, los.data(), widths.data(), hs.data(),
+                                      static_cast<int64_t*>(nb.ptr), threads(nthreads));
+        },
+        py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("hists"), py::arg("lo"), py::arg("nonfinite"),
+        py::arg("nthreads") = 0,
+        "count_window_models of T tasks in one pass: task t's window from lo[t] (int64 [T]) into hists[t] (int64 "
+        "[1 + width_t], in place); nonfinite[t] (int64 [T]) += task t's non-finite count");
+
+    m.def(
         "count_windows_models",
         [](py::array base, py::list experts, const std::string& dtype, py::array lo, py::array hi, py::array counts,
            py::array cand, int nthreads) {
@@ -746,7 +777,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 9;
+    m.attr("api_version") = 10;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

@@ -26,6 +26,7 @@ import yaml
 from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.ops import selection
+from nlmerge.ops.streaming_selection import count_window_models_tasks
 from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
@@ -581,30 +582,36 @@ def _global_thresholds(plan, progress, world, steps):
                  for _ in ranks]
 
     def one_pass(what, tasks, count):
+        """Stream the keys once; ``count(tasks, tensors)`` counts a key's tensors for ``tasks``."""
         with world.step(), _bar(sum(_nbytes(plan.keys[key]) for key in keys), f"TIES thresholds ({what})",
                                 progress) as bar:
             for key, tensors in _stream(plan, keys):
-                for t in tasks:
-                    with _naming(key, plan, tensors):
-                        count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
+                with _naming(key, plan, tensors):
+                    count(tasks, tensors)
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
 
+    def each_task(count):  # count(selector, base, expert, label), task by task
+        return lambda tasks, tensors: [count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
+                                       for t in tasks]
+
     tasks = [t for t, k in enumerate(ranks) if k >= 1]  # keep >= 1: nothing trimmed, threshold 0
-    one_pass("sample", tasks, lambda sel, base, expert, _: sel.sample_models(base, expert))
+    one_pass("sample", tasks, each_task(lambda sel, base, expert, _: sel.sample_models(base, expert)))
     for t in tasks:
         world.sum_(selectors[t].sample_counts)
         selectors[t].bracket(ranks[t])
-    one_pass("count", tasks, lambda sel, base, expert, label: sel.count_window_models(base, expert, label))
+    one_pass("count", tasks, lambda tasks, tensors: count_window_models_tasks(
+        [selectors[t] for t in tasks], tensors[0], [tensors[t + 1] for t in tasks],
+        [plan.checkpoints[t + 1].path for t in tasks]))
     for t in tasks:
         world.sum_(selectors[t].window_counts)
     missed = [t for t in tasks if not selectors[t].hit]
     if missed:  # the sample misled a bracket: the two histogram passes for those tasks
-        one_pass("high bits", missed, lambda sel, base, expert, label: sel.count_models(base, expert, label))
+        one_pass("high bits", missed, each_task(lambda sel, base, expert, label: sel.count_models(base, expert, label)))
         for t in missed:
             world.sum_(selectors[t].high)
             selectors[t].locate(ranks[t])
-        one_pass("low bits", missed, lambda sel, base, expert, _: sel.count_low_models(base, expert))
+        one_pass("low bits", missed, each_task(lambda sel, base, expert, _: sel.count_low_models(base, expert)))
         for t in missed:
             world.sum_(selectors[t].low)
     return torch.stack([selectors[t].threshold() if t in tasks else torch.zeros((), device=plan.device)

@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 9  # must match csrc/cpu/module.cpp
+_API_VERSION = 10  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -41,6 +41,7 @@ __all__ = [
     "count_window",
     "count_window_models",
     "count_windows_models",
+    "count_window_models_tasks",
     "ties_merge",
     "ties_merge_models",
     "task_arithmetic",
@@ -147,6 +148,17 @@ def count_window_models(base, expert, hist, lo):
     counted; returns the number of non-finite elements of ``x``."""
     return _C.count_window_models(_in(base.reshape(-1)), _in(expert.reshape(-1)), _name(base), _out(hist, "hist"),
                                   int(lo), _threads())
+
+
+def count_window_models_tasks(base, experts, hists, los):
+    """``count_window_models`` of T tasks in one pass over the base and the T experts (one dtype and
+    size): task t's window from ``los[t]`` (int) into ``hists[t]`` (int64 [1 + width_t], in place).
+    Returns the T non-finite counts (a list of ints)."""
+    nonfinite = np.zeros(len(experts), dtype=np.int64)
+    _C.count_window_models_tasks(_in(base.reshape(-1)), [_in(x.reshape(-1)) for x in experts], _name(base),
+                                 [_out(h, "hist") for h in hists], np.asarray(los, dtype=np.int64), nonfinite,
+                                 _threads())
+    return nonfinite.tolist()
 
 
 def count_windows_models(base, experts, lo, hi, counts, cand):

@@ -16,8 +16,9 @@ processes): the tensors named below are what a many-process job all-reduces (sum
 2. :meth:`~MagnitudeSelector.bracket` ``(k)``: the window of bit patterns, from the summed sample
    (the same on every process); allocates ``window_counts`` (int64 [1 + width]).
 3. counting pass — :meth:`~MagnitudeSelector.count_window` /
-   :meth:`~MagnitudeSelector.count_window_models` on every tensor: the one full read. *All-reduce
-   ``window_counts``.*
+   :meth:`~MagnitudeSelector.count_window_models` on every tensor: the one full read
+   (:func:`count_window_models_tasks` counts T tasks' selectors over a key of the models in one
+   read of the base and the T experts). *All-reduce ``window_counts``.*
 4. :attr:`~MagnitudeSelector.hit`: True → :meth:`~MagnitudeSelector.threshold` is exact.
 
 **Fallback** (``hit`` False: the sample missed; rare): the two histogram passes —
@@ -226,6 +227,43 @@ class MagnitudeSelector:
             low_bin, _ = _locate(self.low, self._rank)
             found = (self._bin << 16) | low_bin
         return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(self.device)
+
+
+def count_window_models_tasks(selectors, base, experts, labels):
+    """The counting pass of T tasks over one key of the models:
+    ``selectors[t].count_window_models(base, experts[t], labels[t])`` for every t, in one read of
+    the base and the experts when the selectors count on the C++ kernels (each task's window in
+    its own histogram, the counts the same as task by task); otherwise task by task.
+
+    Parameters
+    ----------
+    selectors : sequence of T MagnitudeSelector
+        Bracketed (``bracket(k)`` called), on one device and backend.
+    base : Tensor
+        The key's base tensor (fp32, fp16 or bf16).
+    experts : sequence of T Tensor
+        The key's expert tensors, the base's shape and device.
+    labels : sequence of T str
+        The names a NonFiniteError gives the experts.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in the base, an expert or a difference, named as in ``count_window_models``.
+    """
+    kernels = selectors[0]._kernels if selectors else None
+    if not (len(selectors) > 1 and hasattr(kernels, "count_window_models_tasks")
+            and all(s._kernels is kernels for s in selectors)):
+        for selector, expert, label in zip(selectors, experts, labels):
+            selector.count_window_models(base, expert, label)
+        return
+    flat_base, flat = check_models(base, list(experts))
+    flat_base, flat = flat_base.contiguous(), [x.contiguous() for x in flat]
+    hists = [s._window("count_window_models_tasks") for s in selectors]
+    nonfinite = kernels.count_window_models_tasks(flat_base, flat, hists, [s._lo for s in selectors])
+    for x, label, count in zip(flat, labels, nonfinite):
+        if count:
+            _raise_model(flat_base, x, label)
 
 
 def _raise_model(base, expert, label):
