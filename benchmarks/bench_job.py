@@ -130,7 +130,7 @@ def floor_seconds(inputs, out_bytes, scratch):
 
 
 def _tree_anon_bytes(root):
-    """Anonymous (private) memory of process ``root`` and all its descendants, in bytes."""
+    """Resident anonymous (private) memory of process ``root`` and all its descendants, in bytes."""
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -144,9 +144,10 @@ def _tree_anon_bytes(root):
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
+        try:  # status's RssAnon is a counter; smaps_rollup walks the page tables under the process's
+            # mmap lock, which slowed a job mapping 8 GB of inputs by half (23 s against 15 s)
+            with open(f"/proc/{pid}/status") as f:
+                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
         except (OSError, StopIteration):
             pass
     return total
