@@ -154,6 +154,28 @@ def _add_merge(commands):
     merge.set_defaults(run=_merge, parser=merge)
 
 
+def _interrupt_on_sigterm():
+    """Make SIGTERM (torchrun's and schedulers' stop) raise KeyboardInterrupt, so that a command cleans
+    up as for Ctrl-C; returns the list the received signal numbers are appended to."""
+    import signal
+
+    signals = []
+
+    def terminated(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    return signals
+
+
+def _interrupted_status(signals):
+    """The shell's exit status of a process stopped by the first of ``signals`` (SIGINT if none)."""
+    import signal
+
+    return 128 + int(signals[0] if signals else signal.SIGINT)
+
+
 def _stream_allocations():
     """Give each large allocation (>= 4 MiB: a tensor) its own mapping, returned when freed (glibc's
     ``M_MMAP_THRESHOLD``; a no-op elsewhere). By default glibc raises that threshold to the size of
@@ -172,7 +194,6 @@ def _stream_allocations():
 def _merge(args):
     import logging
     import os
-    import signal
     import warnings
 
     import torch
@@ -192,13 +213,7 @@ def _merge(args):
     prefix = "nlmerge merge" if rank == "0" else f"nlmerge merge (rank {rank})"
     warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-    signals = []
-
-    def terminated(signum, frame):  # torchrun and schedulers stop a job with SIGTERM: clean up as for Ctrl-C
-        signals.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
+    signals = _interrupt_on_sigterm()
     _stream_allocations()
     try:
         out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
@@ -209,16 +224,17 @@ def _merge(args):
     except (ValueError, FileExistsError, OSError, RankFailedError) as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        if os.path.isfile(os.path.join(args.out, MANIFEST_NAME)):
+    except KeyboardInterrupt as err:
+        if getattr(err, "shards_kept", os.path.isfile(os.path.join(args.out, MANIFEST_NAME))):
             print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to continue "
                   f"into {args.out}", file=sys.stderr)
             if os.path.isdir(os.path.join(args.out, PREVIOUS)):
                 print(f"{prefix}: the previous output stays in {os.path.join(args.out, PREVIOUS)} until the job "
                       "completes", file=sys.stderr)
         else:
-            print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept", file=sys.stderr)
-        return 128 + (signals[0] if signals else signal.SIGINT)
+            print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept (a previous "
+                  "output is back in place)", file=sys.stderr)
+        return _interrupted_status(signals)
     if rank == "0":
         print(f"merged into {out}")
     return 0
@@ -386,6 +402,7 @@ def _add_tall_task(commands):
 def _tall_task(args):
     from nlmerge.jobs.tall_task import run_tall_task
 
+    signals = _interrupt_on_sigterm()
     _stream_allocations()
     try:
         out = run_tall_task(args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
@@ -393,6 +410,9 @@ def _tall_task(args):
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)", file=sys.stderr)
+        return _interrupted_status(signals)
     print(f"wrote task {args.task}'s model into {out}")
     return 0
 

@@ -1,7 +1,6 @@
 """A new user's first hour: the ``nlmerge`` command line (every bad argument is one line under the
 subcommand's usage, exit status 2), the set-up scripts (skip what is up to date, say each step,
 the demo's files land where the caller is) and the README's examples, run as written."""
-import json
 import os
 import re
 import shutil

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import yaml
 import torch
 
 yaml = pytest.importorskip("yaml")
@@ -663,7 +662,7 @@ def test_tall_masks_output_and_consensus_with_ties_mtl(llama_family, tmp_path):
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_path, capsys):
+def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_path, capsys, monkeypatch):
     from nlmerge.cli import main
     from nlmerge.jobs.tall_task import run_tall_task
 
@@ -688,7 +687,19 @@ def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_pat
         run_tall_task(tmp_path / "models" / "task_0", 0, tmp_path / "bad")
     with pytest.raises(FileExistsError, match="not empty; pass --force"):
         run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()}
+    from nlmerge.jobs import tall_task as tall_task_module
+
+    def failing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tall_task_module.ops, "apply_mask", failing)
+        with pytest.raises(KeyboardInterrupt):
+            run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()} == before  # task 1's, back
     run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
+    assert not (tmp_path / "rebuilt_1" / ".nlmerge-previous").exists()
     other = tmp_path / "other_base"
     save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match=r"is not the base of the TALL job"):

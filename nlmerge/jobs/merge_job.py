@@ -216,8 +216,11 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
         if world.leader:
             if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
                 _discard_job(plan, manifest)
-            if _forget_empty_job(plan, manifest, created):
-                _restore_previous_outputs(plan.out)
+            kept = not _forget_empty_job(plan, manifest, created)
+            if not kept:
+                restore_previous_outputs(plan.out)
+            if isinstance(err, KeyboardInterrupt):
+                err.shards_kept = kept  # what the command's message says (a restored output has its own manifest)
         raise
     recorded = world.gather(None if world.leader else manifest.shards)
     with world.step():
@@ -404,7 +407,7 @@ def _prepare_out(plan, *, force, resume):
             raise FileExistsError(f"output folder {plan.out!r} exists and is not empty; pass --force to write into "
                                   "it or --resume to continue an interrupted job")
         else:
-            _set_aside_previous_outputs(out)
+            set_aside_previous_outputs(out)
     created = not os.path.isdir(out)
     for output in plan.outputs:
         os.makedirs(os.path.join(out, output.folder), exist_ok=True)
@@ -444,9 +447,9 @@ def _previous_outputs(out):
     return found
 
 
-def _set_aside_previous_outputs(out):
+def set_aside_previous_outputs(out):
     """--force: move a previous job's outputs into ``OUT/.nlmerge-previous`` (removed when this job
-    completes, moved back if it fails before finishing a shard: see _restore_previous_outputs).
+    completes, moved back if it fails before finishing a shard: see restore_previous_outputs).
     A folder already set aside by an earlier forced job that never completed is kept as it is, and
     that job's own files are removed."""
     aside = os.path.join(out, PREVIOUS)
@@ -460,12 +463,15 @@ def _set_aside_previous_outputs(out):
             os.replace(os.path.join(out, name), os.path.join(aside, name))
 
 
-def _restore_previous_outputs(out):
-    """Move what --force set aside back into OUT (after a failure that left no shard of this job)."""
+def restore_previous_outputs(out):
+    """After a failure that left no shard of this job worth keeping: remove this job's outputs and
+    move what --force set aside back into OUT."""
+    if not os.path.isdir(out):  # the job created OUT and removed it again
+        return
+    remove_previous_outputs(out)
     aside = os.path.join(out, PREVIOUS)
     if not os.path.isdir(aside):
         return
-    remove_previous_outputs(out)
     for name in os.listdir(aside):
         os.replace(os.path.join(aside, name), os.path.join(out, name))
     os.rmdir(aside)

@@ -9,12 +9,14 @@ with ``output: models`` writes in ``task_<t>`` (which also holds a model card).
 """
 import json
 import os
+import shutil
 
 import torch
 
 from nlmerge import io as ckio
 from nlmerge import ops
-from nlmerge.jobs.merge_job import TALL_BASENAME, TALL_FORMAT, TALL_INFO, remove_previous_outputs, write_model_files
+from nlmerge.jobs.merge_job import (PREVIOUS, TALL_BASENAME, TALL_FORMAT, TALL_INFO, restore_previous_outputs,
+                                    set_aside_previous_outputs, write_model_files)
 
 
 def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_tokenizer=True, force=False,
@@ -37,7 +39,8 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
     copy_tokenizer : bool
         Copy the base's tokenizer files.
     force : bool
-        Write into an existing non-empty folder (replacing a previous job's files).
+        Write into an existing non-empty folder: a previous job's outputs wait in
+        ``OUT/.nlmerge-previous`` until this one completes, and are moved back if it fails.
     backend : None, "torch", "cpu" or "triton"
         Kernel backend of ``ops.apply_mask``.
 
@@ -75,24 +78,34 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
         if os.path.isdir(out) and os.listdir(out):
             if not force:
                 raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to write into it")
-            remove_previous_outputs(out)
+            set_aside_previous_outputs(out)
         os.makedirs(out, exist_ok=True)
-
-        def tensor_of(key):
-            if f"mask.{key}" in stored:
-                tau_mtl = stored.get(f"tau_mtl.{key}")
-                row = stored.get(f"mask.{key}")[task]
-                return ops.apply_mask(row, tau_mtl, base=base_ckpt.get(key), out_dtype=dtypes[key],
-                                      backend=backend).view(tau_mtl.shape)
-            if f"stat.{key}" in stored:
-                return stored.get(f"stat.{key}").to(dtypes[key])
-            return base_ckpt.get(key)
-
-        ckio.write_checkpoint(out, [(k, base_ckpt.info(k).shape, dtypes[k]) for k in base_ckpt.keys()], tensor_of,
-                              ckio.parse_size(out_shard_size))
-        merged = {dtypes[k[len("tau_mtl."):]] for k in stored.keys() if k.startswith("tau_mtl.")}
-        write_model_files(base_ckpt, merged, out, copy_tokenizer)
+        try:
+            _write(out, task, base_ckpt, stored, dtypes, out_shard_size, copy_tokenizer, backend)
+        except BaseException:
+            restore_previous_outputs(out)
+            raise
+        shutil.rmtree(os.path.join(out, PREVIOUS), ignore_errors=True)
     return out
+
+
+def _write(out, task, base_ckpt, stored, dtypes, out_shard_size, copy_tokenizer, backend):
+    """Task ``task``'s tensors (shards and index), then config.json and the tokenizer files."""
+
+    def tensor_of(key):
+        if f"mask.{key}" in stored:
+            tau_mtl = stored.get(f"tau_mtl.{key}")
+            row = stored.get(f"mask.{key}")[task]
+            return ops.apply_mask(row, tau_mtl, base=base_ckpt.get(key), out_dtype=dtypes[key],
+                                  backend=backend).view(tau_mtl.shape)
+        if f"stat.{key}" in stored:
+            return stored.get(f"stat.{key}").to(dtypes[key])
+        return base_ckpt.get(key)
+
+    ckio.write_checkpoint(out, [(k, base_ckpt.info(k).shape, dtypes[k]) for k in base_ckpt.keys()], tensor_of,
+                          ckio.parse_size(out_shard_size))
+    merged = {dtypes[k[len("tau_mtl."):]] for k in stored.keys() if k.startswith("tau_mtl.")}
+    write_model_files(base_ckpt, merged, out, copy_tokenizer)
 
 
 def _read_info(masks):

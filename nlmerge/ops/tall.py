@@ -25,6 +25,7 @@ from nlmerge.ops._checks import (
     check_finite_result,
     finite_scalar,
     flat_like,
+    model_task_vectors,
     per_task,
     raise_counted,
     raise_nonfinite,
@@ -32,7 +33,7 @@ from nlmerge.ops._checks import (
     stack_task_vectors,
 )
 from nlmerge.ops._dispatch import resolve
-from nlmerge.ops.ties import _finish, model_task_vectors, result_dtype
+from nlmerge.ops.ties import _finish, result_dtype
 
 _BIT_WEIGHTS = [1 << j for j in range(8)]
 

@@ -39,7 +39,6 @@ from nlmerge.ops._checks import (
     finite_scalar,
     first_nonfinite_model,
     flat_like,
-    model_task_vectors,
     per_task,
     raise_counted,
     result_error,
