@@ -182,7 +182,7 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta and "merge" in meta["tags"]  # the Hub's base_model takes repo ids, not paths
-    assert card.split("---", 2)[2].lstrip().startswith("# A ties merge of 4 models\n")
+    assert card.split("---", 2)[2].lstrip().startswith("# A ties merge of 3 models onto a base model\n")
     assert all(f"`{paths[n]}`" in card for n in ("base", "e0", "e1", "e2"))
     assert "TIES-merging" in card and yaml.safe_load(card.split("```yaml")[1].split("```")[0])["merge_method"] == "ties"
     model = _transformers().LlamaForCausalLM.from_pretrained(out)

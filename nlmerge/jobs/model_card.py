@@ -49,8 +49,11 @@ def model_card(config, inputs, task=None):
         YAML front matter, then Markdown.
     """
     method = config.method.name
+    experts = [p for p in inputs if not (config.method.uses_base and p == config.base_model)]
+    onto = " onto a base model" if config.method.uses_base else ""
     meta = {"library_name": "transformers", "tags": ["merge", "nlmerge"]}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# A {method} merge of {len(inputs)} models", ""]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# A {method} merge of {len(experts)} models{onto}", ""]
     if task is not None:
         lines += [f"Task {task} of a TALL merge: the base plus task {task}'s mask of the multi-task vector, "
                   f"merged from pre-trained models with nlmerge.", ""]
@@ -62,7 +65,6 @@ def model_card(config, inputs, task=None):
     lines += ["## Method", "", f"`{method}`: {what}.", ""]
     if config.base_model is not None and config.method.uses_base:
         lines += [f"Base model: `{config.base_model}`.", ""]
-    experts = [p for p in inputs if not (config.method.uses_base and p == config.base_model)]
     lines += ["## Models merged", ""] + [f"- `{p}`" for p in experts] + [""]
     lines += ["## Configuration", "", "```yaml", yaml.safe_dump(config.source, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
