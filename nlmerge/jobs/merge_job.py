@@ -45,7 +45,7 @@ TALL_BASENAME = "tall-masks"
 TALL_INFO = "tall.json"
 TALL_FORMAT = "nlmerge-tall/1"
 PREVIOUS = ".nlmerge-previous"  # where --force keeps a previous job's outputs until this one completes
-# files a previous job (nlmerge's or mergekit's) may have left in OUT (or in its task_<t> folders), removed by --force
+# files a previous job (nlmerge's or mergekit's) may have left in OUT, set aside by --force (with its task_<t> folders)
 _OUTPUT_PATTERNS = ("model*.safetensors", INDEX_NAME, ".*.partial", ckio.MANIFEST_NAME, ckio.PART_PATTERN,
                     f"{TALL_BASENAME}*.safetensors", f"{TALL_BASENAME}.safetensors.index.json", TALL_INFO,
                     CONFIG_COPY, "mergekit_config.yml")
@@ -130,7 +130,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Copy the base's tokenizer files.
     write_model_card : bool
         Write a ``README.md`` model card into each merged model's folder (as mergekit-yaml does):
-        the Hub's metadata (``base_model``, ``tags``), the method and its paper, the models, the config.
+        the Hub's metadata (``tags``), the method and its paper, the models' paths, the config.
     force : bool
         Write into an existing output folder: a previous job's outputs (nlmerge's or mergekit's)
         are moved into ``OUT/.nlmerge-previous``, removed when this job completes and moved back
@@ -597,9 +597,12 @@ def _global_thresholds(plan, progress, world, steps):
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
 
-    def each_task(count):  # count(selector, base, expert, label), task by task
-        return lambda tasks, tensors: [count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
-                                       for t in tasks]
+    def each_task(count):
+        """A pass's ``count(tasks, tensors)`` from ``count(selector, base, expert, label)``, task by task."""
+        def count_tasks(tasks, tensors):
+            for t in tasks:
+                count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
+        return count_tasks
 
     tasks = [t for t, k in enumerate(ranks) if k >= 1]  # keep >= 1: nothing trimmed, threshold 0
     one_pass("sample", tasks, each_task(lambda sel, base, expert, _: sel.sample_models(base, expert)))
@@ -795,7 +798,7 @@ def _finish_held(plan, manifest, thresholds, majority, held):
     their bytes in the still-open file (rare: an elected sign of exactly 0 with a kept entry);
     then the step's files are finished and recorded."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
-    while held:
+    while held:  # a step leaves ``held`` only once finished: on an error, _run aborts what is still there
         step = held[0]
         stale = [key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
         for key, tensors in _stream(plan, stale):
@@ -815,9 +818,11 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
         index = ckio.shard_index([p for p in output.plans if p is not None])
         if index is not None:
             ckio.write_json_atomic(os.path.join(out, output.folder, output.index_name), index)
-        if output.role != "masks":
-            _write_model_files(plan, os.path.join(out, output.folder), copy_tokenizer)
-        if output.role != "masks" and write_model_card:
+        if output.role == "masks":
+            continue
+        write_model_files(plan.checkpoints[plan.copy_source], {k.dtype for k in plan.keys.values() if k.merged},
+                          os.path.join(out, output.folder), copy_tokenizer)
+        if write_model_card:
             task = output.role[1] if isinstance(output.role, tuple) else None
             card = model_card(plan.config, [c.path for c in plan.checkpoints], task)
             ckio.write_text_atomic(os.path.join(out, output.folder, CARD_NAME), card)
@@ -833,13 +838,6 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
                          "= stat, other keys = the base's"}
         ckio.write_json_atomic(os.path.join(out, TALL_INFO), info)
     ckio.write_text_atomic(os.path.join(out, CONFIG_COPY), yaml.safe_dump(plan.config.source, sort_keys=False))
-
-
-def _write_model_files(plan, folder, copy_tokenizer):
-    """config.json (``torch_dtype`` set to the merged dtype) and the tokenizer files of the
-    source model, into one output model's folder."""
-    write_model_files(plan.checkpoints[plan.copy_source], {k.dtype for k in plan.keys.values() if k.merged}, folder,
-                      copy_tokenizer)
 
 
 def write_model_files(ref, dtypes, folder, copy_tokenizer):

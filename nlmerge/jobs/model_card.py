@@ -60,7 +60,7 @@ def model_card(config, inputs, task=None):
     else:
         lines += ["Merged from pre-trained models with nlmerge.", ""]
     what = _METHODS[method]
-    if method == "ties" and (config.parameters.get("scope") == "global"):
+    if method == "ties" and config.parameters.get("scope") == "global":
         what += "; here with one exact threshold per task over the whole model (`scope: global`)"
     lines += ["## Method", "", f"`{method}`: {what}.", ""]
     if config.base_model is not None and config.method.uses_base:
