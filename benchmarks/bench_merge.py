@@ -63,9 +63,9 @@ def nlmerge_ties(tv, keep, backend=None):
 
 
 def nlmerge_ties_models(base, experts, keep, backend=None):
-    """Global TIES over one tensor from the models: thresholds from the task vectors' histograms,
-    then the merge pass with the zero-sign rule (no fp32 task vector is stored)."""
-    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, keep, backend=backend) for x in experts])
+    """Global TIES over one tensor from the models: every task's threshold in one read of the
+    models, then the merge pass with the zero-sign rule (no fp32 task vector is stored)."""
+    thresholds = ops.magnitude_thresholds_models(base, experts, keep, backend=backend)
     return ops.ties_merge_models(base, experts, thresholds=thresholds, backend=backend)
 
 
@@ -255,9 +255,10 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
     del tv
     row("TIES global from models", fused, floor, [("| fp32 task vectors + fused", stacked),
                                                  ("| FusionBench-style", fusionbench)])
-    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, args.keep) for x in experts])
-    selection = best_time(lambda: [ops.magnitude_threshold_models(base, x, args.keep) for x in experts], repeat, device)
-    row("  thresholds only (T tasks)", selection, floor)
+    thresholds = ops.magnitude_thresholds_models(base, experts, args.keep)
+    selection = best_time(lambda: ops.magnitude_thresholds_models(base, experts, args.keep), repeat, device)
+    per_task = best_time(lambda: [ops.magnitude_threshold_models(base, x, args.keep) for x in experts], repeat, device)
+    row("  thresholds only (T tasks, one read)", selection, floor, [("| task by task", per_task)])
     merge_pass = best_time(lambda: ops.ties_merge_models(base, experts, thresholds=thresholds), repeat, device)
     row("  merge pass only", merge_pass, floor)
     base_sd, expert_sds = state_dict(base), [state_dict(x) for x in experts]
@@ -275,12 +276,12 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
 
 def gpu_models_rows(base, experts, args, repeat, bandwidth, measured):
     """The card's rows of the models ops (Triton): TALL masks, consensus, peak extra memory, and the
-    share of the copy bandwidth of these and of the ``measured`` ones: the bytes each moves (the
-    Triton selection reads base and expert twice per task: two histogram passes) over its time."""
+    share of the copy bandwidth of these and of the ``measured`` ones: the bytes each must move
+    (the thresholds: one read of the base and the T experts) over its time."""
     t, n, size = len(experts), base.numel(), base.element_size()
     inputs = (t + 1) * n * size
     mtl = ops.task_arithmetic_models(base, experts, include_base=False, out_dtype=torch.float32)
-    moved = {"merge pass": inputs + n * size, "thresholds": 4 * t * n * size}
+    moved = {"merge pass": inputs + n * size, "thresholds": inputs}
     measured["TALL masks"] = best_time(lambda: ops.tall_masks_models(base, experts, mtl, 0.4), repeat, "cuda")
     moved["TALL masks"] = inputs + 4 * n + t * n / 8
     measured["consensus"] = best_time(lambda: ops.consensus_merge_models(base, experts, mtl, 0.4), repeat, "cuda")

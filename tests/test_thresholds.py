@@ -137,3 +137,118 @@ def test_bad_arguments():
         ops.kth_smallest_magnitudes_models(base, [torch.ones(9)], [1])
     with pytest.raises(ValueError, match="no elements"):
         ops.kth_smallest_magnitudes_models(torch.zeros(0), [torch.zeros(0)], [1])
+
+
+# ---- magnitude_thresholds_models: T tasks' TIES thresholds over one tensor or several together ----
+
+def _tensor_thresholds_reference(bases, experts, keeps):
+    """Each task's threshold by the reference selection over its fp32 task vectors taken together."""
+    return torch.stack([ops.magnitude_threshold_models(bases, task, keep, backend="torch")
+                        for task, keep in zip(experts, keeps)])
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "rounded", "sparse", "equal"])
+def test_thresholds_over_several_tensors_equal_reference(backend, dtype, kind, generator, fallbacks):
+    """Several keys taken together (the global TIES threshold), one keep per task (1.5: nothing
+    trimmed, threshold 0): bit-identical to the reference task by task, with the candidates of all
+    keys selected among together (no task falls back on ordinary data)."""
+    device = device_for(backend)
+    sizes = [7, 1031, 40] if backend == "triton" and device == "cpu" else [7, 1031, 300_007, 40]
+    models = [_models(kind, n, dtype, 3, generator) for n in sizes]
+    bases = [base.to(device) for base, _ in models]
+    experts = [[experts[t].to(device) for _, experts in models] for t in range(3)]
+    keeps = [0.2, 0.7, 1.5]
+    got = ops.magnitude_thresholds_models(bases, experts, keeps, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (3,) and float(got[2]) == 0.0
+    cpu = lambda xs: [x.cpu() for x in xs]  # noqa: E731
+    assert torch.equal(got.cpu(), _tensor_thresholds_reference(cpu(bases), [cpu(task) for task in experts], keeps))
+    assert fallbacks == [] or kind == "equal", fallbacks
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_several_tensors_fall_back_when_candidates_overflow(backend, size, generator, fallbacks, monkeypatch):
+    """Room for 64 candidates: task 0's overflow either within one tensor (large) or only once two
+    tensors' candidates are put together (small: 40 each); it falls back to the two passes over all
+    tensors, exact, while task 1 (no candidates: every magnitude 0, its window's edge) keeps its window."""
+    monkeypatch.setattr(selection, "_CANDIDATE_FACTOR", 0)
+    monkeypatch.setattr(selection, "_CANDIDATE_SLACK", 64)
+    device = device_for(backend)
+    n = 40 if size == "small" else 3000 if backend == "triton" and device == "cpu" else 50_000
+    bases = [torch.zeros(n), torch.zeros(n)]
+    crowded = [torch.rand(n, generator=generator) + 0.5, torch.rand(n, generator=generator) + 0.5]
+    ordinary = [torch.zeros(n), torch.zeros(n)]
+    ks = [n, n]
+    bases = [b.to(device) for b in bases]
+    experts = [[x.to(device) for x in crowded], [x.to(device) for x in ordinary]]
+    got = ops.kth_smallest_magnitudes_models(bases, experts, ks, backend=backend)
+    cpu = lambda xs: [x.cpu() for x in xs]  # noqa: E731
+    want = torch.stack([kth_smallest_magnitude_reference([x - b for x, b in zip(cpu(task), cpu(bases))], k)
+                        for task, k in zip(experts, ks)])
+    assert torch.equal(got.cpu(), want)
+    assert fallbacks == [n], fallbacks
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+def test_thresholds_over_one_tensor_equal_reference(backend, generator):
+    """One tensor: every task's threshold (one keep for all) as the reference's."""
+    device = device_for(backend)
+    n = 2000 if backend == "triton" and device == "cpu" else 200_003
+    base, experts = _models("rounded", n, torch.bfloat16, 4, generator)
+    base, experts = base.to(device), [x.to(device) for x in experts]
+    got = ops.magnitude_thresholds_models(base, experts, 0.3, backend=backend)
+    want = _tensor_thresholds_reference([base.cpu()], [[x.cpu()] for x in experts], [0.3] * 4)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_streaming_reads_each_key_once_per_pass_and_falls_back_when_missed(generator, monkeypatch):
+    """The streaming protocol: two passes over the keys (sample, count) when every bracket holds its
+    rank; when a bracket misses, the two histogram passes for that task only, still exact."""
+    sizes = [5000, 777, 20_000]
+    models = [_models("normal", n, torch.float32, 2, generator) for n in sizes]
+    ranks = [sum(sizes) // 3, sum(sizes) - 5]
+    passes = []
+
+    def one_pass(what, count):
+        passes.append(what)
+        for base, experts in models:
+            count(base, experts, ["a", "b"])
+
+    def run():
+        passes.clear()
+        return ops.kth_smallest_magnitudes_streaming(ranks, one_pass, backend="cpu", sample_stride=4)
+
+    want = torch.stack([
+        kth_smallest_magnitude_reference([x - base for base, experts in models for x in experts[t:t + 1]], k)
+        for t, k in enumerate(ranks)])
+    assert torch.equal(run(), want) and passes == ["sample", "count"]
+    hit = ops.MagnitudeSelector.hit
+    misses = {"counted": 0}
+
+    def first_task_misses(self):  # the first selector asked (task 0) misses; task 1 keeps its window
+        misses["counted"] += 1
+        return hit.fget(self) and misses["counted"] != 1
+
+    monkeypatch.setattr(ops.MagnitudeSelector, "hit", property(first_task_misses))
+    assert torch.equal(run(), want) and passes == ["sample", "count", "high bits", "low bits"]
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_thresholds_name_nonfinite_and_bad_arguments(backend, generator):
+    """NaN in an untrimmed task (keep >= 1) is still refused; mismatched shapes name the task."""
+    bases = [torch.randn(50, generator=generator), torch.randn(3, 4, generator=generator)]
+    experts = [[b + 1 for b in bases], [b - 1 for b in bases]]
+    experts[1][1][2, 3] = float("nan")
+    with pytest.raises(ops.NonFiniteError):
+        ops.magnitude_thresholds_models(bases, experts, [0.5, 2.0], backend=backend)
+    with pytest.raises(ops.NonFiniteError):
+        ops.magnitude_thresholds_models(bases, experts, 0.5, backend=backend)
+    experts[1][1] = torch.randn(4, 3, generator=generator)
+    with pytest.raises(ValueError, match=r"tensor 1: experts\[1\] has shape \(4, 3\)"):
+        ops.magnitude_thresholds_models(bases, experts, 0.5, backend=backend)
+    with pytest.raises(ValueError, match="one per task"):
+        ops.magnitude_thresholds_models(bases, experts[:1], [0.5, 0.5], backend=backend)
+    with pytest.raises(ValueError, match=r"keep\[0\] must be > 0"):
+        ops.magnitude_thresholds_models(bases, experts[:1], 0.0, backend=backend)

@@ -26,7 +26,6 @@ import yaml
 from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.ops import selection
-from nlmerge.ops.streaming_selection import count_window_models_tasks
 from nlmerge.jobs import distributed
 from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
@@ -575,56 +574,29 @@ def _global_thresholds(plan, progress, world, steps):
     """Exact per-task TIES thresholds over the whole model, each rank reading the keys of its
     ``steps`` (its share of the output shards), the integer counts summed over the ranks.
 
-    The one-read protocol of :class:`nlmerge.ops.MagnitudeSelector`: a sample pass (only sampled
-    elements of the mapped tensors are read), a bracket of the k-th magnitude, one counting pass;
-    for a task whose bracket missed (rare), the two histogram passes.
+    The one-read protocol of :func:`nlmerge.ops.kth_smallest_magnitudes_streaming`: a sample pass
+    (only sampled elements of the mapped tensors are read), a bracket of each task's k-th magnitude,
+    one counting pass (every task of a key in one read); for a task whose bracket missed (rare),
+    the two histogram passes.
     """
     merged = list(_by_method(plan.keys))
     keys = [key for i in steps for key in plan.shards[i].file_order
             if plan.keys[key].merged and not plan.keys[key].running_stat]
     d = sum(math.prod(k.shape) for k in merged)  # every task counts the same elements
     ranks = [d - int(d * p["density"]) for p in merged[0].per_model[1:]]
-    selectors = [ops.MagnitudeSelector(plan.device, backend=plan.backend, sample_stride=selection.sample_stride(d))
-                 for _ in ranks]
+    labels = [ckpt.path for ckpt in plan.checkpoints[1:]]
 
-    def one_pass(what, tasks, count):
-        """Stream the keys once; ``count(tasks, tensors)`` counts a key's tensors for ``tasks``."""
+    def one_pass(what, count):
         with world.step(), _bar(sum(_nbytes(plan.keys[key]) for key in keys), f"TIES thresholds ({what})",
                                 progress) as bar:
             for key, tensors in _stream(plan, keys):
                 with _naming(key, plan, tensors):
-                    count(tasks, tensors)
+                    count(tensors[0], tensors[1:], labels)
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
 
-    def each_task(count):
-        """A pass's ``count(tasks, tensors)`` from ``count(selector, base, expert, label)``, task by task."""
-        def count_tasks(tasks, tensors):
-            for t in tasks:
-                count(selectors[t], tensors[0], tensors[t + 1], plan.checkpoints[t + 1].path)
-        return count_tasks
-
-    tasks = [t for t, k in enumerate(ranks) if k >= 1]  # keep >= 1: nothing trimmed, threshold 0
-    one_pass("sample", tasks, each_task(lambda sel, base, expert, _: sel.sample_models(base, expert)))
-    for t in tasks:
-        world.sum_(selectors[t].sample_counts)
-        selectors[t].bracket(ranks[t])
-    one_pass("count", tasks, lambda tasks, tensors: count_window_models_tasks(
-        [selectors[t] for t in tasks], tensors[0], [tensors[t + 1] for t in tasks],
-        [plan.checkpoints[t + 1].path for t in tasks]))
-    for t in tasks:
-        world.sum_(selectors[t].window_counts)
-    missed = [t for t in tasks if not selectors[t].hit]
-    if missed:  # the sample misled a bracket: the two histogram passes for those tasks
-        one_pass("high bits", missed, each_task(lambda sel, base, expert, label: sel.count_models(base, expert, label)))
-        for t in missed:
-            world.sum_(selectors[t].high)
-            selectors[t].locate(ranks[t])
-        one_pass("low bits", missed, each_task(lambda sel, base, expert, _: sel.count_low_models(base, expert)))
-        for t in missed:
-            world.sum_(selectors[t].low)
-    return torch.stack([selectors[t].threshold() if t in tasks else torch.zeros((), device=plan.device)
-                        for t in range(len(ranks))])
+    return ops.kth_smallest_magnitudes_streaming(ranks, one_pass, device=plan.device, backend=plan.backend,
+                                                 sample_stride=selection.sample_stride(d), sum_=world.sum_)
 
 
 def _nbytes(k):

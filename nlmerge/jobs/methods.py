@@ -165,8 +165,7 @@ def _ties_convention(tensors, shared, experts_params, *, lam, include_base, out_
     then the experts): per-task thresholds over the tensor (each model's ``density``), the
     zero-sign majority over the tensor; task vectors formed in the kernels."""
     base, experts = tensors[0], tensors[1:]
-    thresholds = torch.stack([ops.magnitude_threshold_models(base, x, p["density"], backend=backend)
-                              for x, p in zip(experts, experts_params)])
+    thresholds = ops.magnitude_thresholds_models(base, experts, [p["density"] for p in experts_params], backend=backend)
     return ops.ties_merge_models(base, experts, thresholds=thresholds, weights=[p["weight"] for p in experts_params],
                                  lam=lam, disjoint="mean" if shared["normalize"] else "sum", zero_sign="majority",
                                  include_base=include_base, out_dtype=out_dtype, backend=backend)

@@ -78,8 +78,8 @@ def ties_vectors(
                 if convention == "mergekit":
                     n = base.numel()
                     rank = n - min(n, max(1, int(keep * n))) + 1
-                    thresholds = [ops.kth_smallest_magnitude_models(base, x, rank, backend=backend) for x in experts]
-                    out[key] = ops.ties_merge_models(base, experts, thresholds=torch.stack(thresholds),
+                    thresholds = ops.kth_smallest_magnitudes_models(base, experts, [rank] * len(experts), backend=backend)
+                    out[key] = ops.ties_merge_models(base, experts, thresholds=thresholds,
                                                      zero_sign="positive", out_dtype=dtype_of(key), **common)
                 else:
                     out[key] = ops.ties_merge_models(base, experts, keep=keep, zero_sign="majority",
@@ -113,13 +113,12 @@ def ties_vectors(
 def _global_thresholds(keys, get_models, keep, backend, naming):
     """The per-task TIES thresholds over every element of ``keys`` (fp32 [T]): the exact k-th
     smallest task vector magnitude, ``k = d - int(d * keep)`` (0 where ``k < 1``), over the models'
-    tensors taken together (``ops.magnitude_threshold_models``: one read of them when large)."""
+    tensors taken together (``ops.magnitude_thresholds_models``: one read of them when large)."""
     models = [get_models(key) for key in keys]
-    bases = [base for base, _ in models]
     with naming(keys):
-        return torch.stack([ops.magnitude_threshold_models(bases, [experts[t] for _, experts in models], keep,
-                                                           backend=backend)
-                            for t in range(len(models[0][1]))])
+        return ops.magnitude_thresholds_models([base for base, _ in models],
+                                               [[experts[t] for _, experts in models] for t in range(len(models[0][1]))],
+                                               keep, backend=backend)
 
 
 def ties(

@@ -25,9 +25,10 @@ from nlmerge.ops.selection import (
     kth_smallest_magnitudes_models,
     magnitude_threshold,
     magnitude_threshold_models,
+    magnitude_thresholds_models,
 )
 from nlmerge.ops.stats import StreamingStats
-from nlmerge.ops.streaming_selection import MagnitudeSelector
+from nlmerge.ops.streaming_selection import MagnitudeSelector, kth_smallest_magnitudes_streaming
 from nlmerge.ops.tall import (
     apply_mask,
     consensus_merge,
@@ -66,8 +67,10 @@ __all__ = [
     "kth_smallest_magnitude",
     "kth_smallest_magnitude_models",
     "kth_smallest_magnitudes_models",
+    "kth_smallest_magnitudes_streaming",
     "magnitude_threshold",
     "magnitude_threshold_models",
+    "magnitude_thresholds_models",
     "pack_masks",
     "packed_size",
     "permute_tensors",

@@ -138,8 +138,8 @@ def sample_positions(n, stride, seed=0):
     return start + (torch.rand(m, dtype=torch.float64, generator=generator) * span).to(torch.int64)
 
 
-def _add_sample(counts, n, gather, stride, seed):
-    values = gather(sample_positions(n, stride, seed))
+def _count_sample(counts, values, n):
+    """Add sampled magnitudes ``values`` (fp32, drawn from ``n`` elements) to ``counts``."""
     counts[:HIGH_BINS] += torch.bincount(_fp32_bits(values) >> 16, minlength=HIGH_BINS)[:HIGH_BINS].to(counts.device)
     counts[HIGH_BINS] += n
 
@@ -150,19 +150,24 @@ def add_sample(counts, x, stride, seed=0):
     elements sampled from). Reads ``ceil(numel / stride)`` elements; non-finite ones are counted
     like others (the counting pass refuses them)."""
     flat = x.detach().reshape(-1)
-    _add_sample(counts, flat.numel(), lambda pos: flat.index_select(0, pos.to(flat.device)).float(), stride, seed)
+    pos = sample_positions(flat.numel(), stride, seed).to(flat.device)
+    _count_sample(counts, flat.index_select(0, pos).float(), flat.numel())
 
 
 def add_sample_models(counts, base, expert, stride, seed=0):
     """``add_sample`` of the task vector ``fp32(expert) - fp32(base)`` (flat tensors of one size),
     reading only the sampled elements of both."""
-    b, e = base.detach().reshape(-1), expert.detach().reshape(-1)
+    add_sample_models_tasks([counts], base, [expert], stride, seed)
 
-    def gather(pos):
-        pos = pos.to(b.device)
-        return e.index_select(0, pos).float() - b.index_select(0, pos).float()
 
-    _add_sample(counts, b.numel(), gather, stride, seed)
+def add_sample_models_tasks(counts, base, experts, stride, seed=0):
+    """``add_sample_models(counts[t], base, experts[t], stride, seed)`` for the T tasks of one key,
+    reading the base's sampled elements once (every task samples the same positions)."""
+    b = base.detach().reshape(-1)
+    pos = sample_positions(b.numel(), stride, seed).to(b.device)
+    ref = b.index_select(0, pos).float()
+    for c, e in zip(counts, experts):
+        _count_sample(c, e.detach().reshape(-1).index_select(0, pos).float() - ref, b.numel())
 
 
 def bracket(counts, k):
@@ -456,6 +461,63 @@ def magnitude_threshold_models(base, expert, keep, *, backend=None):
     return kth_smallest_magnitude_models([b for b, _ in pairs], [e for _, e in pairs], k, backend=backend)
 
 
+
+def magnitude_thresholds_models(base, experts, keep, *, backend=None):
+    """The TIES trim thresholds of T task vectors ``fp32(experts[t]) - fp32(base)``, each over one
+    tensor or several taken together (a global threshold), in one read of the base and the experts.
+
+    Entry t is bit-identical to ``magnitude_threshold_models(base, experts[t], keep[t])``: the k-th
+    smallest magnitude with ``k = d - int(d * keep)`` over the task's ``d`` elements (0 when ``k <
+    1``, after the finiteness check), selected by :func:`kth_smallest_magnitudes_models`.
+
+    Parameters
+    ----------
+    base : Tensor or sequence of Tensor
+        fp32, fp16 or bf16; any shapes (d > 0 elements in all).
+    experts : sequence of T
+        One entry per task, each what ``base`` is: a Tensor of its shape, or as many tensors paired
+        with the base's (same shapes and device).
+    keep : float or sequence of T float
+        Fraction of magnitudes kept (> 0), one for all tasks or one per task.
+    backend : None, "torch", "cpu" or "triton"
+
+    Returns
+    -------
+    Tensor
+        fp32 [T] on the tensors' device.
+
+    Raises
+    ------
+    ValueError
+        Mismatched shapes or devices (naming the tensor and the expert), no elements, a bad ``keep``.
+    NonFiniteError
+        NaN/Inf in a base (``"base"``), an expert (``"experts"``, task t) or a difference overflowing
+        fp32 (``"task_vectors"``, task t).
+    """
+    tensors = _task_tensors(base, experts)
+    keeps = list(keep) if isinstance(keep, Sequence) else [keep] * len(experts)
+    if len(keeps) != len(experts):
+        raise ValueError(f"keep must be one fraction or {len(experts)} (one per task), got {len(keeps)}")
+    keeps = [finite_scalar(value, f"keep[{t}]") for t, value in enumerate(keeps)]
+    for t, value in enumerate(keeps):
+        if value <= 0:
+            raise ValueError(f"keep[{t}] must be > 0 (the fraction of magnitudes kept), got {value}")
+    d = sum(b.numel() for b, _ in tensors)
+    if d == 0:
+        raise ValueError("the task vectors have no elements")
+    ranks = [d - int(d * value) for value in keeps]
+    trimmed = [t for t, k in enumerate(ranks) if k >= 1]
+    if len(trimmed) < len(ranks):  # a threshold of 0 must not let a non-finite input through
+        err = _first_nonfinite([(b, [xs[t] for t in range(len(ranks)) if ranks[t] < 1]) for b, xs in tensors])
+        if err is not None:
+            raise err
+    thresholds = torch.zeros(len(ranks), dtype=torch.float32, device=tensors[0][0].device)
+    if trimmed:
+        bases = [b for b, _ in tensors]
+        thresholds[trimmed] = kth_smallest_magnitudes_models(
+            bases, [[xs[t] for _, xs in tensors] for t in trimmed], [ranks[t] for t in trimmed], backend=backend)
+    return thresholds
+
 # Several tasks' thresholds over one tensor of the models in one read (kth_smallest_magnitudes_models).
 # Per task, a window ``lo <= hi`` of magnitude bits is taken from a sample's sorted magnitudes (the
 # sample ranks ``k * m / d -+`` SAMPLE_SIGMAS standard deviations); one pass over the base and the
@@ -471,11 +533,15 @@ _CANDIDATE_FACTOR = 2  # candidate slots: this many times the sample's estimate,
 _CANDIDATE_SLACK = 1 << 12  # (the threads' shares of the buffer vary)
 
 
-def _sorted_sample_models(base, experts, stride):
-    """The sorted fp32 magnitude bits (int32 [T, m]) of the task vectors at the sample positions."""
-    pos = sample_positions(base.numel(), stride).to(base.device)
-    ref = base.index_select(0, pos).float()
-    bits = torch.stack([(x.index_select(0, pos).float() - ref).abs() for x in experts]).view(torch.int32)
+def _sorted_sample_models(tensors, stride):
+    """The sorted fp32 magnitude bits (int32 [T, m]) of the task vectors at the sample positions of
+    every tensor (``tensors``: ``[(flat base, [flat expert of each task])]``)."""
+    rows = []
+    for base, experts in tensors:
+        pos = sample_positions(base.numel(), stride).to(base.device)
+        ref = base.index_select(0, pos).float()
+        rows.append(torch.stack([(x.index_select(0, pos).float() - ref).abs() for x in experts]).view(torch.int32))
+    bits = torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
     if bits.device.type == "cpu":  # numpy's sort: 0.25 ms for [3, 2^15], torch's (2.13): 8 ms
         return torch.from_numpy(np.sort(bits.numpy(), axis=1))
     return bits.sort(dim=1).values
@@ -522,23 +588,49 @@ def _check_ranks(ks, num, d):
     return ks
 
 
+def _task_tensors(base, experts):
+    """``[(flat base, [flat expert of each task])]``, one entry per tensor: ``base`` a Tensor (each of
+    the T ``experts`` a Tensor) or a sequence of N tensors (each of the T experts a sequence of N)."""
+    if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence) or not experts:
+        raise ValueError("experts must be a non-empty sequence with one entry per task")
+    if isinstance(base, torch.Tensor):
+        return [check_models(base, list(experts))]
+    bases = list(base) if isinstance(base, Sequence) else []
+    if not bases:
+        raise ValueError("base must be a tensor or a non-empty sequence of tensors")
+    for t, task in enumerate(experts):
+        if isinstance(task, torch.Tensor) or not isinstance(task, Sequence) or len(task) != len(bases):
+            raise ValueError(f"experts[{t}] must be a sequence of {len(bases)} tensors, paired with the base's")
+    tensors = []
+    for i, b in enumerate(bases):
+        try:
+            tensors.append(check_models(b, [task[i] for task in experts]))
+        except ValueError as err:
+            raise ValueError(f"tensor {i}: {err}") from None
+    return tensors
+
+
 def kth_smallest_magnitudes_models(base, experts, ks, *, backend=None):
     """Exact k-th smallest magnitudes of T task vectors ``fp32(experts[t]) - fp32(base)``, one per
-    task with its own rank ``ks[t]``, in one read of the base and the T experts.
+    task with its own rank ``ks[t]``, each over one tensor or several taken together (never
+    concatenated), in one read of the base and the T experts.
 
     Each entry is bit-identical to ``kth_smallest_magnitude_models(base, experts[t], ks[t])``. The C++
     and Triton backends count all tasks' sample-bracketed windows in one pass
-    (``count_windows_models``; a task whose window misses runs the two histogram passes); the
-    reference (``backend="torch"``) selects in each fp32 task vector.
+    (``count_windows_models`` per tensor, the candidates of all tensors selected among together; a
+    task whose window misses runs the two histogram passes); the reference (``backend="torch"``)
+    selects in each fp32 task vector.
 
     Parameters
     ----------
-    base : Tensor
-        fp32, fp16 or bf16, any shape (non-empty).
-    experts : sequence of Tensor
-        T >= 1 tensors of ``base``'s shape and device (a dtype other than the base's: all in fp32).
+    base : Tensor or sequence of Tensor
+        fp32, fp16 or bf16, any shapes (d > 0 elements in all).
+    experts : sequence of T
+        T >= 1 entries, each what ``base`` is: a Tensor of ``base``'s shape and device, or a sequence
+        of as many tensors, paired with the base's (a dtype other than the base's: that tensor's
+        models in fp32).
     ks : sequence of int
-        T ranks, ``1 <= ks[t] <= d`` with ``d = base.numel()``.
+        T ranks, ``1 <= ks[t] <= d``.
     backend : None, "torch", "cpu" or "triton"
 
     Returns
@@ -549,52 +641,91 @@ def kth_smallest_magnitudes_models(base, experts, ks, *, backend=None):
     Raises
     ------
     ValueError
-        Mismatched shapes or devices, an empty tensor, ``ks`` not T ranks in [1, d].
+        Mismatched shapes or devices (naming the tensor and the expert), no elements, ``ks`` not T
+        ranks in [1, d].
     NonFiniteError
         NaN/Inf in the base (``"base"``), expert t (``"experts"``, task t) or a difference overflowing
         fp32 (``"task_vectors"``, task t).
     """
-    flat_base, flat = check_models(base, experts)
-    d = flat_base.numel()
+    tensors = _task_tensors(base, experts)
+    d = sum(b.numel() for b, _ in tensors)
     if d == 0:
         raise ValueError("the task vectors have no elements")
-    ks = _check_ranks(ks, len(flat), d)
-    device = flat_base.device
+    ks = _check_ranks(ks, len(experts), d)
+    device = tensors[0][0].device
     _, kernels = resolve(backend, device, "kth_smallest_magnitudes_models")
     if kernels is None:
-        err = first_nonfinite_model(flat_base, flat)
+        err = _first_nonfinite(tensors)
         if err is not None:
             raise err
-        tvs = model_task_vectors(flat_base, flat)
-        return torch.stack([kth_smallest_magnitude_reference([tv], k) for tv, k in zip(tvs, ks)])
-    flat_base, flat = flat_base.contiguous(), [x.contiguous() for x in flat]
-    found = [None] * len(flat)
+        tvs = [model_task_vectors(b, xs) for b, xs in tensors]
+        return torch.stack([kth_smallest_magnitude_reference([tv[t] for tv in tvs], k) for t, k in enumerate(ks)])
+    tensors = [(b.contiguous(), [x.contiguous() for x in xs]) for b, xs in tensors]
+    found = [None] * len(ks)
     if hasattr(kernels, "count_windows_models"):
-        found = _windows_models(kernels, flat_base, flat, ks)
+        found = _windows_models(kernels, tensors, ks)
     return torch.stack([
-        _as_fp32(bits, device) if bits is not None else _two_passes_models(kernels, [(flat_base, x)], k)
-        for x, k, bits in zip(flat, ks, found)])
+        _as_fp32(bits, device) if bits is not None else _two_passes_models(kernels, [(b, xs[t]) for b, xs in tensors], k)
+        for t, (k, bits) in enumerate(zip(ks, found))])
 
 
-def _windows_models(kernels, base, experts, ks):
-    """The bit patterns of the T k-th magnitudes from one window pass (None for a task whose window
-    missed); raises NonFiniteError on NaN/Inf in the sample or the pass."""
-    d = base.numel()
-    sample = _sorted_sample_models(base, experts, max(WINDOWS_MIN_STRIDE, d // WINDOWS_SAMPLE))
+def _first_nonfinite(tensors):
+    """NonFiniteError for the first tensor whose base, expert t or task vector t is not finite, or None."""
+    return next((err for err in (first_nonfinite_model(b, xs) for b, xs in tensors) if err is not None), None)
+
+
+def _raise_counted_nonfinite(tensors):
+    """A kernel counted non-finite values: raise naming the first (an AssertionError if none is)."""
+    err = _first_nonfinite(tensors[:-1])
+    if err is not None:
+        raise err
+    raise_nonfinite_model(*tensors[-1])
+
+
+def _windows_models(kernels, tensors, ks):
+    """The bit patterns of the T k-th magnitudes over ``tensors`` (as ``_task_tensors`` gives, flat
+    and contiguous) from one window pass (None for a task whose window missed); raises
+    NonFiniteError on NaN/Inf in the sample or the pass."""
+    d = sum(b.numel() for b, _ in tensors)
+    num = len(ks)
+    stride = max(WINDOWS_MIN_STRIDE, d // WINDOWS_SAMPLE)
+    sample = _sorted_sample_models(tensors, stride)
     if int(sample[:, -1].max()) >= _FINITE_HIGH << 16:
-        raise_nonfinite_model(base, experts)
+        _raise_counted_nonfinite(tensors)
     windows = [_window(row, k, d) for row, k in zip(sample, ks)]
     m = sample.shape[1]
     cap = min(d, max(_CANDIDATE_FACTOR * inside * d // m for _, _, inside in windows)) + _CANDIDATE_SLACK
-    counts = torch.empty(len(experts), 6, dtype=torch.int64, device=base.device)
-    cand = torch.empty(len(experts), cap, dtype=torch.int32, device=base.device)
-    kernels.count_windows_models(base, experts, [w[0] for w in windows], [w[1] for w in windows], counts, cand)
+    device = tensors[0][0].device
+    lo, hi = [w[0] for w in windows], [w[1] for w in windows]
+    cand = torch.empty(num, cap, dtype=torch.int32, device=device)
+    counts = torch.zeros(num, 6, dtype=torch.int64)
+    if len(tensors) == 1:  # the kernel collects into cand itself
+        part = torch.empty(num, 6, dtype=torch.int64, device=device)
+        kernels.count_windows_models(tensors[0][0], tensors[0][1], lo, hi, part, cand)
+        counts = part.cpu()
+    else:  # each tensor's candidates into a scratch buffer, appended to its task's row of cand
+        scratch = torch.empty(num * min(cap, max(b.numel() for b, _ in tensors)), dtype=torch.int32, device=device)
+        part = torch.empty(num, 6, dtype=torch.int64, device=device)
+        for b, xs in tensors:
+            room = min(cap, b.numel())
+            rows = scratch[:num * room].view(num, room)
+            kernels.count_windows_models(b, xs, lo, hi, part, rows)
+            got = part.cpu()
+            for t in range(num):
+                new = int(got[t, 2])
+                if got[t, 5] or counts[t, 2] + new > cap:
+                    counts[t, 5] = 1  # this task's candidates do not fit: it falls back
+                elif new:
+                    used = int(counts[t, 2])
+                    cand[t, used:used + new] = rows[t, :new]
+            counts[:, :4] += got[:, :4]
+            counts[:, 4] |= got[:, 4]
+    if int(counts[:, 4].max()):
+        _raise_counted_nonfinite(tensors)
     counts = counts.tolist()
-    if any(c[4] for c in counts):
-        raise_nonfinite_model(base, experts)
-    found = [_window_bits(c, row, lo, hi, k) for c, row, (lo, hi, _), k in zip(counts, cand, windows, ks)]
+    found = [_window_bits(c, row, lo_t, hi_t, k) for c, row, lo_t, hi_t, k in zip(counts, cand, lo, hi, ks)]
     for t, bits in enumerate(found):
         if bits is None:
             log.debug("nlmerge.ops.selection: task %d's window [%#x, %#x] missed the k-th magnitude (k = %d, "
-                      "counts %s); two histogram passes", t, windows[t][0], windows[t][1], ks[t], counts[t])
+                      "counts %s); two histogram passes", t, lo[t], hi[t], ks[t], counts[t])
     return found

@@ -32,6 +32,12 @@ The ``*_models`` methods count the task vector ``fp32(expert) - fp32(base)`` of 
 models themselves (the C++ and Triton kernels form it as they count: no fp32 copy); their counts equal those
 of the plain methods on that task vector. The fused one-read pass is the C++ kernel; the reference
 (``backend="torch"``) and Triton count with torch ops.
+
+:func:`kth_smallest_magnitudes_streaming` runs the whole protocol for T tasks over a model that a
+caller streams (the merge job): the sample and counting passes each read a key's base and T
+experts once (:func:`sample_models_tasks`, :func:`count_window_models_tasks`). Tensors held in
+memory take ``selection.kth_smallest_magnitudes_models`` instead (candidates collected, no
+histograms; its memory grows with the model, which a job streaming a large model cannot afford).
 """
 import torch
 
@@ -45,6 +51,7 @@ from nlmerge.ops.selection import (
     _locate,
     add_sample,
     add_sample_models,
+    add_sample_models_tasks,
     bracket,
     count_models,
     count_window,
@@ -229,6 +236,19 @@ class MagnitudeSelector:
         return torch.tensor(found, dtype=torch.int32).view(torch.float32).to(self.device)
 
 
+def sample_models_tasks(selectors, base, experts):
+    """The sample pass of T tasks over one key of the models: ``selectors[t].sample_models(base,
+    experts[t])`` for every t, the base's sampled elements read once (the selectors share
+    ``sample_stride`` and ``seed``, hence the positions; otherwise task by task)."""
+    if len({(s.sample_stride, s.seed) for s in selectors}) > 1:
+        for selector, expert in zip(selectors, experts):
+            selector.sample_models(base, expert)
+        return
+    flat_base, flat = check_models(base, list(experts))
+    add_sample_models_tasks([s.sample_counts for s in selectors], flat_base, flat, selectors[0].sample_stride,
+                            selectors[0].seed)
+
+
 def count_window_models_tasks(selectors, base, experts, labels):
     """The counting pass of T tasks over one key of the models:
     ``selectors[t].count_window_models(base, experts[t], labels[t])`` for every t, in one read of
@@ -271,3 +291,75 @@ def _raise_model(base, expert, label):
     if err is None:
         raise AssertionError("a kernel counted non-finite values that torch.isfinite does not see")
     raise err
+
+
+def kth_smallest_magnitudes_streaming(ranks, one_pass, *, device="cpu", backend=None, sample_stride=1024,
+                                      sum_=None):
+    """Exact k-th smallest magnitudes of T task vectors over a model streamed key by key (never
+    held together): the one-read protocol of :class:`MagnitudeSelector` for all tasks at once —
+    a sample pass, a bracket per task, one counting pass that reads the base and the T experts of a
+    key once (:func:`count_window_models_tasks`), and the two histogram passes for the tasks whose
+    bracket missed (rare).
+
+    Parameters
+    ----------
+    ranks : sequence of T int
+        Rank (1-based) of each task's magnitude among all its elements; a task with a rank below 1
+        is not counted and gets 0 (nothing is trimmed).
+    one_pass : callable
+        ``one_pass(what, count)`` reads every key once, in any order and split, and calls ``count(base,
+        experts, labels)`` for each: the key's base tensor, its T expert tensors (float, the base's
+        shape and device) and T names for a NonFiniteError. ``what`` (``"sample"``, ``"count"``,
+        ``"high bits"``, ``"low bits"``) names the pass, e.g. for a progress bar. Passes that count
+        a subset of the tasks still receive all T experts.
+    device, backend : as in :class:`MagnitudeSelector`
+    sample_stride : int
+        One sampled element per ``sample_stride``: ``selection.sample_stride(d)`` for ``d`` elements.
+    sum_ : callable, optional
+        ``sum_(counts)`` sums an int64 tensor of counts over the processes in place (after each pass;
+        e.g. an all-reduce); None for one process.
+
+    Returns
+    -------
+    Tensor
+        fp32 [T] on ``device``.
+
+    Raises
+    ------
+    NonFiniteError
+        NaN/Inf in a base, an expert or a difference (from the counting passes).
+    """
+    selectors = [MagnitudeSelector(device, backend=backend, sample_stride=sample_stride) for _ in ranks]
+    tasks = [t for t, k in enumerate(ranks) if k >= 1]
+    sum_ = sum_ or (lambda counts: None)
+
+    def pass_over(what, tasks, count):
+        one_pass(what, lambda base, experts, labels: count(
+            [selectors[t] for t in tasks], base, [experts[t] for t in tasks], [labels[t] for t in tasks]))
+
+    def each_task(count):
+        def count_tasks(selected, base, experts, labels):
+            for selector, expert, label in zip(selected, experts, labels):
+                count(selector, base, expert, label)
+        return count_tasks
+
+    if tasks:
+        pass_over("sample", tasks, lambda selected, base, experts, _: sample_models_tasks(selected, base, experts))
+        for t in tasks:
+            sum_(selectors[t].sample_counts)
+            selectors[t].bracket(ranks[t])
+        pass_over("count", tasks, count_window_models_tasks)
+        for t in tasks:
+            sum_(selectors[t].window_counts)
+    missed = [t for t in tasks if not selectors[t].hit]
+    if missed:  # the sample misled a bracket: the two histogram passes for those tasks
+        pass_over("high bits", missed, each_task(MagnitudeSelector.count_models))
+        for t in missed:
+            sum_(selectors[t].high)
+            selectors[t].locate(ranks[t])
+        pass_over("low bits", missed, each_task(lambda selector, base, expert, _: selector.count_low_models(base, expert)))
+        for t in missed:
+            sum_(selectors[t].low)
+    zero = torch.zeros((), dtype=torch.float32, device=selectors[0].device if selectors else device)
+    return torch.stack([selectors[t].threshold() if t in tasks else zero for t in range(len(ranks))])
+

@@ -47,7 +47,7 @@ from nlmerge.ops._checks import (
 )
 from nlmerge.ops._dispatch import resolve
 from nlmerge.ops.dare import check_random_keep, keep_task_vectors
-from nlmerge.ops.selection import magnitude_threshold_models
+from nlmerge.ops.selection import magnitude_thresholds_models
 
 SIGN_MODES = ("mass", "count")
 DISJOINT_MODES = ("mean", "sum", "max")
@@ -522,7 +522,7 @@ def ties_merge_models(
     if keep is not None:
         flat_base, flat = check_models(base, experts)
         try:
-            thresholds = torch.stack([magnitude_threshold_models(flat_base, x, keep, backend=backend) for x in flat])
+            thresholds = magnitude_thresholds_models(flat_base, flat, keep, backend=backend)
         except NonFiniteError as err:  # name the expert by its index
             raise (first_nonfinite_model(flat_base, flat) or err) from None
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
