@@ -14,6 +14,8 @@ Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and
 while parsing: a bad one ends in one line under that subcommand's usage, exit status 2.
 """
 import argparse
+import logging
+import os
 import sys
 
 import nlmerge
@@ -440,5 +442,17 @@ def main(argv=None):
     return args.run(args)
 
 
+def console():
+    """The ``nlmerge`` console script (and ``python -m nlmerge``): ``main()``, then exit without
+    tearing the interpreter down: torch's module teardown and unmapping the inputs take 0.3-0.5 s
+    after every command, and every output file is closed and synced by then. Logs and the standard
+    streams are flushed first."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
