@@ -178,7 +178,8 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
             assert f.metadata() == {"format": "pt"}
     assert "tokenizer_config.json" in names and "nlmerge_config.yml" in names
     assert not [n for n in names if n.endswith(".partial")]
-    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    base_keys = [k for k in ("dtype", "torch_dtype") if k in json.load(open(paths["base"] / "config.json"))]
+    assert _dtype_keys(out) == dict.fromkeys(base_keys, "bfloat16")  # as the base names it (transformers 5: dtype)
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta and "merge" in meta["tags"]  # the Hub's base_model takes repo ids, not paths
@@ -189,6 +190,26 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert bool(torch.isfinite(logits.float()).all())
+
+
+def _dtype_keys(folder):
+    """The dtype entries (``dtype``, ``torch_dtype``) of ``folder``'s config.json."""
+    return {k: v for k, v in json.load(open(os.path.join(folder, "config.json"))).items() if k in ("dtype", "torch_dtype")}
+
+
+@pytest.mark.parametrize("keys, written", [(["dtype"], ["dtype"]), (["torch_dtype"], ["torch_dtype"]),
+                                           (["dtype", "torch_dtype"], ["dtype", "torch_dtype"]),
+                                           ([], ["torch_dtype"])], ids=["dtype", "torch_dtype", "both", "neither"])
+def test_config_json_gets_the_output_dtype_in_the_keys_the_base_uses(tmp_path, keys, written):
+    from types import SimpleNamespace
+
+    from nlmerge.jobs.merge_job import write_model_files
+
+    ref = SimpleNamespace(path=str(tmp_path / "base"), config={"model_type": "llama", **dict.fromkeys(keys, "float32")})
+    write_model_files(ref, {torch.bfloat16}, str(tmp_path), copy_tokenizer=False)
+    assert _dtype_keys(tmp_path) == dict.fromkeys(written, "bfloat16")
+    write_model_files(ref, {torch.bfloat16, torch.float32}, str(tmp_path), copy_tokenizer=False)  # mixed: as the base
+    assert _dtype_keys(tmp_path) == dict.fromkeys(keys, "float32")
 
 
 def _killed_after(monkeypatch, writes, run):

@@ -841,9 +841,12 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
 
 
 def write_model_files(ref, dtypes, folder, copy_tokenizer):
-    """config.json of the checkpoint ``ref`` (its ``torch_dtype`` set to the one dtype in
-    ``dtypes``, the merged tensors' dtypes, when there is one) and ``ref``'s tokenizer files, into
-    ``folder``; a warning when ``ref`` has no config.json."""
+    """config.json of the checkpoint ``ref`` and ``ref``'s tokenizer files, into ``folder``; a
+    warning when ``ref`` has no config.json.
+
+    When ``dtypes`` (the merged tensors' dtypes) holds one dtype, it is written in the dtype keys
+    ``ref``'s config.json has: ``dtype`` (newer transformers) and/or ``torch_dtype``, or
+    ``torch_dtype`` (as mergekit writes) when it has neither."""
     dtypes = set(dtypes)
     if ref.config is None:
         warnings.warn(f"{ref.path} has no config.json beside it: {folder} holds the merged tensors only (copy a "
@@ -852,9 +855,9 @@ def write_model_files(ref, dtypes, folder, copy_tokenizer):
         config = dict(ref.config)
         if len(dtypes) == 1:
             name = str(dtypes.pop()).removeprefix("torch.")
-            config["torch_dtype"] = name
-            if "dtype" in config:
-                config["dtype"] = name
+            # one key per name the base uses: a second, added key would be a second source of truth
+            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+                config[key] = name
         ckio.write_json_atomic(os.path.join(folder, "config.json"), config)
     if copy_tokenizer and os.path.isdir(ref.path):
         for name in TOKENIZER_FILES:
