@@ -613,6 +613,26 @@ def test_mergekit_leniency_warns_instead_of_failing(llama_family, tmp_path):
         plan_merge(zero, tmp_path / "o")
 
 
+def test_a_filter_that_matches_no_tensor_warns_before_any_work(llama_family, tmp_path):
+    import warnings
+
+    _, paths, _, _ = llama_family
+    per_model = [dict(w) for w in WEIGHTS]
+    per_model[1]["density"] = [{"filter": "mlpp", "value": 0.3}, {"filter": "mlp", "value": 0.4}, {"value": 0.6}]
+    per_model[2]["density"] = [{"filter": "*", "value": 0.3}]
+    cfg = _config(paths, "ties", {"lambda": [{"filter": "no_such_tensor", "value": 0.5}, {"value": 1.0}]}, per_model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = plan_merge(cfg, tmp_path / "o")
+    for c in plan.checkpoints:
+        c.close()
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        f"models[1] ({paths['e1']}).parameters.density: filter 'mlpp' matches no tensor of {paths['base']}",
+        f"parameters.lambda: filter 'no_such_tensor' matches no tensor of {paths['base']}"]
+    assert not (tmp_path / "o").exists()
+
+
 def _tall_out(out):
     """A TALL job's outputs: the task models' state dicts and the masks file's tensors."""
     info = json.load(open(os.path.join(out, "tall.json")))

@@ -28,7 +28,7 @@ from nlmerge import ops
 from nlmerge.ops import selection
 from nlmerge.ops.streaming_selection import count_window_models_tasks
 from nlmerge.jobs import distributed
-from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
+from nlmerge.jobs.config import ConfigError, count_layers, filter_matches, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
 from nlmerge.jobs.model_card import CARD_NAME, is_merge_card, model_card
 from nlmerge.jobs.permutations import load_permutations
@@ -270,6 +270,9 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
         for pattern in cfg.exclude:
             if not any(fnmatch.fnmatchcase(key, pattern) for key in keys):
                 warnings.warn(f"exclude pattern {pattern!r} matches no tensor of {ref.path}", stacklevel=2)
+        for where, name, flt in cfg.filters():
+            if not any(filter_matches(flt, key) for key in keys):
+                warnings.warn(f"{where}.{name}: filter {flt!r} matches no tensor of {ref.path}", stacklevel=2)
         global_ties = _uniform_scope(cfg, keys)
         shards = ckio.plan_shards([(k.key, k.shape, k.dtype) for k in keys.values()], max_bytes)
         outputs = _plan_outputs(cfg, keys, shards)
