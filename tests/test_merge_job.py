@@ -192,6 +192,22 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert bool(torch.isfinite(logits.float()).all())
 
 
+@pytest.mark.parametrize("shared, options", [({}, []), ({"convention": "ties"}, ["`convention: ties`"]),
+                                             ({"scope": "global", "convention": "ties"},
+                                              ["`convention: ties`", "`scope: global`"])])
+def test_model_card_method_line_names_nlmerge_ties_options(tmp_path, shared, options):
+    from nlmerge.jobs.model_card import model_card
+
+    for name in ("base", "a", "b"):
+        (tmp_path / name).mkdir()
+    cfg = load_config({"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": shared,
+                       "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}}
+                                  for n in ("a", "b")]})
+    card = model_card(cfg, [str(tmp_path / n) for n in ("base", "a", "b")])
+    (line,) = [line for line in card.splitlines() if line.startswith("`ties`: ")]
+    assert [o for o in ("`convention: ties`", "`scope: global`") if o in line] == options
+
+
 def _dtype_keys(folder):
     """The dtype entries (``dtype``, ``torch_dtype``) of ``folder``'s config.json."""
     return {k: v for k, v in json.load(open(os.path.join(folder, "config.json"))).items() if k in ("dtype", "torch_dtype")}

@@ -60,8 +60,14 @@ def model_card(config, inputs, task=None):
     else:
         lines += ["Merged from pre-trained models with nlmerge.", ""]
     what = _METHODS[method]
-    if method == "ties" and config.parameters.get("scope") == "global":
-        what += "; here with one exact threshold per task over the whole model (`scope: global`)"
+    if method == "ties":
+        here = []
+        if config.parameters.get("convention") == "ties":
+            here.append("the original TIES code's trim and zero-sign rule (`convention: ties`)")
+        if config.parameters.get("scope") == "global":
+            here.append("one exact threshold per task over the whole model (`scope: global`)")
+        if here:
+            what += "; here with " + " and ".join(here)
     lines += ["## Method", "", f"`{method}`: {what}.", ""]
     if config.base_model is not None and config.method.uses_base:
         lines += [f"Base model: `{config.base_model}`.", ""]
