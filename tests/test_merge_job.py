@@ -598,6 +598,47 @@ def test_force_keeps_the_previous_output_until_the_new_one_completes(llama_famil
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("task_", "tall", "."))) == []
 
 
+def test_a_locked_output_is_refused_and_its_lock_file_is_no_output(llama_family, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from nlmerge.cli import main
+    from nlmerge.io import LOCK_NAME, OutputInUseError
+    from nlmerge.jobs import merge_job
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")  # what a job killed outright leaves: it locks nothing, and is no output
+    run_merge(cfg, out, progress=False, out_shard_size="20K")
+    assert LOCK_NAME not in os.listdir(out)
+    done = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / LOCK_NAME).write_text("")
+    assert LOCK_NAME not in merge_job._previous_outputs(out)  # --force leaves it in place
+    holder = subprocess.Popen(  # another job, in another process, holds the lock
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(out / LOCK_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        config = tmp_path / "c.yml"
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["merge", str(config), str(out), "--no-progress", "--force", "--out-shard-size", "20K"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"nlmerge merge: error: output folder {str(out)!r} is in use by another nlmerge job")
+        assert err.count("\n") == 1
+        with pytest.raises(OutputInUseError):
+            run_merge(cfg, out, progress=False, resume=True, out_shard_size="20K")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == {**done, LOCK_NAME: b""}  # untouched
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    run_merge(cfg, out, progress=False, resume=True, out_shard_size="20K")  # the holder's file is stale now
+    run_merge(cfg, out, progress=False, force=True, out_shard_size="20K")
+    assert sorted(os.listdir(out)) == sorted(done)
+
+
 def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
     for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
         save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16)}, str(tmp_path / f"{name}.safetensors"))
@@ -755,6 +796,11 @@ def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_pat
         with pytest.raises(KeyboardInterrupt):
             run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()} == before  # task 1's, back
+    from nlmerge.io import OutputInUseError, lock_output
+
+    with lock_output(tmp_path / "rebuilt_1"), pytest.raises(OutputInUseError, match="rebuilt_1.*in use"):
+        run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)  # another job writes there
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()} == before
     run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
     assert not (tmp_path / "rebuilt_1" / ".nlmerge-previous").exists()
     other = tmp_path / "other_base"

@@ -166,7 +166,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Unreadable, truncated or corrupt inputs; keys, shapes or dtypes that differ between models
         (naming the key, both shapes and both files).
     FileExistsError
-        ``out`` exists and neither ``force`` nor ``resume`` is set.
+        ``out`` exists and neither ``force`` nor ``resume`` is set;
+        ``nlmerge.io.OutputInUseError`` when another job is writing into ``out`` (a job holds
+        ``OUT/.nlmerge.lock``, an exclusive ``flock``, from before it prepares ``out`` until it ends).
     ValueError
         A merged tensor that does not fit the output dtype (naming the key); non-finite inputs.
     """
@@ -188,14 +190,24 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
 
 
 def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card):
-    """Run a planned job on this process: rank 0 prepares OUT; every rank merges its share of the
-    output shards (global TIES: histogram counts and the zero-sign majority summed over the
-    ranks); rank 0 then records every rank's shards and writes the index and the other files."""
-    created, manifest = False, None
-    with world.step():
-        if world.leader:
-            created = _prepare_out(plan, force=force, resume=resume)
-            manifest = _manifest(plan, resume)
+    """Run a planned job on this process: rank 0 locks and prepares OUT; every rank merges its
+    share of the output shards (global TIES: histogram counts and the zero-sign majority summed
+    over the ranks); rank 0 then records every rank's shards, writes the index and the other
+    files, and unlocks OUT."""
+    with contextlib.ExitStack() as lock:
+        created, manifest = False, None
+        with world.step():
+            if world.leader:
+                _check_out(plan, resume)
+                created = lock.enter_context(ckio.lock_output(plan.out))
+                _prepare_out(plan, force=force, resume=resume)
+                manifest = _manifest(plan, resume)
+        _merge_into(plan, world, manifest, created, progress=progress, copy_tokenizer=copy_tokenizer,
+                    write_model_card=write_model_card)
+
+
+def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, write_model_card):
+    """The job once OUT is prepared (``manifest``: rank 0's; ``created``: whether the job made OUT)."""
     if not world.leader:  # rank 0's manifest, with this rank's own part
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
@@ -388,20 +400,25 @@ def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
     return h.hexdigest()
 
 
-def _prepare_out(plan, *, force, resume):
-    """Check and create the output folder; returns whether this job created it.
-
-    Refused, before anything is touched: an output folder that is, holds or lies inside an input
-    (``--force`` would delete it); a non-empty folder without ``--force`` or ``--resume``;
-    ``--resume`` on a folder that holds no nlmerge job.
-    """
+def _check_out(plan, resume):
+    """Refused before the output folder is touched: one that is, holds or lies inside an input
+    (``--force`` would delete it); a file; a file system without the space the shards need."""
     out = os.path.realpath(plan.out)
     ckio.check_apart(plan.out, [c.path for c in plan.checkpoints] + list(plan.permutations.files),
                      "write the merge elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.exists(out) and not os.path.isdir(out):  # before its free space is looked up as a folder's
         raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
     _check_free_space(plan, out, resume)
-    if os.path.isdir(out) and os.listdir(out):
+
+
+def _prepare_out(plan, *, force, resume):
+    """Prepare the output folder, which this job has locked (its lock file is not counted).
+
+    Refused: a non-empty folder without ``--force`` or ``--resume``; ``--resume`` on a folder
+    that holds no nlmerge job. With ``--force``, a previous job's outputs are set aside.
+    """
+    out = os.path.realpath(plan.out)
+    if ckio.output_entries(out):
         if resume:
             if ckio.Manifest.load(out) is None:
                 raise FileExistsError(f"--resume: {plan.out!r} holds no nlmerge job ({ckio.MANIFEST_NAME} is missing); "
@@ -411,10 +428,8 @@ def _prepare_out(plan, *, force, resume):
                                   "it or --resume to continue an interrupted job")
         else:
             set_aside_previous_outputs(out)
-    created = not os.path.isdir(out)
     for output in plan.outputs:
         os.makedirs(os.path.join(out, output.folder), exist_ok=True)
-    return created
 
 
 def _check_free_space(plan, out, resume):
@@ -469,7 +484,7 @@ def set_aside_previous_outputs(out):
 def restore_previous_outputs(out):
     """After a failure that left no shard of this job worth keeping: remove this job's outputs and
     move what --force set aside back into OUT."""
-    if not os.path.isdir(out):  # the job created OUT and removed it again
+    if not os.path.isdir(out):  # removed under the job
         return
     remove_previous_outputs(out)
     aside = os.path.join(out, PREVIOUS)
@@ -507,8 +522,9 @@ def _discard_job(plan, manifest):
 
 
 def _forget_empty_job(plan, manifest, created):
-    """After a failure before any shard was finished, leave nothing of the job behind: a rerun after
-    fixing the input then needs neither --force nor --resume. Returns whether nothing was kept."""
+    """After a failure before any shard was finished, leave nothing of the job behind (OUT itself,
+    when the job made it, goes with its lock): a rerun after fixing the input then needs neither
+    --force nor --resume. Returns whether nothing was kept."""
     if manifest is None or manifest.shards or glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
         return False
     with contextlib.suppress(FileNotFoundError):
@@ -517,8 +533,6 @@ def _forget_empty_job(plan, manifest, created):
         for folder in {o.folder for o in plan.outputs if o.folder}:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(plan.out, folder))
-        with contextlib.suppress(OSError):
-            os.rmdir(plan.out)
     return True
 
 
