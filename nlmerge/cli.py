@@ -221,7 +221,8 @@ def _merge(args):
                         out_shard_size=args.out_shard_size, random_seed=args.random_seed,
                         copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
                         force=args.force, resume=args.resume,
-                        progress=not args.no_progress, backend=args.backend)
+                        progress=not args.no_progress, backend=args.backend,
+                        log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True))
     except (ValueError, FileExistsError, OSError, RankFailedError) as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 1

@@ -257,7 +257,15 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     assert done_before, "the kill should come after at least one finished shard"
     with pytest.raises(FileExistsError):
         run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
-    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
+    shard = tmp_path / "resumed" / done_before[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # a finished shard that no longer verifies: merged again
+    shard.write_bytes(bytes(data))
+    lines = []
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True, log=lines.append)
+    total = len([n for n in os.listdir(tmp_path / "clean") if n.startswith("model-")])
+    kept = len(done_before) - 1
+    assert lines == [f"resuming: {kept} of {total} shards verified and kept, {total - kept} to merge"]
     clean, resumed = sorted(os.listdir(tmp_path / "clean")), sorted(os.listdir(tmp_path / "resumed"))
     assert clean == resumed
     for name in clean:
@@ -414,6 +422,10 @@ def test_command_line(llama_family, tmp_path, capsys):
     assert "tokenizer_config.json" not in os.listdir(tmp_path / "out")
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "--force" in capsys.readouterr().err
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress", "--resume", "--out-shard-size", "20K",
+                 "--no-copy-tokenizer"]) == 0
+    shards = len([n for n in os.listdir(tmp_path / "out") if n.startswith("model-")])
+    assert capsys.readouterr().err == f"nlmerge merge: resuming: {shards} of {shards} shards verified and kept, 0 to merge\n"
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(path), str(tmp_path / "o2"), "--allow-crimes"])
     assert exit_.value.code == 2 and "--allow-crimes" in capsys.readouterr().err

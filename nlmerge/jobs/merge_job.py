@@ -107,7 +107,7 @@ class MergePlan:
 
 
 def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, copy_tokenizer=True,
-              write_model_card=True, force=False, resume=False, progress=True, backend=None):
+              write_model_card=True, force=False, resume=False, progress=True, backend=None, log=None):
     """Merge the checkpoints a mergekit-style config names, into ``out`` in the Hugging Face layout.
 
     Parameters
@@ -142,6 +142,10 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Show a progress bar (tensors done, bytes per second, time left).
     backend : None, "torch", "cpu" or "triton"
         Kernel backend of ``nlmerge.ops``.
+    log : callable, optional
+        Called (on rank 0) with one line of text where the job has something to report: with
+        ``resume``, how many shards were verified and kept, e.g. ``"resuming: 3 of 5 shards
+        verified and kept, 2 to merge"``.
 
     Under ``torchrun`` (or with ``torch.distributed`` initialized by the caller) every process
     runs this call: each merges a contiguous share of the output shards (split by bytes) and
@@ -181,7 +185,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
             plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
                               random_seed=random_seed, backend=backend)
         _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
-             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+             log=log if world.leader and resume else None)  # what it reports is a resumed job's
     finally:
         for ckpt in plan.checkpoints if plan is not None else ():
             ckpt.close()
@@ -189,7 +194,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     return os.fspath(out)
 
 
-def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card):
+def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card, log):
     """Run a planned job on this process: rank 0 locks and prepares OUT; every rank merges its
     share of the output shards (global TIES: histogram counts and the zero-sign majority summed
     over the ranks); rank 0 then records every rank's shards, writes the index and the other
@@ -203,20 +208,26 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
                 _prepare_out(plan, force=force, resume=resume)
                 manifest = _manifest(plan, resume)
         _merge_into(plan, world, manifest, created, progress=progress, copy_tokenizer=copy_tokenizer,
-                    write_model_card=write_model_card)
+                    write_model_card=write_model_card, log=log)
 
 
-def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, write_model_card):
-    """The job once OUT is prepared (``manifest``: rank 0's; ``created``: whether the job made OUT)."""
+def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, write_model_card, log):
+    """The job once OUT is prepared (``manifest``: rank 0's; ``created``: whether the job made OUT;
+    ``log``: where a resumed job reports the shards it keeps, None on other ranks or jobs)."""
     if not world.leader:  # rank 0's manifest, with this rank's own part
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
     mine = world.share([s.nbytes for s in plan.shards])
     held = []  # global TIES: steps whose files stay open until the model-wide majority sign is known
     try:
+        with world.step():  # each rank verifies (re-hashes) its share once
+            done = {i for i in mine if all(manifest.is_done(f.name) for f in _step_files(plan, i).values())}
+        kept = sum(world.gather(len(done)))
+        if log is not None:
+            log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge")
         thresholds = _global_thresholds(plan, progress, world, mine) if plan.global_ties else None
         with world.step():
-            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, held)
+            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, done, held)
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
@@ -742,18 +753,18 @@ class HeldStep:
     sign_sum: int
 
 
-def _merge_shards(plan, manifest, thresholds, progress, steps, held):
-    """The merge pass over ``steps`` (this rank's share): the keys of every step not already done
-    are streamed (one key read ahead, across step boundaries), merged and written to the step's
-    files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
+def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
+    """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
+    (the steps whose files the manifest verified) are streamed (one key read ahead, across step
+    boundaries), merged and written to the step's files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
     step is merged, then recorded in the manifest. A step is done when all its files are.
 
     Global TIES fills a zero elected sign with the majority of the signs merged so far (the
     model-wide majority is only known at the end); a step where that happened is appended to
     ``held``, its files open, for :func:`_finish_held`. Returns the sum of the elected signs over
     ``steps``."""
-    todo = [i for i in steps if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
-    sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in steps if i not in todo)
+    todo = [i for i in steps if i not in done]
+    sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in done)
     step_of = {key: i for i in todo for key in plan.shards[i].file_order}
     keys = list(step_of)  # step by step: one step's files are open at a time
     last_keys = {plan.shards[i].file_order[-1] for i in todo}
