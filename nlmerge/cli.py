@@ -7,7 +7,8 @@
                   [--copy-tokenizer|--no-copy-tokenizer] [--force] [--resume] [--no-progress]
     nlmerge align REFERENCE OTHER OUT [--method weight|activation] [--data FILE] [--restarts N] [--seed S]
                   [--write-aligned DIR] [--force]
-    nlmerge correct MERGED --experts E1 E2 ... --data D1 D2 ... OUT [--method tact|repair] [--force]
+    nlmerge correct MERGED --experts E1 E2 ... --data D1 D2 ... OUT [--method tact|repair]
+                    [--write-model-card|--no-write-model-card] [--force]
 
 Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and sets
 ``run=_<name>``, the function that runs it (listed in ``SUBCOMMANDS``). Arguments are checked
@@ -222,7 +223,8 @@ def _merge(args):
                         out_shard_size=args.out_shard_size, random_seed=args.random_seed,
                         copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
                         force=args.force, resume=args.resume,
-                        progress=not args.no_progress, backend=args.backend)
+                        progress=not args.no_progress, backend=args.backend,
+                        log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True))
     except (ValueError, FileExistsError, OSError, RankFailedError) as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 1
@@ -281,6 +283,8 @@ def _add_correct(commands):
                          help="rows of a data file per forward pass (default: %(default)s)")
     correct.add_argument("--eps", type=float, default=1e-5,
                          help="added to the merged variance before the square root (default: %(default)s)")
+    correct.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                         help="write a README.md model card into each corrected model (default: yes)")
     correct.add_argument("--force", action="store_true",
                          help="replace an existing output folder (once the new output is complete)")
     correct.add_argument("--no-progress", "--quiet", action="store_true", help="no progress lines")
@@ -304,7 +308,8 @@ def _correct(args):
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
     try:
         folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
-                              batch_size=args.batch_size, eps=args.eps, force=args.force, log=log)
+                              batch_size=args.batch_size, eps=args.eps, force=args.force,
+                              write_model_card=args.write_model_card, log=log)
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge correct: error: {err}", file=sys.stderr)
         return 1

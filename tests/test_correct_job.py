@@ -258,6 +258,28 @@ def test_existing_output_needs_force(llama_paths, tmp_path, capsys):
     assert not [n for n in os.listdir(tmp_path) if ".partial" in n or ".old" in n]
 
 
+def test_one_output_line_and_a_model_card_per_checkpoint(llama_paths, tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    out = tmp_path / "out"
+    assert main(["correct", str(llama_paths["merged"]), "--experts", *map(str, llama_paths["experts"]),
+                 "--data", *map(str, llama_paths["data"]), str(out)]) == 0  # with progress lines
+    printed = capsys.readouterr()
+    assert printed.out == f"corrected into {out / 'task_0'}, {out / 'task_1'}\n"
+    assert str(out) not in printed.err  # the progress lines do not report the output again
+    card = (out / "task_1" / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front)["tags"] == ["merge", "nlmerge"]
+    assert body.lstrip().startswith("# A TACT correction of a merged model, task 1\n")
+    assert f"`{llama_paths['merged']}`" in body
+    assert f"- task 1: expert `{llama_paths['experts'][1]}`, data `{llama_paths['data'][1]}`" in body
+    settings = yaml.safe_load(body.split("```yaml")[1].split("```")[0])
+    assert settings["method"] == "tact" and settings["task"] == 1 and "sites" not in settings
+    assert run(llama_paths, tmp_path / "repaired", "--method", "repair") == 0
+    assert "# A REPAIR correction of a merged model\n" in (tmp_path / "repaired" / "README.md").read_text()
+    assert run(llama_paths, tmp_path / "bare", "--method", "repair", "--no-write-model-card") == 0
+    assert not (tmp_path / "bare" / "README.md").exists()
+
+
 def test_failure_mid_run_leaves_nothing(llama_paths, tmp_path, monkeypatch, capsys):
     calls = []
 

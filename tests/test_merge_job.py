@@ -178,7 +178,8 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
             assert f.metadata() == {"format": "pt"}
     assert "tokenizer_config.json" in names and "nlmerge_config.yml" in names
     assert not [n for n in names if n.endswith(".partial")]
-    assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+    base_keys = [k for k in ("dtype", "torch_dtype") if k in json.load(open(paths["base"] / "config.json"))]
+    assert _dtype_keys(out) == dict.fromkeys(base_keys, "bfloat16")  # as the base names it (transformers 5: dtype)
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---")[1])
     assert "base_model" not in meta and "merge" in meta["tags"]  # the Hub's base_model takes repo ids, not paths
@@ -189,6 +190,42 @@ def test_output_layout_loads_and_runs(llama_family, tmp_path):
     assert model.dtype == torch.bfloat16
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert bool(torch.isfinite(logits.float()).all())
+
+
+@pytest.mark.parametrize("shared, options", [({}, []), ({"convention": "ties"}, ["`convention: ties`"]),
+                                             ({"scope": "global", "convention": "ties"},
+                                              ["`convention: ties`", "`scope: global`"])])
+def test_model_card_method_line_names_nlmerge_ties_options(tmp_path, shared, options):
+    from nlmerge.jobs.model_card import model_card
+
+    for name in ("base", "a", "b"):
+        (tmp_path / name).mkdir()
+    cfg = load_config({"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": shared,
+                       "models": [{"model": str(tmp_path / n), "parameters": {"weight": 1.0, "density": 0.5}}
+                                  for n in ("a", "b")]})
+    card = model_card(cfg, [str(tmp_path / n) for n in ("base", "a", "b")])
+    (line,) = [line for line in card.splitlines() if line.startswith("`ties`: ")]
+    assert [o for o in ("`convention: ties`", "`scope: global`") if o in line] == options
+
+
+def _dtype_keys(folder):
+    """The dtype entries (``dtype``, ``torch_dtype``) of ``folder``'s config.json."""
+    return {k: v for k, v in json.load(open(os.path.join(folder, "config.json"))).items() if k in ("dtype", "torch_dtype")}
+
+
+@pytest.mark.parametrize("keys, written", [(["dtype"], ["dtype"]), (["torch_dtype"], ["torch_dtype"]),
+                                           (["dtype", "torch_dtype"], ["dtype", "torch_dtype"]),
+                                           ([], ["torch_dtype"])], ids=["dtype", "torch_dtype", "both", "neither"])
+def test_config_json_gets_the_output_dtype_in_the_keys_the_base_uses(tmp_path, keys, written):
+    from types import SimpleNamespace
+
+    from nlmerge.jobs.merge_job import write_model_files
+
+    ref = SimpleNamespace(path=str(tmp_path / "base"), config={"model_type": "llama", **dict.fromkeys(keys, "float32")})
+    write_model_files(ref, {torch.bfloat16}, str(tmp_path), copy_tokenizer=False)
+    assert _dtype_keys(tmp_path) == dict.fromkeys(written, "bfloat16")
+    write_model_files(ref, {torch.bfloat16, torch.float32}, str(tmp_path), copy_tokenizer=False)  # mixed: as the base
+    assert _dtype_keys(tmp_path) == dict.fromkeys(keys, "float32")
 
 
 def _killed_after(monkeypatch, writes, run):
@@ -220,7 +257,15 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     assert done_before, "the kill should come after at least one finished shard"
     with pytest.raises(FileExistsError):
         run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K")
-    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
+    shard = tmp_path / "resumed" / done_before[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # a finished shard that no longer verifies: merged again
+    shard.write_bytes(bytes(data))
+    lines = []
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True, log=lines.append)
+    total = len([n for n in os.listdir(tmp_path / "clean") if n.startswith("model-")])
+    kept = len(done_before) - 1
+    assert lines == [f"resuming: {kept} of {total} shards verified and kept, {total - kept} to merge"]
     clean, resumed = sorted(os.listdir(tmp_path / "clean")), sorted(os.listdir(tmp_path / "resumed"))
     assert clean == resumed
     for name in clean:
@@ -377,6 +422,10 @@ def test_command_line(llama_family, tmp_path, capsys):
     assert "tokenizer_config.json" not in os.listdir(tmp_path / "out")
     assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "--force" in capsys.readouterr().err
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress", "--resume", "--out-shard-size", "20K",
+                 "--no-copy-tokenizer"]) == 0
+    shards = len([n for n in os.listdir(tmp_path / "out") if n.startswith("model-")])
+    assert capsys.readouterr().err == f"nlmerge merge: resuming: {shards} of {shards} shards verified and kept, 0 to merge\n"
     with pytest.raises(SystemExit) as exit_:
         main(["merge", str(path), str(tmp_path / "o2"), "--allow-crimes"])
     assert exit_.value.code == 2 and "--allow-crimes" in capsys.readouterr().err
@@ -561,6 +610,47 @@ def test_force_keeps_the_previous_output_until_the_new_one_completes(llama_famil
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("task_", "tall", "."))) == []
 
 
+def test_a_locked_output_is_refused_and_its_lock_file_is_no_output(llama_family, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from nlmerge.cli import main
+    from nlmerge.io import LOCK_NAME, OutputInUseError
+    from nlmerge.jobs import merge_job
+
+    _, paths, _, _ = llama_family
+    cfg = _config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")  # what a job killed outright leaves: it locks nothing, and is no output
+    run_merge(cfg, out, progress=False, out_shard_size="20K")
+    assert LOCK_NAME not in os.listdir(out)
+    done = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / LOCK_NAME).write_text("")
+    assert LOCK_NAME not in merge_job._previous_outputs(out)  # --force leaves it in place
+    holder = subprocess.Popen(  # another job, in another process, holds the lock
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(out / LOCK_NAME)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        config = tmp_path / "c.yml"
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["merge", str(config), str(out), "--no-progress", "--force", "--out-shard-size", "20K"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"nlmerge merge: error: output folder {str(out)!r} is in use by another nlmerge job")
+        assert err.count("\n") == 1
+        with pytest.raises(OutputInUseError):
+            run_merge(cfg, out, progress=False, resume=True, out_shard_size="20K")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == {**done, LOCK_NAME: b""}  # untouched
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    run_merge(cfg, out, progress=False, resume=True, out_shard_size="20K")  # the holder's file is stale now
+    run_merge(cfg, out, progress=False, force=True, out_shard_size="20K")
+    assert sorted(os.listdir(out)) == sorted(done)
+
+
 def test_resume_needs_a_job_and_a_failed_start_leaves_nothing(tmp_path):
     for name, scale in (("base", 0.0), ("e0", 6e4), ("e1", 6e4)):
         save_file({"a.weight": torch.full((4,), scale, dtype=torch.float16)}, str(tmp_path / f"{name}.safetensors"))
@@ -590,6 +680,26 @@ def test_mergekit_leniency_warns_instead_of_failing(llama_family, tmp_path):
     zero = {**cfg, "models": [{**m, "parameters": {"weight": w}} for m, w in zip(cfg["models"], (1.0, -1.0))]}
     with pytest.raises(ConfigError, match="sum to 0"):
         plan_merge(zero, tmp_path / "o")
+
+
+def test_a_filter_that_matches_no_tensor_warns_before_any_work(llama_family, tmp_path):
+    import warnings
+
+    _, paths, _, _ = llama_family
+    per_model = [dict(w) for w in WEIGHTS]
+    per_model[1]["density"] = [{"filter": "mlpp", "value": 0.3}, {"filter": "mlp", "value": 0.4}, {"value": 0.6}]
+    per_model[2]["density"] = [{"filter": "*", "value": 0.3}]
+    cfg = _config(paths, "ties", {"lambda": [{"filter": "no_such_tensor", "value": 0.5}, {"value": 1.0}]}, per_model)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = plan_merge(cfg, tmp_path / "o")
+    for c in plan.checkpoints:
+        c.close()
+    messages = sorted(str(w.message) for w in record)
+    assert messages == [
+        f"models[1] ({paths['e1']}).parameters.density: filter 'mlpp' matches no tensor of {paths['base']}",
+        f"parameters.lambda: filter 'no_such_tensor' matches no tensor of {paths['base']}"]
+    assert not (tmp_path / "o").exists()
 
 
 def _tall_out(out):
@@ -698,6 +808,11 @@ def test_tall_task_rebuilds_each_task_model_from_the_masks(llama_family, tmp_pat
         with pytest.raises(KeyboardInterrupt):
             run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()} == before  # task 1's, back
+    from nlmerge.io import OutputInUseError, lock_output
+
+    with lock_output(tmp_path / "rebuilt_1"), pytest.raises(OutputInUseError, match="rebuilt_1.*in use"):
+        run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)  # another job writes there
+    assert {p.name: p.read_bytes() for p in (tmp_path / "rebuilt_1").iterdir()} == before
     run_tall_task(tmp_path / "masks", 0, tmp_path / "rebuilt_1", force=True)
     assert not (tmp_path / "rebuilt_1" / ".nlmerge-previous").exists()
     other = tmp_path / "other_base"

@@ -381,6 +381,66 @@ def check_apart(out, inputs, remedy="write it elsewhere"):
             raise FileExistsError(f"output {os.fspath(out)!r} overlaps the input {os.fspath(path)!r}; {remedy}")
 
 
+LOCK_NAME = ".nlmerge.lock"
+
+
+class OutputInUseError(FileExistsError):
+    """The output folder is locked by another running nlmerge job."""
+
+
+@contextlib.contextmanager
+def lock_output(out):
+    """Hold an exclusive lock on the output folder ``out`` while the block runs: ``fcntl.flock``
+    on ``OUT/.nlmerge.lock`` (``out`` is created if needed). Yields whether this call created
+    ``out``.
+
+    A job that finds the folder locked is refused at once with OutputInUseError naming the folder.
+    On exit the lock file is removed, and ``out`` too when this call created it and it is empty.
+    The lock file is not an output: :func:`output_entries` leaves it out, and a lock file that a
+    killed job left behind locks nothing. FileExistsError when ``out`` exists and is not a folder.
+    """
+    import fcntl
+
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"output {out!r} exists and is not a folder")
+    created = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK_NAME)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputInUseError(f"output folder {out!r} is in use by another nlmerge job (it holds "
+                                   f"{LOCK_NAME} there); wait for that job to end or write elsewhere") from None
+        except OSError as err:  # a file system without locks
+            os.close(fd)
+            raise OSError(err.errno, f"output folder {out!r}: cannot lock {path}: {err.strerror}") from None
+        # the previous holder removes the file before it unlocks: a lock taken on the file it
+        # removed (opened just before) would not exclude a job that opens the new one; try again
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    try:
+        yield created
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the job's outputs
+                os.rmdir(out)
+
+
+def output_entries(out):
+    """The names in the folder ``out``, its lock file (:func:`lock_output`) left out: what a job
+    counts as the folder's contents."""
+    return [name for name in os.listdir(out) if name != LOCK_NAME]
+
+
 def write_json_atomic(path, obj):
     """Write ``obj`` as indented JSON (plus a newline) to ``path`` through a temporary name."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -101,6 +101,21 @@ class MergeConfig:
             return [self.base_model] + [m.path for m in self.experts]
         return [m.path for m in self.models]
 
+    def filters(self):
+        """``(where, parameter, filter)`` for every ``filter`` of a conditional setting of a
+        parameter the method takes (``where``: ``parameters`` or ``models[i] (PATH).parameters``);
+        unset and ``"*"`` filters, which match every tensor, are left out."""
+        names = {p.name for p in self.method.shared + self.method.per_model}
+        scopes = [("parameters", self.parameters)] + [(f"models[{i}] ({m.path}).parameters", m.parameters)
+                                                      for i, m in enumerate(self.models)]
+        for where, settings in scopes:
+            for name, setting in settings.items():
+                if name not in names or _scalar(setting):
+                    continue
+                for cond in [setting] if isinstance(setting, dict) else setting:
+                    if isinstance(cond, dict) and cond.get("filter") not in (None, "*"):
+                        yield where, name, cond["filter"]
+
     def resolve(self, key, t):
         """Resolve every parameter of the method for tensor ``key`` at depth ``t``.
 
@@ -300,10 +315,15 @@ def _evaluate(setting, key, t, convert):
         frac = scaled - i0
         return convert((1 - frac) * values[i0] + frac * values[i1])
     for cond in setting:
-        flt = cond.get("filter")
-        if flt is None or flt == "*" or (key and flt in key):
+        if filter_matches(cond.get("filter"), key):
             return _evaluate(cond["value"], key, t, convert)
     return None
+
+
+def filter_matches(flt, key):
+    """Whether a conditional setting's ``filter`` applies to tensor ``key`` (mergekit's rule: unset,
+    ``"*"`` or a substring of the name)."""
+    return flt is None or flt == "*" or bool(key and flt in key)
 
 
 def _resolve(param: Param, scopes, key, t, model):

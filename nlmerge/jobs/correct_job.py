@@ -8,7 +8,8 @@ time. The merged model is then corrected towards them (``nlmerge.correct.correct
 forward order, earlier corrections active), the correction is folded into its weights
 (``nlmerge.correct.fold``), and the result is saved with ``save_pretrained`` in the merged
 config's dtype: TACT writes ``OUT/task_0``, ``OUT/task_1``, ... (task t = expert t = data file t),
-REPAIR writes one checkpoint in ``OUT``. Every output loads and runs with plain ``transformers``.
+REPAIR writes one checkpoint in ``OUT``, each with a README.md model card (unless asked not to, as
+``nlmerge merge``). Every output loads and runs with plain ``transformers``.
 
 Sites (:func:`correction_sites`): the ``nlmerge.correct.default_sites`` rule with the attention
 context (the input of the output projection) replaced by the output projection's output, kept
@@ -52,6 +53,7 @@ from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
 from nlmerge.io import WEIGHT_FILES, check_apart, open_checkpoint
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
+from nlmerge.jobs.model_card import CARD_NAME, correction_card
 
 METHODS = ("tact", "repair")
 DATA_INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -62,7 +64,8 @@ TOWERS = {"pixel_values": "vision_model", "input_ids": "text_model"}
 RECORD_NAME = "nlmerge_correct.json"
 
 
-def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=1e-5, force=False, log=None):
+def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=1e-5, force=False,
+                write_model_card=True, log=None):
     """Correct a merged Hugging Face checkpoint towards its experts and write the corrected
     checkpoint(s) with the correction folded into the weights.
 
@@ -79,7 +82,8 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         Each checkpoint: weights (``save_pretrained``), ``config.json`` (the merged one, with the
         bias switches), the merged folder's tokenizer files and ``nlmerge_correct.json`` (method,
         task, inputs, eps, batch size, ``module``: the tower that ran or "" for the whole model,
-        ``sites``: the modules whose outputs were corrected, relative to ``module``).
+        ``sites``: the modules whose outputs were corrected, relative to ``module``) and a
+        ``README.md`` model card (:func:`nlmerge.jobs.model_card.correction_card`).
     method : "tact" or "repair"
     batch_size : int
         Rows of a data file per forward pass (>= 1).
@@ -88,8 +92,10 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         ``sigma_E * sqrt(var_M / (var_M + eps))``.
     force : bool
         Replace an existing non-empty ``out`` (only once the new output is complete).
+    write_model_card : bool
+        Write the ``README.md`` model card into each corrected checkpoint (as ``nlmerge merge`` does).
     log : callable, optional
-        Called with one line of text per step.
+        Called with one line of text per step (the returned folders are the caller's to report).
 
     Returns
     -------
@@ -154,14 +160,13 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
                 corrected = correct_to(root, stats[t], batches[t], eps)
                 name = f"task_{t}"
                 _save(model, tower, fold(corrected), os.path.join(stage, name), merged, saved,
-                      {**record, "task": t})
+                      {**record, "task": t}, write_model_card)
                 folders.append(os.path.join(out, name))
         else:
             say("correcting the merged model towards the experts' average statistics (REPAIR)")
             corrected = correct_to(root, repair_targets(stats), [b for task in batches for b in task], eps)
-            _save(model, tower, fold(corrected), stage, merged, saved, {**record, "task": None})
+            _save(model, tower, fold(corrected), stage, merged, saved, {**record, "task": None}, write_model_card)
             folders = [out]
-    say(f"wrote {', '.join(folders)}")
     return folders
 
 
@@ -411,10 +416,10 @@ def _staging(out):
         raise
 
 
-def _save(model, tower, state, folder, merged, config, record):
+def _save(model, tower, state, folder, merged, config, record, write_model_card):
     """``model``'s weights with ``tower``'s replaced by ``state``, saved in ``folder`` in the merged
     config's dtype (tied weights once), with ``config`` as config.json, the merged folder's
-    tokenizer files and ``record`` as nlmerge_correct.json."""
+    tokenizer files, ``record`` as nlmerge_correct.json and, with ``write_model_card``, its card."""
     prefix = f"{tower}." if tower else ""
     dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -437,3 +442,6 @@ def _save(model, tower, state, folder, merged, config, record):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+    if write_model_card:
+        with open(os.path.join(folder, CARD_NAME), "w", encoding="utf-8") as f:
+            f.write(correction_card(record))

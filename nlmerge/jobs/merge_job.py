@@ -27,7 +27,7 @@ from nlmerge import io as ckio
 from nlmerge import ops
 from nlmerge.ops import selection
 from nlmerge.jobs import distributed
-from nlmerge.jobs.config import ConfigError, count_layers, layer_position, load_config
+from nlmerge.jobs.config import ConfigError, count_layers, filter_matches, layer_position, load_config
 from nlmerge.jobs.methods import merge_key, tall_key
 from nlmerge.jobs.model_card import CARD_NAME, is_merge_card, model_card
 from nlmerge.jobs.permutations import load_permutations
@@ -106,7 +106,7 @@ class MergePlan:
 
 
 def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=None, copy_tokenizer=True,
-              write_model_card=True, force=False, resume=False, progress=True, backend=None):
+              write_model_card=True, force=False, resume=False, progress=True, backend=None, log=None):
     """Merge the checkpoints a mergekit-style config names, into ``out`` in the Hugging Face layout.
 
     Parameters
@@ -141,6 +141,10 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Show a progress bar (tensors done, bytes per second, time left).
     backend : None, "torch", "cpu" or "triton"
         Kernel backend of ``nlmerge.ops``.
+    log : callable, optional
+        Called (on rank 0) with one line of text where the job has something to report: with
+        ``resume``, how many shards were verified and kept, e.g. ``"resuming: 3 of 5 shards
+        verified and kept, 2 to merge"``.
 
     Under ``torchrun`` (or with ``torch.distributed`` initialized by the caller) every process
     runs this call: each merges a contiguous share of the output shards (split by bytes) and
@@ -165,7 +169,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Unreadable, truncated or corrupt inputs; keys, shapes or dtypes that differ between models
         (naming the key, both shapes and both files).
     FileExistsError
-        ``out`` exists and neither ``force`` nor ``resume`` is set.
+        ``out`` exists and neither ``force`` nor ``resume`` is set;
+        ``nlmerge.io.OutputInUseError`` when another job is writing into ``out`` (a job holds
+        ``OUT/.nlmerge.lock``, an exclusive ``flock``, from before it prepares ``out`` until it ends).
     ValueError
         A merged tensor that does not fit the output dtype (naming the key); non-finite inputs.
     """
@@ -178,7 +184,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
             plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
                               random_seed=random_seed, backend=backend)
         _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
-             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+             copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+             log=log if world.leader and resume else None)  # what it reports is a resumed job's
     finally:
         for ckpt in plan.checkpoints if plan is not None else ():
             ckpt.close()
@@ -186,24 +193,40 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
     return os.fspath(out)
 
 
-def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card):
-    """Run a planned job on this process: rank 0 prepares OUT; every rank merges its share of the
-    output shards (global TIES: histogram counts and the zero-sign majority summed over the
-    ranks); rank 0 then records every rank's shards and writes the index and the other files."""
-    created, manifest = False, None
-    with world.step():
-        if world.leader:
-            created = _prepare_out(plan, force=force, resume=resume)
-            manifest = _manifest(plan, resume)
+def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_card, log):
+    """Run a planned job on this process: rank 0 locks and prepares OUT; every rank merges its
+    share of the output shards (global TIES: histogram counts and the zero-sign majority summed
+    over the ranks); rank 0 then records every rank's shards, writes the index and the other
+    files, and unlocks OUT."""
+    with contextlib.ExitStack() as lock:
+        created, manifest = False, None
+        with world.step():
+            if world.leader:
+                _check_out(plan, resume)
+                created = lock.enter_context(ckio.lock_output(plan.out))
+                _prepare_out(plan, force=force, resume=resume)
+                manifest = _manifest(plan, resume)
+        _merge_into(plan, world, manifest, created, progress=progress, copy_tokenizer=copy_tokenizer,
+                    write_model_card=write_model_card, log=log)
+
+
+def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, write_model_card, log):
+    """The job once OUT is prepared (``manifest``: rank 0's; ``created``: whether the job made OUT;
+    ``log``: where a resumed job reports the shards it keeps, None on other ranks or jobs)."""
     if not world.leader:  # rank 0's manifest, with this rank's own part
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
     mine = world.share([s.nbytes for s in plan.shards])
     held = []  # global TIES: steps whose files stay open until the model-wide majority sign is known
     try:
+        with world.step():  # each rank verifies (re-hashes) its share once
+            done = {i for i in mine if all(manifest.is_done(f.name) for f in _step_files(plan, i).values())}
+        kept = sum(world.gather(len(done)))
+        if log is not None:
+            log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge")
         thresholds = _global_thresholds(plan, progress, world, mine) if plan.global_ties else None
         with world.step():
-            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, held)
+            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, done, held)
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
@@ -269,6 +292,9 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
         for pattern in cfg.exclude:
             if not any(fnmatch.fnmatchcase(key, pattern) for key in keys):
                 warnings.warn(f"exclude pattern {pattern!r} matches no tensor of {ref.path}", stacklevel=2)
+        for where, name, flt in cfg.filters():
+            if not any(filter_matches(flt, key) for key in keys):
+                warnings.warn(f"{where}.{name}: filter {flt!r} matches no tensor of {ref.path}", stacklevel=2)
         global_ties = _uniform_scope(cfg, keys)
         shards = ckio.plan_shards([(k.key, k.shape, k.dtype) for k in keys.values()], max_bytes)
         outputs = _plan_outputs(cfg, keys, shards)
@@ -384,20 +410,25 @@ def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
     return h.hexdigest()
 
 
-def _prepare_out(plan, *, force, resume):
-    """Check and create the output folder; returns whether this job created it.
-
-    Refused, before anything is touched: an output folder that is, holds or lies inside an input
-    (``--force`` would delete it); a non-empty folder without ``--force`` or ``--resume``;
-    ``--resume`` on a folder that holds no nlmerge job.
-    """
+def _check_out(plan, resume):
+    """Refused before the output folder is touched: one that is, holds or lies inside an input
+    (``--force`` would delete it); a file; a file system without the space the shards need."""
     out = os.path.realpath(plan.out)
     ckio.check_apart(plan.out, [c.path for c in plan.checkpoints] + list(plan.permutations.files),
                      "write the merge elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.exists(out) and not os.path.isdir(out):  # before its free space is looked up as a folder's
         raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
     _check_free_space(plan, out, resume)
-    if os.path.isdir(out) and os.listdir(out):
+
+
+def _prepare_out(plan, *, force, resume):
+    """Prepare the output folder, which this job has locked (its lock file is not counted).
+
+    Refused: a non-empty folder without ``--force`` or ``--resume``; ``--resume`` on a folder
+    that holds no nlmerge job. With ``--force``, a previous job's outputs are set aside.
+    """
+    out = os.path.realpath(plan.out)
+    if ckio.output_entries(out):
         if resume:
             if ckio.Manifest.load(out) is None:
                 raise FileExistsError(f"--resume: {plan.out!r} holds no nlmerge job ({ckio.MANIFEST_NAME} is missing); "
@@ -407,10 +438,8 @@ def _prepare_out(plan, *, force, resume):
                                   "it or --resume to continue an interrupted job")
         else:
             set_aside_previous_outputs(out)
-    created = not os.path.isdir(out)
     for output in plan.outputs:
         os.makedirs(os.path.join(out, output.folder), exist_ok=True)
-    return created
 
 
 def _check_free_space(plan, out, resume):
@@ -465,7 +494,7 @@ def set_aside_previous_outputs(out):
 def restore_previous_outputs(out):
     """After a failure that left no shard of this job worth keeping: remove this job's outputs and
     move what --force set aside back into OUT."""
-    if not os.path.isdir(out):  # the job created OUT and removed it again
+    if not os.path.isdir(out):  # removed under the job
         return
     remove_previous_outputs(out)
     aside = os.path.join(out, PREVIOUS)
@@ -503,8 +532,9 @@ def _discard_job(plan, manifest):
 
 
 def _forget_empty_job(plan, manifest, created):
-    """After a failure before any shard was finished, leave nothing of the job behind: a rerun after
-    fixing the input then needs neither --force nor --resume. Returns whether nothing was kept."""
+    """After a failure before any shard was finished, leave nothing of the job behind (OUT itself,
+    when the job made it, goes with its lock): a rerun after fixing the input then needs neither
+    --force nor --resume. Returns whether nothing was kept."""
     if manifest is None or manifest.shards or glob.glob(os.path.join(glob.escape(plan.out), ckio.PART_PATTERN)):
         return False
     with contextlib.suppress(FileNotFoundError):
@@ -513,8 +543,6 @@ def _forget_empty_job(plan, manifest, created):
         for folder in {o.folder for o in plan.outputs if o.folder}:
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(plan.out, folder))
-        with contextlib.suppress(OSError):
-            os.rmdir(plan.out)
     return True
 
 
@@ -697,18 +725,18 @@ class HeldStep:
     sign_sum: int
 
 
-def _merge_shards(plan, manifest, thresholds, progress, steps, held):
-    """The merge pass over ``steps`` (this rank's share): the keys of every step not already done
-    are streamed (one key read ahead, across step boundaries), merged and written to the step's
-    files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
+def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
+    """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
+    (the steps whose files the manifest verified) are streamed (one key read ahead, across step
+    boundaries), merged and written to the step's files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
     step is merged, then recorded in the manifest. A step is done when all its files are.
 
     Global TIES fills a zero elected sign with the majority of the signs merged so far (the
     model-wide majority is only known at the end); a step where that happened is appended to
     ``held``, its files open, for :func:`_finish_held`. Returns the sum of the elected signs over
     ``steps``."""
-    todo = [i for i in steps if not all(manifest.is_done(f.name) for f in _step_files(plan, i).values())]
-    sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in steps if i not in todo)
+    todo = [i for i in steps if i not in done]
+    sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in done)
     step_of = {key: i for i in todo for key in plan.shards[i].file_order}
     keys = list(step_of)  # step by step: one step's files are open at a time
     last_keys = {plan.shards[i].file_order[-1] for i in todo}
@@ -813,9 +841,12 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
 
 
 def write_model_files(ref, dtypes, folder, copy_tokenizer):
-    """config.json of the checkpoint ``ref`` (its ``torch_dtype`` set to the one dtype in
-    ``dtypes``, the merged tensors' dtypes, when there is one) and ``ref``'s tokenizer files, into
-    ``folder``; a warning when ``ref`` has no config.json."""
+    """config.json of the checkpoint ``ref`` and ``ref``'s tokenizer files, into ``folder``; a
+    warning when ``ref`` has no config.json.
+
+    When ``dtypes`` (the merged tensors' dtypes) holds one dtype, it is written in the dtype keys
+    ``ref``'s config.json has: ``dtype`` (newer transformers) and/or ``torch_dtype``, or
+    ``torch_dtype`` (as mergekit writes) when it has neither."""
     dtypes = set(dtypes)
     if ref.config is None:
         warnings.warn(f"{ref.path} has no config.json beside it: {folder} holds the merged tensors only (copy a "
@@ -824,9 +855,9 @@ def write_model_files(ref, dtypes, folder, copy_tokenizer):
         config = dict(ref.config)
         if len(dtypes) == 1:
             name = str(dtypes.pop()).removeprefix("torch.")
-            config["torch_dtype"] = name
-            if "dtype" in config:
-                config["dtype"] = name
+            # one key per name the base uses: a second, added key would be a second source of truth
+            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]:
+                config[key] = name
         ckio.write_json_atomic(os.path.join(folder, "config.json"), config)
     if copy_tokenizer and os.path.isdir(ref.path):
         for name in TOKENIZER_FILES:

@@ -1,9 +1,10 @@
-"""The README.md model card of a merged model, as ``mergekit-yaml`` writes one by default.
+"""The README.md model cards of nlmerge's outputs: a merged model's, as ``mergekit-yaml`` writes
+one by default, and a corrected model's (``nlmerge correct``).
 
-The card is what the Hugging Face Hub shows: YAML front matter (``library_name``, ``tags``; no
-``base_model``: the Hub wants repo ids there, and nlmerge merges local folders, whose paths the
-body lists) and a body naming the method (with its paper), the base model, the models merged and
-the config that produced it. The wording is nlmerge's own.
+A card is what the Hugging Face Hub shows: YAML front matter (``library_name``, ``tags``; no
+``base_model``: the Hub wants repo ids there, and nlmerge reads local folders, whose paths the
+body lists) and a body naming the method (with its paper), the models it started from and the
+settings that produced it. The wording is nlmerge's own.
 """
 import yaml
 
@@ -51,23 +52,82 @@ def model_card(config, inputs, task=None):
     method = config.method.name
     experts = [p for p in inputs if not (config.method.uses_base and p == config.base_model)]
     onto = " onto a base model" if config.method.uses_base else ""
-    meta = {"library_name": "transformers", "tags": ["merge", "nlmerge"]}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
-             f"# A {method} merge of {len(experts)} models{onto}", ""]
     if task is not None:
-        lines += [f"Task {task} of a TALL merge: the base plus task {task}'s mask of the multi-task vector, "
-                  f"merged from pre-trained models with nlmerge.", ""]
+        intro = (f"Task {task} of a TALL merge: the base plus task {task}'s mask of the multi-task vector, "
+                 f"merged from pre-trained models with nlmerge.")
     else:
-        lines += ["Merged from pre-trained models with nlmerge.", ""]
+        intro = "Merged from pre-trained models with nlmerge."
     what = _METHODS[method]
-    if method == "ties" and config.parameters.get("scope") == "global":
-        what += "; here with one exact threshold per task over the whole model (`scope: global`)"
-    lines += ["## Method", "", f"`{method}`: {what}.", ""]
+    if method == "ties":
+        here = []
+        if config.parameters.get("convention") == "ties":
+            here.append("the original TIES code's trim and zero-sign rule (`convention: ties`)")
+        if config.parameters.get("scope") == "global":
+            here.append("one exact threshold per task over the whole model (`scope: global`)")
+        if here:
+            what += "; here with " + " and ".join(here)
+    about = [f"`{method}`: {what}."]
     if config.base_model is not None and config.method.uses_base:
-        lines += [f"Base model: `{config.base_model}`.", ""]
-    lines += ["## Models merged", ""] + [f"- `{p}`" for p in experts] + [""]
-    lines += ["## Configuration", "", "```yaml", yaml.safe_dump(config.source, sort_keys=False).rstrip(), "```", ""]
+        about += ["", f"Base model: `{config.base_model}`."]
+    return _card(f"A {method} merge of {len(experts)} models{onto}", intro, [
+        ("Method", about),
+        ("Models merged", [f"- `{p}`" for p in experts]),
+        ("Configuration", _yaml_block(config.source)),
+    ])
+
+
+def correction_card(record):
+    """The README.md text of one corrected model that ``nlmerge correct`` writes.
+
+    Parameters
+    ----------
+    record : dict
+        What the job records in ``nlmerge_correct.json``: ``method`` ("tact" or "repair"),
+        ``task`` (TACT's task, None for REPAIR), ``merged``, ``experts``, ``data``, ``eps``,
+        ``batch_size``, ``module`` and ``sites``.
+
+    Returns
+    -------
+    str
+        YAML front matter, then Markdown.
+    """
+    method, task = record["method"], record["task"]
+    if method == "tact":
+        title = f"A TACT correction of a merged model, task {task}"
+        intro = (f"The merged model `{record['merged']}` corrected towards expert {task} on task {task}'s data "
+                 "with nlmerge, the correction folded into the weights.")
+        what = (f"TACT, task-specific activation correction: at every correction site, each channel is rescaled "
+                f"and shifted so that its mean and standard deviation on task {task}'s data are expert {task}'s")
+    else:
+        title = "A REPAIR correction of a merged model"
+        intro = (f"The merged model `{record['merged']}` corrected towards its experts' average statistics with "
+                 "nlmerge, the correction folded into the weights.")
+        what = ("REPAIR: at every correction site, each channel is rescaled and shifted so that its mean and "
+                "standard deviation on all tasks' data are the experts' averaged ones (Jordan et al., 2023, "
+                "*REPAIR: REnormalizing Permuted Activations for Interpolation Repair*)")
+    where = f" of `{record['module']}`" if record["module"] else ""
+    settings = {k: v for k, v in record.items() if k != "sites"}
+    return _card(title, intro, [
+        ("Method", [f"`{method}`: {what}.", "", f"{len(record['sites'])} sites{where}, listed in "
+                    "`nlmerge_correct.json`."]),
+        ("Models and data", [f"- merged model: `{record['merged']}`"]
+         + [f"- task {t}: expert `{e}`, data `{d}`" for t, (e, d) in enumerate(zip(record["experts"], record["data"]))]),
+        ("Settings", _yaml_block(settings)),
+    ])
+
+
+def _card(title, intro, sections):
+    """A card's text: the Hub's front matter, ``# title``, the ``intro`` paragraph, then each
+    ``(heading, lines)`` of ``sections``."""
+    meta = {"library_name": "transformers", "tags": ["merge", "nlmerge"]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "", intro, ""]
+    for heading, body in sections:
+        lines += [f"## {heading}", "", *body, ""]
     return "\n".join(lines)
+
+
+def _yaml_block(obj):
+    return ["```yaml", yaml.safe_dump(obj, sort_keys=False).rstrip(), "```"]
 
 
 def is_merge_card(text):

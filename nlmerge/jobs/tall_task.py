@@ -58,7 +58,9 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
     nlmerge.io.CheckpointError
         Unreadable or corrupt files (named).
     FileExistsError
-        ``out`` overlaps an input, or exists, is not empty and ``force`` is not set.
+        ``out`` overlaps an input, or exists, is not empty and ``force`` is not set;
+        ``nlmerge.io.OutputInUseError`` when another job holds ``out``'s lock (``out`` is locked
+        while the task model is written, as ``nlmerge merge`` locks its output).
     """
     masks, out = os.fspath(masks), os.fspath(out)
     info = _read_info(masks)
@@ -75,17 +77,18 @@ def run_tall_task(masks, task, out, *, base=None, out_shard_size="5B", copy_toke
                              f"{info['base_model']!r}'s, which the job merged)")
         dtypes = _check_fits(base_ckpt, stored, info, masks)
         ckio.check_apart(out, [base, masks], "write the task model elsewhere")
-        if os.path.isdir(out) and os.listdir(out):
-            if not force:
-                raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to write into it")
-            set_aside_previous_outputs(out)
-        os.makedirs(out, exist_ok=True)
-        try:
-            _write(out, task, base_ckpt, stored, dtypes, out_shard_size, copy_tokenizer, backend)
-        except BaseException:
-            restore_previous_outputs(out)
-            raise
-        shutil.rmtree(os.path.join(out, PREVIOUS), ignore_errors=True)
+        with ckio.lock_output(out):
+            if ckio.output_entries(out):
+                if not force:
+                    raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to write "
+                                          "into it")
+                set_aside_previous_outputs(out)
+            try:
+                _write(out, task, base_ckpt, stored, dtypes, out_shard_size, copy_tokenizer, backend)
+            except BaseException:
+                restore_previous_outputs(out)
+                raise
+            shutil.rmtree(os.path.join(out, PREVIOUS), ignore_errors=True)
     return out
 
 
