@@ -69,7 +69,7 @@ def model_card(config, inputs, task=None):
     about = [f"`{method}`: {what}."]
     if config.base_model is not None and config.method.uses_base:
         about += ["", f"Base model: `{config.base_model}`."]
-    return _card(f"A {method} merge of {len(experts)} models{onto}", intro, [
+    return _card(f"A {method} merge of {len(experts)} model{'' if len(experts) == 1 else 's'}{onto}", intro, [
         ("Method", about),
         ("Models merged", [f"- `{p}`" for p in experts]),
         ("Configuration", _yaml_block(config.source)),
