@@ -302,6 +302,30 @@ struct TaskWindow {
     }
 
     // counts VL magnitudes v and collects those in (lo, hi)
+#if defined(__AVX512F__)
+    // in mask registers: one compare and one masked add per count (the generic form below widens
+    // each compare to a vector first), and lo < v < hi as one unsigned compare:
+    // v - (lo + 1) < hi - lo - 1 (magnitude bits are below 2^31; nothing is inside when hi <= lo + 1)
+    inline void add(simd::vi v) {
+        const __m512i x = (__m512i)v, one = _mm512_set1_epi32(1);
+        below = (simd::vi)_mm512_mask_add_epi32((__m512i)below, _mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(lo)),
+                                                (__m512i)below, one);
+        at_lo = (simd::vi)_mm512_mask_add_epi32((__m512i)at_lo, _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(lo)),
+                                                (__m512i)at_lo, one);
+        at_hi = (simd::vi)_mm512_mask_add_epi32((__m512i)at_hi, _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(hi_eq)),
+                                                (__m512i)at_hi, one);
+        max = (simd::vu)_mm512_max_epu32((__m512i)max, x);
+        const uint32_t span = hi > lo ? uint32_t(hi - lo - 1) : 0;
+        const __mmask16 k = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(x, _mm512_set1_epi32(lo + 1)),
+                                                     _mm512_set1_epi32(int32_t(span)));
+        if (out + simd::VL > end) {  // no room for a whole vector: the task falls back (overflow)
+            overflow = overflow || k != 0;
+            return;
+        }
+        _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(k, x));
+        out += __builtin_popcount(k);
+    }
+#else
     inline void add(simd::vi v) {
         using simd::vi;
         below -= v < lo;
@@ -313,17 +337,12 @@ struct TaskWindow {
             overflow = overflow || any_lane((simd::vu)inside);
             return;
         }
-#if defined(__AVX512F__)
-        const __mmask16 k = _mm512_test_epi32_mask((__m512i)inside, (__m512i)inside);
-        _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(k, (__m512i)v));
-        out += __builtin_popcount(k);
-#else
         for (int j = 0; j < simd::VL; j++) {
             *out = uint32_t(v[j]);
             out += inside[j] != 0;
         }
-#endif
     }
+#endif
 
     inline void add_one(uint32_t v) {  // the scalar form of add, for a run's tail
         const int32_t s = int32_t(v);
