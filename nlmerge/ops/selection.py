@@ -472,14 +472,10 @@ def magnitude_thresholds_models(base, experts, keep, *, backend=None):
 
     Parameters
     ----------
-    base : Tensor or sequence of Tensor
-        fp32, fp16 or bf16; any shapes (d > 0 elements in all).
-    experts : sequence of T
-        One entry per task, each what ``base`` is: a Tensor of its shape, or as many tensors paired
-        with the base's (same shapes and device).
+    base, experts, backend : as in :func:`kth_smallest_magnitudes_models` (one tensor, or several
+        taken together; T tasks)
     keep : float or sequence of T float
         Fraction of magnitudes kept (> 0), one for all tasks or one per task.
-    backend : None, "torch", "cpu" or "triton"
 
     Returns
     -------
@@ -488,11 +484,8 @@ def magnitude_thresholds_models(base, experts, keep, *, backend=None):
 
     Raises
     ------
-    ValueError
-        Mismatched shapes or devices (naming the tensor and the expert), no elements, a bad ``keep``.
-    NonFiniteError
-        NaN/Inf in a base (``"base"``), an expert (``"experts"``, task t) or a difference overflowing
-        fp32 (``"task_vectors"``, task t).
+    ValueError, NonFiniteError
+        As :func:`kth_smallest_magnitudes_models`; ValueError for a bad ``keep``.
     """
     tensors = _task_tensors(base, experts)
     keeps = list(keep) if isinstance(keep, Sequence) else [keep] * len(experts)
