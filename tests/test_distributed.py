@@ -90,13 +90,13 @@ def _worker(rank, size, init_file, cfg, out, options, die_after):
 
             real_write, calls = writer.ShardWriter.write, [0]
 
-            def dying_write(self, key, tensor):
+            def dying_write(self, key, tensor, **options):
                 calls[0] += 1
                 if calls[0] == die_after[0]:
                     if die_after[1] == "kill":
                         os._exit(3)  # a killed process: no Python clean-up, no message to the others
                     raise ValueError(f"disk full while writing {key}")
-                return real_write(self, key, tensor)
+                return real_write(self, key, tensor, **options)
 
             writer.ShardWriter.write = dying_write
         run_merge(cfg, out, progress=False, out_shard_size=SHARD, **options)

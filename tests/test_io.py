@@ -487,6 +487,54 @@ def test_replaced_tensors_before_finish(tmp_path, order):
     assert written.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+
+@pytest.mark.parametrize("provisional", ["b", "c", "b,c"])
+@pytest.mark.parametrize("replaced", ["", "a", "b", "d"])
+def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypatch):
+    """Keys written provisionally (expected to be replaced) stop the hash as it goes; the digest is
+    the file's sha256 whether or not they, an earlier key or a later one are then replaced, and no
+    byte from the first provisional key on is hashed twice."""
+    tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
+               "d": torch.randn(5)}
+    (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
+    new = {k: -tensors[k] - 1 for k in replaced.split(",") if k}
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    class Counted:  # counts the bytes fed to every sha256 the writer makes
+        def __init__(self, data=b""):
+            self._h = real_sha256(data)
+
+        def update(self, data):
+            hashed.append(len(data))
+            self._h.update(data)
+
+        def copy(self):
+            other = Counted.__new__(Counted)
+            other._h = self._h.copy()
+            return other
+
+        def hexdigest(self):
+            return self._h.hexdigest()
+
+    monkeypatch.setattr("nlmerge.io.writer.hashlib.sha256", Counted)
+    with ShardWriter(plan, tmp_path) as w:
+        for k in plan.file_order:
+            w.write(k, tensors[k], provisional=k in provisional.split(","))
+        for k, t in new.items():
+            w.write(k, t, replace=True)
+        written = w.finish()
+    out = tmp_path / plan.name
+    save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
+    assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
+    assert written.sha256 == real_sha256(out.read_bytes()).hexdigest()
+    # hashed as it goes up to the first provisional key, then from the file from the earliest
+    # provisional or replaced key: each byte once unless an earlier key was replaced
+    stop = min(plan.entries[k].begin for k in provisional.split(","))
+    restart = min(plan.entries[k].begin for k in [*provisional.split(","), *new])
+    assert sum(hashed) == (stop - len(plan.header)) + (plan.size - restart)
+
+
 def test_atomic_json_and_copy(tmp_path):
     path = tmp_path / "index.json"
     write_json_atomic(path, {"a": [1, 2]})

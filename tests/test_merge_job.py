@@ -234,11 +234,11 @@ def _killed_after(monkeypatch, writes, run):
 
     real_write, calls = writer_module.ShardWriter.write, [0]
 
-    def dying_write(self, key, tensor):
+    def dying_write(self, key, tensor, **options):
         calls[0] += 1
         if calls[0] == writes:
             raise KeyboardInterrupt("killed")
-        return real_write(self, key, tensor)
+        return real_write(self, key, tensor, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(writer_module.ShardWriter, "write", dying_write)
@@ -474,10 +474,10 @@ def test_global_ties_zero_sign_majority_replaces_a_held_key(tmp_path, monkeypatc
 
     replaced, real_write = [], writer_module.ShardWriter.write
 
-    def spy(self, key, tensor, *, replace=False):
+    def spy(self, key, tensor, *, replace=False, provisional=False):
         if replace:
             replaced.append(key)
-        return real_write(self, key, tensor, replace=replace)
+        return real_write(self, key, tensor, replace=replace, provisional=provisional)
 
     monkeypatch.setattr(writer_module.ShardWriter, "write", spy)
     n = 64

@@ -228,11 +228,14 @@ class ShardWriter:
             self.abort()
             raise
 
-    def write(self, key, tensor, *, replace=False):
+    def write(self, key, tensor, *, replace=False, provisional=False):
         """Write ``tensor`` (any device; its shape and dtype must equal the plan's) at the
         planned offset of ``key``; with ``replace``, over the tensor already written there.
-        ValueError naming the key and the shard for a key not in the plan, one written twice
-        (or replaced before it was written), or a shape or dtype mismatch (both values given)."""
+        ``provisional``: the caller expects to replace this key before ``finish``, so the hash as
+        it goes stops here (``finish`` hashes the bytes from this key on from the file, once,
+        whether or not it is replaced). ValueError naming the key and the shard for a key not in
+        the plan, one written twice (or replaced before it was written), or a shape or dtype
+        mismatch (both values given)."""
         with self._aborting():
             entry = self.plan.entries.get(key)
             where = f"shard {self.plan.name}: tensor {key!r}"
@@ -249,12 +252,17 @@ class ShardWriter:
             data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self._settle()
             self._in_flight = [self._pool.submit(self._store, data, entry.begin)]
-            if replace:
+            if replace or provisional:  # finish hashes the file from the earliest such key on
                 self._replaced_from = min(entry.begin, self._replaced_from or entry.begin)
+            if replace:
+                pass  # its first write was hashed (or not) already
             elif self._hash is not None and entry.begin == self._hashed_to:
                 # the bytes follow those already hashed (and settled): the file's hash grows in order
-                self._hash_at[entry.begin] = self._hash.copy()
-                self._in_flight.append(self._hash_pool.submit(self._hash.update, data))
+                # up to the first key to be replaced (its state kept: finish goes on from there)
+                if self._replaced_from is None or entry.begin == self._replaced_from:
+                    self._hash_at[entry.begin] = self._hash.copy()
+                if self._replaced_from is None:
+                    self._in_flight.append(self._hash_pool.submit(self._hash.update, data))
                 self._hashed_to = entry.end
             else:
                 self._hash = None

@@ -764,7 +764,9 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                         if info.ambiguous:
                             fills[key] = fill
                 for role, name, tensor in writes:
-                    writers[role].write(name, tensor)
+                    # a key whose zero signs stayed 0 (no majority yet) is replaced unless the model's
+                    # signs sum to exactly 0: the writer's hash as it goes stops there
+                    writers[role].write(name, tensor, provisional=fills.get(name) == 0)
                 if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
                     if fills:
