@@ -240,7 +240,7 @@ def _merge(args):
                   "output is back in place)", file=sys.stderr)
         return _interrupted_status(signals)
     if rank == "0":
-        print(f"merged into {out}")
+        _say(f"merged into {out}")
     return 0
 
 
@@ -313,7 +313,7 @@ def _correct(args):
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge correct: error: {err}", file=sys.stderr)
         return 1
-    print(f"corrected into {', '.join(folders)}")
+    _say(f"corrected into {', '.join(folders)}")
     return 0
 
 
@@ -377,11 +377,11 @@ def _align(args):
         return 1
     info = result["info"]
     if info is not None:
-        print(f"weight matching: objective {info['objective']:.6g} (best of {len(info['objectives'])} orders), "
-              f"{info['sweeps']} sweeps, {'converged' if info['converged'] else 'not converged'}")
+        _say(f"weight matching: objective {info['objective']:.6g} (best of {len(info['objectives'])} orders), "
+             f"{info['sweeps']} sweeps, {'converged' if info['converged'] else 'not converged'}")
     moved = sum(not torch.equal(p, torch.arange(p.numel())) for p in result["perms"].values())
-    print(f"{moved} of {len(result['perms'])} permutations move units; wrote {args.out}"
-          + (f" and {args.write_aligned}" if args.write_aligned else ""))
+    _say(f"{moved} of {len(result['perms'])} permutations move units; wrote {args.out}"
+         + (f" and {args.write_aligned}" if args.write_aligned else ""))
     return 0
 # --- end of nlmerge align ------------------------------------------------------------------------
 
@@ -420,7 +420,7 @@ def _tall_task(args):
     except KeyboardInterrupt:
         print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)", file=sys.stderr)
         return _interrupted_status(signals)
-    print(f"wrote task {args.task}'s model into {out}")
+    _say(f"wrote task {args.task}'s model into {out}")
     return 0
 
 
@@ -445,6 +445,15 @@ def main(argv=None):
     if unknown:  # name them under the subcommand's usage, not the top level's
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args)
+
+
+def _say(line):
+    """Print a command's report on stdout. A reader that left (``nlmerge ... | head -0``) loses the
+    line but fails nothing: the work is done, and later writes to stdout go to /dev/null."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def console():

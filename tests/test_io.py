@@ -620,3 +620,13 @@ def test_writer_error_in_flight_surfaces_and_aborts(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         w.write(plan.file_order[2], tensors[plan.file_order[2]])
     assert os.listdir(tmp_path) == []  # aborted: no temporary file, nothing under the final name
+
+
+def test_lock_output_names_a_broken_symlink(tmp_path):
+    from nlmerge.io.writer import lock_output
+
+    (tmp_path / "out").symlink_to(tmp_path / "missing")
+    with pytest.raises(FileExistsError, match=r"'.*out' is a symbolic link to '.*missing', which does not exist"):
+        with lock_output(tmp_path / "out"):
+            pass
+    assert os.listdir(tmp_path) == ["out"]

@@ -892,3 +892,24 @@ def test_nan_found_mid_run_names_the_model_and_leaves_no_output(llama_family, tm
         with pytest.raises(ValueError, match=rf"{last}.*{bad}.* NaN or Inf"):
             run_merge(cfg, tmp_path / "out", progress=False, out_shard_size="20K")
         assert not (tmp_path / "out").exists(), method
+
+
+def test_the_command_finishes_when_stdout_is_closed(llama_family, tmp_path):
+    """``nlmerge merge ... | head -0``: the reader of stdout left before the closing line; the merge
+    is complete, the command exits 0 and says nothing on stderr (the process exits without the
+    interpreter's teardown, so this runs it as the console script does: ``python -m nlmerge``)."""
+    import subprocess
+    import sys
+
+    _, paths, _, _ = llama_family
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS)))
+    read, write = os.pipe()
+    os.close(read)  # nobody reads stdout
+    done = subprocess.run([sys.executable, "-m", "nlmerge", "merge", str(config), str(tmp_path / "out"), "--no-progress"],
+                          stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
+    run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), tmp_path / "ref", progress=False)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

@@ -252,3 +252,12 @@ def test_thresholds_name_nonfinite_and_bad_arguments(backend, generator):
         ops.magnitude_thresholds_models(bases, experts[:1], [0.5, 0.5], backend=backend)
     with pytest.raises(ValueError, match=r"keep\[0\] must be > 0"):
         ops.magnitude_thresholds_models(bases, experts[:1], 0.0, backend=backend)
+
+
+@pytest.mark.parametrize("keep,error", [("0.3", r"keep\[0\] must be a real number, got '0.3'"),
+                                        (True, r"keep\[0\] must be a real number, got True"),
+                                        ([0.3, "x"], r"keep\[1\] must be a real number, got 'x'")])
+def test_thresholds_refuse_keep_that_is_not_a_number(keep, error):
+    base = torch.zeros(10)
+    with pytest.raises(TypeError, match=error):
+        ops.magnitude_thresholds_models(base, [base + 1, base - 1], keep)

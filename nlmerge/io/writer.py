@@ -410,6 +410,9 @@ def lock_output(out):
     import fcntl
 
     out = os.fspath(out)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise FileExistsError(f"output {out!r} is a symbolic link to {os.readlink(out)!r}, which does not exist; "
+                              "create that folder or give another output")
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"output {out!r} exists and is not a folder")
     created = not os.path.isdir(out)

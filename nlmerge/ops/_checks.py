@@ -126,7 +126,11 @@ def flat_like(x, name, tv, shape, tv_name="task_vectors"):
 
 
 def finite_scalar(value, name):
+    """``value`` as a finite float: TypeError naming ``name`` for what is not a real number (a str
+    or a bool included: ``float`` would take them), ValueError for NaN/Inf."""
     try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
         value = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r}") from None

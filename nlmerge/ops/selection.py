@@ -488,7 +488,7 @@ def magnitude_thresholds_models(base, experts, keep, *, backend=None):
         As :func:`kth_smallest_magnitudes_models`; ValueError for a bad ``keep``.
     """
     tensors = _task_tensors(base, experts)
-    keeps = list(keep) if isinstance(keep, Sequence) else [keep] * len(experts)
+    keeps = list(keep) if isinstance(keep, Sequence) and not isinstance(keep, str) else [keep] * len(experts)
     if len(keeps) != len(experts):
         raise ValueError(f"keep must be one fraction or {len(experts)} (one per task), got {len(keeps)}")
     keeps = [finite_scalar(value, f"keep[{t}]") for t, value in enumerate(keeps)]
