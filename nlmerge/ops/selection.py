@@ -691,31 +691,27 @@ def _windows_models(kernels, tensors, ks):
     device = tensors[0][0].device
     lo, hi = [w[0] for w in windows], [w[1] for w in windows]
     cand = torch.empty(num, cap, dtype=torch.int32, device=device)
-    counts = torch.zeros(num, 6, dtype=torch.int64)
+    part = torch.empty(num, 6, dtype=torch.int64, device=device)
     if len(tensors) == 1:  # the kernel collects into cand itself
-        part = torch.empty(num, 6, dtype=torch.int64, device=device)
         kernels.count_windows_models(tensors[0][0], tensors[0][1], lo, hi, part, cand)
-        counts = part.cpu()
+        counts = part.tolist()
     else:  # each tensor's candidates into a scratch buffer, appended to its task's row of cand
         scratch = torch.empty(num * min(cap, max(b.numel() for b, _ in tensors)), dtype=torch.int32, device=device)
-        part = torch.empty(num, 6, dtype=torch.int64, device=device)
+        counts = [[0] * 6 for _ in range(num)]
         for b, xs in tensors:
             room = min(cap, b.numel())
             rows = scratch[:num * room].view(num, room)
             kernels.count_windows_models(b, xs, lo, hi, part, rows)
-            got = part.cpu()
-            for t in range(num):
-                new = int(got[t, 2])
-                if got[t, 5] or counts[t, 2] + new > cap:
-                    counts[t, 5] = 1  # this task's candidates do not fit: it falls back
-                elif new:
-                    used = int(counts[t, 2])
-                    cand[t, used:used + new] = rows[t, :new]
-            counts[:, :4] += got[:, :4]
-            counts[:, 4] |= got[:, 4]
-    if int(counts[:, 4].max()):
+            for t, (total, got) in enumerate(zip(counts, part.tolist())):
+                if got[5] or total[2] + got[2] > cap:
+                    total[5] = 1  # this task's candidates do not fit: it falls back
+                elif got[2] and not total[5]:
+                    cand[t, total[2]:total[2] + got[2]] = rows[t, :got[2]]
+                for j in range(4):
+                    total[j] += got[j]
+                total[4] |= got[4]
+    if any(c[4] for c in counts):
         _raise_counted_nonfinite(tensors)
-    counts = counts.tolist()
     found = [_window_bits(c, row, lo_t, hi_t, k) for c, row, lo_t, hi_t, k in zip(counts, cand, lo, hi, ks)]
     for t, bits in enumerate(found):
         if bits is None:
