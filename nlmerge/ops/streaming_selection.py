@@ -360,6 +360,6 @@ def kth_smallest_magnitudes_streaming(ranks, one_pass, *, device="cpu", backend=
         pass_over("low bits", missed, each_task(lambda selector, base, expert, _: selector.count_low_models(base, expert)))
         for t in missed:
             sum_(selectors[t].low)
-    zero = torch.zeros((), dtype=torch.float32, device=selectors[0].device if selectors else device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack([selectors[t].threshold() if t in tasks else zero for t in range(len(ranks))])
 
