@@ -506,9 +506,8 @@ def magnitude_thresholds_models(base, experts, keep, *, backend=None):
             raise err
     thresholds = torch.zeros(len(ranks), dtype=torch.float32, device=tensors[0][0].device)
     if trimmed:
-        bases = [b for b, _ in tensors]
-        thresholds[trimmed] = kth_smallest_magnitudes_models(
-            bases, [[xs[t] for _, xs in tensors] for t in trimmed], [ranks[t] for t in trimmed], backend=backend)
+        thresholds[trimmed] = _kth_smallest_magnitudes([(b, [xs[t] for t in trimmed]) for b, xs in tensors],
+                                                       [ranks[t] for t in trimmed], backend)
     return thresholds
 
 # Several tasks' thresholds over one tensor of the models in one read (kth_smallest_magnitudes_models).
@@ -644,7 +643,11 @@ def kth_smallest_magnitudes_models(base, experts, ks, *, backend=None):
     d = sum(b.numel() for b, _ in tensors)
     if d == 0:
         raise ValueError("the task vectors have no elements")
-    ks = _check_ranks(ks, len(experts), d)
+    return _kth_smallest_magnitudes(tensors, _check_ranks(ks, len(experts), d), backend)
+
+
+def _kth_smallest_magnitudes(tensors, ks, backend):
+    """``kth_smallest_magnitudes_models`` of checked ``tensors`` (as ``_task_tensors`` gives) and ranks."""
     device = tensors[0][0].device
     _, kernels = resolve(backend, device, "kth_smallest_magnitudes_models")
     if kernels is None:
