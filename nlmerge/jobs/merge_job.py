@@ -797,13 +797,17 @@ def _record_finished(manifest, finishing, *, wait):
 def _finish_held(plan, manifest, thresholds, majority, held):
     """Global TIES, once the model-wide ``majority`` sign is known: in each held step, the keys
     whose result depends on the fill they got are merged again with ``majority`` and replace
-    their bytes in the still-open file (rare: an elected sign of exactly 0 with a kept entry);
-    then the step's files are finished and recorded."""
+    their bytes in the still-open file (an elected sign of exactly 0 with a kept entry: common on
+    16-bit models, whose task vectors cancel exactly); then the step's files are finished and
+    recorded. Each file's hash is read back on its hash thread behind the replacements."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
+    stale = [[key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
+             for step in held]
+    for step, keys in zip(held, stale):  # every held file's hash reads it back behind its replacements
+        step.writers["model"].expect_replacements(keys)
     while held:  # a step leaves ``held`` only once finished: on an error, _run aborts what is still there
         step = held[0]
-        stale = [key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
-        for key, tensors in _stream(plan, stale):
+        for key, tensors in _stream(plan, stale.pop(0)):
             fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
             step.writers["model"].write(key, fixed, replace=True)
         for written in _finish_files(list(step.writers.values())):
