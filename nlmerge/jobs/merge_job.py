@@ -769,7 +769,6 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                     # majority differed from the final one: hashing the step's file as it goes would
                     # likely be redone from here (13.5 against 14.1 s on the 1B benchmark), so it stops
                     writers[role].write(name, tensor, provisional=fills.get(name) == 0)
-                    writers[role].write(name, tensor, provisional=fills.get(name) == 0)
                 if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
                     if fills:
