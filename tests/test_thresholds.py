@@ -207,8 +207,12 @@ def test_streaming_reads_each_key_once_per_pass_and_falls_back_when_missed(gener
     """The streaming protocol: two passes over the keys (sample, count) when every bracket holds its
     rank; when a bracket misses, the two histogram passes for that task only, still exact."""
     sizes = [5000, 777, 20_000]
-    models = [_models("normal", n, torch.float32, 2, generator) for n in sizes]
-    ranks = [sum(sizes) // 3, sum(sizes) - 5]
+
+    def tensor(n):  # magnitudes uniform in [1, 2): a bracket of a few high-bit bins holds any rank
+        return (torch.rand(n, generator=generator) + 1) * torch.randn(n, generator=generator).sign()
+
+    models = [(base, [base + tensor(n) for _ in range(2)]) for n in sizes for base in [torch.randn(n, generator=generator)]]
+    ranks = [sum(sizes) // 3, sum(sizes) * 4 // 5]
     passes = []
 
     def one_pass(what, count):
