@@ -195,8 +195,6 @@ def _stream_allocations():
 
 
 def _merge(args):
-    import logging
-    import os
     import warnings
 
     import torch

@@ -196,8 +196,9 @@ class ShardWriter:
     written key before ``finish`` (a global TIES merge fixing the keys whose zero signs it filled
     before the model-wide majority was known); ``finish`` then reads back only the bytes from the
     first replaced key on, or, when the keys to be replaced were announced
-    (:meth:`expect_replacements`), the hash thread reads them back while they are replaced. A written tensor must not change until the next ``write`` or ``finish``
-    returns (its bytes may still be in flight). Any error in ``write`` or ``finish`` aborts: the
+    (:meth:`expect_replacements`), the hash thread reads them back while they are replaced. A
+    written tensor must not change until the next ``write`` or ``finish`` returns (its bytes may
+    still be in flight). Any error in ``write`` or ``finish`` aborts: the
     temporary file is removed and the error re-raised (an error of a write in flight surfaces at
     the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts too.
     Byte order is the host's, which must be little-endian (as safetensors assumes).
@@ -460,6 +461,17 @@ class OutputInUseError(FileExistsError):
     """The output folder is locked by another running nlmerge job."""
 
 
+def check_output_folder(out):
+    """FileExistsError when the output path ``out`` cannot be a folder: a symbolic link to nothing,
+    or something other than a folder."""
+    out = os.fspath(out)
+    if os.path.islink(out) and not os.path.exists(out):
+        raise FileExistsError(f"output {out!r} is a symbolic link to {os.readlink(out)!r}, which does not exist; "
+                              "create that folder or give another output")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"output {out!r} exists and is not a folder")
+
+
 @contextlib.contextmanager
 def lock_output(out):
     """Hold an exclusive lock on the output folder ``out`` while the block runs: ``fcntl.flock``
@@ -474,11 +486,7 @@ def lock_output(out):
     import fcntl
 
     out = os.fspath(out)
-    if os.path.islink(out) and not os.path.exists(out):
-        raise FileExistsError(f"output {out!r} is a symbolic link to {os.readlink(out)!r}, which does not exist; "
-                              "create that folder or give another output")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"output {out!r} exists and is not a folder")
+    check_output_folder(out)
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, LOCK_NAME)

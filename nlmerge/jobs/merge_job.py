@@ -416,8 +416,7 @@ def _check_out(plan, resume):
     out = os.path.realpath(plan.out)
     ckio.check_apart(plan.out, [c.path for c in plan.checkpoints] + list(plan.permutations.files),
                      "write the merge elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):  # before its free space is looked up as a folder's
-        raise FileExistsError(f"output {plan.out!r} exists and is not a folder")
+    ckio.check_output_folder(plan.out)  # before its free space is looked up as a folder's
     _check_free_space(plan, out, resume)
 
 
@@ -728,8 +727,9 @@ class HeldStep:
 def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
     """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
     (the steps whose files the manifest verified) are streamed (one key read ahead, across step
-    boundaries), merged and written to the step's files; a step's filled files are finished (fsync, sha256, rename) on a thread while the next
-    step is merged, then recorded in the manifest. A step is done when all its files are.
+    boundaries), merged and written to the step's files; a step's filled files are finished
+    (fsync, sha256, rename) on a thread while the next step is merged, then recorded in the
+    manifest. A step is done when all its files are.
 
     Global TIES fills a zero elected sign with the majority of the signs merged so far (the
     model-wide majority is only known at the end); a step where that happened is appended to

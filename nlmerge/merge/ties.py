@@ -113,7 +113,7 @@ def ties_vectors(
 def _global_thresholds(keys, get_models, keep, backend, naming):
     """The per-task TIES thresholds over every element of ``keys`` (fp32 [T]): the exact k-th
     smallest task vector magnitude, ``k = d - int(d * keep)`` (0 where ``k < 1``), over the models'
-    tensors taken together (``ops.magnitude_thresholds_models``: one read of them when large)."""
+    tensors taken together (``ops.magnitude_thresholds_models``: one read of them on the fast backends)."""
     models = [get_models(key) for key in keys]
     with naming(keys):
         return ops.magnitude_thresholds_models([base for base, _ in models],
