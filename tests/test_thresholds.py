@@ -88,6 +88,24 @@ def test_misleading_sample_falls_back(backend, generator, fallbacks):
     assert fallbacks == [n // 2]
 
 
+@pytest.mark.parametrize("backend", fast_backends()[:1])  # the CPU's
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "rounded", "sparse"])
+def test_many_candidates_are_selected_among_by_radix(backend, dtype, kind, generator, fallbacks, monkeypatch):
+    """The CPU selects among many candidates by radix histograms (introselect for few): forced
+    for every window here, still bit-identical to the reference, in windows held by the sample."""
+    monkeypatch.setattr(selection, "PARTITION_MAX", 0)
+    radix = []
+    select = selection._radix_select
+    monkeypatch.setattr(selection, "_radix_select", lambda xs, k, *a: radix.append(k) or select(xs, k, *a))
+    n = 300_007
+    base, experts = _models(kind, n, dtype, 3, generator)
+    ks = [max(1, int(f * n)) for f in (0.3, 0.7, 0.9)]
+    got = ops.kth_smallest_magnitudes_models(base, experts, ks, backend=backend)
+    assert torch.equal(got, _reference(base, experts, ks)), ks
+    assert fallbacks == [] and radix, (fallbacks, radix)
+
+
 @pytest.mark.parametrize("backend", fast_backends())
 def test_candidate_overflow_falls_back(backend, generator, fallbacks, monkeypatch):
     """No room for candidates: they overflow, the task falls back."""

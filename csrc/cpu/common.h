@@ -117,6 +117,18 @@ template <> struct DT<BF16> {
     static constexpr uint16_t INF_BITS = 0x7F80u;
 };
 
+// A read hint for the cache line at p (never faults, past the end of an array included). A kernel
+// that reads several streams one run at a time (a run of 2048 bf16 is one 4 KiB page) defeats
+// the hardware prefetcher, which does not cross pages: every run of every stream starts cold.
+// Hinting the next run of a stream while this one is read keeps them all warm (the T-task
+// selection count, 2^26 bf16, T = 4, on 2 cores: 98 -> 42 ms).
+static inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+constexpr int LINE_BYTES = 64;
+// the hint for every line of [p, p + bytes)
+static inline void prefetch_span(const void* p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += LINE_BYTES) prefetch(static_cast<const char*>(p) + i);
+}
+
 static inline size_t itemsize(int d) { return d == F32 ? 4 : 2; }
 
 // dst[0:n] = fp32(src[off:off+n]); returns how many were NaN/Inf.

@@ -124,10 +124,17 @@ void count_low(const uint32_t* __restrict x, int64_t n, uint32_t prefix, C* __re
 // to a per-thread buffer (L1), then through the counting loops above.
 constexpr int RUN = 2048;
 
+// (e and b are read a run at a time, next to other streams: their next runs are hinted, prefetch)
 template <int D>
 void diff_bits(const typename DT<D>::S* __restrict e, const typename DT<D>::S* __restrict b, int n,
                uint32_t* __restrict out) {
-    for (int i = 0; i < n; i++) out[i] = f32_bits(DT<D>::load(e[i]) - DT<D>::load(b[i])) & 0x7FFFFFFFu;
+    constexpr int LINE = LINE_BYTES / int(sizeof(typename DT<D>::S));
+    for (int i0 = 0; i0 < n; i0 += LINE) {
+        prefetch(e + i0 + RUN);
+        prefetch(b + i0 + RUN);
+        const int i1 = std::min(i0 + LINE, n);
+        for (int i = i0; i < i1; i++) out[i] = f32_bits(DT<D>::load(e[i]) - DT<D>::load(b[i])) & 0x7FFFFFFFu;
+    }
 }
 
 // count(bits, m, h) over runs of the elements [p, q) of the task vector expert - base.
@@ -394,11 +401,13 @@ void windows_models_t(const void* base, const void* const* experts, int64_t T, i
             const int m = int(std::min<int64_t>(RUN, e - r));
             const S* bs = static_cast<const S*>(base) + r;
             for (int i = 0; i < m; i++) bf[i] = DT<D>::load(bs[i]);
+            for (int i = 0; i < m; i += LINE_BYTES / int(sizeof(S))) prefetch(bs + RUN + i);
             for (int64_t t = 0; t < T; t++) {
                 const S* xs = static_cast<const S*>(experts[t]) + r;
                 TaskWindow tw = w[t];  // a local copy stays in registers (stores to its buffer could alias w[t])
                 int i = 0;
                 for (; i + VL <= m; i += VL) {
+                    prefetch(xs + RUN + i);  // this expert's next run (see prefetch)
                     simd::vf x = simd::VLoad<D>::load(xs + i);
                     simd::vf bv;
                     std::memcpy(&bv, bf + i, sizeof bv);

@@ -54,6 +54,7 @@ int64_t tall_impl(const void* const* rows_, int64_t T, int64_t N, const void* ta
         int64_t nf = load_block(tau_dtype, tau, off, n, sc.tb);
         for (int i = n; i < nbytes * 8; i++) sc.flags[i] = 0;  // padding bits of the last byte
         for (int64_t t = 0; t < T; t++) {
+            prefetch_span(rows[t] + off + BLOCK, n * int64_t(sizeof(S)));  // this row's next block (prefetch)
             nf += tall_row<D, DIFF>(rows[t] + off, DIFF ? rows[T] + off : nullptr, n, lam[t], sc.tb, sc.flags);
             pack_bits(sc.flags, nbytes, out + t * row_bytes + off / 8);
         }
