@@ -5,17 +5,28 @@ dispatch) -> ``nlmerge.kernels`` (fused C++ and Triton kernels, called only by `
 ``nlmerge.align`` (permutation alignment), ``nlmerge.merge`` (state-dict merging) and
 ``nlmerge.correct`` (variance-collapse correction: TACT, REPAIR) -> ``nlmerge.io`` (checkpoints on
 disk) -> ``nlmerge.jobs`` (the commands' engines: :func:`run_merge` is ``nlmerge merge``).
+
+The subpackages are imported when first used (``nlmerge.merge``, ``from nlmerge import ops``), not
+with the package: the ``nlmerge`` command sets up the process (OpenMP's wait policy) before torch
+loads.
 """
-from nlmerge import align, correct, merge, ops
+import importlib
+
+_SUBPACKAGES = ("align", "correct", "merge", "ops")
 
 
 def __getattr__(name):
-    # the merge job needs safetensors and PyYAML: imported when first used, not with the package
-    if name == "run_merge":
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"nlmerge.{name}")
+    if name == "run_merge":  # the merge job (it needs safetensors and PyYAML)
         from nlmerge.jobs import run_merge
 
         return run_merge
     raise AttributeError(f"module 'nlmerge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nlmerge
-from nlmerge.cli import build_parser, main
+from nlmerge.cli import build_parser, environment_defaults, main
 from nlmerge.demo import options
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +79,24 @@ def test_version_and_help(capsys):
     assert "--threads N torch CPU threads, pinned so that a run is reproducible (default: 2)" in text
     assert "--device {cpu,cuda} where the networks train and run; cuda needs a GPU that torch sees (default: cpu)" in text
     assert "(default: 0,1,2; with --quick: 0)" in text
+
+
+@pytest.mark.parametrize("argv, defaults", [
+    (["merge", "config.yml", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    (["--no-progress", "tall-task", "job", "0", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+    (["demo", "--quick"], {}),  # many small torch ops: spinning workers serve them better
+    (["correct", "merged"], {}),
+    ([], {}),
+])
+def test_environment_defaults_of_the_streaming_commands(argv, defaults):
+    assert environment_defaults(argv) == defaults
+
+
+def test_the_command_imports_no_torch_before_it_sets_the_environment():
+    """OpenMP reads its wait policy once, as torch loads: ``import nlmerge.cli`` must not load it."""
+    code = "import sys, nlmerge.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_demo_command_passes_the_given_seeds_even_with_quick(monkeypatch, tmp_path):
