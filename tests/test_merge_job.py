@@ -913,3 +913,54 @@ def test_the_command_finishes_when_stdout_is_closed(llama_family, tmp_path):
     run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), tmp_path / "ref", progress=False)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def _tiny_job(tmp_path, nan=False):
+    """``tmp_path/c.yml``: a global TIES over three small safetensors files (a few shards at 4K);
+    with ``nan``, the last key of an expert holds a NaN, an error found after progress started."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(4)}
+    for name in ("e0", "e1"):
+        expert = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if nan and name == "e1":
+            expert["w3"][0, 0] = float("nan")
+        save_file(expert, str(tmp_path / f"{name}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base.safetensors"),
+           "parameters": {"scope": "global", "convention": "ties"},
+           "models": [{"model": str(tmp_path / f"{m}.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}
+                      for m in ("e0", "e1")]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("stderr", ["reader gone", "closed"])
+def test_the_command_finishes_when_stderr_is_lost(tmp_path, stderr):
+    """``nlmerge merge ... 2>&1 | head -c 100`` or ``2>&-``: progress bars and -v's log lines have
+    nowhere to go; the merge completes, byte for byte, with exit status 0. An error in the job
+    still exits 1 (its message is lost) and leaves no output."""
+    import subprocess
+    import sys
+
+    _tiny_job(tmp_path)
+    with pytest.warns(UserWarning, match="no config.json"):  # the command warns too, into the lost stderr
+        run_merge(tmp_path / "c.yml", tmp_path / "ref", progress=False, out_shard_size="4K")
+
+    def command(out):
+        read, write = os.pipe()
+        os.close(read)  # nobody reads stderr
+        options = {"stderr": write} if stderr == "reader gone" else {"preexec_fn": lambda: os.close(2)}
+        try:
+            return subprocess.run([sys.executable, "-m", "nlmerge", "merge", str(tmp_path / "c.yml"), str(out),
+                                   "--out-shard-size", "4K", "-vv"], stdout=subprocess.PIPE, text=True, **options)
+        finally:
+            os.close(write)
+
+    done = command(tmp_path / "out")
+    assert (done.returncode, done.stdout) == (0, f"merged into {tmp_path / 'out'}\n")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(tmp_path / "ref"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    _tiny_job(tmp_path, nan=True)
+    done = command(tmp_path / "failed")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert not (tmp_path / "failed").exists()
