@@ -451,7 +451,58 @@ def _say(line):
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _to_devnull(sys.stdout.fileno())
+
+
+def _to_devnull(fd):
+    """Point the file descriptor ``fd`` at /dev/null: the stream's reader is gone, and later writes
+    (the interpreter's at exit, C libraries') must neither fail nor reach a file the job opened."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+class _LosableStderr:
+    """The console script's ``sys.stderr``: progress bars, log lines and warnings are commentary,
+    so a write or flush that fails (the reader left: ``2>&1 | head``; a terminal that hung up)
+    drops the text, sends the descriptor to /dev/null and lets the job go on. An error still ends
+    the command with its exit status; only its message is lost."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        """Write ``text``, or drop it once the stream is lost; returns its length either way."""
+        try:
+            return self._stream.write(text)
+        except OSError:
+            _to_devnull(self._stream.fileno())
+            return len(text)
+
+    def flush(self):
+        """Flush, or drop what is buffered once the stream is lost (it then goes to /dev/null)."""
+        try:
+            self._stream.flush()
+        except OSError:
+            _to_devnull(self._stream.fileno())
+
+    def __getattr__(self, name):  # fileno, encoding, isatty...: the real stream's
+        return getattr(self._stream, name)
+
+
+def _survive_lost_stderr():
+    """Make the commands' stderr losable (:class:`_LosableStderr`). Started with fd 2 closed
+    (``2>&-``: ``sys.stderr`` is None), stderr writes to /dev/null, and fd 2 is held by /dev/null
+    so that the first file the job opens does not become fd 2 (where C libraries write)."""
+    if sys.stderr is not None:
+        sys.stderr = _LosableStderr(sys.stderr)
+        return
+    try:
+        os.fstat(2)
+    except OSError:
+        _to_devnull(2)
+    sys.stderr = open(os.devnull, "w")
 
 
 # The commands that stream checkpoints: a reader, a writer and a hash thread share the cores with
@@ -475,10 +526,13 @@ def console():
     streams are flushed first.
 
     For the commands in ``PASSIVE_WAIT_COMMANDS``, ``OMP_WAIT_POLICY`` defaults to ``PASSIVE``
-    (an explicit setting is kept); OpenMP reads it once, when torch loads, which is after this."""
+    (an explicit setting is kept); OpenMP reads it once, when torch loads, which is after this.
+    A lost stderr (closed, or its reader gone) loses the messages and fails nothing
+    (:func:`_survive_lost_stderr`), as a lost stdout loses the closing line (:func:`_say`)."""
     if "torch" not in sys.modules:
         for name, value in environment_defaults(sys.argv[1:]).items():
             os.environ.setdefault(name, value)
+    _survive_lost_stderr()
     code = main()
     logging.shutdown()
     sys.stdout.flush()

@@ -300,3 +300,49 @@ def test_failure_mid_run_leaves_nothing(llama_paths, tmp_path, monkeypatch, caps
 def test_output_overlapping_an_input_is_refused(llama_paths, capsys):
     out = llama_paths["merged"] / "corrected"
     refused(capsys, out, run(llama_paths, out), "overlaps the input")
+
+
+def test_output_is_locked_as_merge_locks_it(llama_paths, tmp_path, capsys):
+    """correct holds OUT's lock (nlmerge.io.lock_output, OUT/.nlmerge.lock) from before it loads a
+    model until it ends, the output that replaces OUT included: a second correct, or a merge, into
+    that OUT is refused at once; a correct into an OUT that a merge holds is refused and leaves it
+    as it was; a lock file left by a killed job locks nothing and is no output."""
+    from nlmerge.io import LOCK_NAME, OutputInUseError, lock_output
+    from nlmerge.jobs import run_merge
+
+    out = tmp_path / "out"
+    in_use = f"output folder {str(out)!r} is in use by another nlmerge job"
+    with lock_output(out):  # a merge writing OUT
+        assert run(llama_paths, out) == 1
+        assert capsys.readouterr().err.startswith(f"nlmerge correct: error: {in_use}")
+        assert os.listdir(out) == [LOCK_NAME]
+    assert not out.exists()
+
+    merge_config = {"merge_method": "task_arithmetic", "base_model": str(llama_paths["merged"]),
+                    "models": [{"model": str(e), "parameters": {"weight": 0.5}} for e in llama_paths["experts"]]}
+    refused = []
+
+    def second_jobs(line):  # while the first correct runs, from its progress lines
+        if line.startswith("task 1:"):
+            for second in (lambda: correct_job.run_correct(llama_paths["merged"], llama_paths["experts"],
+                                                           llama_paths["data"], out, force=True),
+                           lambda: run_merge(merge_config, out, progress=False, force=True)):
+                with pytest.raises(OutputInUseError, match=in_use):
+                    second()
+                refused.append(line)
+
+    out.mkdir()
+    (out / LOCK_NAME).write_text("")  # what a job killed outright leaves
+    correct_job.run_correct(llama_paths["merged"], llama_paths["experts"], llama_paths["data"], out, log=second_jobs)
+    assert len(refused) == 2
+    assert sorted(os.listdir(out)) == ["task_0", "task_1"]
+
+    swapped = str(tmp_path / "swapped")  # the output that replaces OUT holds the lock until the job ends
+    with correct_job._locked_output(swapped, force=False):
+        with correct_job._staging(swapped) as stage:
+            open(os.path.join(stage, "model.safetensors"), "w").close()
+        assert sorted(os.listdir(swapped)) == [LOCK_NAME, "model.safetensors"]
+        with pytest.raises(OutputInUseError), lock_output(swapped):
+            pass
+    assert os.listdir(swapped) == ["model.safetensors"]
+    assert not [n for n in os.listdir(tmp_path) if ".partial" in n or ".old" in n]

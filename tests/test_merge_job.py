@@ -913,3 +913,109 @@ def test_the_command_finishes_when_stdout_is_closed(llama_family, tmp_path):
     run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), tmp_path / "ref", progress=False)
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+
+
+def _tiny_job(tmp_path, nan=False):
+    """``tmp_path/c.yml``: a global TIES over three small safetensors files (a few shards at 4K);
+    with ``nan``, the last key of an expert holds a NaN, an error found after progress started."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(4)}
+    for name in ("e0", "e1"):
+        expert = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if nan and name == "e1":
+            expert["w3"][0, 0] = float("nan")
+        save_file(expert, str(tmp_path / f"{name}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base.safetensors"),
+           "parameters": {"scope": "global", "convention": "ties"},
+           "models": [{"model": str(tmp_path / f"{m}.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}
+                      for m in ("e0", "e1")]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.parametrize("stderr", ["reader gone", "closed"])
+def test_the_command_finishes_when_stderr_is_lost(tmp_path, stderr):
+    """``nlmerge merge ... 2>&1 | head -c 100`` or ``2>&-``: progress bars and -v's log lines have
+    nowhere to go; the merge completes, byte for byte, with exit status 0. An error in the job
+    still exits 1 (its message is lost) and leaves no output."""
+    import subprocess
+    import sys
+
+    _tiny_job(tmp_path)
+    with pytest.warns(UserWarning, match="no config.json"):  # the command warns too, into the lost stderr
+        run_merge(tmp_path / "c.yml", tmp_path / "ref", progress=False, out_shard_size="4K")
+
+    def command(out):
+        read, write = os.pipe()
+        os.close(read)  # nobody reads stderr
+        options = {"stderr": write} if stderr == "reader gone" else {"preexec_fn": lambda: os.close(2)}
+        try:
+            return subprocess.run([sys.executable, "-m", "nlmerge", "merge", str(tmp_path / "c.yml"), str(out),
+                                   "--out-shard-size", "4K", "-vv"], stdout=subprocess.PIPE, text=True, **options)
+        finally:
+            os.close(write)
+
+    done = command(tmp_path / "out")
+    assert (done.returncode, done.stdout) == (0, f"merged into {tmp_path / 'out'}\n")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(tmp_path / "ref"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    _tiny_job(tmp_path, nan=True)
+    done = command(tmp_path / "failed")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert not (tmp_path / "failed").exists()
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["finisher", "held"])
+def test_a_signal_while_a_shard_is_recorded_leaves_every_renamed_shard_recorded(tmp_path, monkeypatch, held):
+    """SIGINT reaches the main thread (where Python raises every signal's KeyboardInterrupt) while
+    the job records its third shard in the manifest: every shard under its final name in OUT is
+    in the saved manifest, and --resume keeps them all and completes the clean job's bytes. A
+    global TIES writes each step's files and finishes them on the finisher thread, or (``held``:
+    zero elected signs on a bf16 model, every step held open for the model-wide majority) on the
+    main thread once the majority is known. The manifest used to be written on the main thread
+    after the rename: a signal there left renamed shards unrecorded."""
+    import signal
+    import threading
+
+    from nlmerge.io import Manifest
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(8)}
+    noise = (lambda v: 0.01 * torch.randint(-2, 3, v.shape, generator=g)) if held else \
+        (lambda v: 0.05 * torch.randn(v.shape, generator=g))  # coarse: task vectors cancel exactly
+    experts = [{k: v + noise(v) for k, v in base.items()} for _ in range(3)]
+    for name, sd in (("base", base), *((f"e{t}", e) for t, e in enumerate(experts))):
+        save_file({k: v.bfloat16() if held else v for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base.safetensors"),
+           "parameters": {"scope": "global", "convention": "ties"},
+           "models": [{"model": str(tmp_path / f"e{t}.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}
+                      for t in range(3)]}
+    size = "2K" if held else "4K"  # one tensor a shard
+    with pytest.warns(UserWarning, match="no config.json"):
+        run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size=size)
+
+    real_save, saves, main = Manifest.save, [], threading.main_thread().ident
+
+    def save(self):
+        saves.append(threading.current_thread().name)
+        if len(saves) == 4:  # the job's empty manifest, then three shards
+            signal.pthread_kill(main, signal.SIGINT)
+        return real_save(self)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "save", save)
+        with pytest.raises(KeyboardInterrupt):
+            run_merge(cfg, out, progress=False, out_shard_size=size)
+    shards = {name for name in os.listdir(out) if name.startswith("model-")}
+    assert len(shards) >= 2
+    assert shards <= set(json.load(open(out / "nlmerge-manifest.json"))["shards"])
+    assert saves[3].startswith("MainThread" if held else "nlmerge-finish")
+    lines = []
+    with pytest.warns(UserWarning, match="no config.json"):
+        run_merge(cfg, out, progress=False, out_shard_size=size, resume=True, log=lines.append)
+    assert lines[0].startswith(f"resuming: {len(shards)} of 8 shards verified and kept")
+    for name in os.listdir(tmp_path / "clean"):
+        if name.startswith("model"):
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name

@@ -341,10 +341,13 @@ class ShardWriter:
         for future in futures:
             future.result()
 
-    def finish(self):
+    def finish(self, *, record=None):
         """Check that every planned key was written, flush and fsync, hash, and rename to the
-        final name. Returns ``WrittenShard(name, size, sha256)``; ValueError naming the shard
-        and the missing keys otherwise."""
+        final name. ``record``, when given, is called with the ``WrittenShard`` once the file is
+        complete and before the rename (a resume manifest's ``record``: whenever the process
+        stops, a file under its final name is recorded; an error in ``record`` aborts). Returns
+        ``WrittenShard(name, size, sha256)``; ValueError naming the shard and the missing keys
+        otherwise."""
         with self._aborting():
             missing = [k for k in self.plan.entries if k not in self._written]
             if missing:
@@ -357,8 +360,11 @@ class ShardWriter:
             os.close(self._fd)
             self._fd = None
             self._shutdown()
+            written = WrittenShard(self.plan.name, self.plan.size, digest)
+            if record is not None:
+                record(written)
             _publish(self.temp_path, self.final_path)
-        return WrittenShard(self.plan.name, self.plan.size, digest)
+        return written
 
     def _digest(self):
         """The file's sha256: the running hash, restarted where the first replaced key began and

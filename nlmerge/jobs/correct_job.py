@@ -37,6 +37,8 @@ tower on ``pixel_values``, the text tower on ``input_ids``; the other tower is w
 Everything is checked before any model is run (folders, configs, data files, the output folder);
 outputs are written in a temporary folder beside ``OUT`` and renamed to ``OUT`` when complete
 (an existing ``OUT`` is replaced only with ``force``, and only then): no half-written output.
+``OUT`` is locked while the job runs, as ``nlmerge merge`` locks it (created, with only its lock
+file, until the output replaces it).
 """
 import contextlib
 import inspect
@@ -51,7 +53,8 @@ import torch
 from nlmerge.correct import activation_stats, correct_to, default_sites, fold, fold_problem, repair_targets
 from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
-from nlmerge.io import WEIGHT_FILES, check_apart, open_checkpoint
+from nlmerge.io import (LOCK_NAME, WEIGHT_FILES, check_apart, check_output_folder, lock_output, open_checkpoint,
+                        output_entries)
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
 from nlmerge.jobs.model_card import CARD_NAME, correction_card
 
@@ -111,7 +114,10 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
     TypeError
         ``eps`` is not a real number.
     FileExistsError
-        ``out`` exists (non-empty, without ``force``; a file), or overlaps an input.
+        ``out`` exists (non-empty, without ``force``; a file), or overlaps an input;
+        ``nlmerge.io.OutputInUseError`` when another job (``correct``, ``merge``, ``tall-task``)
+        is writing into ``out``: the job holds ``OUT/.nlmerge.lock`` from before it loads a model
+        until it ends, and the lock file is not an output.
     """
     say = log or (lambda line: None)
     if method not in METHODS:
@@ -132,41 +138,43 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         _same_architecture(config, expert_config, f"expert {t} ({path})", merged)
     _same_tensors(merged, experts)
     out = os.fspath(out)
-    _check_out(out, [merged, *experts, *data], force)
+    _check_out(out, [merged, *experts, *data])
     tensors = [_read_data(path, t) for t, path in enumerate(data)]
 
-    say(f"loading the merged model {merged}")
-    switches = BIAS_SWITCHES.get(config.get("model_type"), ())
-    model = _load(merged, config, "merged model", switches)
-    tower, root = _tower(model, tensors, data)
-    batches = [_batches(root, tensors[t], data[t], t, batch_size) for t in range(len(data))]
-    sites = correction_sites(model, tower)
+    with _locked_output(out, force):
+        say(f"loading the merged model {merged}")
+        switches = BIAS_SWITCHES.get(config.get("model_type"), ())
+        model = _load(merged, config, "merged model", switches)
+        tower, root = _tower(model, tensors, data)
+        batches = [_batches(root, tensors[t], data[t], t, batch_size) for t in range(len(data))]
+        sites = correction_sites(model, tower)
 
-    stats = []
-    for t, path in enumerate(experts):
-        say(f"expert {t} ({path}): statistics at {len(sites)} sites on {data[t]}")
-        expert = _load(path, expert_configs[t], f"expert {t}", ())
-        stats.append(activation_stats(expert.get_submodule(tower), batches[t], sites))
-        del expert
+        stats = []
+        for t, path in enumerate(experts):
+            say(f"expert {t} ({path}): statistics at {len(sites)} sites on {data[t]}")
+            expert = _load(path, expert_configs[t], f"expert {t}", ())
+            stats.append(activation_stats(expert.get_submodule(tower), batches[t], sites))
+            del expert
 
-    record = {"format": "nlmerge-correct/1", "method": method, "merged": merged, "experts": experts, "data": data,
-              "eps": eps, "batch_size": batch_size, "module": tower, "sites": sites}
-    saved = {**config, **{k: True for k in switches}}
-    with _staging(out) as stage:
-        if method == "tact":
-            folders = []
-            for t in range(len(experts)):
-                say(f"task {t}: correcting the merged model towards expert {t}")
-                corrected = correct_to(root, stats[t], batches[t], eps)
-                name = f"task_{t}"
-                _save(model, tower, fold(corrected), os.path.join(stage, name), merged, saved,
-                      {**record, "task": t}, write_model_card)
-                folders.append(os.path.join(out, name))
-        else:
-            say("correcting the merged model towards the experts' average statistics (REPAIR)")
-            corrected = correct_to(root, repair_targets(stats), [b for task in batches for b in task], eps)
-            _save(model, tower, fold(corrected), stage, merged, saved, {**record, "task": None}, write_model_card)
-            folders = [out]
+        record = {"format": "nlmerge-correct/1", "method": method, "merged": merged, "experts": experts,
+                  "data": data, "eps": eps, "batch_size": batch_size, "module": tower, "sites": sites}
+        saved = {**config, **{k: True for k in switches}}
+        with _staging(out) as stage:
+            if method == "tact":
+                folders = []
+                for t in range(len(experts)):
+                    say(f"task {t}: correcting the merged model towards expert {t}")
+                    corrected = correct_to(root, stats[t], batches[t], eps)
+                    name = f"task_{t}"
+                    _save(model, tower, fold(corrected), os.path.join(stage, name), merged, saved,
+                          {**record, "task": t}, write_model_card)
+                    folders.append(os.path.join(out, name))
+            else:
+                say("correcting the merged model towards the experts' average statistics (REPAIR)")
+                corrected = correct_to(root, repair_targets(stats), [b for task in batches for b in task], eps)
+                _save(model, tower, fold(corrected), stage, merged, saved, {**record, "task": None},
+                      write_model_card)
+                folders = [out]
     return folders
 
 
@@ -269,12 +277,9 @@ def _same_architecture(ref, config, label, ref_path):
                              f"{ref.get(key)!r} ({ref_path})")
 
 
-def _check_out(out, inputs, force):
+def _check_out(out, inputs):
     check_apart(out, inputs, "write the correction elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"output {out!r} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not force:
-        raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to replace it")
+    check_output_folder(out)
 
 
 def _read_data(path, t):
@@ -389,30 +394,45 @@ def _load(path, config, label, switches):
 # ---------------------------------------------------------------------------------- output
 
 @contextlib.contextmanager
-def _staging(out):
-    """A temporary folder beside ``out`` that becomes ``out`` when the block completes (a previous
-    ``out`` is removed only then); on error it is removed, with any parent folders made for it."""
-    parent = os.path.dirname(os.path.abspath(out))
-    made, folder = [], parent  # the parent folders this creates, deepest first
+def _locked_output(out, force):
+    """Hold ``out``'s lock while the block runs: ``nlmerge.io.lock_output``, the lock of ``nlmerge
+    merge`` and ``tall-task`` (``OUT/.nlmerge.lock``; ``out`` is created for it if needed), so that
+    two jobs never write one OUT. A non-empty ``out`` (the lock file aside) needs ``force``. On an
+    error, ``out`` (when made here: by ``lock_output``) and the parent folders made for it go."""
+    made, folder = [], os.path.dirname(os.path.abspath(out))  # the parent folders made here, deepest first
     while not os.path.isdir(folder):
         made.append(folder)
         folder = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.partial-", dir=parent)
     try:
-        yield stage
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "out"))
-        os.replace(stage, out)
-        if old:
-            shutil.rmtree(old)
+        with lock_output(out):
+            if output_entries(out) and not force:
+                raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to replace it")
+            yield
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         for folder in made:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
+        raise
+
+
+@contextlib.contextmanager
+def _staging(out):
+    """A temporary folder beside the locked ``out`` (:func:`_locked_output`) that becomes ``out``
+    when the block completes (the previous ``out`` is removed only then); on error it is removed.
+    The lock file goes into the new ``out`` as a second link to the file this job holds locked, so
+    ``out`` is never without it: a job that opens it there is refused until this one ends."""
+    parent, name = os.path.split(os.path.abspath(out))
+    stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        yield stage
+        with contextlib.suppress(OSError):  # a file system without hard links: unlocked until the job ends
+            os.link(os.path.join(out, LOCK_NAME), os.path.join(stage, LOCK_NAME))
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.replace(out, os.path.join(old, "out"))
+        os.replace(stage, out)
+        shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
         raise
 
 

@@ -10,6 +10,7 @@ skip finished shards and give byte-identical output.
 import contextlib
 import errno
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -701,17 +702,17 @@ def _step_files(plan, step):
     return {o.role: o.file(step) for o in plan.outputs if o.plans[step] is not None}
 
 
-def _finish_files(writers):
-    """Finish a step's writers in turn (aborting the rest when one fails); their WrittenShards."""
-    written = []
-    try:
-        for writer in writers:
-            written.append(writer.finish())
-    except BaseException:
-        for writer in writers[len(written) + 1:]:
-            writer.abort()
-        raise
-    return written
+def _finish_files(writers, manifest, extra):
+    """Finish a step's writers in turn (aborting the rest when one fails), each file recorded in
+    ``manifest`` with ``extra`` before it is renamed into place."""
+    record = functools.partial(manifest.record, extra=extra)
+    for done, writer in enumerate(writers):
+        try:
+            writer.finish(record=record)
+        except BaseException:
+            for rest in writers[done + 1:]:
+                rest.abort()
+            raise
 
 
 @dataclass
@@ -728,8 +729,10 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
     """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
     (the steps whose files the manifest verified) are streamed (one key read ahead, across step
     boundaries), merged and written to the step's files; a step's filled files are finished
-    (fsync, sha256, rename) on a thread while the next step is merged, then recorded in the
-    manifest. A step is done when all its files are.
+    (fsync, sha256, rename) on a thread while the next step is merged, and recorded in the
+    manifest before they are renamed into place: on that thread, which no signal interrupts
+    (Python runs signal handlers on the main thread), so a file under its final name is always
+    recorded. A step is done when all its files are.
 
     Global TIES fills a zero elected sign with the majority of the signs merged so far (the
     model-wide majority is only known at the end); a step where that happened is appended to
@@ -771,29 +774,29 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                     writers[role].write(name, tensor, provisional=fills.get(name) == 0)
                 if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
+                    # taken over in one statement (no call: a signal comes before or after it), so
+                    # that the finally never aborts a writer that the finisher is finishing
+                    step_writers, writers = writers, None
                     if fills:
-                        held.append(HeldStep(writers, fills, shard_sum))
+                        held.append(HeldStep(step_writers, fills, shard_sum))
                     else:
                         extra = {"sign_sum": shard_sum} if thresholds is not None else None
-                        finishing.append((finisher.submit(_finish_files, list(writers.values())), extra))
-                    writers = None
-                    _record_finished(manifest, finishing, wait=False)
+                        finishing.append(finisher.submit(_finish_files, list(step_writers.values()), manifest, extra))
+                    _check_finished(finishing, wait=False)
                 if bar is not None:
                     bar.set_postfix_str(f"{done}/{len(keys)} tensors", refresh=False)
                     bar.update(_nbytes(k))
     finally:
         for writer in (writers or {}).values():
             writer.abort()
-        _record_finished(manifest, finishing, wait=True)
+        _check_finished(finishing, wait=True)
     return sign_sum
 
 
-def _record_finished(manifest, finishing, *, wait):
-    """Record finished steps in order; with ``wait``, wait for all (re-raising a failed finish)."""
-    while finishing and (wait or finishing[0][0].done()):
-        future, extra = finishing.pop(0)
-        for written in future.result():
-            manifest.record(written, extra=extra)
+def _check_finished(finishing, *, wait):
+    """Re-raise the error of a failed finish among the finished steps (or, with ``wait``, all)."""
+    while finishing and (wait or finishing[0].done()):
+        finishing.pop(0).result()
 
 
 def _finish_held(plan, manifest, thresholds, majority, held):
@@ -812,8 +815,7 @@ def _finish_held(plan, manifest, thresholds, majority, held):
         for key, tensors in _stream(plan, stale.pop(0)):
             fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
             step.writers["model"].write(key, fixed, replace=True)
-        for written in _finish_files(list(step.writers.values())):
-            manifest.record(written, extra={"sign_sum": step.sign_sum})
+        _finish_files(list(step.writers.values()), manifest, {"sign_sum": step.sign_sum})
         held.pop(0)
 
 
