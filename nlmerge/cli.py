@@ -446,11 +446,12 @@ def main(argv=None):
 
 
 def _say(line):
-    """Print a command's report on stdout. A reader that left (``nlmerge ... | head -0``) loses the
-    line but fails nothing: the work is done, and later writes to stdout go to /dev/null."""
+    """Print a command's report on stdout. A stdout that cannot take it (its reader left:
+    ``nlmerge ... | head -0``; ``>/dev/full``) loses the line but fails nothing: the work is done,
+    and later writes to stdout go to /dev/null."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError:
         _to_devnull(sys.stdout.fileno())
 
 
@@ -491,18 +492,20 @@ class _LosableStderr:
         return getattr(self._stream, name)
 
 
-def _survive_lost_stderr():
-    """Make the commands' stderr losable (:class:`_LosableStderr`). Started with fd 2 closed
-    (``2>&-``: ``sys.stderr`` is None), stderr writes to /dev/null, and fd 2 is held by /dev/null
-    so that the first file the job opens does not become fd 2 (where C libraries write)."""
-    if sys.stderr is not None:
-        sys.stderr = _LosableStderr(sys.stderr)
-        return
-    try:
-        os.fstat(2)
-    except OSError:
-        _to_devnull(2)
-    sys.stderr = open(os.devnull, "w")
+def _survive_lost_streams():
+    """Make the commands' stderr losable (:class:`_LosableStderr`; stdout's one line is
+    :func:`_say`'s). A standard stream started closed (``>&-``, ``2>&-``: ``sys.stdout`` or
+    ``sys.stderr`` is None) writes to /dev/null, and its descriptor is held by /dev/null so that
+    the first files the job opens do not become fd 1 or 2 (where C libraries write)."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            _to_devnull(fd)
+        setattr(sys, name, open(os.devnull, "w"))
+    sys.stderr = _LosableStderr(sys.stderr)
 
 
 # The commands that stream checkpoints: a reader, a writer and a hash thread share the cores with
@@ -527,12 +530,12 @@ def console():
 
     For the commands in ``PASSIVE_WAIT_COMMANDS``, ``OMP_WAIT_POLICY`` defaults to ``PASSIVE``
     (an explicit setting is kept); OpenMP reads it once, when torch loads, which is after this.
-    A lost stderr (closed, or its reader gone) loses the messages and fails nothing
-    (:func:`_survive_lost_stderr`), as a lost stdout loses the closing line (:func:`_say`)."""
+    A lost stderr or stdout (closed, full, or its reader gone) loses the messages and fails nothing
+    (:func:`_survive_lost_streams`, :func:`_say`)."""
     if "torch" not in sys.modules:
         for name, value in environment_defaults(sys.argv[1:]).items():
             os.environ.setdefault(name, value)
-    _survive_lost_stderr()
+    _survive_lost_streams()
     code = main()
     logging.shutdown()
     sys.stdout.flush()

@@ -966,6 +966,32 @@ def test_the_command_finishes_when_stderr_is_lost(tmp_path, stderr):
     assert not (tmp_path / "failed").exists()
 
 
+@pytest.mark.parametrize("stdout", ["closed", "full"])
+def test_the_command_finishes_when_stdout_cannot_be_written(tmp_path, stdout):
+    """``nlmerge merge ... >&-`` or ``>/dev/full``: the closing line is lost, the merge is complete
+    (byte for byte) and the command exits 0 with nothing on stderr; a closed fd 1 is held by
+    /dev/null, so no file of the job becomes fd 1."""
+    import subprocess
+    import sys
+
+    if stdout == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    _tiny_job(tmp_path)
+    with pytest.warns(UserWarning, match="no config.json"):
+        run_merge(tmp_path / "c.yml", tmp_path / "ref", progress=False, out_shard_size="4K")
+    command = [sys.executable, "-m", "nlmerge", "merge", str(tmp_path / "c.yml"), str(tmp_path / "out"),
+               "--out-shard-size", "4K", "--no-progress"]
+    if stdout == "closed":
+        done = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    else:
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(tmp_path / "ref"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("held", [False, True], ids=["finisher", "held"])
 def test_a_signal_while_a_shard_is_recorded_leaves_every_renamed_shard_recorded(tmp_path, monkeypatch, held):
     """SIGINT reaches the main thread (where Python raises every signal's KeyboardInterrupt) while
