@@ -401,7 +401,7 @@ void windows_models_t(const void* base, const void* const* experts, int64_t T, i
             const int m = int(std::min<int64_t>(RUN, e - r));
             const S* bs = static_cast<const S*>(base) + r;
             for (int i = 0; i < m; i++) bf[i] = DT<D>::load(bs[i]);
-            for (int i = 0; i < m; i += LINE_BYTES / int(sizeof(S))) prefetch(bs + RUN + i);
+            prefetch_span(bs + RUN, m * int64_t(sizeof(S)));  // the base's next run (see prefetch)
             for (int64_t t = 0; t < T; t++) {
                 const S* xs = static_cast<const S*>(experts[t]) + r;
                 TaskWindow tw = w[t];  // a local copy stays in registers (stores to its buffer could alias w[t])

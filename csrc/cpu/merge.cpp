@@ -27,8 +27,6 @@
 #include "kernels.h"
 #include "simd.h"
 
-
-
 namespace nlm {
 namespace {
 
