@@ -11,6 +11,7 @@ The models rows (``--models``) take the base and T experts in their storage dtyp
 ``*_models`` ops form the task vectors in the kernel): global TIES at the op level (thresholds
 from the models' histograms, then the merge pass), the same through ``nlmerge.merge.ties`` on a
 dict of 1024 x 1024 tensors, task arithmetic; their floor reads T + 1 inputs and writes one output.
+Their data leans to a TIES majority sign (``--majority``: +1 and -1 by default, 0 symmetric).
 With ``--device cuda`` (the Triton kernels) they add TALL masks and consensus from the models, the
 share of the card's copy bandwidth each op reaches (issue 13's targets: >= 80% for the merge pass,
 >= 70% for selection) and the peak extra memory.
@@ -27,7 +28,8 @@ bracket, one counting pass; ``ops.magnitude_threshold*``) against the two histog
 and expert in the dtype); the floor reads the inputs once. Times interleaved, best of the rounds.
 
     python benchmarks/bench_merge.py [--sizes 24 26] [--tasks 4] [--dtypes float32 bfloat16]
-                                     [--device cpu|cuda] [--quick] [--models] [--dare] [--selection]
+                                     [--device cpu|cuda] [--quick] [--models [--majority 1 -1 0]] [--dare]
+                                     [--selection]
 """
 import argparse
 import os
@@ -86,10 +88,13 @@ def unfused_dare(base, experts, density, consensus, name="w", seed=0):
                           zero_sign="positive")
 
 
-def make_models(tasks, n, dtype, gen, device="cpu"):
-    """A base and T experts near it (task vectors small next to the weights)."""
+def make_models(tasks, n, dtype, gen, device="cpu", majority=0):
+    """A base and T experts near it (task vectors small next to the weights); with ``majority`` +1
+    or -1 the task vectors lean that way (mean 0.05 of their spread), so TIES's elected signs have
+    that majority clearly; with 0 they are symmetric and the majority is a coin's toss."""
     base = torch.randn(n, generator=gen)
-    experts = [(base + 0.01 * torch.randn(n, generator=gen)).to(dtype).to(device) for _ in range(tasks)]
+    experts = [(base + 0.01 * (torch.randn(n, generator=gen) + 0.05 * majority)).to(dtype).to(device)
+               for _ in range(tasks)]
     return base.to(dtype).to(device), experts
 
 
@@ -102,11 +107,11 @@ def state_dict(x, rows=1024):
 METHODS = {"fused": nlmerge_ties, "fusionbench": fusionbench_ties, "models": None}
 
 
-def peak_in_fresh_process(method, log2n, tasks, dtype_name, keep):
+def peak_in_fresh_process(method, log2n, tasks, dtype_name, keep, majority=0):
     """Peak extra memory of one TIES run on the CPU, measured in a new process so that memory the
     allocator cached earlier in this run cannot hide it (glibc told to return every large block)."""
     command = [sys.executable, __file__, "--peak-of", method, "--sizes", str(log2n), "--tasks", str(tasks),
-               "--dtypes", dtype_name, "--keep", str(keep)]
+               "--dtypes", dtype_name, "--keep", str(keep), "--majority", str(majority)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return int(result.stdout.split()[-1])
@@ -127,6 +132,8 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="N = 2^20 only, one repeat")
     parser.add_argument("--models", action="store_true", help="only the rows that take the models")
+    parser.add_argument("--majority", type=int, nargs="+", default=[1, -1], choices=[-1, 0, 1],
+                        help="--models: the TIES majority sign of the data (0: symmetric, a coin's toss)")
     parser.add_argument("--dare", action="store_true", help="only the DARE rows (dare_linear, dare_ties)")
     parser.add_argument("--density", type=float, default=0.3, help="DARE's density (--dare)")
     parser.add_argument("--selection", action="store_true", help="only the selection rows (one read vs two passes)")
@@ -135,7 +142,8 @@ def main():
     if args.peak_of:
         dtype = getattr(torch, args.dtypes[0])
         if args.peak_of == "models":
-            base, experts = make_models(args.tasks, 1 << args.sizes[0], dtype, torch.Generator().manual_seed(0))
+            base, experts = make_models(args.tasks, 1 << args.sizes[0], dtype, torch.Generator().manual_seed(0),
+                                        majority=args.majority[0])
             run = lambda: nlmerge_ties_models(base, experts, args.keep)  # noqa: E731
         else:
             tv = torch.randn(args.tasks, 1 << args.sizes[0]).to(dtype)
@@ -153,10 +161,16 @@ def main():
             for dtype_name in args.dtypes:
                 selection_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
         return
-    if args.models or args.dare:
+    if args.dare:
         for log2n in sizes:
             for dtype_name in args.dtypes:
-                (dare_rows if args.dare else models_rows)(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
+                dare_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen)
+        return
+    if args.models:
+        for log2n in sizes:
+            for dtype_name in args.dtypes:
+                for majority in args.majority:
+                    models_rows(log2n, getattr(torch, dtype_name), args, repeat, device, gen, majority)
         return
     for log2n in sizes:
         for dtype_name in args.dtypes:
@@ -238,15 +252,16 @@ def selection_rows(log2n, dtype, args, repeat, device, gen):
     print()
 
 
-def models_rows(log2n, dtype, args, repeat, device, gen):
-    """The rows of the ops that take the models (base + T experts in their storage dtype)."""
+def models_rows(log2n, dtype, args, repeat, device, gen, majority):
+    """The rows of the ops that take the models (base + T experts in their storage dtype), on data
+    of the given TIES ``majority`` sign (``make_models``)."""
     n, t = 1 << log2n, args.tasks
-    base, experts = make_models(t, n, dtype, gen, device)
+    base, experts = make_models(t, n, dtype, gen, device, majority)
     size = base.element_size()
     bandwidth = copy_bandwidth(t * n * size, device)
     floor = (t + 1) * n * size / bandwidth
-    print(f"N = 2^{log2n}, {dtype} models: copy bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.1f} ms "
-          f"(read {t + 1}xN, write N)")
+    print(f"N = 2^{log2n}, {dtype} models, majority {majority:+d}: copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"floor {floor * 1e3:.1f} ms (read {t + 1}xN, write N)")
     fused = best_time(lambda: nlmerge_ties_models(base, experts, args.keep), repeat, device)
     tv = torch.stack([x.float() - base.float() for x in experts])
     fusionbench = best_time(lambda: fusionbench_ties(tv, args.keep), 1, device)
@@ -267,7 +282,7 @@ def models_rows(log2n, dtype, args, repeat, device, gen):
     ta = best_time(lambda: ops.task_arithmetic_models(base, experts), repeat, device)
     row("task arithmetic from models", ta, floor)
     if device == "cpu":
-        peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep)
+        peak = peak_in_fresh_process("models", log2n, t, str(dtype).split(".")[-1], args.keep, majority)
         print(f"  peak extra memory: TIES from models {peak / 2**20:.1f} MiB (one output: {n * size / 2**20:.1f} MiB)")
     else:
         gpu_models_rows(base, experts, args, repeat, bandwidth, {"merge pass": merge_pass, "thresholds": selection})

@@ -19,9 +19,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 # budgets: 600 s per device command in all (tests 200, benchmarks 300, demo 90)
 timeout "${TEST_TIMEOUT:-200}" python -m pytest -q -x -p no:warnings --continue-on-collection-errors tests -k "triton or cuda" 2>&1 | tee "$out/tests.txt" | tail -25
-timeout "${BENCH_TIMEOUT:-100}" python benchmarks/bench_merge.py --device cuda --sizes 24 26 2>&1 | tee "$out/bench.txt"
+timeout "${BENCH_TIMEOUT:-80}" python benchmarks/bench_merge.py --device cuda --sizes 24 26 2>&1 | tee "$out/bench.txt"
 # the ops that read the models (issue 13: share of the copy bandwidth), then DARE over the models
-timeout 80 python benchmarks/bench_merge.py --device cuda --models --sizes 24 26 2>&1 | tee "$out/bench_models.txt"
+timeout 100 python benchmarks/bench_merge.py --device cuda --models --sizes 24 26 2>&1 | tee "$out/bench_models.txt"
 timeout 40 python benchmarks/bench_merge.py --device cuda --dare --sizes 24 2>&1 | tee "$out/bench_dare.txt"
 timeout 40 python benchmarks/bench_stats.py --device cuda 2>&1 | tee "$out/bench_stats.txt"
 timeout 40 python benchmarks/bench_permute.py --device cuda 2>&1 | tee "$out/bench_permute.txt"

@@ -349,6 +349,55 @@ def test_complete_ties_pass_reruns_blocks(backend, monkeypatch, generator):
     assert calls[0] is None and calls[1].tolist() == [1, 4, 8] and len(calls) == 2
 
 
+SAMPLED = [0, 16]  # the blocks that ``_predicted_majority`` samples of 32
+
+
+def sampled_majority_models(dtype, majority, sample_sign, generator, nblocks=32):
+    """Models of ``nblocks`` blocks, each opening with 100 exactly cancelled elements (ambiguous);
+    elsewhere one expert decides, with sign ``majority``, except in the blocks that
+    ``_predicted_majority`` samples, where it is ``sample_sign``."""
+    n = nblocks * BLOCK
+    base = (torch.randint(-8, 9, (n,), generator=generator) * 0.25).to(dtype)
+    a = nasty("ties", (n,), dtype, generator).float()
+    sign = torch.full((nblocks,), float(majority))
+    sign[SAMPLED] = sample_sign
+    lead = sign.repeat_interleave(BLOCK) * torch.rand(n, generator=generator).add(0.5)
+    amb = (torch.arange(n) % BLOCK) < 100
+    taus = [torch.where(amb, a, lead), torch.where(amb, -a, torch.zeros(n))]
+    return base, [(base.float() + tau.to(dtype).float()).to(dtype) for tau in taus]
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("majority", (-1, 1))
+@pytest.mark.parametrize("sample_agrees", (True, False))
+def test_first_pass_fills_with_a_sampled_majority(backend, dtype, majority, sample_agrees, monkeypatch, generator):
+    """TIES over one tensor first runs its sampled blocks, then one pass filled with their majority:
+    nothing reruns when the sample's majority is the tensor's (either sign); when the sample
+    misleads, the ambiguous blocks rerun with the tensor's majority. The result is the reference's
+    either way, and every disjoint mode's."""
+    base, experts = sampled_majority_models(dtype, majority, majority if sample_agrees else -majority, generator)
+    tv = model_task_vectors(base, experts)
+    b, ex = on(device_for(backend), base, experts)
+    module, _ = kernels.load(backend)
+    calls = []
+    real = module.ties_merge_models
+
+    def spy(*args, **kwargs):
+        calls.append((args[-3], None if args[-2] is None else args[-2].tolist()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "ties_merge_models", spy)
+    for disjoint in ("mean", "max"):
+        calls.clear()
+        got = ops.ties_merge_models(b, ex, thresholds=[0.0, 0.0], disjoint=disjoint, backend=backend)
+        expected = ops.ties_merge(tv, [0.0, 0.0], base=base, disjoint=disjoint, backend="torch")
+        assert torch.equal(got.cpu(), expected), disjoint
+        fill = majority if sample_agrees else -majority
+        assert calls[:2] == [(0, SAMPLED), (fill, None)]
+        assert calls[2:] == ([] if sample_agrees else [(majority, list(range(32)))])
+
+
 @pytest.mark.parametrize("backend", fast_backends())
 def test_models_ops_never_build_task_vectors(backend, monkeypatch, generator):
     """Every models op runs its models kernel: the stacked-task-vector kernels and the fp32 task

@@ -16,11 +16,12 @@ reference builds the fp32 task vectors first): bit-identical to the stacked-task
 ``keep_task_vectors(base, experts, random_keep)``.
 
 The zero-sign rule of TIES ("majority": the sign of the sum of all elected signs over the scope)
-needs the whole scope before any element can be finished. One pass with ``fill_sign=0`` also
-returns the scope's sign sum, how many elements were ambiguous (zero sign, some non-zero
-trimmed entry) and which blocks of ``BLOCK`` elements hold them; only when there are some, and
-the majority's fill would write something else (``same_fill_result``), are those blocks recomputed
-with the majority sign (``complete_ties_pass``).
+needs the whole scope before any element can be finished. A pass also returns the scope's sign
+sum, how many elements were ambiguous (zero sign, some non-zero trimmed entry) and which blocks of
+``BLOCK`` elements hold them; only when there are some, and the majority's fill would write
+something else than the pass's fill (``same_fill_result``), are those blocks recomputed with the
+majority sign (``complete_ties_pass``). Over one tensor the pass fills with the majority of a
+sample of its blocks (``_predicted_majority``): right whenever the tensor's majority is clear.
 
 Results are written in ``out_dtype`` (default: the base's dtype, else the task vectors'); a result
 that is not finite there (an overflow: inputs are checked) raises ``NonFiniteResultError``. The
@@ -52,6 +53,7 @@ from nlmerge.ops.selection import magnitude_thresholds_models
 SIGN_MODES = ("mass", "count")
 DISJOINT_MODES = ("mean", "sum", "max")
 BLOCK = 1024  # elements of a block of a TIES pass (``ambiguous_blocks``, ``blocks=``): the fast kernels' block
+SAMPLE_BLOCKS = 256  # blocks whose elected signs predict a tensor's majority sign (``_predicted_majority``)
 
 
 class TiesPass(NamedTuple):
@@ -118,6 +120,11 @@ def _finish(merged, base, lam, dtype):
     """``base + lam * merged`` in fp32 (lam rounded to fp32 as the kernels do), in ``dtype``."""
     scaled = torch.tensor(lam, dtype=torch.float32, device=merged.device) * merged
     return (scaled if base is None else base.float() + scaled).to(dtype)
+
+
+def _fast(backend, device, op):
+    """Whether ``op`` runs on kernels (not the reference) with ``backend`` on ``device``."""
+    return resolve(backend, device, op)[1] is not None
 
 
 def _check_options(sign, disjoint, fill_sign):
@@ -399,15 +406,34 @@ def complete_ties_pass(first, fill_sign, majority, disjoint, rerun):
     return first.merged
 
 
-def _majority_merge(run_pass, zero_sign, disjoint):
-    """TIES with the zero-sign rule over one tensor; ``run_pass(**kw)`` runs the pass."""
+def _sign(x):
+    return (x > 0) - (x < 0)
+
+
+def _predicted_majority(run_pass, out):
+    """The majority sign of a sample of ``out``'s blocks (``SAMPLE_BLOCKS`` evenly spaced ones, at most
+    1/16 of the tensor), computed by ``run_pass(blocks=, out=out)``; 0 for tensors under 16 blocks
+    (their rerun is cheap). A first pass filled with it reruns nothing when the sample's
+    majority is the tensor's, whatever that is (a fill of 0 is right only for -1)."""
+    count = -(-out.numel() // BLOCK)
+    sampled = min(SAMPLE_BLOCKS, count // 16)
+    if not sampled:
+        return 0
+    blocks = torch.arange(sampled) * count // sampled
+    return _sign(run_pass(fill_sign=0, blocks=blocks, out=out, check_result=False).sign_sum)
+
+
+def _majority_merge(run_pass, zero_sign, disjoint, out, fast):
+    """TIES with the zero-sign rule over one tensor; ``run_pass(**kw)`` runs the pass into ``out`` (a
+    fresh tensor of the result's shape and dtype). ``fast``: the pass runs on kernels, so a sample's
+    pass costs its share (the reference computes every element whatever ``blocks`` asks)."""
     if zero_sign not in ("majority", "positive"):
         raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
     if zero_sign == "positive":
-        return run_pass(fill_sign=1).merged
-    first = run_pass(fill_sign=0, check_result=False)
-    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
-    return complete_ties_pass(first, 0, majority, disjoint, lambda **kw: run_pass(out=first.merged, **kw))
+        return run_pass(fill_sign=1, out=out).merged
+    fill = _predicted_majority(run_pass, out) if fast else 0
+    first = run_pass(fill_sign=fill, out=out, check_result=False)
+    return complete_ties_pass(first, fill, _sign(first.sign_sum), disjoint, lambda **kw: run_pass(out=out, **kw))
 
 
 def ties_merge(
@@ -458,11 +484,12 @@ def ties_merge(
     NonFiniteResultError
         The result does not fit ``out_dtype`` (it would be Inf).
     """
-    if isinstance(task_vectors, (list, tuple)):  # stacked once, not per pass
-        task_vectors, shape = stack_task_vectors(task_vectors)
-        task_vectors = task_vectors.view(task_vectors.shape[0], *shape)
+    tv, shape = stack_task_vectors(task_vectors)  # stacked once, not per pass
+    flat_like(base, "base", tv, shape)
+    out = torch.empty(shape, dtype=result_dtype(tv, base, out_dtype), device=tv.device)
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype, backend=backend)
-    return _majority_merge(lambda **kw: ties_merge_pass(task_vectors, thresholds, **kwargs, **kw), zero_sign, disjoint)
+    return _majority_merge(lambda **kw: ties_merge_pass(tv.view(len(tv), *shape), thresholds, **kwargs, **kw),
+                           zero_sign, disjoint, out, _fast(backend, tv.device, "ties_merge"))
 
 
 def ties_merge_models(
@@ -519,16 +546,17 @@ def ties_merge_models(
         raise ValueError("give keep (per-tensor thresholds) or thresholds, not both or neither")
     if keep is not None and random_keep is not None:
         raise ValueError("random_keep takes thresholds, not keep (whose trim would ignore the drops)")
+    flat_base, flat = check_models(base, experts)
     if keep is not None:
-        flat_base, flat = check_models(base, experts)
         try:
             thresholds = magnitude_thresholds_models(flat_base, flat, keep, backend=backend)
         except NonFiniteError as err:  # name the expert by its index
             raise (first_nonfinite_model(flat_base, flat) or err) from None
+    out = torch.empty(base.shape, dtype=result_dtype(base, base, out_dtype), device=base.device)
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
                   out_dtype=out_dtype, random_keep=random_keep, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
-                           disjoint)
+                           disjoint, out, _fast(backend, base.device, "ties_merge_models"))
 
 
 def same_fill_result(fill_a, fill_b, disjoint):
