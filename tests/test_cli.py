@@ -99,6 +99,20 @@ def test_the_command_imports_no_torch_before_it_sets_the_environment():
     assert out.strip() == "False"
 
 
+def test_dir_lists_the_lazy_subpackages_without_importing_them():
+    """``dir(nlmerge)`` names every public subpackage and module (each imported on first use) and
+    imports none of them: no torch."""
+    code = ("import sys, nlmerge; names = dir(nlmerge); print(' '.join(names)); "
+            "print('torch' in sys.modules, [n for n in sys.modules if n.startswith('nlmerge.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names, loaded = out.splitlines()
+    assert loaded == "False []"
+    expected = {p.name for p in (REPO / "nlmerge").iterdir() if (p / "__init__.py").is_file()} | {"cli"}
+    assert expected <= set(names.split()) and set(nlmerge.__all__) <= set(names.split())
+    assert not [n for n in names.split() if n.startswith("_") and n != "__version__"]
+    assert nlmerge.io.LOCK_NAME and nlmerge.jobs.run_merge is nlmerge.run_merge  # listed means usable
+
+
 def test_demo_command_passes_the_given_seeds_even_with_quick(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr("nlmerge.demo.run_demo", lambda out, **kwargs: calls.append((out, kwargs)))
