@@ -81,6 +81,48 @@ def test_version_and_help(capsys):
     assert "(default: 0,1,2; with --quick: 0)" in text
 
 
+@pytest.mark.parametrize("argv", [
+    "M OUT --experts A B --data X Y",
+    "M --experts A B --data X Y OUT",  # the README's two forms
+    "M --experts A B --data X Y --method repair OUT",
+    "M --method repair OUT --experts A B --data X Y",
+    "--method repair M --data X Y --experts A B --force OUT",
+])
+def test_correct_takes_out_anywhere_outside_the_path_lists(argv, monkeypatch):
+    from nlmerge.jobs import correct_job
+
+    calls = []
+    monkeypatch.setattr(correct_job, "run_correct", lambda *a, **k: calls.append(a) or [a[3]])
+    assert main(["correct", *argv.split(), "--no-progress"]) == 0
+    assert calls == [("M", ["A", "B"], ["X", "Y"], "OUT")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("M --experts A B OUT --data X Y", "OUT taken as the last path of --data ('Y') leaves 3 experts and 1 data files: "
+                                       "give one data file per expert, and OUT outside the path lists"),
+    ("M --experts A B --data X OUT", "OUT taken as the last path of --data ('OUT') leaves 2 experts and 1 data files"),
+    ("M --experts A --data X", "the following arguments are required: OUT"),
+])
+def test_correct_without_a_clear_out_is_an_argument_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["correct", *argv.split()])
+    lines = capsys.readouterr().err.splitlines()
+    assert err.value.code == 2 and lines[0].startswith("usage: nlmerge correct ")
+    assert lines[-1].startswith(f"nlmerge correct: error: {message}")
+
+
+@pytest.mark.parametrize("argv, positionals", [
+    ("align R --restarts 3 O OUT", ("R", "O", "OUT")),
+    ("align R O --force OUT", ("R", "O", "OUT")),
+    ("merge C.yml --force OUT", ("C.yml", "OUT")),
+    ("tall-task M --force 1 OUT", ("M", 1, "OUT")),
+])
+def test_other_commands_take_their_positionals_among_the_options(argv, positionals):
+    args = build_parser().parse_args(argv.split())
+    assert tuple(vars(args)[k] for k in ("reference", "other", "config", "masks", "task", "out")
+                 if k in vars(args)) == positionals
+
+
 @pytest.mark.parametrize("argv, defaults", [
     (["merge", "config.yml", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     (["--no-progress", "tall-task", "job", "0", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),

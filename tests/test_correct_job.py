@@ -218,8 +218,11 @@ def test_data_without_input_ids(llama_paths, tmp_path, capsys):
 
 
 def test_mismatched_experts_and_data(llama_paths, tmp_path, capsys):
-    paths = {**llama_paths, "data": llama_paths["data"][:1]}
-    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "2 experts but 1 data files")
+    # OUT right after MERGED: written last, it would be taken from --data (an argument error, tests/test_cli.py)
+    out = tmp_path / "out"
+    code = main(["correct", str(llama_paths["merged"]), str(out), "--experts", *map(str, llama_paths["experts"]),
+                 "--data", str(llama_paths["data"][0])])
+    refused(capsys, out, code, "2 experts but 1 data files")
 
 
 def test_expert_of_another_size_is_refused_before_any_model_runs(llama_paths, tmp_path, capsys, monkeypatch):
