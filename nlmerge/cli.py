@@ -308,6 +308,7 @@ def _correct(args):
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    signals = _interrupt_on_sigterm()
     try:
         folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
                               batch_size=args.batch_size, eps=args.eps, force=args.force,
@@ -315,6 +316,10 @@ def _correct(args):
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge correct: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("nlmerge correct: interrupted; nothing of this job was kept (an existing OUT is as it was)",
+              file=sys.stderr)
+        return _interrupted_status(signals)
     _say(f"corrected into {', '.join(folders)}")
     return 0
 

@@ -6,6 +6,9 @@ in one batch, independently of the job's batching); bad inputs give one error an
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -298,6 +301,39 @@ def test_failure_mid_run_leaves_nothing(llama_paths, tmp_path, monkeypatch, caps
     assert len(calls) == 2
     assert code == 1 and "planted failure" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # the parent folders made for OUT are gone too
+
+
+# nlmerge correct with fold patched to send the job SIGTERM at task 1, once task 0 is written in its staging folder
+STOPPED_AT_TASK_1 = """
+import os, signal, sys
+from nlmerge import cli
+from nlmerge.jobs import correct_job
+
+fold, calls = correct_job.fold, []
+
+def stopping_fold(corrected):
+    calls.append(corrected)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return fold(corrected)
+
+correct_job.fold = stopping_fold
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_run_leaves_nothing(llama_paths, tmp_path):
+    """SIGTERM (a scheduler's stop), as for nlmerge merge: the job stops as on Ctrl-C, removes its
+    staging folder and the OUT it made (with the parent folders made for it) and exits with 128 + 15."""
+    out = tmp_path / "new" / "out"
+    argv = ["correct", str(llama_paths["merged"]), str(out), "--experts", *map(str, llama_paths["experts"]),
+            "--data", *map(str, llama_paths["data"])]
+    done = subprocess.run([sys.executable, "-c", STOPPED_AT_TASK_1, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.splitlines()[-2:] == ["task 1: correcting the merged model towards expert 1",
+                                             "nlmerge correct: interrupted; nothing of this job was kept (an existing "
+                                             "OUT is as it was)"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_output_overlapping_an_input_is_refused(llama_paths, capsys):
