@@ -270,7 +270,8 @@ def _add_correct(commands):
                     "plain transformers. Data files: safetensors with input_ids [N, L] (and attention_mask [N, L]) "
                     "or pixel_values [N, C, H, W], one per expert, in the experts' order.")
     correct.add_argument("merged", metavar="MERGED", help="the merged model's folder (what nlmerge merge writes)")
-    correct.add_argument("out", metavar="OUT", nargs="?", help="output folder (anywhere outside the path lists, or last)")
+    correct.add_argument("out", metavar="OUT", nargs="?",
+                         help="output folder (anywhere outside the path lists, or last)")
     correct.add_argument("--experts", metavar="E", nargs="+", required=True, action=_Paths,
                          help="the experts' folders, expert t for task t")
     correct.add_argument("--data", metavar="D", nargs="+", required=True, action=_Paths,
@@ -304,7 +305,8 @@ def _correct(args):
         if len(args.experts) != len(args.data):  # a list ends at the next option only: OUT inside one is a path
             args.parser.error(f"OUT taken as the last path of --{args.last_paths} ({args.out!r}) leaves "
                               f"{len(args.experts)} experts and {len(args.data)} data files: give one data file "
-                              "per expert, and OUT outside the path lists (each takes every path up to the next option)")
+                              "per expert, and OUT outside the path lists (each takes every path up to the next "
+                              "option)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
