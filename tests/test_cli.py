@@ -333,6 +333,42 @@ def test_readme_examples_run_in_order(tmp_path, monkeypatch):
     assert namespace["state_dict_0"].keys() == namespace["model_base"].state_dict().keys()
 
 
+def test_readme_fold_example_runs_on_a_llama():
+    """The README's folding block on a tiny Llama loaded with its bias switches (zero biases): the
+    sites it keeps fold, and the folded state dict computes the corrected model. The default sites
+    do not fold (the residual stream): an error that names the site."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from nlmerge import correct
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    merged_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in merged_model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+    expert_models = [copy.deepcopy(merged_model) for _ in range(2)]
+    with torch.no_grad():
+        for p in (p for e in expert_models for p in e.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    batches = [[{"input_ids": torch.randint(0, 64, (4, 8))}] for _ in range(2)]
+    with pytest.raises(ValueError, match=r"site 'model\.layers\.0' is the output of LlamaDecoderLayer"):
+        correct.fold(correct.tact(merged_model, expert_models, batches)[0])
+
+    namespace = {"correct": correct, "merged_model": merged_model, "expert_models": expert_models, "batches": batches}
+    (block,) = [b for b in _readme_blocks() if "foldable = " in b]
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert len(namespace["foldable"]) == 8  # per layer: the attention context, gate, up, down
+    folded = copy.deepcopy(merged_model)
+    folded.load_state_dict(namespace["state_dict_0"])
+    corrected = correct.tact(merged_model, expert_models, batches, sites=namespace["foldable"])[0]
+    torch.testing.assert_close(folded(**batches[0][0]).logits, corrected(**batches[0][0]).logits,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_readme_says_once_that_tasks_are_numbered_from_0():
     text = (REPO / "README.md").read_text()
     assert len(re.findall(r"numbered from 0", text)) == 1
