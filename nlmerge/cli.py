@@ -270,7 +270,8 @@ def _add_correct(commands):
                     "plain transformers. Data files: safetensors with input_ids [N, L] (and attention_mask [N, L]) "
                     "or pixel_values [N, C, H, W], one per expert, in the experts' order.")
     correct.add_argument("merged", metavar="MERGED", help="the merged model's folder (what nlmerge merge writes)")
-    correct.add_argument("out", metavar="OUT", nargs="?", help="output folder (may also come last, after the paths)")
+    correct.add_argument("out", metavar="OUT", nargs="?",
+                         help="output folder (anywhere outside the path lists, or last)")
     correct.add_argument("--experts", metavar="E", nargs="+", required=True, action=_Paths,
                          help="the experts' folders, expert t for task t")
     correct.add_argument("--data", metavar="D", nargs="+", required=True, action=_Paths,
@@ -301,9 +302,15 @@ def _correct(args):
         if len(paths) < 2:
             args.parser.error("the following arguments are required: OUT")
         args.out = paths.pop()
+        if len(args.experts) != len(args.data):  # a list ends at the next option only: OUT inside one is a path
+            args.parser.error(f"OUT taken as the last path of --{args.last_paths} ({args.out!r}) leaves "
+                              f"{len(args.experts)} experts and {len(args.data)} data files: give one data file "
+                              "per expert, and OUT outside the path lists (each takes every path up to the next "
+                              "option)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    signals = _interrupt_on_sigterm()
     try:
         folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
                               batch_size=args.batch_size, eps=args.eps, force=args.force,
@@ -311,6 +318,10 @@ def _correct(args):
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge correct: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("nlmerge correct: interrupted; nothing of this job was kept (an existing OUT is as it was)",
+              file=sys.stderr)
+        return _interrupted_status(signals)
     _say(f"corrected into {', '.join(folders)}")
     return 0
 
@@ -439,7 +450,15 @@ def main(argv=None):
     """Entry point of the ``nlmerge`` command; returns the exit status (argparse exits with 2 on a
     bad argument)."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse gives an optional positional (correct's OUT) nothing where it first can, so one
+        # written later (after --method repair) is left over: parse the subcommand's arguments again,
+        # positionals taken from among all the options (the command is the first word: the top
+        # level's own options take no value)
+        command = argparse.Namespace(command=args.command)
+        args, unknown = args.parser.parse_known_intermixed_args(argv[argv.index(args.command) + 1:], command)
     if unknown:  # name them under the subcommand's usage, not the top level's
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args)

@@ -81,6 +81,48 @@ def test_version_and_help(capsys):
     assert "(default: 0,1,2; with --quick: 0)" in text
 
 
+@pytest.mark.parametrize("argv", [
+    "M OUT --experts A B --data X Y",
+    "M --experts A B --data X Y OUT",  # the README's two forms
+    "M --experts A B --data X Y --method repair OUT",
+    "M --method repair OUT --experts A B --data X Y",
+    "--method repair M --data X Y --experts A B --force OUT",
+])
+def test_correct_takes_out_anywhere_outside_the_path_lists(argv, monkeypatch):
+    from nlmerge.jobs import correct_job
+
+    calls = []
+    monkeypatch.setattr(correct_job, "run_correct", lambda *a, **k: calls.append(a) or [a[3]])
+    assert main(["correct", *argv.split(), "--no-progress"]) == 0
+    assert calls == [("M", ["A", "B"], ["X", "Y"], "OUT")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ("M --experts A B OUT --data X Y", "OUT taken as the last path of --data ('Y') leaves 3 experts and 1 data files: "
+                                       "give one data file per expert, and OUT outside the path lists"),
+    ("M --experts A B --data X OUT", "OUT taken as the last path of --data ('OUT') leaves 2 experts and 1 data files"),
+    ("M --experts A --data X", "the following arguments are required: OUT"),
+])
+def test_correct_without_a_clear_out_is_an_argument_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["correct", *argv.split()])
+    lines = capsys.readouterr().err.splitlines()
+    assert err.value.code == 2 and lines[0].startswith("usage: nlmerge correct ")
+    assert lines[-1].startswith(f"nlmerge correct: error: {message}")
+
+
+@pytest.mark.parametrize("argv, positionals", [
+    ("align R --restarts 3 O OUT", ("R", "O", "OUT")),
+    ("align R O --force OUT", ("R", "O", "OUT")),
+    ("merge C.yml --force OUT", ("C.yml", "OUT")),
+    ("tall-task M --force 1 OUT", ("M", 1, "OUT")),
+])
+def test_other_commands_take_their_positionals_among_the_options(argv, positionals):
+    args = build_parser().parse_args(argv.split())
+    assert tuple(vars(args)[k] for k in ("reference", "other", "config", "masks", "task", "out")
+                 if k in vars(args)) == positionals
+
+
 @pytest.mark.parametrize("argv, defaults", [
     (["merge", "config.yml", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),
     (["--no-progress", "tall-task", "job", "0", "out"], {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -97,6 +139,20 @@ def test_the_command_imports_no_torch_before_it_sets_the_environment():
     code = "import sys, nlmerge.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_dir_lists_the_lazy_subpackages_without_importing_them():
+    """``dir(nlmerge)`` names every public subpackage and module (each imported on first use) and
+    imports none of them: no torch."""
+    code = ("import sys, nlmerge; names = dir(nlmerge); print(' '.join(names)); "
+            "print('torch' in sys.modules, [n for n in sys.modules if n.startswith('nlmerge.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    names, loaded = out.splitlines()
+    assert loaded == "False []"
+    expected = {p.name for p in (REPO / "nlmerge").iterdir() if (p / "__init__.py").is_file()} | {"cli"}
+    assert expected <= set(names.split()) and set(nlmerge.__all__) <= set(names.split())
+    assert not [n for n in names.split() if n.startswith("_") and n != "__version__"]
+    assert nlmerge.io.LOCK_NAME and nlmerge.jobs.run_merge is nlmerge.run_merge  # listed means usable
 
 
 def test_demo_command_passes_the_given_seeds_even_with_quick(monkeypatch, tmp_path):
@@ -275,6 +331,42 @@ def test_readme_examples_run_in_order(tmp_path, monkeypatch):
     torch.testing.assert_close(merged_model(x), torch.func.functional_call(
         namespace["model_base"], namespace["merged"], (x,)))  # the merged state dict, in a module
     assert namespace["state_dict_0"].keys() == namespace["model_base"].state_dict().keys()
+
+
+def test_readme_fold_example_runs_on_a_llama():
+    """The README's folding block on a tiny Llama loaded with its bias switches (zero biases): the
+    sites it keeps fold, and the folded state dict computes the corrected model. The default sites
+    do not fold (the residual stream): an error that names the site."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from nlmerge import correct
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(0)
+    merged_model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in merged_model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+    expert_models = [copy.deepcopy(merged_model) for _ in range(2)]
+    with torch.no_grad():
+        for p in (p for e in expert_models for p in e.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    batches = [[{"input_ids": torch.randint(0, 64, (4, 8))}] for _ in range(2)]
+    with pytest.raises(ValueError, match=r"site 'model\.layers\.0' is the output of LlamaDecoderLayer"):
+        correct.fold(correct.tact(merged_model, expert_models, batches)[0])
+
+    namespace = {"correct": correct, "merged_model": merged_model, "expert_models": expert_models, "batches": batches}
+    (block,) = [b for b in _readme_blocks() if "foldable = " in b]
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert len(namespace["foldable"]) == 8  # per layer: the attention context, gate, up, down
+    folded = copy.deepcopy(merged_model)
+    folded.load_state_dict(namespace["state_dict_0"])
+    corrected = correct.tact(merged_model, expert_models, batches, sites=namespace["foldable"])[0]
+    torch.testing.assert_close(folded(**batches[0][0]).logits, corrected(**batches[0][0]).logits,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_readme_says_once_that_tasks_are_numbered_from_0():

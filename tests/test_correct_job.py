@@ -6,6 +6,9 @@ in one batch, independently of the job's batching); bad inputs give one error an
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,8 +221,11 @@ def test_data_without_input_ids(llama_paths, tmp_path, capsys):
 
 
 def test_mismatched_experts_and_data(llama_paths, tmp_path, capsys):
-    paths = {**llama_paths, "data": llama_paths["data"][:1]}
-    refused(capsys, tmp_path / "out", run(paths, tmp_path / "out"), "2 experts but 1 data files")
+    # OUT right after MERGED: written last, it would be taken from --data (an argument error, tests/test_cli.py)
+    out = tmp_path / "out"
+    code = main(["correct", str(llama_paths["merged"]), str(out), "--experts", *map(str, llama_paths["experts"]),
+                 "--data", str(llama_paths["data"][0])])
+    refused(capsys, out, code, "2 experts but 1 data files")
 
 
 def test_expert_of_another_size_is_refused_before_any_model_runs(llama_paths, tmp_path, capsys, monkeypatch):
@@ -295,6 +301,90 @@ def test_failure_mid_run_leaves_nothing(llama_paths, tmp_path, monkeypatch, caps
     assert len(calls) == 2
     assert code == 1 and "planted failure" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # the parent folders made for OUT are gone too
+
+
+# `python -c STOPPED_AT_TASK_1 SIGNAL correct ...`: nlmerge correct with fold patched to send the job
+# SIGNAL at task 1, once task 0 is written in its staging folder
+STOPPED_AT_TASK_1 = """
+import os, signal, sys
+from nlmerge import cli
+from nlmerge.jobs import correct_job
+
+fold, calls, stop = correct_job.fold, [], getattr(signal, sys.argv.pop(1))
+
+def stopping_fold(corrected):
+    calls.append(corrected)
+    if len(calls) == 2:
+        os.kill(os.getpid(), stop)
+    return fold(corrected)
+
+correct_job.fold = stopping_fold
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def stopped_at_task_1(signal_name, paths, out):
+    argv = ["correct", str(paths["merged"]), str(out), "--experts", *map(str, paths["experts"]),
+            "--data", *map(str, paths["data"])]
+    return subprocess.run([sys.executable, "-c", STOPPED_AT_TASK_1, signal_name, *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sigterm_mid_run_leaves_nothing(llama_paths, tmp_path):
+    """SIGTERM (a scheduler's stop), as for nlmerge merge: the job stops as on Ctrl-C, removes its
+    staging folder and the OUT it made (with the parent folders made for it) and exits with 128 + 15."""
+    out = tmp_path / "new" / "out"
+    done = stopped_at_task_1("SIGTERM", llama_paths, out)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.splitlines()[-2:] == ["task 1: correcting the merged model towards expert 1",
+                                             "nlmerge correct: interrupted; nothing of this job was kept (an existing "
+                                             "OUT is as it was)"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_later_run_removes_the_staging_folder_of_a_killed_one(llama_paths, tmp_path):
+    """kill -9 leaves the job's staging folder (.OUT.partial-*, a full model) beside OUT; the next
+    correct into OUT removes it, once it holds OUT's lock, and says so in one line."""
+    out = tmp_path / "out"
+    done = stopped_at_task_1("SIGKILL", llama_paths, out)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (left,) = [n for n in os.listdir(tmp_path) if n.startswith(".out.partial-")]
+    assert os.path.isdir(tmp_path / left / "task_0")
+    lines = []
+    correct_job.run_correct(llama_paths["merged"], llama_paths["experts"], llama_paths["data"], out,
+                            log=lines.append)
+    assert f"removed 1 staging folder(s) of {out} that a killed job left: {left}" in lines
+    assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["task_0", "task_1"]
+
+
+def test_staging_folders_of_running_jobs_and_other_outputs_stay(tmp_path):
+    """Only a staging folder of OUT whose link to its job's lock file is not held goes: not one a
+    running job holds (here a lock held on another folder, as after that job renamed its output),
+    not one without a lock file (its job cannot be told), not another output's."""
+    from nlmerge.io import LOCK_NAME, lock_output
+
+    def stage(name, lock_from=None):
+        (tmp_path / name).mkdir()
+        if lock_from:
+            os.link(lock_from, tmp_path / name / LOCK_NAME)
+
+    left = tmp_path / "left.lock"
+    left.write_text("")  # a lock file that no job holds, as kill -9 leaves it
+    with lock_output(tmp_path / "running"):
+        stage(".out.partial-running", tmp_path / "running" / LOCK_NAME)
+        for name in (".out.partial-killed", ".out.partial-killed2", ".other.partial-killed", ".outx.partial-killed"):
+            stage(name, left)
+        stage(".out.partial-unknown")
+        lines = []
+        with correct_job._locked_output(str(tmp_path / "out"), force=False, say=lines.append):
+            assert sorted(os.listdir(tmp_path)) == [".other.partial-killed", ".out.partial-running",
+                                                    ".out.partial-unknown", ".outx.partial-killed", "left.lock",
+                                                    "out", "running"]
+    assert lines == [f"removed 2 staging folder(s) of {tmp_path / 'out'} that a killed job left: "
+                     ".out.partial-killed, .out.partial-killed2"]
+    with correct_job._locked_output(str(tmp_path / "out"), force=False, say=lines.append):
+        assert ".out.partial-running" not in os.listdir(tmp_path)  # its job ended: stale now
+    assert len(lines) == 2
 
 
 def test_output_overlapping_an_input_is_refused(llama_paths, capsys):

@@ -29,13 +29,14 @@ from nlmerge.io.checkpoint import WEIGHT_FILES, Checkpoint, TensorInfo, open_che
 from nlmerge.io.format import DTYPES, CheckpointError
 from nlmerge.io.manifest import MANIFEST_NAME, PART_PATTERN, Manifest
 from nlmerge.io.writer import (LOCK_NAME, OutputInUseError, ShardPlan, ShardWriter, WrittenShard, check_apart,
-                               check_output_folder, copy_file_atomic, file_sha256, lock_output, output_entries,
-                               parse_size, plan_shards, shard_index, write_checkpoint, write_json_atomic,
-                               write_text_atomic)
+                               check_output_folder, copy_file_atomic, file_sha256, lock_held, lock_output,
+                               output_entries, parse_size, plan_shards, shard_index, write_checkpoint,
+                               write_json_atomic, write_text_atomic)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DTYPES", "LOCK_NAME", "MANIFEST_NAME", "Manifest", "OutputInUseError",
     "PART_PATTERN", "ShardPlan", "ShardWriter", "TensorInfo", "WEIGHT_FILES", "WrittenShard", "check_apart",
-    "check_output_folder", "copy_file_atomic", "file_sha256", "lock_output", "open_checkpoint", "output_entries",
-    "parse_size", "plan_shards", "shard_index", "write_checkpoint", "write_json_atomic", "write_text_atomic",
+    "check_output_folder", "copy_file_atomic", "file_sha256", "lock_held", "lock_output", "open_checkpoint",
+    "output_entries", "parse_size", "plan_shards", "shard_index", "write_checkpoint", "write_json_atomic",
+    "write_text_atomic",
 ]

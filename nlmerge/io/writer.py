@@ -489,8 +489,6 @@ def lock_output(out):
     The lock file is not an output: :func:`output_entries` leaves it out, and a lock file that a
     killed job left behind locks nothing. FileExistsError when ``out`` exists and is not a folder.
     """
-    import fcntl
-
     out = os.fspath(out)
     check_output_folder(out)
     created = not os.path.isdir(out)
@@ -499,14 +497,14 @@ def lock_output(out):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputInUseError(f"output folder {out!r} is in use by another nlmerge job (it holds "
-                                   f"{LOCK_NAME} there); wait for that job to end or write elsewhere") from None
+            taken = _take_lock(fd)
         except OSError as err:  # a file system without locks
             os.close(fd)
             raise OSError(err.errno, f"output folder {out!r}: cannot lock {path}: {err.strerror}") from None
+        if not taken:
+            os.close(fd)
+            raise OutputInUseError(f"output folder {out!r} is in use by another nlmerge job (it holds "
+                                   f"{LOCK_NAME} there); wait for that job to end or write elsewhere")
         # the previous holder removes the file before it unlocks: a lock taken on the file it
         # removed (opened just before) would not exclude a job that opens the new one; try again
         with contextlib.suppress(FileNotFoundError):
@@ -522,6 +520,30 @@ def lock_output(out):
         if created:
             with contextlib.suppress(OSError):  # not empty: the job's outputs
                 os.rmdir(out)
+
+
+def _take_lock(fd):
+    """Take :func:`lock_output`'s exclusive lock on the open file ``fd`` without waiting: False when
+    another open file of it (another job, or another open in this process) holds the lock."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_held(path):
+    """Whether a running job holds the lock file at ``path``: :func:`lock_output`'s ``OUT/.nlmerge.lock``
+    or another hard link to it (the lock is the file's, whatever its name). Tried without waiting
+    and let go at once; a lock file that a killed job left behind is not held. FileNotFoundError
+    when there is no such file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return not _take_lock(fd)
+    finally:
+        os.close(fd)  # lets go of a lock taken here
 
 
 def output_entries(out):

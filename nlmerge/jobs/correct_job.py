@@ -53,8 +53,8 @@ import torch
 from nlmerge.correct import activation_stats, correct_to, default_sites, fold, fold_problem, repair_targets
 from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
-from nlmerge.io import (LOCK_NAME, WEIGHT_FILES, check_apart, check_output_folder, lock_output, open_checkpoint,
-                        output_entries)
+from nlmerge.io import (LOCK_NAME, WEIGHT_FILES, check_apart, check_output_folder, lock_held, lock_output,
+                        open_checkpoint, output_entries)
 from nlmerge.jobs.merge_job import TOKENIZER_FILES
 from nlmerge.jobs.model_card import CARD_NAME, correction_card
 
@@ -141,7 +141,7 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
     _check_out(out, [merged, *experts, *data])
     tensors = [_read_data(path, t) for t, path in enumerate(data)]
 
-    with _locked_output(out, force):
+    with _locked_output(out, force, say):
         say(f"loading the merged model {merged}")
         switches = BIAS_SWITCHES.get(config.get("model_type"), ())
         model = _load(merged, config, "merged model", switches)
@@ -394,11 +394,13 @@ def _load(path, config, label, switches):
 # ---------------------------------------------------------------------------------- output
 
 @contextlib.contextmanager
-def _locked_output(out, force):
+def _locked_output(out, force, say=None):
     """Hold ``out``'s lock while the block runs: ``nlmerge.io.lock_output``, the lock of ``nlmerge
     merge`` and ``tall-task`` (``OUT/.nlmerge.lock``; ``out`` is created for it if needed), so that
-    two jobs never write one OUT. A non-empty ``out`` (the lock file aside) needs ``force``. On an
-    error, ``out`` (when made here: by ``lock_output``) and the parent folders made for it go."""
+    two jobs never write one OUT. A non-empty ``out`` (the lock file aside) needs ``force``. Then
+    the staging folders of ``out`` that killed jobs left are removed (:func:`_remove_stale_stages`),
+    said in one line to ``say``. On an error, ``out`` (when made here: by ``lock_output``) and the
+    parent folders made for it go."""
     made, folder = [], os.path.dirname(os.path.abspath(out))  # the parent folders made here, deepest first
     while not os.path.isdir(folder):
         made.append(folder)
@@ -407,6 +409,7 @@ def _locked_output(out, force):
         with lock_output(out):
             if output_entries(out) and not force:
                 raise FileExistsError(f"output folder {out!r} exists and is not empty; pass --force to replace it")
+            _remove_stale_stages(out, say or (lambda line: None))
             yield
     except BaseException:
         for folder in made:
@@ -415,18 +418,51 @@ def _locked_output(out, force):
         raise
 
 
+def _stage_prefix(name):
+    """How the staging folders of the output folder ``name`` (:func:`_staging`, beside it) begin."""
+    return f".{name}.partial-"
+
+
+def _remove_stale_stages(out, say):
+    """Remove the staging folders of ``out`` that no running job holds: a job killed outright
+    (``kill -9``) leaves its staging folder, a full model, that nothing else would remove. Each
+    holds a link to its job's lock file (:func:`_staging`), held while the job runs
+    (``nlmerge.io.lock_held``), or the very lock file this job holds (left in ``out`` by the killed
+    job); a folder without one is left, since its job cannot be told (a file system without hard
+    links). Call it holding ``out``'s lock, before this job stages; says what it removed."""
+    parent, name = os.path.split(os.path.abspath(out))
+    ours = os.stat(os.path.join(out, LOCK_NAME))
+    removed = []
+    for entry in sorted(os.listdir(parent)):
+        stage = os.path.join(parent, entry)
+        if not (entry.startswith(_stage_prefix(name)) and os.path.isdir(stage)):
+            continue
+        lock = os.path.join(stage, LOCK_NAME)
+        try:
+            # the lock file a killed job left in OUT is the one this job now holds: linked, it is stale
+            stale = os.path.samestat(os.stat(lock), ours) or not lock_held(lock)
+        except FileNotFoundError:
+            stale = False
+        if stale:
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        say(f"removed {len(removed)} staging folder(s) of {out} that a killed job left: {', '.join(removed)}")
+
+
 @contextlib.contextmanager
 def _staging(out):
     """A temporary folder beside the locked ``out`` (:func:`_locked_output`) that becomes ``out``
     when the block completes (the previous ``out`` is removed only then); on error it is removed.
-    The lock file goes into the new ``out`` as a second link to the file this job holds locked, so
-    ``out`` is never without it: a job that opens it there is refused until this one ends."""
+    From the start it holds a second link to the lock file this job holds: a later job tells it
+    from a folder that a killed job left (:func:`_remove_stale_stages`), and the new ``out`` is
+    never without the lock: a job that opens it there is refused until this one ends."""
     parent, name = os.path.split(os.path.abspath(out))
-    stage = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    stage = tempfile.mkdtemp(prefix=_stage_prefix(name), dir=parent)
     try:
-        yield stage
         with contextlib.suppress(OSError):  # a file system without hard links: unlocked until the job ends
             os.link(os.path.join(out, LOCK_NAME), os.path.join(stage, LOCK_NAME))
+        yield stage
         old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
         os.replace(out, os.path.join(old, "out"))
         os.replace(stage, out)
