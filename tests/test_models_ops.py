@@ -372,10 +372,10 @@ def sampled_majority_models(dtype, majority, sample_sign, generator, nblocks=32)
 @pytest.mark.parametrize("majority", (-1, 1))
 @pytest.mark.parametrize("sample_agrees", (True, False))
 def test_first_pass_fills_with_a_sampled_majority(backend, dtype, majority, sample_agrees, monkeypatch, generator):
-    """TIES over one tensor first runs its sampled blocks, then one pass filled with their majority:
-    nothing reruns when the sample's majority is the tensor's (either sign); when the sample
-    misleads, the ambiguous blocks rerun with the tensor's majority. The result is the reference's
-    either way, and every disjoint mode's."""
+    """TIES over one tensor (``fill_sign="sample"``) first runs its sampled blocks, then one pass
+    filled with their majority: nothing reruns when the sample's majority is the tensor's (either
+    sign); when the sample misleads, the ambiguous blocks rerun with the tensor's majority. The
+    result is the reference's either way, and every disjoint mode's."""
     base, experts = sampled_majority_models(dtype, majority, majority if sample_agrees else -majority, generator)
     tv = model_task_vectors(base, experts)
     b, ex = on(device_for(backend), base, experts)
@@ -396,6 +396,10 @@ def test_first_pass_fills_with_a_sampled_majority(backend, dtype, majority, samp
         fill = majority if sample_agrees else -majority
         assert calls[:2] == [(0, SAMPLED), (fill, None)]
         assert calls[2:] == ([] if sample_agrees else [(majority, list(range(32)))])
+    assert ops.ties_merge_pass_models(b, ex, [0.0, 0.0], fill_sign="sample", backend=backend).fill_sign == fill
+    assert ops.ties_merge_pass_models(base, experts, [0.0, 0.0], fill_sign="sample", backend="torch").fill_sign == 0
+    with pytest.raises(ValueError, match="fill_sign='sample' predicts a whole tensor's majority"):
+        ops.ties_merge_pass_models(b, ex, [0.0, 0.0], fill_sign="sample", out=got, blocks=[0], backend=backend)
 
 
 @pytest.mark.parametrize("backend", fast_backends())

@@ -734,10 +734,10 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
     (Python runs signal handlers on the main thread), so a file under its final name is always
     recorded. A step is done when all its files are.
 
-    Global TIES fills a zero elected sign with the majority of the signs merged so far (the
-    model-wide majority is only known at the end); a step where that happened is appended to
-    ``held``, its files open, for :func:`_finish_held`. Returns the sum of the elected signs over
-    ``steps``."""
+    Global TIES fills a zero elected sign with the majority of the signs merged so far (before
+    any: a sample's; the model-wide majority is only known at the end); a step where that happened
+    is appended to ``held``, its files open, for :func:`_finish_held`. Returns the sum of the
+    elected signs over ``steps``."""
     todo = [i for i in steps if i not in done]
     sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in done)
     step_of = {key: i for i in todo for key in plan.shards[i].file_order}
@@ -759,15 +759,15 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                 elif tall:
                     writes = _tall_writes(plan, k, tensors)
                 else:
-                    fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0)
+                    fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0) or "sample"
                     out, info = _merge_one(plan, k, tensors, thresholds, fill)
                     writes = [("model", key, out)]
                     if info is not None:
                         shard_sum += info.sign_sum
                         if info.ambiguous:
-                            fills[key] = fill
+                            fills[key] = info.fill_sign
                 for role, name, tensor in writes:
-                    # a key merged before any majority (fill 0, merged as -1 is) is replaced when the
+                    # a key filled with 0 (no majority yet, no sample: merged as -1 is) is replaced when the
                     # model's majority is +1, and so is any later key of the step whose running
                     # majority differed from the final one: hashing the step's file as it goes would
                     # likely be redone from here (13.5 against 14.1 s on the 1B benchmark), so it stops

@@ -53,8 +53,9 @@ def ties_vectors(
     ``naming(keys)`` is a context manager that names non-finite inputs and results; ``out_dtype``
     maps each key to its result's dtype (None: the base's dtype with ``include_base``, else fp32).
     Global scope streams over the keys: two histogram passes per task (the thresholds), then one
-    merge pass per key with the majority sign so far; the blocks of a key whose zero signs the
-    final majority would fill otherwise are recomputed. Options are already checked.
+    merge pass per key with the majority sign so far (a sample's before any); the blocks of a key
+    whose zero signs the final majority would fill otherwise are recomputed. Options are already
+    checked.
     """
     out = {}
     common = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base, backend=backend)
@@ -90,9 +91,9 @@ def ties_vectors(
     thresholds = _global_thresholds(nonempty, get_models, keep, backend, naming)
     sign_sum, passes = 0, []
     for key in nonempty:
-        # zero signs take the majority so far: the final one rarely differs, so few blocks rerun;
-        # an overflow is judged on the final pass
-        fill = (sign_sum > 0) - (sign_sum < 0)
+        # zero signs take the majority so far (before any: a sample's), the final one rarely
+        # differs, so few blocks rerun; an overflow is judged on the final pass
+        fill = (sign_sum > 0) - (sign_sum < 0) or "sample"
         base, experts = get_models(key)
         with naming([key]):
             first = ops.ties_merge_pass_models(
@@ -100,12 +101,12 @@ def ties_vectors(
             )
         out[key] = first.merged
         sign_sum += first.sign_sum
-        passes.append((key, fill, first))
+        passes.append((key, first))
     majority = (sign_sum > 0) - (sign_sum < 0)
-    for key, fill, first in passes:
+    for key, first in passes:
         base, experts = get_models(key)
         with naming([key]):
-            ops.complete_ties_pass(first, fill, majority, disjoint, lambda **kw: ops.ties_merge_pass_models(
+            ops.complete_ties_pass(first, first.fill_sign, majority, disjoint, lambda **kw: ops.ties_merge_pass_models(
                 base, experts, thresholds, out=first.merged, out_dtype=dtype_of(key), **common, **kw))
     return out
 

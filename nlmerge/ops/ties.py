@@ -20,8 +20,8 @@ needs the whole scope before any element can be finished. A pass also returns th
 sum, how many elements were ambiguous (zero sign, some non-zero trimmed entry) and which blocks of
 ``BLOCK`` elements hold them; only when there are some, and the majority's fill would write
 something else than the pass's fill (``same_fill_result``), are those blocks recomputed with the
-majority sign (``complete_ties_pass``). Over one tensor the pass fills with the majority of a
-sample of its blocks (``_predicted_majority``): right whenever the tensor's majority is clear.
+majority sign (``complete_ties_pass``). A pass with ``fill_sign="sample"`` fills with the majority
+of a sample of its blocks: right whenever the tensor's majority is clear.
 
 Results are written in ``out_dtype`` (default: the base's dtype, else the task vectors'); a result
 that is not finite there (an overflow: inputs are checked) raises ``NonFiniteResultError``. The
@@ -53,7 +53,7 @@ from nlmerge.ops.selection import magnitude_thresholds_models
 SIGN_MODES = ("mass", "count")
 DISJOINT_MODES = ("mean", "sum", "max")
 BLOCK = 1024  # elements of a block of a TIES pass (``ambiguous_blocks``, ``blocks=``): the fast kernels' block
-SAMPLE_BLOCKS = 256  # blocks whose elected signs predict a tensor's majority sign (``_predicted_majority``)
+SAMPLE_BLOCKS = 256  # blocks whose elected signs predict a tensor's majority sign (``fill_sign="sample"``)
 
 
 class TiesPass(NamedTuple):
@@ -61,13 +61,15 @@ class TiesPass(NamedTuple):
     whether the result overflowed its dtype (only ever True with ``check_result=False``), and the
     indices (a tuple of ascending ints: passes compare as tuples) of the blocks of ``BLOCK``
     elements of the flat tensor that hold an ambiguous element (None for a pass run with
-    ``blocks=``)."""
+    ``blocks=``), and the sign that filled zero elections (``fill_sign``, or the sample's majority
+    for ``fill_sign="sample"``)."""
 
     merged: torch.Tensor
     sign_sum: int
     ambiguous: int
     overflow: bool = False
     ambiguous_blocks: tuple = None
+    fill_sign: int = 0
 
 
 def _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
@@ -122,18 +124,13 @@ def _finish(merged, base, lam, dtype):
     return (scaled if base is None else base.float() + scaled).to(dtype)
 
 
-def _fast(backend, device, op):
-    """Whether ``op`` runs on kernels (not the reference) with ``backend`` on ``device``."""
-    return resolve(backend, device, op)[1] is not None
-
-
 def _check_options(sign, disjoint, fill_sign):
     if sign not in SIGN_MODES:
         raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
     if disjoint not in DISJOINT_MODES:
         raise ValueError(f"disjoint must be one of {DISJOINT_MODES}, got {disjoint!r}")
-    if fill_sign not in (-1, 0, 1):
-        raise ValueError(f"fill_sign must be -1, 0 or 1, got {fill_sign!r}")
+    if fill_sign not in (-1, 0, 1, "sample"):
+        raise ValueError(f"fill_sign must be -1, 0, 1 or 'sample', got {fill_sign!r}")
 
 
 def _check_blocks(blocks, numel, out):
@@ -215,14 +212,20 @@ def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtyp
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {inputs.device}")
     blocks = _check_blocks(blocks, inputs.numel, out)
+    _, kernels = resolve(backend, inputs.device, op)
+    flat = torch.empty(inputs.numel, dtype=dtype, device=inputs.device) if out is None else out.view(-1)
+    if fill_sign == "sample":
+        if blocks is not None:
+            raise ValueError("fill_sign='sample' predicts a whole tensor's majority: a blocks= rerun takes the "
+                             "fill sign it needs (-1, 0 or 1)")
+        fill_sign = 0 if kernels is None else _sampled_majority(inputs, kernels, (thresholds, weights, lam, sign,
+                                                                                    disjoint), flat)
     args = (thresholds, weights, lam, sign, disjoint, fill_sign)
 
     def reference(dt):
         return _ties_reference_elements(inputs.tv(), thresholds, weights, inputs.added, lam, sign, disjoint, fill_sign,
                                         dt)
 
-    _, kernels = resolve(backend, inputs.device, op)
-    flat = torch.empty(inputs.numel, dtype=dtype, device=inputs.device) if out is None else out.view(-1)
     amb_blocks = None
     if kernels is None:
         inputs.raise_nonfinite()
@@ -248,7 +251,22 @@ def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtyp
             amb_blocks = tuple(flags.nonzero().reshape(-1).tolist())
     if overflow and check_result:
         raise result_error(dtype, lambda: reference(torch.float32)[0])
-    return TiesPass(flat.view(shape), sign_sum, ambiguous_count, overflow, amb_blocks)
+    return TiesPass(flat.view(shape), sign_sum, ambiguous_count, overflow, amb_blocks, fill_sign)
+
+
+def _sampled_majority(inputs, kernels, options, flat):
+    """The majority of the elected signs in a sample of the tensor's blocks (``SAMPLE_BLOCKS``
+    evenly spaced ones, at most 1/16 of the tensor), passed on ``kernels`` into ``flat`` (which the
+    pass then overwrites); 0 under 16 blocks, whose rerun is cheap. A pass filled with it reruns
+    nothing when the tensor's majority is clear, whatever its sign (a fill of 0 is right for -1
+    only). Not for the reference, which would compute every element for the sample."""
+    count = -(-inputs.numel // BLOCK)
+    sampled = min(SAMPLE_BLOCKS, count // 16)
+    if not sampled:
+        return 0
+    blocks = torch.arange(sampled, dtype=torch.int64) * count // sampled
+    sign_sum = inputs.run_kernel(kernels, (*options, 0), flat, blocks, None)[0]  # non-finite: the pass raises
+    return (sign_sum > 0) - (sign_sum < 0)
 
 
 def ties_merge_pass(
@@ -274,8 +292,11 @@ def ties_merge_pass(
     task_vectors : Tensor [T, *shape] or sequence of T tensors
     thresholds : sequence of T numbers or Tensor [T]
         Trim thresholds (``magnitude_threshold`` per task); ``|x_t| >= thr_t`` is kept.
-    fill_sign : -1, 0 or 1
-        Sign given to elements whose elected sign is zero.
+    fill_sign : -1, 0, 1 or "sample"
+        Sign given to elements whose elected sign is zero; "sample": the majority sign of the
+        elected signs in ``SAMPLE_BLOCKS`` evenly spaced blocks (at most 1/16 of the tensor; 0
+        under 16 blocks and on the reference backend), returned as ``fill_sign`` (not with
+        ``blocks``).
     sign, disjoint, weights, base, lam, out_dtype, backend
         As in ``ties_merge``.
     out : Tensor, optional
@@ -296,7 +317,8 @@ def ties_merge_pass(
         ``merged`` (shape of one task vector, dtype as in ``ties_merge``), ``sign_sum`` (sum of the elected signs
         before filling), ``ambiguous`` (elements with zero elected sign and a non-zero
         trimmed entry: those whose result depends on ``fill_sign``), ``overflow`` and
-        ``ambiguous_blocks`` (the blocks holding the ambiguous elements; None with ``blocks=``).
+        ``ambiguous_blocks`` (the blocks holding the ambiguous elements; None with ``blocks=``),
+        ``fill_sign`` (the fill used).
 
     Raises
     ------
@@ -406,34 +428,16 @@ def complete_ties_pass(first, fill_sign, majority, disjoint, rerun):
     return first.merged
 
 
-def _sign(x):
-    return (x > 0) - (x < 0)
-
-
-def _predicted_majority(run_pass, out):
-    """The majority sign of a sample of ``out``'s blocks (``SAMPLE_BLOCKS`` evenly spaced ones, at most
-    1/16 of the tensor), computed by ``run_pass(blocks=, out=out)``; 0 for tensors under 16 blocks
-    (their rerun is cheap). A first pass filled with it reruns nothing when the sample's
-    majority is the tensor's, whatever that is (a fill of 0 is right only for -1)."""
-    count = -(-out.numel() // BLOCK)
-    sampled = min(SAMPLE_BLOCKS, count // 16)
-    if not sampled:
-        return 0
-    blocks = torch.arange(sampled) * count // sampled
-    return _sign(run_pass(fill_sign=0, blocks=blocks, out=out, check_result=False).sign_sum)
-
-
-def _majority_merge(run_pass, zero_sign, disjoint, out, fast):
-    """TIES with the zero-sign rule over one tensor; ``run_pass(**kw)`` runs the pass into ``out`` (a
-    fresh tensor of the result's shape and dtype). ``fast``: the pass runs on kernels, so a sample's
-    pass costs its share (the reference computes every element whatever ``blocks`` asks)."""
+def _majority_merge(run_pass, zero_sign, disjoint):
+    """TIES with the zero-sign rule over one tensor; ``run_pass(**kw)`` runs the pass."""
     if zero_sign not in ("majority", "positive"):
         raise ValueError(f"zero_sign must be 'majority' or 'positive', got {zero_sign!r}")
     if zero_sign == "positive":
-        return run_pass(fill_sign=1, out=out).merged
-    fill = _predicted_majority(run_pass, out) if fast else 0
-    first = run_pass(fill_sign=fill, out=out, check_result=False)
-    return complete_ties_pass(first, fill, _sign(first.sign_sum), disjoint, lambda **kw: run_pass(out=out, **kw))
+        return run_pass(fill_sign=1).merged
+    first = run_pass(fill_sign="sample", check_result=False)
+    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
+    return complete_ties_pass(first, first.fill_sign, majority, disjoint,
+                              lambda **kw: run_pass(out=first.merged, **kw))
 
 
 def ties_merge(
@@ -484,12 +488,11 @@ def ties_merge(
     NonFiniteResultError
         The result does not fit ``out_dtype`` (it would be Inf).
     """
-    tv, shape = stack_task_vectors(task_vectors)  # stacked once, not per pass
-    flat_like(base, "base", tv, shape)
-    out = torch.empty(shape, dtype=result_dtype(tv, base, out_dtype), device=tv.device)
+    if isinstance(task_vectors, (list, tuple)):  # stacked once, not per pass
+        task_vectors, shape = stack_task_vectors(task_vectors)
+        task_vectors = task_vectors.view(task_vectors.shape[0], *shape)
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype, backend=backend)
-    return _majority_merge(lambda **kw: ties_merge_pass(tv.view(len(tv), *shape), thresholds, **kwargs, **kw),
-                           zero_sign, disjoint, out, _fast(backend, tv.device, "ties_merge"))
+    return _majority_merge(lambda **kw: ties_merge_pass(task_vectors, thresholds, **kwargs, **kw), zero_sign, disjoint)
 
 
 def ties_merge_models(
@@ -546,17 +549,16 @@ def ties_merge_models(
         raise ValueError("give keep (per-tensor thresholds) or thresholds, not both or neither")
     if keep is not None and random_keep is not None:
         raise ValueError("random_keep takes thresholds, not keep (whose trim would ignore the drops)")
-    flat_base, flat = check_models(base, experts)
     if keep is not None:
+        flat_base, flat = check_models(base, experts)
         try:
             thresholds = magnitude_thresholds_models(flat_base, flat, keep, backend=backend)
         except NonFiniteError as err:  # name the expert by its index
             raise (first_nonfinite_model(flat_base, flat) or err) from None
-    out = torch.empty(base.shape, dtype=result_dtype(base, base, out_dtype), device=base.device)
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
                   out_dtype=out_dtype, random_keep=random_keep, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
-                           disjoint, out, _fast(backend, base.device, "ties_merge_models"))
+                           disjoint)
 
 
 def same_fill_result(fill_a, fill_b, disjoint):
