@@ -200,6 +200,16 @@ inline vf task_value(const typename DT<D>::S* __restrict xt, int u, vf b) {
     return DIFF ? v - b : v;
 }
 
+// w_t * v, or v itself for unit weights (UNIT: every weight is 1, and 1 * v is v exactly), which
+// the TIES kernel checks once per call: the multiplies left out take 6% off its pass (task
+// arithmetic, waiting on memory more, gained nothing).
+template <bool UNIT>
+inline vf weighted(vf wt, vf v) { return UNIT ? v : wt * v; }
+
+inline bool unit_weights(const float* w, int64_t T) {
+    return std::all_of(w, w + T, [](float x) { return x == 1.0f; });
+}
+
 // Every entry kept (no random keep).
 struct KeepAll {
     void begin_block(int64_t, int) {}
@@ -239,6 +249,7 @@ struct TiesKernel {
     vf fill, lam;
     std::vector<float> buf;
     Keep keep;
+    bool unit;  // unit_weights
 
     int64_t begin_block(int64_t off, int n) {
         keep.begin_block(off, n);
@@ -246,6 +257,15 @@ struct TiesKernel {
     }
 
     inline void strip(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
+        if (unit) {
+            strip_weighted<true>(x, at, j, res, lanes);
+        } else {
+            strip_weighted<false>(x, at, j, res, lanes);
+        }
+    }
+
+    template <bool UNIT>
+    inline void strip_weighted(const S* const* __restrict x, int64_t at, int j, float* __restrict res, Lanes& lanes) {
         float* __restrict b = buf.data();
         vf m[U], bv[U];
         vu any[U], absmax[U];
@@ -267,7 +287,7 @@ struct TiesKernel {
                 if (COUNT) {
                     m[u] = m[u] + __builtin_convertvector((tr < 0.0f) - (tr > 0.0f), vf);  // + sign
                 } else {
-                    m[u] = m[u] + wt * tr;
+                    m[u] = m[u] + weighted<UNIT>(wt, tr);
                 }
                 any[u] |= (vu)tr;                             // |bits| != 0 iff some trimmed_t != 0
                 absmax[u] = vmaxu(absmax[u], (vu)vabs(x0));  // >= 0x7f800000 iff some NaN/Inf (dropped or not)
@@ -297,7 +317,7 @@ struct TiesKernel {
                 if (DISJ == MAX) {
                     num[u] = vmax(num[u], keep_if(agree, vabs(tr)));
                 } else {
-                    num[u] = num[u] + keep_if(agree, wt * tr);
+                    num[u] = num[u] + keep_if(agree, weighted<UNIT>(wt, tr));
                     if (DISJ == MEAN) den[u] = den[u] + keep_if(agree, wt);
                 }
             }
@@ -333,7 +353,7 @@ Counts ties_impl(const void* const* rows, int64_t T, int64_t N, const TiesArgs& 
     return parallel_blocks<D>(rows, T, N, a.out, a.out_dtype, a.base, a.base_dtype, sel, a.nthreads, [&] {
         return TiesKernel<D, COUNT, DISJ, DIFF, Keep>{T, a.thresholds, a.weights, splat(float(a.fill_sign)),
                                                       splat(a.lam), std::vector<float>(size_t(T) * STRIP),
-                                                      make_keep<Keep>(a.keep, T)};
+                                                      make_keep<Keep>(a.keep, T), unit_weights(a.weights, T)};
     });
 }
 
