@@ -4,4 +4,6 @@
 # runs in the caller's directory, so a relative --out (and the default nlmerge-demo/) is there.
 set -euo pipefail
 bash "$(dirname "$0")/setup.sh"
-exec "${PYTHON:-python3}" -m nlmerge.cli demo "$@"
+# not `python -m`: it puts the caller's directory first on sys.path, and from this checkout's parent
+# the checkout's own folder (named nlmerge) would hide the installed package
+exec "${PYTHON:-python3}" -c 'import sys; sys.path[:] = [p for p in sys.path if p]; from nlmerge.cli import console; console()' demo "$@"

@@ -238,11 +238,19 @@ def test_setup_skips_pip_when_installed_and_up_to_date(tmp_path):
 
 
 def test_demo_script_runs_in_the_callers_directory(tmp_path):
+    """demo.sh runs the demo in the caller's directory, on the installed package even where that
+    directory holds a folder named nlmerge (this checkout, seen from its parent), which `python -m`
+    would import instead (its AttributeError: no __version__)."""
     caller = tmp_path / "caller"
-    caller.mkdir()
+    (caller / "nlmerge").mkdir(parents=True)
     _, log = _run_script("demo.sh", tmp_path, torch_present=True, installed=True, args=["--out", "mine", "--quick"],
                          cwd=caller)
-    assert log[-1] == f"{caller}|-m nlmerge.cli demo --out mine --quick"
+    where, command = log[-1].split("|", 1)
+    args = " demo --out mine --quick"
+    assert where == str(caller) and command.startswith("-c ") and command.endswith(args)
+    shown = subprocess.run([sys.executable, "-c", command[len("-c "):-len(args)], "demo", "--help"], cwd=caller,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: nlmerge demo"), shown.stderr
 
 
 def _fake_checkout(root):
