@@ -254,13 +254,18 @@ def test_architecture_without_foldable_sites(llama_paths, tmp_path, capsys):
 
 
 def test_existing_output_needs_force(llama_paths, tmp_path, capsys):
+    """A non-empty OUT needs --force, which replaces a previous job's outputs (here a TACT job's
+    task folders) and keeps the user's own files, as nlmerge merge --force does."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
     assert run(llama_paths, out) == 1
     assert "exists and is not empty" in capsys.readouterr().err and (out / "old.txt").exists()
+    assert run(llama_paths, out, "--force") == 0
+    assert (out / "task_0" / "model.safetensors").exists() and (out / "old.txt").read_text() == "old"
     assert run(llama_paths, out, "--force", "--method", "repair") == 0
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not [n for n in os.listdir(out) if n.startswith("task_")] and (out / "model.safetensors").exists()
+    assert (out / "old.txt").read_text() == "old"
     assert not [n for n in os.listdir(tmp_path) if ".partial" in n or ".old" in n]
 
 

@@ -627,7 +627,7 @@ def test_a_locked_output_is_refused_and_its_lock_file_is_no_output(llama_family,
     assert LOCK_NAME not in os.listdir(out)
     done = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / LOCK_NAME).write_text("")
-    assert LOCK_NAME not in merge_job._previous_outputs(out)  # --force leaves it in place
+    assert LOCK_NAME not in merge_job.previous_outputs(out)  # --force leaves it in place
     holder = subprocess.Popen(  # another job, in another process, holds the lock
         [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
          "print('locked', flush=True); sys.stdin.read()", str(out / LOCK_NAME)],

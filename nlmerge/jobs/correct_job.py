@@ -55,7 +55,7 @@ from nlmerge.correct.correction import _check_eps
 from nlmerge.correct.sites import site_label
 from nlmerge.io import (LOCK_NAME, WEIGHT_FILES, check_apart, check_output_folder, lock_held, lock_output,
                         open_checkpoint, output_entries)
-from nlmerge.jobs.merge_job import TOKENIZER_FILES
+from nlmerge.jobs.merge_job import TOKENIZER_FILES, previous_outputs
 from nlmerge.jobs.model_card import CARD_NAME, correction_card
 
 METHODS = ("tact", "repair")
@@ -453,7 +453,8 @@ def _remove_stale_stages(out, say):
 @contextlib.contextmanager
 def _staging(out):
     """A temporary folder beside the locked ``out`` (:func:`_locked_output`) that becomes ``out``
-    when the block completes (the previous ``out`` is removed only then); on error it is removed.
+    when the block completes (the previous ``out`` is removed only then, the user's own files in
+    it carried over: :func:`_keep_users_files`); on error it is removed.
     From the start it holds a second link to the lock file this job holds: a later job tells it
     from a folder that a killed job left (:func:`_remove_stale_stages`), and the new ``out`` is
     never without the lock: a job that opens it there is refused until this one ends."""
@@ -466,10 +467,22 @@ def _staging(out):
         old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
         os.replace(out, os.path.join(old, "out"))
         os.replace(stage, out)
+        _keep_users_files(os.path.join(old, "out"), out)
         shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _keep_users_files(previous, out):
+    """Move the entries of the replaced output folder ``previous`` that no job wrote (the user's
+    own files, which ``nlmerge merge --force`` keeps too) into the new ``out``. A previous job's
+    outputs (``previous_outputs``, a correction's record, config and tokenizer files) and the
+    names ``out`` already has stay behind, to be removed with ``previous``."""
+    written = {*previous_outputs(previous), RECORD_NAME, "config.json", *TOKENIZER_FILES, *os.listdir(out)}
+    for name in output_entries(previous):
+        if name not in written:
+            os.replace(os.path.join(previous, name), os.path.join(out, name))
 
 
 def _save(model, tower, state, folder, merged, config, record, write_model_card):

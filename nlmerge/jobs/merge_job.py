@@ -461,7 +461,7 @@ def _check_free_space(plan, out, resume):
                       f"its file system has {free / 1e9:.2f} GB free")
 
 
-def _previous_outputs(out):
+def previous_outputs(out):
     """A previous job's files in OUT (nlmerge's or mergekit's: data files, config copies, a merge's
     model card) and its ``task_<t>`` folders, as paths relative to OUT; other files are the user's."""
     found = []
@@ -484,7 +484,7 @@ def set_aside_previous_outputs(out):
     if os.path.isdir(aside):
         remove_previous_outputs(out)
         return
-    names = _previous_outputs(out)
+    names = previous_outputs(out)
     if names:
         os.makedirs(aside)
         for name in names:
@@ -506,8 +506,8 @@ def restore_previous_outputs(out):
 
 
 def remove_previous_outputs(out):
-    """Remove a previous job's outputs from OUT (see _previous_outputs); other files stay."""
-    for name in _previous_outputs(out):
+    """Remove a previous job's outputs from OUT (see previous_outputs); other files stay."""
+    for name in previous_outputs(out):
         path = os.path.join(out, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
