@@ -302,11 +302,14 @@ def _correct(args):
         if len(paths) < 2:
             args.parser.error("the following arguments are required: OUT")
         args.out = paths.pop()
-        if len(args.experts) != len(args.data):  # a list ends at the next option only: OUT inside one is a path
-            args.parser.error(f"OUT taken as the last path of --{args.last_paths} ({args.out!r}) leaves "
-                              f"{len(args.experts)} experts and {len(args.data)} data files: give one data file "
-                              "per expert, and OUT outside the path lists (each takes every path up to the next "
-                              "option)")
+        # a list ends at the next option only: OUT written inside one is a path, and the list's last
+        # path was taken for OUT
+        problem = (f"leaves {len(args.experts)} experts and {len(args.data)} data files"
+                   if len(args.experts) != len(args.data) else "is a file" if os.path.isfile(args.out) else None)
+        if problem:
+            args.parser.error(f"OUT taken as the last path of --{args.last_paths} ({args.out!r}) {problem}: give "
+                              "one data file per expert, and OUT outside the path lists (each takes every path up "
+                              "to the next option)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -102,8 +102,12 @@ def test_correct_takes_out_anywhere_outside_the_path_lists(argv, monkeypatch):
                                        "give one data file per expert, and OUT outside the path lists"),
     ("M --experts A B --data X OUT", "OUT taken as the last path of --data ('OUT') leaves 2 experts and 1 data files"),
     ("M --experts A --data X", "the following arguments are required: OUT"),
+    ("M --experts A B --data X OUT Y.safetensors", "OUT taken as the last path of --data ('Y.safetensors') is a "
+                                                   "file: give one data file per expert, and OUT outside"),
 ])
-def test_correct_without_a_clear_out_is_an_argument_error(argv, message, capsys):
+def test_correct_without_a_clear_out_is_an_argument_error(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Y.safetensors").write_bytes(b"")  # a data file: OUT written before it in the list
     with pytest.raises(SystemExit) as err:
         main(["correct", *argv.split()])
     lines = capsys.readouterr().err.splitlines()

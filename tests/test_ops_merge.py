@@ -272,6 +272,9 @@ def test_merge_ops_bad_input(backend, generator):
         ops.ties_merge(tv, thr, sign="vote", backend=backend)
     with pytest.raises(ValueError, match="disjoint must be one of"):
         ops.ties_merge(tv, thr, disjoint="median", backend=backend)
+    for fill in (True, 1.0, torch.tensor(1), 2, "majority"):
+        with pytest.raises(ValueError, match=r"fill_sign must be -1, 0, 1 or 'sample', got "):
+            ops.ties_merge_pass(tv, thr, fill_sign=fill, backend=backend)
     for k in (-1, 0, 4, 2.0, True):  # 0 would keep everything, more than T nothing
         with pytest.raises(ValueError, match=rf"k must be an integer in \[1, 3\] \(the number of tasks\), got {k!r}"):
             ops.consensus_merge(tv, tv.sum(0), 0.4, k=k, backend=backend)

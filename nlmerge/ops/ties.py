@@ -129,7 +129,9 @@ def _check_options(sign, disjoint, fill_sign):
         raise ValueError(f"sign must be one of {SIGN_MODES}, got {sign!r}")
     if disjoint not in DISJOINT_MODES:
         raise ValueError(f"disjoint must be one of {DISJOINT_MODES}, got {disjoint!r}")
-    if fill_sign not in (-1, 0, 1, "sample"):
+    valid = fill_sign == "sample" if isinstance(fill_sign, str) else (
+        isinstance(fill_sign, int) and not isinstance(fill_sign, bool) and fill_sign in (-1, 0, 1))
+    if not valid:
         raise ValueError(f"fill_sign must be -1, 0, 1 or 'sample', got {fill_sign!r}")
 
 
