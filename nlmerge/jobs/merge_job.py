@@ -231,7 +231,7 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
-                _finish_held(plan, manifest, thresholds, (total > 0) - (total < 0), held)
+                _finish_held(plan, manifest, thresholds, ops.majority_sign(total), held)
     except BaseException as err:
         for step in held:
             for writer in step.writers.values():
@@ -759,7 +759,7 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                 elif tall:
                     writes = _tall_writes(plan, k, tensors)
                 else:
-                    fill = (sign_sum + shard_sum > 0) - (sign_sum + shard_sum < 0) or "sample"
+                    fill = ops.majority_sign(sign_sum + shard_sum) or "sample"
                     out, info = _merge_one(plan, k, tensors, thresholds, fill)
                     writes = [("model", key, out)]
                     if info is not None:

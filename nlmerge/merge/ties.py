@@ -93,7 +93,7 @@ def ties_vectors(
     for key in nonempty:
         # zero signs take the majority so far (before any: a sample's), the final one rarely
         # differs, so few blocks rerun; an overflow is judged on the final pass
-        fill = (sign_sum > 0) - (sign_sum < 0) or "sample"
+        fill = ops.majority_sign(sign_sum) or "sample"
         base, experts = get_models(key)
         with naming([key]):
             first = ops.ties_merge_pass_models(
@@ -102,7 +102,7 @@ def ties_vectors(
         out[key] = first.merged
         sign_sum += first.sign_sum
         passes.append((key, first))
-    majority = (sign_sum > 0) - (sign_sum < 0)
+    majority = ops.majority_sign(sign_sum)
     for key, first in passes:
         base, experts = get_models(key)
         with naming([key]):

@@ -42,6 +42,7 @@ from nlmerge.ops.tall import (
 from nlmerge.ops.ties import (
     TiesPass,
     complete_ties_pass,
+    majority_sign,
     same_fill_result,
     task_arithmetic,
     task_arithmetic_models,
@@ -71,6 +72,7 @@ __all__ = [
     "magnitude_threshold",
     "magnitude_threshold_models",
     "magnitude_thresholds_models",
+    "majority_sign",
     "pack_masks",
     "packed_size",
     "permute_tensors",

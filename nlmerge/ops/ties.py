@@ -268,7 +268,7 @@ def _sampled_majority(inputs, kernels, options, flat):
         return 0
     blocks = torch.arange(sampled, dtype=torch.int64) * count // sampled
     sign_sum = inputs.run_kernel(kernels, (*options, 0), flat, blocks, None)[0]  # non-finite: the pass raises
-    return (sign_sum > 0) - (sign_sum < 0)
+    return majority_sign(sign_sum)
 
 
 def ties_merge_pass(
@@ -437,8 +437,7 @@ def _majority_merge(run_pass, zero_sign, disjoint):
     if zero_sign == "positive":
         return run_pass(fill_sign=1).merged
     first = run_pass(fill_sign="sample", check_result=False)
-    majority = (first.sign_sum > 0) - (first.sign_sum < 0)
-    return complete_ties_pass(first, first.fill_sign, majority, disjoint,
+    return complete_ties_pass(first, first.fill_sign, majority_sign(first.sign_sum), disjoint,
                               lambda **kw: run_pass(out=first.merged, **kw))
 
 
@@ -561,6 +560,12 @@ def ties_merge_models(
                   out_dtype=out_dtype, random_keep=random_keep, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
                            disjoint)
+
+
+def majority_sign(sign_sum):
+    """The zero-sign rule's majority: the sign (-1, 0 or 1) of a scope's sum of elected signs
+    (``TiesPass.sign_sum``, added over the tensors of a global scope)."""
+    return (sign_sum > 0) - (sign_sum < 0)
 
 
 def same_fill_result(fill_a, fill_b, disjoint):
