@@ -139,7 +139,7 @@ def _add_merge(commands):
                        help="write a README.md model card into each merged model (default: yes)")
     merge.add_argument("--force", action="store_true", help="write into an existing output folder")
     merge.add_argument("--resume", action="store_true",
-                       help="continue an interrupted job: finished shards (size and sha256 checked) are kept")
+                       help="continue an interrupted job: finished shards (size and content hash checked) are kept")
     merge.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bar")
     merge.add_argument("--num-threads", "-j", metavar="N", type=_checked(options.check_threads, "N"), default=None,
                        help="torch CPU threads (default: torch's)")

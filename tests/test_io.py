@@ -1,7 +1,6 @@
 """nlmerge.io: checkpoint readers on generated HF folders, their validation errors, the
 planned-offset shard writer (against safetensors' save_file and mergekit's TensorWriter) and the
 resume manifest."""
-import hashlib
 import json
 import os
 import shutil
@@ -9,11 +8,13 @@ import struct
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nlmerge.io import (CheckpointError, Manifest, ShardWriter, copy_file_atomic, open_checkpoint,
                         parse_size, plan_shards, shard_index, write_json_atomic)
+from nlmerge.io import writer as writer_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -401,12 +402,12 @@ def test_writer_bytes_equal_save_file_and_round_trip(tmp_path):
             _assert_bits_equal(ckpt.get(k), t)
 
 
-def test_sha256_of_written_shard(tmp_path):
+def test_digest_of_written_shard(tmp_path):
     (plan,) = plan_shards([("w", (3,), F32)], 0)
     with ShardWriter(plan, tmp_path) as w:
         w.write("w", torch.ones(3))
         written = w.finish()
-    assert written.sha256 == hashlib.sha256((tmp_path / plan.name).read_bytes()).hexdigest()
+    assert written.digest == xxhash.xxh3_128((tmp_path / plan.name).read_bytes()).hexdigest()
 
 
 def test_written_llama_loads_in_transformers(llama, tmp_path):
@@ -484,7 +485,7 @@ def test_replaced_tensors_before_finish(tmp_path, order):
     save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
     assert written.size == plan.size
-    assert written.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert written.digest == xxhash.xxh3_128(out.read_bytes()).hexdigest()
 
 
 
@@ -492,18 +493,18 @@ def test_replaced_tensors_before_finish(tmp_path, order):
 @pytest.mark.parametrize("replaced", ["", "a", "b", "d"])
 def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypatch):
     """Keys written provisionally (expected to be replaced) stop the hash as it goes; the digest is
-    the file's sha256 whether or not they, an earlier key or a later one are then replaced, and no
+    the file's digest whether or not they, an earlier key or a later one are then replaced, and no
     byte from the first provisional key on is hashed twice."""
     tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
                "d": torch.randn(5)}
     (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
     new = {k: -tensors[k] - 1 for k in replaced.split(",") if k}
     hashed = []
-    real_sha256 = hashlib.sha256
+    real_digest = writer_module.new_digest
 
-    class Counted:  # counts the bytes fed to every sha256 the writer makes
+    class Counted:  # counts the bytes fed to every hash the writer makes
         def __init__(self, data=b""):
-            self._h = real_sha256(data)
+            self._h = real_digest(data)
 
         def update(self, data):
             hashed.append(len(data))
@@ -517,7 +518,7 @@ def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypat
         def hexdigest(self):
             return self._h.hexdigest()
 
-    monkeypatch.setattr("nlmerge.io.writer.hashlib.sha256", Counted)
+    monkeypatch.setattr(writer_module, "new_digest", Counted)
     with ShardWriter(plan, tmp_path) as w:
         for k in plan.file_order:
             w.write(k, tensors[k], provisional=k in provisional.split(","))
@@ -527,7 +528,7 @@ def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypat
     out = tmp_path / plan.name
     save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
-    assert written.sha256 == real_sha256(out.read_bytes()).hexdigest()
+    assert written.digest == real_digest(out.read_bytes()).hexdigest()
     # hashed as it goes up to the first provisional key, then from the file from the earliest
     # provisional or replaced key: each byte once unless an earlier key was replaced
     stop = min(plan.entries[k].begin for k in provisional.split(","))
@@ -539,7 +540,7 @@ def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypat
 @pytest.mark.parametrize("order", ["file", "reversed"])
 @pytest.mark.parametrize("expected,replaced", [("b,d", "b,d"), ("b,c,d", "d"), ("", ""), ("a", "a")])
 def test_announced_replacements_hash_behind_them(tmp_path, order, expected, replaced):
-    """After expect_replacements, the file's sha256 is read back on the hash thread behind the
+    """After expect_replacements, the file's digest is read back on the hash thread behind the
     replacements (in any order); keys announced but not replaced keep their bytes; with keys
     written out of file order there is no running hash and finish hashes the whole file."""
     tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
@@ -558,7 +559,7 @@ def test_announced_replacements_hash_behind_them(tmp_path, order, expected, repl
     out = tmp_path / plan.name
     save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
-    assert written.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert written.digest == xxhash.xxh3_128(out.read_bytes()).hexdigest()
 
 
 def test_announced_replacements_refuse_others_and_abort_cleanly(tmp_path):
@@ -625,12 +626,13 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "nlmerge-manifest.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="nlmerge-manifest.json"):
         Manifest.load(tmp_path)
+    (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/1", "fingerprint": "f", "shards": {}}')
+    with pytest.raises(ValueError, match="nlmerge-manifest.json: .*earlier nlmerge.*--force"):
+        Manifest.load(tmp_path)
 
 
 @pytest.mark.parametrize("order", ["file", "reversed"])
 def test_writer_hashes_in_file_order_without_reading_back(tmp_path, monkeypatch, order):
-    from nlmerge.io import writer as writer_module
-
     g = torch.Generator().manual_seed(3)
     tensors = {"b.weight": torch.randn(33, 7, generator=g).to(torch.bfloat16), "a.bias": torch.randn(5, generator=g),
                "c.empty": torch.zeros(0), "d.weight": torch.randn(4, 4, generator=g)}
@@ -638,21 +640,19 @@ def test_writer_hashes_in_file_order_without_reading_back(tmp_path, monkeypatch,
     keys = plan.file_order if order == "file" else plan.file_order[::-1]
     assert [plan.entries[k].begin for k in plan.file_order] == sorted(e.begin for e in plan.entries.values())
     read_back = []
-    real = writer_module.file_sha256
-    monkeypatch.setattr(writer_module, "file_sha256", lambda path: read_back.append(path) or real(path))
+    real = writer_module.file_digest
+    monkeypatch.setattr(writer_module, "file_digest", lambda path: read_back.append(path) or real(path))
     with ShardWriter(plan, tmp_path) as w:
         for key in keys:
             w.write(key, tensors[key])
         written = w.finish()
-    assert written.sha256 == real(tmp_path / plan.name)
+    assert written.digest == real(tmp_path / plan.name)
     assert bool(read_back) == (order == "reversed")  # in file order the hash grew as the bytes were written
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     assert (tmp_path / plan.name).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
 def test_writer_error_in_flight_surfaces_and_aborts(tmp_path, monkeypatch):
-    from nlmerge.io import writer as writer_module
-
     tensors = {"a": torch.ones(8), "b": torch.ones(8), "c": torch.ones(8)}
     (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
     real, calls = writer_module._pwrite_all, [0]

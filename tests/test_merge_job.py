@@ -12,7 +12,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from nlmerge import merge, ops  # noqa: E402
-from nlmerge.io import CheckpointError, file_sha256  # noqa: E402
+from nlmerge.io import CheckpointError, file_digest  # noqa: E402
 from nlmerge.jobs import ConfigError, load_config, plan_merge, run_merge  # noqa: E402
 
 NUM_EXPERTS = 3
@@ -501,7 +501,7 @@ def test_global_ties_zero_sign_majority_replaces_a_held_key(tmp_path, monkeypatc
     manifest = json.load(open(tmp_path / "out" / "nlmerge-manifest.json"))
     assert len(manifest["shards"]) == 3
     for name, entry in manifest["shards"].items():  # the held shard's hash covers its replaced bytes
-        assert entry["sha256"] == file_sha256(tmp_path / "out" / name)
+        assert entry["xxh3_128"] == file_digest(tmp_path / "out" / name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

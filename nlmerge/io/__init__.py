@@ -19,7 +19,7 @@ Writing (mergekit's output layout; see ``plan_shards`` for the shard-size rule):
         with ShardWriter(plan, out_dir) as w:
             for key in plan.keys:
                 w.write(key, tensor_for(key))
-            manifest.record(w.finish(), extra={})         # WrittenShard(name, size, sha256)
+            manifest.record(w.finish(), extra={})         # WrittenShard(name, size, digest)
     if (index := shard_index(plans)) is not None:
         write_json_atomic(out_dir / "model.safetensors.index.json", index)
 
@@ -29,14 +29,14 @@ from nlmerge.io.checkpoint import WEIGHT_FILES, Checkpoint, TensorInfo, open_che
 from nlmerge.io.format import DTYPES, CheckpointError
 from nlmerge.io.manifest import MANIFEST_NAME, PART_PATTERN, Manifest
 from nlmerge.io.writer import (LOCK_NAME, OutputInUseError, ShardPlan, ShardWriter, WrittenShard, check_apart,
-                               check_output_folder, copy_file_atomic, file_sha256, lock_held, lock_output,
+                               check_output_folder, copy_file_atomic, file_digest, lock_held, lock_output,
                                output_entries, parse_size, plan_shards, shard_index, write_checkpoint,
                                write_json_atomic, write_text_atomic)
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DTYPES", "LOCK_NAME", "MANIFEST_NAME", "Manifest", "OutputInUseError",
     "PART_PATTERN", "ShardPlan", "ShardWriter", "TensorInfo", "WEIGHT_FILES", "WrittenShard", "check_apart",
-    "check_output_folder", "copy_file_atomic", "file_sha256", "lock_held", "lock_output", "open_checkpoint",
+    "check_output_folder", "copy_file_atomic", "file_digest", "lock_held", "lock_output", "open_checkpoint",
     "output_entries", "parse_size", "plan_shards", "shard_index", "write_checkpoint", "write_json_atomic",
     "write_text_atomic",
 ]

@@ -8,19 +8,19 @@ import glob
 import json
 import os
 
-from nlmerge.io.writer import file_sha256, write_json_atomic
+from nlmerge.io.writer import DIGEST, file_digest, write_json_atomic
 
 MANIFEST_NAME = "nlmerge-manifest.json"
 PART_PATTERN = "nlmerge-manifest.rank*.json"
-_FORMAT = "nlmerge-manifest/1"
+_FORMAT = "nlmerge-manifest/2"  # /1 recorded sha256s: its shards cannot be verified without rehashing them
 
 
 class Manifest:
     """``nlmerge-manifest.json`` in an output folder: the job's ``fingerprint`` (a string the
     caller derives from the config, the inputs' identities and the options) and, per finished
-    shard, its size and sha256. A resumed job whose fingerprint equals the manifest's may skip
-    the shards that ``is_done``; ``record`` rewrites the file atomically after each shard.
-    ``shards`` maps a shard name to ``{"size": int, "sha256": str, "extra": dict}``; ``extra``
+    shard, its size and content hash (``DIGEST``: xxh3-128). A resumed job whose fingerprint
+    equals the manifest's may skip the shards that ``is_done``; ``record`` rewrites the file
+    atomically after each shard. ``shards`` maps a shard name to ``{"size": int, DIGEST: str, "extra": dict}``; ``extra``
     is the caller's JSON-serializable per-shard state (what a resumed job needs to carry on)."""
 
     def __init__(self, out_dir, fingerprint, shards=None, *, rank=0):
@@ -61,9 +61,11 @@ class Manifest:
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
+            if obj.get("format") == "nlmerge-manifest/1":
+                raise ValueError("written by an earlier nlmerge (sha256s, not xxh3-128): start again with --force")
             if obj.get("format") != _FORMAT or not isinstance(obj.get("fingerprint"), str):
                 raise ValueError(f"not a {_FORMAT} object")
-            shards = {name: {"size": int(s["size"]), "sha256": str(s["sha256"]),
+            shards = {name: {"size": int(s["size"]), DIGEST: str(s[DIGEST]),
                              "extra": dict(s.get("extra", {}))}
                       for name, s in obj["shards"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
@@ -76,9 +78,9 @@ class Manifest:
                                       "shards": self.shards})
 
     def record(self, shard, extra=None):
-        """Record a finished shard (a ``WrittenShard``: name, size, sha256) with the caller's
+        """Record a finished shard (a ``WrittenShard``: name, size, digest) with the caller's
         ``extra`` dict (JSON-serializable; replaces any earlier one) and save."""
-        self.shards[shard.name] = {"size": shard.size, "sha256": shard.sha256,
+        self.shards[shard.name] = {"size": shard.size, DIGEST: shard.digest,
                                    "extra": dict(extra or {})}
         self.save()
 
@@ -88,10 +90,10 @@ class Manifest:
 
     def is_done(self, name):
         """True when shard ``name`` is recorded and the file in ``out_dir`` still has the
-        recorded size and sha256 (the file is re-read and hashed)."""
+        recorded size and digest (the file is re-read and hashed)."""
         if name not in self.shards:
             return False
         entry = self.shards[name]
         path = os.path.join(self.out_dir, name)
         return (os.path.isfile(path) and os.path.getsize(path) == entry["size"]
-                and file_sha256(path) == entry["sha256"])
+                and file_digest(path) == entry[DIGEST])

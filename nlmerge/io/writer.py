@@ -8,7 +8,6 @@ ever partial.
 """
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -19,10 +18,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import xxhash
 
 from nlmerge.io.format import HeaderEntry, build_header, dtype_name, nbytes_of
 
 SHARD_METADATA = {"format": "pt"}
+# The content hash of written files (the resume manifest's check): xxh3-128 detects a changed or
+# damaged shard as surely as sha256 does without an adversary (a user who can change a shard can
+# change the manifest too), at about nine times its speed: sha256 of the output took a third of a
+# task-arithmetic job's time on two cores (benchmarks/RESULTS.md, session 7).
+DIGEST = "xxh3_128"
+
+
+def new_digest(data=b""):
+    """A running ``DIGEST`` hash object (``update``, ``copy``, ``hexdigest``) fed ``data``."""
+    return xxhash.xxh3_128(data)
 
 
 def parse_size(value):
@@ -153,10 +163,10 @@ def shard_index(plans):
 
 
 class WrittenShard(NamedTuple):
-    """A finished file: final ``name``, ``size`` in bytes, ``sha256`` hex digest."""
+    """A finished file: final ``name``, ``size`` in bytes, ``digest`` (its ``DIGEST``, hex)."""
     name: str
     size: int
-    sha256: str
+    digest: str
 
 
 def temp_path(final_path):
@@ -175,9 +185,9 @@ def _publish(tmp, final):
         os.close(fd)
 
 
-def file_sha256(path):
-    """sha256 hex digest of the file at ``path``, read in chunks."""
-    h = hashlib.sha256()
+def file_digest(path):
+    """The ``DIGEST`` (hex) of the file at ``path``, read in chunks."""
+    h = new_digest()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
@@ -216,9 +226,9 @@ class ShardWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-write")
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-hash")
         self._in_flight = []
-        # the running sha256 of the file's bytes [0, _hashed_to), None once a write skips ahead;
+        # the running hash of the file's bytes [0, _hashed_to), None once a write skips ahead;
         # its state where each tensor began (a replaced key's hash restarts there)
-        self._hash, self._hashed_to = hashlib.sha256(plan.header), len(plan.header)
+        self._hash, self._hashed_to = new_digest(plan.header), len(plan.header)
         self._hash_at = {}
         self._replaced_from = None  # the first byte of the earliest replaced key
         # after expect_replacements: the file hashed on the hash thread behind the replacements;
@@ -346,7 +356,7 @@ class ShardWriter:
         final name. ``record``, when given, is called with the ``WrittenShard`` once the file is
         complete and before the rename (a resume manifest's ``record``: whenever the process
         stops, a file under its final name is recorded; an error in ``record`` aborts). Returns
-        ``WrittenShard(name, size, sha256)``; ValueError naming the shard and the missing keys
+        ``WrittenShard(name, size, digest)``; ValueError naming the shard and the missing keys
         otherwise."""
         with self._aborting():
             missing = [k for k in self.plan.entries if k not in self._written]
@@ -367,10 +377,10 @@ class ShardWriter:
         return written
 
     def _digest(self):
-        """The file's sha256: the running hash, restarted where the first replaced key began and
+        """The file's digest: the running hash, restarted where the first replaced key began and
         fed from the file from there on; the whole file read back when it was not written in order."""
         if self._hash is None or self._hashed_to != self.plan.size:
-            return file_sha256(self.temp_path)
+            return file_digest(self.temp_path)
         if self._replaced_from is None:
             return self._hash.hexdigest()
         hasher, offset = self._hash_at[self._replaced_from], self._replaced_from

@@ -4,7 +4,7 @@ The job is planned before it runs: every input header is read and checked (keys,
 files), every parameter is resolved for every tensor (filters, gradients), the output shards are
 planned from the headers, and only then are tensors streamed, one key at a time across the T+1
 models, merged in fp32 on nlmerge's kernels and written at their planned offsets. Nothing is
-written under a final name until it is complete; a manifest (sizes, sha256) lets ``--resume``
+written under a final name until it is complete; a manifest (sizes, content hashes) lets ``--resume``
 skip finished shards and give byte-identical output.
 """
 import contextlib
@@ -137,7 +137,7 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         when it fails before finishing a shard; other files stay.
     resume : bool
         Continue an interrupted job with the same config and inputs: finished shards (sizes and
-        sha256 verified) are kept; the result is byte-identical to an uninterrupted run.
+        content hash verified) are kept; the result is byte-identical to an uninterrupted run.
     progress : bool
         Show a progress bar (tensors done, bytes per second, time left).
     backend : None, "torch", "cpu" or "triton"
@@ -406,7 +406,7 @@ def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
 
     h = hashlib.sha256()
     state = {"config": cfg.source, "inputs": [c.identity() for c in checkpoints], "shard_bytes": max_bytes,
-             "seed": seed, "permutations": [ckio.file_sha256(f) for f in permutations.files], "version": __version__}
+             "seed": seed, "permutations": [ckio.file_digest(f) for f in permutations.files], "version": __version__}
     h.update(json.dumps(state, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -729,7 +729,7 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
     """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
     (the steps whose files the manifest verified) are streamed (one key read ahead, across step
     boundaries), merged and written to the step's files; a step's filled files are finished
-    (fsync, sha256, rename) on a thread while the next step is merged, and recorded in the
+    (fsync, hash, rename) on a thread while the next step is merged, and recorded in the
     manifest before they are renamed into place: on that thread, which no signal interrupts
     (Python runs signal handlers on the main thread), so a file under its final name is always
     recorded. A step is done when all its files are.
