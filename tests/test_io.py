@@ -538,52 +538,26 @@ def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypat
 
 
 @pytest.mark.parametrize("order", ["file", "reversed"])
-@pytest.mark.parametrize("expected,replaced", [("b,d", "b,d"), ("b,c,d", "d"), ("", ""), ("a", "a")])
-def test_announced_replacements_hash_behind_them(tmp_path, order, expected, replaced):
-    """After expect_replacements, the file's digest is read back on the hash thread behind the
-    replacements (in any order); keys announced but not replaced keep their bytes; with keys
-    written out of file order there is no running hash and finish hashes the whole file."""
+@pytest.mark.parametrize("replaced", ["b,d", "d", "", "a"])
+def test_replacements_after_every_write(tmp_path, order, replaced):
+    """Keys replaced once every key is written (a global TIES job's held shard), in any order:
+    the file holds the replacements and the digest is the file's, whether the keys came in file
+    order (hashed as they went, read back from the first replaced key) or not (read back whole)."""
     tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
                "d": torch.randn(5), "e": torch.randn(1 << 16)}
     (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
     keys = plan.file_order if order == "file" else plan.file_order[::-1]
-    expected, replaced = [k for k in expected.split(",") if k], [k for k in replaced.split(",") if k]
-    new = {k: -tensors[k] - 1 for k in replaced}
+    new = {k: -tensors[k] - 1 for k in replaced.split(",") if k}
     with ShardWriter(plan, tmp_path) as w:
         for k in keys:
             w.write(k, tensors[k], provisional=k == "c")
-        w.expect_replacements(expected)
-        for k in reversed(replaced):
+        for k in reversed(list(new)):
             w.write(k, new[k], replace=True)
         written = w.finish()
     out = tmp_path / plan.name
     save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
     assert written.digest == xxhash.xxh3_128(out.read_bytes()).hexdigest()
-
-
-def test_announced_replacements_refuse_others_and_abort_cleanly(tmp_path):
-    tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(1 << 20)}
-    (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
-    with ShardWriter(plan, tmp_path) as w:
-        w.write("a", tensors["a"])
-        with pytest.raises(ValueError, match=r"expect_replacements needs every tensor written \(missing: \['b', 'c'\]"):
-            w.expect_replacements(["a"])
-    with ShardWriter(plan, tmp_path) as w:
-        for k in plan.file_order:
-            w.write(k, tensors[k])
-        w.expect_replacements(["a", "c"])  # the hash thread waits before 'a' (first in the file)
-        with pytest.raises(ValueError, match="'b' is replaced but was not expected"):
-            w.write("b", tensors["b"], replace=True)
-    assert os.listdir(tmp_path) == []  # aborted: the waiting hash thread ended, the file is gone
-    with ShardWriter(plan, tmp_path) as w:
-        for k in plan.file_order:
-            w.write(k, tensors[k])
-        w.expect_replacements(["c"])
-        w.write("c", tensors["c"] + 1, replace=True)
-        with pytest.raises(ValueError, match="'c' is replaced but was not expected"):
-            w.write("c", tensors["c"], replace=True)  # once only
-    assert os.listdir(tmp_path) == []
 
 
 def test_atomic_json_and_copy(tmp_path):

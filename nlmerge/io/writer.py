@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -205,9 +204,7 @@ class ShardWriter:
     otherwise hashes the file by reading it back. ``write(key, tensor, replace=True)`` overwrites a
     written key before ``finish`` (a global TIES merge fixing the keys whose zero signs it filled
     before the model-wide majority was known); ``finish`` then reads back only the bytes from the
-    first replaced key on, or, when the keys to be replaced were announced
-    (:meth:`expect_replacements`), the hash thread reads them back while they are replaced. A
-    written tensor must not change until the next ``write`` or ``finish`` returns (its bytes may
+    first replaced key on (hashing them at about 10 GB/s). A written tensor must not change until the next ``write`` or ``finish`` returns (its bytes may
     still be in flight). Any error in ``write`` or ``finish`` aborts: the
     temporary file is removed and the error re-raised (an error of a write in flight surfaces at
     the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts too.
@@ -230,11 +227,7 @@ class ShardWriter:
         # its state where each tensor began (a replaced key's hash restarts there)
         self._hash, self._hashed_to = new_digest(plan.header), len(plan.header)
         self._hash_at = {}
-        self._replaced_from = None  # the first byte of the earliest replaced key
-        # after expect_replacements: the file hashed on the hash thread behind the replacements;
-        # _pending holds the first bytes of the expected keys not yet stored (under _follow_lock)
-        self._following, self._pending, self._stop = None, [], False
-        self._follow_lock = threading.Condition()
+        self._replaced_from = None  # the first byte of the earliest replaced or provisional key
         try:
             self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
@@ -268,12 +261,6 @@ class ShardWriter:
             # raw little-endian bytes; a uint8 view also carries bf16/fp8/bool, which numpy lacks
             data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self._settle()
-            if replace and self._following is not None:  # announced: the hash follows behind it
-                with self._follow_lock:
-                    if entry.begin not in self._pending:
-                        raise ValueError(f"{where} is replaced but was not expected (expect_replacements)")
-                self._in_flight = [self._pool.submit(self._store_expected, data, entry.begin)]
-                return
             self._in_flight = [self._pool.submit(self._store, data, entry.begin)]
             if replace or provisional:  # finish hashes the file from the earliest such key on
                 self._replaced_from = min(entry.begin, self._replaced_from or entry.begin)
@@ -295,56 +282,6 @@ class ShardWriter:
         _pwrite_all(self._fd, data, offset)
         _start_writeback(self._fd, offset, len(data))
 
-    def _store_expected(self, data, offset):
-        """Store an expected replacement, then let the file's hash go past it."""
-        self._store(data, offset)
-        with self._follow_lock:
-            self._pending.remove(offset)
-            self._follow_lock.notify_all()
-
-    def expect_replacements(self, keys):
-        """Announce the ``keys`` (every planned key written) that will be replaced before
-        ``finish``: the file's hash from the earliest of them (or of an earlier replaced or
-        provisional key) on starts now, on the hash thread, following behind their replacements,
-        instead of in ``finish``. Once announced, a replaced key must be one of them (ValueError
-        otherwise); one not replaced keeps its bytes. Without a running hash (keys written out of
-        file order) the announcement changes nothing: ``finish`` hashes the whole file."""
-        with self._aborting():
-            missing = [k for k in self.plan.entries if k not in self._written]
-            if missing or self._following is not None:
-                raise ValueError(f"shard {self.plan.name}: expect_replacements needs every tensor written "
-                                 f"(missing: {missing[:5]}) and is called once")
-            begins = sorted(self.plan.entries[k].begin for k in keys)
-            self._settle()
-            start = min([*begins, *([] if self._replaced_from is None else [self._replaced_from])], default=None)
-            if self._hash is None or start is None:
-                return  # no running hash, or nothing to restart: finish needs no thread
-            self._replaced_from, self._pending = start, begins
-            self._following = self._hash_pool.submit(self._follow, self._hash_at[start].copy(), start)
-
-    def _follow(self, hasher, offset):
-        """Hash the file from ``offset`` to its end, waiting before a key still to be replaced;
-        the digest, or None when the writer aborts."""
-        while offset < self.plan.size:
-            with self._follow_lock:
-                while not self._stop and self._pending and self._pending[0] <= offset:
-                    self._follow_lock.wait()
-                if self._stop:
-                    return None
-                limit = self._pending[0] if self._pending else self.plan.size
-            chunk = os.pread(self._fd, min(1 << 24, limit - offset), offset)
-            hasher.update(chunk)
-            offset += len(chunk)
-        return hasher.hexdigest()
-
-    def _release_following(self, *, stop):
-        """Let the following hash run to the end (keys expected but not replaced keep their bytes),
-        or with ``stop`` end it."""
-        with self._follow_lock:
-            self._pending.clear()
-            self._stop = stop
-            self._follow_lock.notify_all()
-
     def _settle(self):
         """Wait for the write (and hash) in flight, re-raising an error."""
         futures, self._in_flight = self._in_flight, []
@@ -364,9 +301,8 @@ class ShardWriter:
                 raise ValueError(f"shard {self.plan.name}: {len(missing)} planned tensor(s) never "
                                  f"written: {missing[:5]}")
             self._settle()
-            self._release_following(stop=False)
             os.fsync(self._fd)
-            digest = self._following.result() if self._following is not None else self._digest()
+            digest = self._digest()
             os.close(self._fd)
             self._fd = None
             self._shutdown()
@@ -391,7 +327,6 @@ class ShardWriter:
 
     def abort(self):
         """Close and remove the temporary file (nothing under the final name is touched)."""
-        self._release_following(stop=True)
         with contextlib.suppress(BaseException):
             self._settle()
         self._shutdown()

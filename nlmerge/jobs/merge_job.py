@@ -804,12 +804,10 @@ def _finish_held(plan, manifest, thresholds, majority, held):
     whose result depends on the fill they got are merged again with ``majority`` and replace
     their bytes in the still-open file (an elected sign of exactly 0 with a kept entry: common on
     16-bit models, whose task vectors cancel exactly); then the step's files are finished and
-    recorded. Each file's hash is read back on its hash thread behind the replacements."""
+    recorded (each file's hash reads back its bytes from the first replaced key on)."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
     stale = [[key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
              for step in held]
-    for step, keys in zip(held, stale):  # every held file's hash reads it back behind its replacements
-        step.writers["model"].expect_replacements(keys)
     while held:  # a step leaves ``held`` only once finished: on an error, _run aborts what is still there
         step = held[0]
         for key, tensors in _stream(plan, stale.pop(0)):
