@@ -208,7 +208,22 @@ struct WindowCounter {
         const uint32_t l = lo, w = width;
         uint32_t* __restrict out = pending;
         int k = npending;
-        for (int j = 0; j < m; j++) {
+        int j = 0;
+#if defined(__AVX512F__)
+        // vpcompressd: a vector's in-window offsets in one store (a whole vector is stored: pending
+        // has room for 4 VL past PENDING, and a call adds at most 4 VL before the flush test).
+        // The scalar loop below was a third of the job's counting pass (perf, session 7).
+        static_assert(4 * simd::VL >= 16, "pending holds a whole 16-lane store past PENDING");
+        const __m512i vl = _mm512_set1_epi32(int32_t(l)), vw = _mm512_set1_epi32(int32_t(w)),
+                      magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+        for (; j + 16 <= m; j += 16) {
+            const __m512i off = _mm512_sub_epi32(_mm512_and_si512(_mm512_loadu_si512(c + j), magnitude), vl);
+            const __mmask16 in = _mm512_cmplt_epu32_mask(off, vw);
+            _mm512_storeu_si512(out + k, _mm512_maskz_compress_epi32(in, off));
+            k += __builtin_popcount(in);
+        }
+#endif
+        for (; j < m; j++) {
             const uint32_t off = (c[j] & 0x7FFFFFFFu) - l;
             out[k] = off;
             k += int(off < w);
