@@ -101,11 +101,14 @@ def test_models_kernels_with_random_keep_are_the_reference(dtype, kind, generato
             assert torch.equal(tv[2][dropped], torch.zeros(int(dropped.sum())))
 
 
-def fused_and_masked(monkeypatch, **kwargs):
-    """merge_tensor's fused DARE path and its masked-task-vector path (``_dare_fused`` off)."""
+def fused_and_masked(monkeypatch, plain=False, **kwargs):
+    """merge_tensor's fused DARE path and its masked-task-vector path (``_dare_fused`` off); with
+    ``plain``, that path's consensus in plain PyTorch (mergekit's rule step by step), not the kernel."""
     fused = outcome(lambda: merge_tensor(**kwargs))
     with monkeypatch.context() as m:
-        m.setattr(generalized, "_dare_fused", lambda o, scales: False)
+        m.setattr(generalized, "_dare_fused", lambda o: False)
+        if plain:
+            m.setattr(generalized, "_fused_consensus", lambda o: False)
         masked = outcome(lambda: merge_tensor(**kwargs))
     return fused, masked
 
@@ -126,6 +129,22 @@ def test_fused_dare_is_the_masked_path(method, dtype, generator, monkeypatch):
                                          name="m.w", seed=3, out_dtype=out_dtype, **kwargs)
         assert isinstance(fused, torch.Tensor)
         assert_same(fused, masked)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalized_dare_ties_divides_by_the_raw_weights(dtype, generator, monkeypatch):
+    """dare_ties with normalize and rescale (mergekit's most common config) on the TIES kernel,
+    whose mean divides by the raw weights of the agreeing tasks (``divisors``) while it elects
+    and sums with the rescaled ones: bit-identical to mergekit's rule written out in PyTorch."""
+    for weights, densities, n in (((1.0, 1.0, 1.0), (0.5, 0.5, 0.5), 5000), ((0.75, 0.5, 1.25), (0.3, 0.9, 0.6), 3001),
+                                  ((2.0, 0.25, 1.0), (0.1, 1.0, 0.5), 2 * BLOCK + 7)):
+        base, experts = models("normal", n, dtype, generator)
+        kwargs = METHODS["dare_ties"].kwargs(dict(weight=list(weights), density=list(densities), normalize=True,
+                                                   **{"lambda": 0.8}))
+        fused, plain = fused_and_masked(monkeypatch, plain=True, base=base, experts=experts, name="m.w", seed=3,
+                                        out_dtype=torch.float32, **kwargs)
+        assert isinstance(fused, torch.Tensor)
+        assert_same(fused, plain)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -46,6 +46,7 @@ def test_ties_pass_equals_reference(backend, dtype, num_tasks, generator):
             tv = task_stack(kind, num_tasks, size, dtype, generator)
             thr = thresholds_for(tv)
             weights = (torch.rand(num_tasks, generator=generator) + 0.25).tolist()
+            divisors = (torch.rand(num_tasks, generator=generator) + 0.25).tolist()  # "mean" divides by these
             base = nasty("normal", (size,), dtype, generator)
             cases = [("mass", "mean", 0), ("count", "sum", 1), ("mass", "max", -1), ("count", "mean", 0)]
             if size < 10**6:
@@ -53,7 +54,8 @@ def test_ties_pass_equals_reference(backend, dtype, num_tasks, generator):
             for sign, disjoint, fill in cases:
                 # unchecked: an overflowing result ("huge" 16-bit sums) is compared too, by its flag
                 kwargs = dict(fill_sign=fill, sign=sign, disjoint=disjoint, weights=weights, base=base, lam=0.7,
-                              check_result=False)
+                              check_result=False,
+                              divisors=divisors if disjoint == "mean" and (sign == "count" or fill == 1) else None)
                 expected = ops.ties_merge_pass(tv, thr, backend="torch", **kwargs)
                 kwargs["base"] = base.to(device)
                 actual = ops.ties_merge_pass(tv.to(device), thr, backend=backend, **kwargs)
@@ -266,6 +268,12 @@ def test_merge_ops_bad_input(backend, generator):
         ops.ties_merge(tv, thr[:2], backend=backend)
     with pytest.raises(ValueError, match=r"weights\[1\] must be positive \(> 0\), got -1.0"):
         ops.ties_merge(tv, thr, weights=[1.0, -1.0, 1.0], backend=backend)
+    with pytest.raises(ValueError, match=r"divisors\[2\] must be positive \(> 0\), got 0.0"):
+        ops.ties_merge(tv, thr, divisors=[1.0, 1.0, 0.0], backend=backend)
+    with pytest.raises(ValueError, match="divisors has 2 entries for 3 task vectors"):
+        ops.ties_merge_models(base, list(tv + base), thresholds=thr, divisors=[1.0, 1.0], backend=backend)
+    with pytest.raises(ValueError, match=r"divisors are what disjoint='mean' divides by; disjoint is 'sum'"):
+        ops.ties_merge_pass(tv, thr, fill_sign=1, disjoint="sum", divisors=[1.0] * 3, backend=backend)
     with pytest.raises(ValueError, match=r"lam\[1\] must be finite"):
         ops.tall_masks(tv, tv.sum(0), [0.1, float("nan"), 0.2], backend=backend)
     with pytest.raises(ValueError, match="sign must be one of"):

@@ -63,6 +63,9 @@ struct RandomKeep {
 struct TiesArgs {
     const float* thresholds;
     const float* weights;
+    const float* divisors;       // disjoint "mean": divided by the sum of divisors[t] over the agreeing
+                                 // tasks (nullptr: the weights); mergekit's normalize after DARE's
+                                 // rescale divides by the weights before the rescale
     void* out;
     int out_dtype;
     const void* base;  // added to the result (nullptr: none)

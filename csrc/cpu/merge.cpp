@@ -246,6 +246,7 @@ struct TiesKernel {
     int64_t T;
     const float* thr;
     const float* w;
+    const float* dv;  // what "mean" divides by: the weights, or the divisors given
     vf fill, lam;
     std::vector<float> buf;
     Keep keep;
@@ -310,7 +311,7 @@ struct TiesKernel {
         }
         for (int64_t t = 0; t < T; t++) {
             const float* __restrict bt = b + t * STRIP;
-            const vf wt = splat(w[t]);
+            const vf wt = splat(w[t]), dt = splat(dv[t]);
             for (int u = 0; u < U; u++) {
                 const vf tr = VLoad<F32>::load(bt + u * VL);
                 const vi agree = dir[u] * tr > 0.0f;
@@ -318,7 +319,7 @@ struct TiesKernel {
                     num[u] = vmax(num[u], keep_if(agree, vabs(tr)));
                 } else {
                     num[u] = num[u] + keep_if(agree, weighted<UNIT>(wt, tr));
-                    if (DISJ == MEAN) den[u] = den[u] + keep_if(agree, wt);
+                    if (DISJ == MEAN) den[u] = den[u] + keep_if(agree, dt);
                 }
             }
         }
@@ -351,7 +352,8 @@ template <int D, bool COUNT, int DISJ, bool DIFF, class Keep>
 Counts ties_impl(const void* const* rows, int64_t T, int64_t N, const TiesArgs& a) {
     const BlockSel sel{a.blocks, a.nblocks, a.ambiguous_blocks};
     return parallel_blocks<D>(rows, T, N, a.out, a.out_dtype, a.base, a.base_dtype, sel, a.nthreads, [&] {
-        return TiesKernel<D, COUNT, DISJ, DIFF, Keep>{T, a.thresholds, a.weights, splat(float(a.fill_sign)),
+        return TiesKernel<D, COUNT, DISJ, DIFF, Keep>{T, a.thresholds, a.weights,
+                                                      a.divisors ? a.divisors : a.weights, splat(float(a.fill_sign)),
                                                       splat(a.lam), std::vector<float>(size_t(T) * STRIP),
                                                       make_keep<Keep>(a.keep, T), unit_weights(a.weights, T)};
     });

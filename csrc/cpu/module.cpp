@@ -201,15 +201,20 @@ const RandomKeep* parse_keep(const py::object& keep, int64_t T, RandomKeep& k) {
     return &k;
 }
 
-// The options of a TIES pass (checked), for T tasks of N elements: thresholds, weights, lam,
-// modes, and the block selection: `blocks` None or int64 block indices (each in range), and
+// The options of a TIES pass (checked), for T tasks of N elements: thresholds, weights, the
+// divisors of "mean" (None: the weights), lam, modes, and the block selection: `blocks` None or int64 block indices (each in range), and
 // `ambiguous_blocks` None or a writable uint8 [ceil(N / BLOCK)].
-TiesArgs ties_args(int64_t T, int64_t N, const py::array& thresholds, const py::array& weights, double lam,
+TiesArgs ties_args(int64_t T, int64_t N, const py::array& thresholds, const py::array& weights,
+                   const py::object& divisors, double lam,
                    const std::string& sign_mode, const std::string& disjoint, int fill_sign, const py::object& blocks,
                    const py::object& ambiguous_blocks, int nthreads) {
     TiesArgs a{};
     a.thresholds = per_task(thresholds, T, "thresholds");
     a.weights = per_task(weights, T, "weights");
+    if (!divisors.is_none()) {
+        if (!py::isinstance<py::array>(divisors)) throw py::type_error("divisors must be None or a numpy array");
+        a.divisors = per_task(py::reinterpret_borrow<py::array>(divisors), T, "divisors");
+    }
     a.lam = float(lam);
     if (sign_mode == "mass") a.count_sign = false;
     else if (sign_mode == "count") a.count_sign = true;
@@ -441,11 +446,11 @@ PYBIND11_MODULE(_C, m) {
         [](py::array tv, const std::string& dtype, py::array thresholds, py::array weights, py::array out,
            const std::string& out_dtype, py::object base, const std::string& base_dtype, double lam,
            const std::string& sign_mode, const std::string& disjoint, int fill_sign, py::object blocks,
-           py::object ambiguous_blocks, int nthreads) {
+           py::object ambiguous_blocks, py::object divisors, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             Buf tb = tv_buffer(tv, d);
             const int64_t T = tb.shape0, N = tb.shape1;
-            TiesArgs a = ties_args(T, N, thresholds, weights, lam, sign_mode, disjoint, fill_sign, blocks,
+            TiesArgs a = ties_args(T, N, thresholds, weights, divisors, lam, sign_mode, disjoint, fill_sign, blocks,
                                    ambiguous_blocks, nthreads);
             Buf ob = output_buffer(out, od, N);
             a.out = ob.ptr;
@@ -461,7 +466,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tv"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"), py::arg("out"),
         py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("sign_mode"),
         py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
-        py::arg("ambiguous_blocks") = py::none(), py::arg("nthreads") = 0,
+        py::arg("ambiguous_blocks") = py::none(), py::arg("divisors") = py::none(), py::arg("nthreads") = 0,
         "Fused TIES pass (all blocks, or the listed ones); returns (sign_sum, ambiguous, nonfinite)");
 
     m.def(
@@ -469,11 +474,11 @@ PYBIND11_MODULE(_C, m) {
         [](py::array base, py::list experts, const std::string& dtype, py::array thresholds, py::array weights,
            py::array out, const std::string& out_dtype, bool include_base, double lam, const std::string& sign_mode,
            const std::string& disjoint, int fill_sign, py::object blocks, py::object ambiguous_blocks,
-           py::object keep, int nthreads) {
+           py::object keep, py::object divisors, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size()), N = mb.n;
-            TiesArgs a = ties_args(T, N, thresholds, weights, lam, sign_mode, disjoint, fill_sign, blocks,
+            TiesArgs a = ties_args(T, N, thresholds, weights, divisors, lam, sign_mode, disjoint, fill_sign, blocks,
                                    ambiguous_blocks, nthreads);
             RandomKeep k;
             a.keep = parse_keep(keep, T, k);
@@ -492,7 +497,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("thresholds"), py::arg("weights"),
         py::arg("out"), py::arg("out_dtype"), py::arg("include_base"), py::arg("lam"), py::arg("sign_mode"),
         py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
-        py::arg("ambiguous_blocks") = py::none(), py::arg("keep") = py::none(), py::arg("nthreads") = 0,
+        py::arg("ambiguous_blocks") = py::none(), py::arg("keep") = py::none(), py::arg("divisors") = py::none(),
+        py::arg("nthreads") = 0,
         "Fused TIES pass on fp32(experts[t]) - fp32(base) (DARE's dropped entries 0 with keep); returns "
         "(sign_sum, ambiguous, nonfinite)");
 
@@ -777,7 +783,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("openmp") = false;
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
-    m.attr("api_version") = 10;
+    m.attr("api_version") = 11;
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

@@ -11,7 +11,7 @@ logs it; this module never prints).
 import numpy as np
 import torch
 
-_API_VERSION = 10  # must match csrc/cpu/module.cpp
+_API_VERSION = 11  # must match csrc/cpu/module.cpp
 
 try:
     from nlmerge import _C
@@ -190,12 +190,14 @@ def _blocks(blocks, ambiguous_blocks):
 
 
 def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign, blocks=None,
-               ambiguous_blocks=None):
+               ambiguous_blocks=None, divisors=None):
     """Fused TIES pass into ``out``; returns ``(sign_sum, ambiguous, nonfinite)`` as Python ints
     (``nonfinite``: NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype), counted over
     the blocks run: every block, or the ``blocks`` listed (int64 indices of 1024-element blocks;
     the others of ``out`` are left as they are). ``ambiguous_blocks`` (uint8 [ceil(N / 1024)]):
-    set to 1 for each run block holding an ambiguous element, 0 for the other run blocks."""
+    set to 1 for each run block holding an ambiguous element, 0 for the other run blocks.
+    ``divisors`` (fp32 [T] or None: the weights): "mean" divides by their sum over the agreeing
+    tasks."""
     tv_np, dtype = _tv(tv)
     base_np, base_dtype = _base(base)
     sign_sum, ambiguous, nonfinite = _C.ties_merge(
@@ -212,19 +214,21 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
         disjoint,
         int(fill_sign),
         *_blocks(blocks, ambiguous_blocks),
+        _divisors(divisors),
         _threads(),
     )
     return int(sign_sum), int(ambiguous), int(nonfinite)
 
 
 def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
-                      blocks=None, ambiguous_blocks=None, keep=None):
+                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None):
     """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers
     (bit-identical to ``ties_merge`` on them precomputed in fp32), adding ``base`` to the result when
     ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s element count. ``keep``:
     None, or DARE's draws ``(k0, k1, h, thresholds)`` (``RandomKeep.draw_key()``): entry i of task t
     is +0 unless its draw on stream t is below ``thresholds[t]``. The non-finite count covers the
-    task vector entries (dropped or not), the base where it is added, and results."""
+    task vector entries (dropped or not), the base where it is added, and results. ``divisors``:
+    as in ``ties_merge``."""
     sign_sum, ambiguous, nonfinite = _C.ties_merge_models(
         _in(base.reshape(-1)),
         [_in(x.reshape(-1)) for x in experts],
@@ -240,9 +244,15 @@ def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam
         int(fill_sign),
         *_blocks(blocks, ambiguous_blocks),
         _keep(keep),
+        _divisors(divisors),
         _threads(),
     )
     return int(sign_sum), int(ambiguous), int(nonfinite)
+
+
+def _divisors(divisors):
+    """The divisors of "mean" as the extension takes them: None (the weights), or fp32 [T]."""
+    return None if divisors is None else _per_task(divisors)
 
 
 def _keep(keep):

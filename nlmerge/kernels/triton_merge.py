@@ -285,6 +285,7 @@ def _ties_kernel(
     base_ptr,
     thr_ptr,  # fp32 [T]
     w_ptr,  # fp32 [T]
+    div_ptr,  # fp32 [T]: what "mean" divides by (the weights unless divisors are given)
     out_ptr,  # [N]
     cnt_ptr,  # int64 [3]: sign_sum, ambiguous, nonfinite
     blocks_ptr,  # int64 [programs]: the blocks to run (HAS_BLOCKS)
@@ -339,9 +340,8 @@ def _ties_kernel(
         if MAX:
             num = tl.maximum(num, tl.where(agree, tl.abs(tr), 0.0))
         else:
-            w = tl.load(w_ptr + t)
-            num = num + tl.where(agree, w * tr, 0.0)
-            den = den + tl.where(agree, w, 0.0)
+            num = num + tl.where(agree, tl.load(w_ptr + t) * tr, 0.0)
+            den = den + tl.where(agree, tl.load(div_ptr + t), 0.0)
     if MAX:
         merged = num * s.to(tl.float32)
     else:  # mean (0) or sum (1)
@@ -655,7 +655,8 @@ def count_windows_models(base, experts, lo, hi, counts, cand):
     counts[:, 4] = (counts[:, 4] > 0).to(torch.int64)
 
 
-def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks, ambiguous_blocks, keep):
+def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks, ambiguous_blocks, keep,
+          divisors):
     if sign_mode not in _SIGN_MODES:
         raise ValueError(f"sign_mode must be one of {tuple(_SIGN_MODES)}, got {sign_mode!r}")
     if disjoint not in _DISJOINT:
@@ -667,7 +668,8 @@ def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, b
     if rows.n and programs:
         with _device(out):
             _ties_kernel[(programs,)](
-                *rows.args, thresholds, weights, _arg(out), counters, blocks if blocks is not None else counters,
+                *rows.args, thresholds, weights, weights if divisors is None else divisors.to(weights), _arg(out),
+                counters, blocks if blocks is not None else counters,
                 ambiguous_blocks if ambiguous_blocks is not None else counters, _keys(keep, rows), rows.n, float(lam),
                 int(fill_sign), _SIGN_MODES[sign_mode], _DISJOINT[disjoint], OUT_KIND=_kind(out), KEEP=keep is not None,
                 MAX=disjoint == "max", HAS_BLOCKS=blocks is not None, HAS_FLAGS=ambiguous_blocks is not None,
@@ -678,24 +680,25 @@ def _ties(rows, thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, b
 
 
 def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fill_sign, blocks=None,
-               ambiguous_blocks=None):
+               ambiguous_blocks=None, divisors=None):
     """Fused TIES pass; returns ``(sign_sum, ambiguous, nonfinite)`` as python ints (``nonfinite``:
     NaN/Inf inputs plus results that are NaN/Inf in ``out``'s dtype), counted over the blocks run:
     every block, or the ``blocks`` listed (int64 indices of 1024-element blocks, any device; the
     other elements of ``out`` are left as they are). ``ambiguous_blocks`` (uint8 [ceil(N / 1024)]
-    on the device): set to 1 for each run block holding an ambiguous element, 0 for the others run."""
+    on the device): set to 1 for each run block holding an ambiguous element, 0 for the others run.
+    ``divisors`` (fp32 [T] or None: the weights): "mean" divides by their sum over the agreeing tasks."""
     return _ties(_Rows(tv, base), thresholds, weights, out, lam, sign_mode, disjoint, fill_sign, blocks,
-                 ambiguous_blocks, None)
+                 ambiguous_blocks, None, divisors)
 
 
 def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
-                      blocks=None, ambiguous_blocks=None, keep=None):
+                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None):
     """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers, adding
     ``base`` to the result when ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s
     element count. ``keep``: None, or DARE's draws ``(k0, k1, h, thresholds)``: entry i of task t is
-    +0 unless its draw on stream t is below ``thresholds[t]``."""
+    +0 unless its draw on stream t is below ``thresholds[t]``. ``divisors``: as in ``ties_merge``."""
     return _ties(_Rows(base=base, experts=experts, add=bool(include_base)), thresholds, weights, out, lam, sign_mode,
-                 disjoint, fill_sign, blocks, ambiguous_blocks, keep)
+                 disjoint, fill_sign, blocks, ambiguous_blocks, keep, divisors)
 
 
 def _task_arithmetic(rows, weights, out, lam, keep):

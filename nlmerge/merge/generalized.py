@@ -41,13 +41,15 @@ Paths: the combination runs on the fused kernels — ``ops.task_arithmetic_model
 vectors formed as the kernel reads the models) without sparsification or consensus,
 ``ops.task_arithmetic`` on the masked fp32 task vectors with sparsification but no consensus;
 ``ops.ties_merge`` (trim, elect, disjoint sum or mean in one pass; magnitude thresholds applied
-in the kernel) with consensus, except with ``normalize`` together with ``rescale`` or a negative
-weight, whose mergekit divisor the kernel cannot form: a plain-PyTorch formulation
-(:func:`_consensus_plain`) runs those. Breadcrumbs' masks are applied in PyTorch before the kernel.
-DARE reads the models: one pass for the rescale's norms (``ops.keep_l1_norms_models``), one merge
-pass (``ops.task_arithmetic_models`` / ``ops.ties_merge_models`` with ``random_keep``: the draws,
+in the kernel) with consensus — with ``normalize`` the kernel's mean divides by the summed raw
+weights ``w_t`` of the agreeing tasks (``divisors=``), mergekit's divisor, while electing and
+summing with ``w_t`` times the rescale — except with ``normalize`` and a negative weight, whose
+mergekit divisor subtracts: a plain-PyTorch formulation (:func:`_consensus_plain`) runs those.
+Breadcrumbs' masks are applied in PyTorch before the kernel. DARE reads the models: one pass
+for the rescale's norms (``ops.keep_l1_norms_models``), one merge pass
+(``ops.task_arithmetic_models`` / ``ops.ties_merge_models`` with ``random_keep``: the draws,
 drops and rescaled weights applied in the kernel's registers); only consensus with a zero or
-negative weight, or with ``normalize`` and a rescale, merges the masked fp32 task vectors as above.
+negative weight merges the masked fp32 task vectors as above.
 """
 import math
 from collections.abc import Sequence
@@ -299,10 +301,17 @@ def _l1_rescale(before, after):
     return float(before / after)
 
 
-def _fused_consensus(o, scales):
-    """Whether ``ops.ties_merge`` forms mergekit's consensus result: its "mean" divides by the
-    summed (positive) kernel weights ``|w_t| * scale_t``, mergekit's divisor by the summed ``w_t``."""
-    return not o.normalize or (all(c == 1.0 for c in scales) and all(w >= 0 for w in o.weights))
+def _fused_consensus(o):
+    """Whether ``ops.ties_merge`` forms mergekit's consensus result: with ``normalize``, mergekit
+    divides by the summed ``w_t`` of the agreeing tasks, which the kernel's ``divisors`` (positive)
+    hold unless a weight is negative."""
+    return not o.normalize or all(w >= 0 for w in o.weights)
+
+
+def _divisors(o, tasks):
+    """The ``divisors=`` of the TIES kernel for ``tasks`` (the weights ``w_t``: mergekit's divisor
+    under ``normalize``, whatever the rescale), or None without ``normalize``."""
+    return [o.weights[t] for t in tasks] if o.normalize else None
 
 
 def _merge_taus(key, taus, base, o, out_dtype, backend):
@@ -312,7 +321,7 @@ def _merge_taus(key, taus, base, o, out_dtype, backend):
     if taus[0].numel() == 0:
         return base.to(out_dtype, copy=True)
     # magnitude trims without rescale are left to the TIES kernel's threshold (no masking pass)
-    in_kernel = o.consensus is not None and o.sparsify == "magnitude" and not o.rescale and _fused_consensus(o, [1.0])
+    in_kernel = o.consensus is not None and o.sparsify == "magnitude" and not o.rescale and _fused_consensus(o)
     zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
     thresholds, scales = [zero] * num, [1.0] * num
     for t in range(num):
@@ -339,7 +348,7 @@ def _combine(key, taus, base, o, scales, thresholds, out_dtype, backend):
     common = dict(base=base, out_dtype=out_dtype, backend=backend)
     if o.consensus is None:
         return ops.task_arithmetic(taus, weights=weights, lam=_summed_lam(o), **common)
-    if not _fused_consensus(o, scales):
+    if not _fused_consensus(o):
         return cast_result(key, _consensus_plain(taus, weights, o, base), out_dtype)
     # the kernel takes positive weights: a zero weight never agrees (drop it), a negative one
     # votes and adds with its task vector negated
@@ -357,6 +366,7 @@ def _combine(key, taus, base, o, scales, thresholds, out_dtype, backend):
         sign=_sign_mode(o),
         disjoint="mean" if o.normalize else "sum",
         weights=[abs(weights[t]) for t in live],
+        divisors=_divisors(o, live),
         lam=o.lam,
         zero_sign="positive",
         **common,
@@ -502,7 +512,7 @@ def _dare_key(key, name, base, experts, o, out_dtype, backend):
         norms = ops.keep_l1_norms_models(base, experts, keep, backend=backend).tolist()
         scales = [_l1_rescale(*norms[t]) if d < 1 else 1.0 for t, d in enumerate(o.density)]
     common = dict(random_keep=keep, out_dtype=out_dtype, backend=backend)
-    if not _dare_fused(o, scales):
+    if not _dare_fused(o):
         taus = ops.keep_task_vectors(base.reshape(-1), [x.reshape(-1) for x in experts], keep)
         zero = torch.zeros((), device=base.device)
         return _combine(key, taus.view(-1, *base.shape), base, o, scales, [zero] * len(experts), out_dtype, backend)
@@ -510,14 +520,15 @@ def _dare_key(key, name, base, experts, o, out_dtype, backend):
     if o.consensus is None:
         return ops.task_arithmetic_models(base, experts, weights=weights, lam=_summed_lam(o), **common)
     return ops.ties_merge_models(base, experts, thresholds=torch.zeros(len(experts)), sign=_sign_mode(o),
-                                 disjoint="mean" if o.normalize else "sum", weights=weights, lam=o.lam,
-                                 zero_sign="positive", **common)
+                                 disjoint="mean" if o.normalize else "sum", weights=weights,
+                                 divisors=_divisors(o, range(len(experts))), lam=o.lam, zero_sign="positive",
+                                 **common)
 
 
-def _dare_fused(o, scales):
+def _dare_fused(o):
     """Whether DARE's merge runs on the models kernels: task arithmetic (any weights), or consensus
-    over positive weights where the TIES kernel's divisor is mergekit's (``_fused_consensus``)."""
-    return o.consensus is None or (all(w > 0 for w in o.weights) and _fused_consensus(o, scales))
+    over positive weights (the kernel's weights; its divisors are mergekit's: ``_divisors``)."""
+    return o.consensus is None or all(w > 0 for w in o.weights)
 
 
 def _sign_mode(o):

@@ -4,8 +4,8 @@ models themselves (``task_arithmetic_models``: the task vectors are formed as th
 TIES (DESIGN.md, "Semantics"), per element with ``x_t`` the task vectors in fp32:
 trim ``x_t`` to 0 where ``|x_t| < thr_t``; elect ``s = sign(sum_t w_t x_t)`` ("mass") or
 ``sign(sum_t sign(x_t))`` ("count"); zero signs take ``fill_sign``; keep the entries that agree
-with ``s`` and merge them ("mean": weighted sum over summed weights, "sum", "max": largest
-magnitude times ``s``); return ``base + lam * merged``. The fast kernels read every input element
+with ``s`` and merge them ("mean": weighted sum over the summed weights, or over the summed
+``divisors`` when given, "sum", "max": largest magnitude times ``s``); return ``base + lam * merged``. The fast kernels read every input element
 once per pass and allocate only the output.
 
 The ``*_models`` ops take the base and the experts themselves (their storage dtype) and form the
@@ -72,9 +72,11 @@ class TiesPass(NamedTuple):
     fill_sign: int = 0
 
 
-def _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
+def _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype, divisors=None):
     """The TIES pass written out on ``tv`` [T, N]: ``(out, s0, ambiguous)`` with the elected signs
-    ``s0`` before filling and the bool mask of ambiguous elements."""
+    ``s0`` before filling and the bool mask of ambiguous elements; "mean" divides by the summed
+    ``divisors`` of the agreeing tasks (None: the weights)."""
+    divisors = weights if divisors is None else divisors
     x = tv.float()
     trimmed = torch.where(x.abs() >= thresholds[:, None], x, torch.zeros_like(x))
     election = torch.zeros_like(x[0])
@@ -90,15 +92,16 @@ def _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint,
         num, den = torch.zeros_like(s), torch.zeros_like(s)
         for t in range(x.shape[0]):
             num = num + torch.where(agree[t], weights[t] * trimmed[t], torch.zeros_like(s))
-            den = den + torch.where(agree[t], weights[t], torch.zeros_like(s))
+            den = den + torch.where(agree[t], divisors[t], torch.zeros_like(s))
         merged = num if disjoint == "sum" else torch.where(den != 0, num / den, torch.zeros_like(s))
     return _finish(merged, base, lam, dtype), s0, ambiguous
 
 
-def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype):
+def ties_reference(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype, divisors=None):
     """The specification of one TIES pass on ``tv`` [T, N]; returns ``(out, sign_sum, ambiguous)``
     with ``out`` in ``dtype``."""
-    out, s0, ambiguous = _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype)
+    out, s0, ambiguous = _ties_reference_elements(tv, thresholds, weights, base, lam, sign, disjoint, fill_sign, dtype,
+                                                  divisors)
     return out, int(s0.to(torch.int64).sum()), int(ambiguous.sum())
 
 
@@ -133,6 +136,15 @@ def _check_options(sign, disjoint, fill_sign):
         isinstance(fill_sign, int) and not isinstance(fill_sign, bool) and fill_sign in (-1, 0, 1))
     if not valid:
         raise ValueError(f"fill_sign must be -1, 0, 1 or 'sample', got {fill_sign!r}")
+
+
+def _check_divisors(divisors, disjoint, num_tasks, device):
+    """``divisors``: None, or T positive finite numbers for ``disjoint="mean"`` (fp32 [T] on ``device``)."""
+    if divisors is None:
+        return None
+    if disjoint != "mean":
+        raise ValueError(f"divisors are what disjoint='mean' divides by; disjoint is {disjoint!r}")
+    return per_task(divisors, num_tasks, "divisors", device, bound="positive")
 
 
 def _check_blocks(blocks, numel, out):
@@ -197,36 +209,38 @@ class _Inputs:
 
     def run_kernel(self, kernels, args, flat, blocks, flags):
         """The fast pass into ``flat``: ``(sign_sum, ambiguous, nonfinite)``."""
-        thresholds, weights, lam, sign, disjoint, fill_sign = args
+        thresholds, weights, divisors, lam, sign, disjoint, fill_sign = args
         if self.models is not None:
             base, experts, include_base, random_keep = self.models
             return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
                                              disjoint, fill_sign, blocks, flags,
-                                             keep=None if random_keep is None else random_keep.draw_key())
+                                             keep=None if random_keep is None else random_keep.draw_key(),
+                                             divisors=divisors)
         return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
-                                  fill_sign, blocks, flags)
+                                  fill_sign, blocks, flags, divisors=divisors)
 
 
-def _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, shape, out, check_result, blocks,
-               backend, op):
-    """One TIES pass on ``inputs`` (see ``ties_merge_pass``); ``thresholds`` and ``weights`` checked."""
+def _ties_pass(inputs, thresholds, weights, divisors, lam, sign, disjoint, fill_sign, dtype, shape, out, check_result,
+               blocks, backend, op):
+    """One TIES pass on ``inputs`` (see ``ties_merge_pass``); ``thresholds``, ``weights`` and
+    ``divisors`` checked."""
     if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != inputs.device
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {inputs.device}")
     blocks = _check_blocks(blocks, inputs.numel, out)
     _, kernels = resolve(backend, inputs.device, op)
     flat = torch.empty(inputs.numel, dtype=dtype, device=inputs.device) if out is None else out.view(-1)
+    options = (thresholds, weights, divisors, lam, sign, disjoint)
     if fill_sign == "sample":
         if blocks is not None:
             raise ValueError("fill_sign='sample' predicts a whole tensor's majority: a blocks= rerun takes the "
                              "fill sign it needs (-1, 0 or 1)")
-        fill_sign = 0 if kernels is None else _sampled_majority(inputs, kernels, (thresholds, weights, lam, sign,
-                                                                                    disjoint), flat)
-    args = (thresholds, weights, lam, sign, disjoint, fill_sign)
+        fill_sign = 0 if kernels is None else _sampled_majority(inputs, kernels, options, flat)
+    args = (*options, fill_sign)
 
     def reference(dt):
         return _ties_reference_elements(inputs.tv(), thresholds, weights, inputs.added, lam, sign, disjoint, fill_sign,
-                                        dt)
+                                        dt, divisors)
 
     amb_blocks = None
     if kernels is None:
@@ -285,6 +299,7 @@ def ties_merge_pass(
     out=None,
     check_result=True,
     blocks=None,
+    divisors=None,
     backend=None,
 ):
     """One fused TIES pass with a given sign for elements whose elected sign is zero.
@@ -299,7 +314,7 @@ def ties_merge_pass(
         elected signs in ``SAMPLE_BLOCKS`` evenly spaced blocks (at most 1/16 of the tensor; 0
         under 16 blocks and on the reference backend), returned as ``fill_sign`` (not with
         ``blocks``).
-    sign, disjoint, weights, base, lam, out_dtype, backend
+    sign, disjoint, weights, base, lam, out_dtype, divisors, backend
         As in ``ties_merge``.
     out : Tensor, optional
         Where to write the result (contiguous, the result's shape and dtype), e.g. an earlier
@@ -336,11 +351,12 @@ def ties_merge_pass(
     num_tasks = tv.shape[0]
     thresholds = per_task(thresholds, num_tasks, "thresholds", tv.device, bound="nonnegative")
     weights = per_task(weights, num_tasks, "weights", tv.device, default=1.0, bound="positive")
+    divisors = _check_divisors(divisors, disjoint, num_tasks, tv.device)
     base = flat_like(base, "base", tv, shape)
     lam = finite_scalar(lam, "lam")
     dtype = result_dtype(tv, base, out_dtype)
-    return _ties_pass(_Inputs(tv, base), thresholds, weights, lam, sign, disjoint, fill_sign, dtype, shape, out,
-                      check_result, blocks, backend, "ties_merge")
+    return _ties_pass(_Inputs(tv, base), thresholds, weights, divisors, lam, sign, disjoint, fill_sign, dtype, shape,
+                      out, check_result, blocks, backend, "ties_merge")
 
 
 def ties_merge_pass_models(
@@ -359,6 +375,7 @@ def ties_merge_pass_models(
     check_result=True,
     blocks=None,
     random_keep=None,
+    divisors=None,
     backend=None,
 ):
     """``ties_merge_pass`` over the models: the task vectors ``fp32(experts[t]) - fp32(base)`` are
@@ -373,7 +390,7 @@ def ties_merge_pass_models(
     experts : sequence of T tensors
         The experts' tensors (the base's shape and device; dtypes other than the base's: every
         input is converted to fp32 first).
-    thresholds, fill_sign, sign, disjoint, weights, lam, out, check_result, blocks, backend
+    thresholds, fill_sign, sign, disjoint, weights, lam, out, check_result, blocks, divisors, backend
         As in ``ties_merge_pass`` (thresholds of the task vectors, e.g. ``magnitude_threshold_models``).
     include_base : bool
         Return ``base + lam * merged`` (True) or ``lam * merged`` alone (the merged task vector).
@@ -400,11 +417,12 @@ def ties_merge_pass_models(
     flat_base, flat = check_models(base, experts)
     thresholds = per_task(thresholds, len(flat), "thresholds", base.device, bound="nonnegative")
     weights = per_task(weights, len(flat), "weights", base.device, default=1.0, bound="positive")
+    divisors = _check_divisors(divisors, disjoint, len(flat), base.device)
     lam = finite_scalar(lam, "lam")
     dtype = result_dtype(base, base, out_dtype)
     inputs = _Inputs(models=(flat_base, flat, bool(include_base), check_random_keep(random_keep, len(flat))))
-    return _ties_pass(inputs, thresholds, weights, lam, sign, disjoint, fill_sign, dtype, tuple(base.shape), out,
-                      check_result, blocks, backend, "ties_merge_models")
+    return _ties_pass(inputs, thresholds, weights, divisors, lam, sign, disjoint, fill_sign, dtype, tuple(base.shape),
+                      out, check_result, blocks, backend, "ties_merge_models")
 
 
 def complete_ties_pass(first, fill_sign, majority, disjoint, rerun):
@@ -452,6 +470,7 @@ def ties_merge(
     lam=1.0,
     zero_sign="majority",
     out_dtype=None,
+    divisors=None,
     backend=None,
 ):
     """Fused TIES merge of T task vectors of one tensor: trim, elect sign, disjoint merge.
@@ -467,6 +486,7 @@ def ties_merge(
     disjoint : "mean", "sum" or "max"
         How agreeing entries combine ("mean": weighted sum over summed weights).
     weights : None, number or sequence of T positive numbers
+        Weigh the election ("mass") and the sum of the agreeing entries.
     base : Tensor, optional
         Added to the result (``base + lam * merged``); shape of one task vector, any float dtype.
     lam : float
@@ -475,6 +495,10 @@ def ties_merge(
         Sign for zero elections: the majority sign over this tensor (TIES), or + (mergekit).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's if given, else the task vectors').
+    divisors : None or sequence of T positive numbers
+        With ``disjoint="mean"``: divide by the sum of these over the agreeing tasks instead of
+        the weights' sum (mergekit's ``normalize`` after DARE's rescale: the weights are ``w_t``
+        times the rescale, the divisors ``w_t``). ValueError with another ``disjoint``.
     backend : None, "torch", "cpu" or "triton"
 
     Returns
@@ -492,7 +516,8 @@ def ties_merge(
     if isinstance(task_vectors, (list, tuple)):  # stacked once, not per pass
         task_vectors, shape = stack_task_vectors(task_vectors)
         task_vectors = task_vectors.view(task_vectors.shape[0], *shape)
-    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype, backend=backend)
+    kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, base=base, lam=lam, out_dtype=out_dtype,
+                  divisors=divisors, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass(task_vectors, thresholds, **kwargs, **kw), zero_sign, disjoint)
 
 
@@ -510,6 +535,7 @@ def ties_merge_models(
     include_base=True,
     out_dtype=None,
     random_keep=None,
+    divisors=None,
     backend=None,
 ):
     """TIES over one tensor of the models: ``ties_merge`` of the task vectors ``fp32(experts[t]) -
@@ -523,7 +549,7 @@ def ties_merge_models(
         keep)``. Give ``keep`` or ``thresholds``, not both.
     thresholds : sequence of T numbers or Tensor [T], optional
         Trim thresholds given directly (e.g. global ones).
-    sign, disjoint, weights, lam, zero_sign, backend
+    sign, disjoint, weights, lam, zero_sign, divisors, backend
         As in ``ties_merge``.
     include_base : bool
         ``base + lam * merged`` (True) or ``lam * merged`` (the merged task vector).
@@ -557,7 +583,7 @@ def ties_merge_models(
         except NonFiniteError as err:  # name the expert by its index
             raise (first_nonfinite_model(flat_base, flat) or err) from None
     kwargs = dict(sign=sign, disjoint=disjoint, weights=weights, lam=lam, include_base=include_base,
-                  out_dtype=out_dtype, random_keep=random_keep, backend=backend)
+                  out_dtype=out_dtype, random_keep=random_keep, divisors=divisors, backend=backend)
     return _majority_merge(lambda **kw: ties_merge_pass_models(base, experts, thresholds, **kwargs, **kw), zero_sign,
                            disjoint)
 
