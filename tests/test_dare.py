@@ -157,6 +157,29 @@ def test_fused_dare_nasty_values(kind, generator, monkeypatch):
         assert_same(fused, masked)
 
 
+@needs_cpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_recorded_keep_flags_are_the_draws(dtype, generator):
+    """keep_l1_norms_models(record=True) records each task's keep flags (packed, whole blocks, 0
+    past the end), the norms unchanged; the merge kernels reading them give the bits of drawing."""
+    for n in SIZES:
+        base, experts = models("normal", n, dtype, generator)
+        keep = ops.RandomKeep(7, f"w.{n}", DENSITIES[1])
+        norms, recorded = ops.keep_l1_norms_models(base, experts, keep, record=True, backend="cpu")
+        assert torch.equal(norms, ops.keep_l1_norms_models(base, experts, keep, backend="cpu"))
+        assert recorded[:3] == keep[:3] and recorded.bits.shape == (3, -(-n // BLOCK) * BLOCK // 8)
+        for t, density in enumerate(DENSITIES[1]):
+            flags = keep_mask(7, f"w.{n}", n, density, stream=t)
+            padded = torch.nn.functional.pad(flags, (0, recorded.bits.shape[1] * 8 - n))
+            assert torch.equal(ops.unpack_masks(recorded.bits[t:t + 1], padded.numel())[0], padded), (n, t)
+        for call in (lambda k: ops.task_arithmetic_models(base, experts, weights=[0.5, 1.0, 2.0], random_keep=k),
+                     lambda k: ops.ties_merge_models(base, experts, thresholds=[0.0] * 3, weights=[0.5, 1.0, 2.0],
+                                                     random_keep=k, divisors=[1.0, 2.0, 3.0])):
+            assert_same(call(recorded), call(keep))
+    with pytest.raises(ValueError, match=r"random_keep.bits must be the contiguous CPU uint8 \[3, 128\]"):
+        ops.task_arithmetic_models(base[:5], [x[:5] for x in experts], random_keep=recorded)
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_nonfinite_in_a_dropped_element_is_named(method):
     n = 300

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace nlm {
 
 enum Disjoint : int { MEAN = 0, SUM = 1, MAX = 2 };
@@ -57,7 +59,13 @@ struct TiesResult {
 struct RandomKeep {
     uint32_t k0, k1, h;
     const uint32_t* thresholds;  // [T], each in [0, 2^24]
+    // the keep flags drawn already (keep_l1_norms_models records them), or nullptr: draw them.
+    // Row t at bits + t * keep_row_bytes(N); bit i % 8 of its byte i / 8 is element i's flag.
+    const uint8_t* bits = nullptr;
 };
+
+// Bytes of a row of recorded keep flags: whole blocks (the flags past N are 0).
+inline int64_t keep_row_bytes(int64_t N) { return (N + BLOCK - 1) / BLOCK * (BLOCK / 8); }
 
 // Arguments of a TIES pass besides its inputs.
 struct TiesArgs {
@@ -106,9 +114,11 @@ int64_t task_arithmetic_models(const void* base, const void* const* experts, int
 // |x| in a fixed order (nlmerge.ops.dare.l1_norm): per block of BLOCK elements (zero-padded), 16
 // lanes (lane l: elements l, l + 16, ...) summed in element order, the lanes then halved pairwise
 // (l + w onto l, w = 8, 4, 2, 1); the block sums, zero-padded to a power of two, halved likewise.
-// Independent of the thread count; NaN/Inf in a task vector makes its norms non-finite.
+// Independent of the thread count; NaN/Inf in a task vector makes its norms non-finite. With
+// `bits` (T rows of keep_row_bytes(N)), the keep flags are recorded there too, for the merge pass
+// (RandomKeep::bits): a second drawing costs a DARE job as much as its L1 pass does.
 void keep_l1_norms_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
-                          const RandomKeep& keep, double* norms, int nthreads);
+                          const RandomKeep& keep, double* norms, uint8_t* bits, int nthreads);
 
 // out: T rows of row_bytes = ceil(N/8) bytes.
 int64_t tall_masks(const void* tv, int dtype, int64_t T, int64_t N, const void* tau, int tau_dtype,

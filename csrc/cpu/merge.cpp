@@ -23,6 +23,10 @@
 // output dtype (finite inputs whose merge overflows it): the caller tells the two apart.
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "kernels.h"
 #include "simd.h"
@@ -216,20 +220,39 @@ struct KeepAll {
     inline vf apply(int64_t, int, vf v) const { return v; }
 };
 
+// The VL keep flags from flag j (a multiple of VL) of a block's recorded flags, as a lane mask.
+inline vi recorded_flags(const uint8_t* block_flags, int j) {
+    uint32_t word = 0;
+    std::memcpy(&word, block_flags + j / 8, (VL + 7) / 8);
+    word >>= j & 7;  // VL = 4: half a byte
+    vu lane_bit;
+    for (int l = 0; l < VL; l++) lane_bit[l] = 1u << l;
+    return (vi)((splatu(word) & lane_bit) != 0u);
+}
+
 // DARE's random keep: the T tasks' draws of the block (stream t for task t), and v where
-// draw < thresholds[t], else +0 (what masking precomputed task vectors writes).
+// draw < thresholds[t], else +0 (what masking precomputed task vectors writes); or, when the
+// flags were recorded (keep->bits, by the L1 pass), v where the flag is set: the same flags,
+// without drawing them again (the draws were a third of a dare_ties job's time).
 struct KeepDrawn {
     const RandomKeep* keep;
-    int64_t T;
+    int64_t T, row_bytes;
     std::vector<uint32_t> draws;  // T x BLOCK
+    const uint8_t* flags = nullptr;  // recorded: task 0's flags of the block (task t: + t * row_bytes)
 
-    KeepDrawn(const RandomKeep* k, int64_t T_) : keep(k), T(T_), draws(size_t(T_) * BLOCK) {}
+    KeepDrawn(const RandomKeep* k, int64_t T_, int64_t N)
+        : keep(k), T(T_), row_bytes(keep_row_bytes(N)), draws(size_t(T_) * BLOCK) {}
     void begin_block(int64_t off, int n) {
+        if (keep->bits) {
+            flags = keep->bits + off / 8;
+            return;
+        }
         for (int64_t t = 0; t < T; t++)
             block_draws(PhiloxStream{keep->k0, keep->k1, uint32_t(t), keep->h}, off, n, draws.data() + t * BLOCK);
     }
     // v: the task vector values of task t at block offset j (VL of them)
     inline vf apply(int64_t t, int j, vf v) const {
+        if (flags) return keep_if(recorded_flags(flags + t * row_bytes, j), v);
         vu d;
         std::memcpy(&d, draws.data() + t * BLOCK + j, sizeof d);
         return keep_if(d < splatu(keep->thresholds[t]), v);
@@ -340,11 +363,11 @@ struct TiesKernel {
 
 // The Keep policy of a kernel: KeepAll, or KeepDrawn from `keep` (non-null).
 template <class Keep>
-Keep make_keep(const RandomKeep* keep, int64_t T) {
+Keep make_keep(const RandomKeep* keep, int64_t T, int64_t N) {
     if constexpr (std::is_same_v<Keep, KeepAll>) {
         return KeepAll{};
     } else {
-        return KeepDrawn(keep, T);
+        return KeepDrawn(keep, T, N);
     }
 }
 
@@ -355,7 +378,7 @@ Counts ties_impl(const void* const* rows, int64_t T, int64_t N, const TiesArgs& 
         return TiesKernel<D, COUNT, DISJ, DIFF, Keep>{T, a.thresholds, a.weights,
                                                       a.divisors ? a.divisors : a.weights, splat(float(a.fill_sign)),
                                                       splat(a.lam), std::vector<float>(size_t(T) * STRIP),
-                                                      make_keep<Keep>(a.keep, T), unit_weights(a.weights, T)};
+                                                      make_keep<Keep>(a.keep, T, N), unit_weights(a.weights, T)};
     });
 }
 
@@ -490,7 +513,7 @@ int64_t task_arithmetic_t(const void* const* rows, int64_t T, int64_t N, const f
     return parallel_blocks<D>(rows, T, N, out, out_dtype, base, base_dtype, BlockSel{}, nthreads,
                               [&] {
                                   return TaskArithmeticKernel<D, DIFF, Keep>{T, w, splat(lam),
-                                                                             make_keep<Keep>(keep, T)};
+                                                                             make_keep<Keep>(keep, T, N)};
                               })
         .nonfinite;
 }
@@ -593,12 +616,34 @@ struct L1Scratch {
     alignas(64) uint32_t draws[BLOCK];
 };
 
+// The keep flags of a block's n draws (the bits past n are 0) into row (BLOCK / 8 bytes).
+void record_flags(const uint32_t* __restrict draws, int n, uint32_t threshold, uint8_t* __restrict row) {
+#if defined(__AVX512F__)
+    static_assert(BLOCK % 16 == 0, "whole 16-flag words");
+    const __m512i thr = _mm512_set1_epi32(int32_t(threshold));
+    for (int i = 0; i < BLOCK; i += 16) {
+        __mmask16 kept = _mm512_cmplt_epu32_mask(_mm512_loadu_si512(draws + i), thr);
+        if (i + 16 > n) kept &= i >= n ? 0 : __mmask16((1u << (n - i)) - 1);
+        std::memcpy(row + i / 8, &kept, 2);
+    }
+#else
+    for (int byte = 0; byte < BLOCK / 8; byte++) {
+        uint32_t packed = 0;
+        for (int j = 0; j < 8; j++) {
+            const int i = byte * 8 + j;
+            packed |= uint32_t(i < n && draws[i] < threshold) << j;
+        }
+        row[byte] = uint8_t(packed);
+    }
+#endif
+}
+
 template <int D>
 void keep_l1_norms_t(const void* base_, const void* const* experts_, int64_t T, int64_t N, const RandomKeep& keep,
-                     double* norms, int nthreads) {
+                     double* norms, uint8_t* bits, int nthreads) {
     using S = typename DT<D>::S;
     const S* base = static_cast<const S*>(base_);
-    const int64_t nblocks = (N + BLOCK - 1) / BLOCK;
+    const int64_t nblocks = (N + BLOCK - 1) / BLOCK, row_bytes = keep_row_bytes(N);
     std::vector<double> sums(size_t(2 * T * nblocks));  // [t][0: all, 1: kept][block]
     for_each_block<L1Scratch>(N, threads_for(N * T, nthreads), [&](L1Scratch& s, int64_t off, int n) {
         const int64_t blk = off / BLOCK;
@@ -607,6 +652,7 @@ void keep_l1_norms_t(const void* base_, const void* const* experts_, int64_t T, 
             const S* __restrict b = base + off;
             block_draws(PhiloxStream{keep.k0, keep.k1, uint32_t(t), keep.h}, off, n, s.draws);
             const uint32_t thr = keep.thresholds[t];
+            if (bits) record_flags(s.draws, n, thr, bits + t * row_bytes + off / 8);
             const int full = n - n % VL;
             for (int i = 0; i < full; i += VL) {
                 const vf a = vabs(VLoad<D>::load(e + i) - VLoad<D>::load(b + i));
@@ -657,16 +703,16 @@ int64_t task_arithmetic_models(const void* base, const void* const* experts, int
 }
 
 void keep_l1_norms_models(const void* base, const void* const* experts, int dtype, int64_t T, int64_t N,
-                          const RandomKeep& keep, double* norms, int nthreads) {
+                          const RandomKeep& keep, double* norms, uint8_t* bits, int nthreads) {
     if (T <= 0) return;
     if (N <= 0) {
         std::fill(norms, norms + 2 * T, 0.0);
         return;
     }
     switch (dtype) {
-        case F16: keep_l1_norms_t<F16>(base, experts, T, N, keep, norms, nthreads); break;
-        case BF16: keep_l1_norms_t<BF16>(base, experts, T, N, keep, norms, nthreads); break;
-        default: keep_l1_norms_t<F32>(base, experts, T, N, keep, norms, nthreads);
+        case F16: keep_l1_norms_t<F16>(base, experts, T, N, keep, norms, bits, nthreads); break;
+        case BF16: keep_l1_norms_t<BF16>(base, experts, T, N, keep, norms, bits, nthreads); break;
+        default: keep_l1_norms_t<F32>(base, experts, T, N, keep, norms, bits, nthreads);
     }
 }
 

@@ -181,6 +181,16 @@ Models models_buffers(const py::array& base, const py::list& experts, int d) {
     return m;
 }
 
+// The recorded keep flags of T tasks over N elements: None (nullptr), or a uint8 array of
+// T * keep_row_bytes(N) bytes (writable for `out`).
+uint8_t* parse_keep_bits(const py::object& bits, int64_t T, int64_t N, bool out) {
+    if (bits.is_none()) return nullptr;
+    if (!py::isinstance<py::array>(bits)) throw py::type_error("keep_bits must be None or a numpy array");
+    Buf b = typed_buffer(py::reinterpret_borrow<py::array>(bits), 'u', 1, "keep_bits", out);
+    check_size(b, T * keep_row_bytes(N), "keep_bits");
+    return static_cast<uint8_t*>(b.ptr);
+}
+
 // DARE's random keep of a models kernel: None (nullptr), or (k0, k1, h, thresholds) with
 // thresholds a uint32 array [T] of values in [0, 2^24] (alive as long as `keep`).
 const RandomKeep* parse_keep(const py::object& keep, int64_t T, RandomKeep& k) {
@@ -474,7 +484,7 @@ PYBIND11_MODULE(_C, m) {
         [](py::array base, py::list experts, const std::string& dtype, py::array thresholds, py::array weights,
            py::array out, const std::string& out_dtype, bool include_base, double lam, const std::string& sign_mode,
            const std::string& disjoint, int fill_sign, py::object blocks, py::object ambiguous_blocks,
-           py::object keep, py::object divisors, int nthreads) {
+           py::object keep, py::object divisors, py::object keep_bits, int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size()), N = mb.n;
@@ -482,6 +492,7 @@ PYBIND11_MODULE(_C, m) {
                                    ambiguous_blocks, nthreads);
             RandomKeep k;
             a.keep = parse_keep(keep, T, k);
+            if (a.keep) k.bits = parse_keep_bits(keep_bits, T, N, false);
             Buf ob = output_buffer(out, od, N);
             a.out = ob.ptr;
             a.out_dtype = od;
@@ -498,7 +509,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("out_dtype"), py::arg("include_base"), py::arg("lam"), py::arg("sign_mode"),
         py::arg("disjoint"), py::arg("fill_sign"), py::arg("blocks") = py::none(),
         py::arg("ambiguous_blocks") = py::none(), py::arg("keep") = py::none(), py::arg("divisors") = py::none(),
-        py::arg("nthreads") = 0,
+        py::arg("keep_bits") = py::none(), py::arg("nthreads") = 0,
         "Fused TIES pass on fp32(experts[t]) - fp32(base) (DARE's dropped entries 0 with keep); returns "
         "(sign_sum, ambiguous, nonfinite)");
 
@@ -523,7 +534,8 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "task_arithmetic_models",
         [](py::array base, py::list experts, const std::string& dtype, py::array weights, py::array out,
-           const std::string& out_dtype, double lam, bool include_base, py::object keep, int nthreads) {
+           const std::string& out_dtype, double lam, bool include_base, py::object keep, py::object keep_bits,
+           int nthreads) {
             const int d = parse_dtype(dtype), od = parse_dtype(out_dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size());
@@ -531,20 +543,21 @@ PYBIND11_MODULE(_C, m) {
             Buf ob = output_buffer(out, od, mb.n);
             RandomKeep k;
             const RandomKeep* kp = parse_keep(keep, T, k);
+            if (kp) k.bits = parse_keep_bits(keep_bits, T, mb.n, false);
             py::gil_scoped_release release;
             return nlm::task_arithmetic_models(mb.base, mb.experts.data(), d, T, mb.n, w, ob.ptr, od, float(lam),
                                                include_base, kp, threads(nthreads));
         },
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("weights"), py::arg("out"),
         py::arg("out_dtype"), py::arg("lam"), py::arg("include_base") = true, py::arg("keep") = py::none(),
-        py::arg("nthreads") = 0,
+        py::arg("keep_bits") = py::none(), py::arg("nthreads") = 0,
         "out = base + lam * sum_t w_t (fp32(experts[t]) - fp32(base)) (no base term unless include_base; DARE's "
         "dropped entries 0 with keep); returns the non-finite input and result count");
 
     m.def(
         "keep_l1_norms_models",
         [](py::array base, py::list experts, const std::string& dtype, py::object keep, py::array norms,
-           int nthreads) {
+           py::object keep_bits, int nthreads) {
             const int d = parse_dtype(dtype);
             const Models mb = models_buffers(base, experts, d);
             const int64_t T = int64_t(mb.experts.size());
@@ -553,14 +566,16 @@ PYBIND11_MODULE(_C, m) {
             parse_keep(keep, T, k);
             Buf nb = typed_buffer(norms, 'f', 8, "norms", true);
             check_size(nb, 2 * T, "norms");
+            uint8_t* bits = parse_keep_bits(keep_bits, T, mb.n, true);
             py::gil_scoped_release release;
             nlm::keep_l1_norms_models(mb.base, mb.experts.data(), d, T, mb.n, k, static_cast<double*>(nb.ptr),
-                                      threads(nthreads));
+                                      bits, threads(nthreads));
         },
         py::arg("base"), py::arg("experts"), py::arg("dtype"), py::arg("keep"), py::arg("norms"),
-        py::arg("nthreads") = 0,
+        py::arg("keep_bits") = py::none(), py::arg("nthreads") = 0,
         "norms [T, 2] float64: L1 of fp32(experts[t]) - fp32(base) and of its entries kept by keep (fixed "
-        "blocked fp64 summation order), in place");
+        "blocked fp64 summation order), in place; the keep flags into keep_bits (uint8 [T, keep_row_bytes]) "
+        "when given");
 
     m.def(
         "tall_masks",
@@ -784,6 +799,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
     m.attr("api_version") = 11;
+    m.attr("keep_block_bytes") = BLOCK / 8;  // keep_bits rows are whole blocks of this many bytes
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

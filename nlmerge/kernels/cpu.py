@@ -221,14 +221,15 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
 
 
 def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
-                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None):
+                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None, keep_bits=None):
     """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers
     (bit-identical to ``ties_merge`` on them precomputed in fp32), adding ``base`` to the result when
     ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s element count. ``keep``:
     None, or DARE's draws ``(k0, k1, h, thresholds)`` (``RandomKeep.draw_key()``): entry i of task t
     is +0 unless its draw on stream t is below ``thresholds[t]``. The non-finite count covers the
     task vector entries (dropped or not), the base where it is added, and results. ``divisors``:
-    as in ``ties_merge``."""
+    as in ``ties_merge``. ``keep_bits``: None, or ``keep``'s flags as ``keep_l1_norms_models``
+    recorded them (read instead of drawn again)."""
     sign_sum, ambiguous, nonfinite = _C.ties_merge_models(
         _in(base.reshape(-1)),
         [_in(x.reshape(-1)) for x in experts],
@@ -245,6 +246,7 @@ def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam
         *_blocks(blocks, ambiguous_blocks),
         _keep(keep),
         _divisors(divisors),
+        _keep_bits(keep_bits),
         _threads(),
     )
     return int(sign_sum), int(ambiguous), int(nonfinite)
@@ -275,10 +277,10 @@ def task_arithmetic(tv, weights, out, base, lam):
     )
 
 
-def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None):
+def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None, keep_bits=None):
     """``out = base + lam * sum_t weights[t] * (fp32(experts[t]) - fp32(base))`` (the task vectors formed in
     registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); without the ``base +``
-    term unless ``include_base``; ``keep`` as in ``ties_merge_models``. ``base`` and the T ``experts``:
+    term unless ``include_base``; ``keep`` and ``keep_bits`` as in ``ties_merge_models``. ``base`` and the T ``experts``:
     one dtype, ``out``'s element count. Returns the count of NaN/Inf task vector entries (dropped or
     not), base values (where added) and results (in ``out``'s dtype)."""
     return int(
@@ -292,20 +294,27 @@ def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, 
             float(lam),
             bool(include_base),
             _keep(keep),
+            _keep_bits(keep_bits),
             _threads(),
         )
     )
 
 
-def keep_l1_norms_models(base, experts, keep, norms):
+def keep_l1_norms_models(base, experts, keep, norms, keep_bits=None):
     """DARE's L1 norms into ``norms`` (float64 [T, 2], in place): ``[t, 0]`` the L1 norm of
     ``fp32(experts[t]) - fp32(base)``, ``[t, 1]`` that of its entries that ``keep`` (as in
     ``ties_merge_models``, required) keeps, each summed in fp64 in ``nlmerge.ops.dare.l1_norm``'s
-    order; non-finite where the task vector has NaN/Inf. ``base`` and the T ``experts``: one dtype."""
+    order; non-finite where the task vector has NaN/Inf. ``base`` and the T ``experts``: one dtype.
+    ``keep_bits`` (uint8 [T, keep_row_bytes(N)], optional): the keep flags are recorded there."""
     _C.keep_l1_norms_models(
         _in(base.reshape(-1)), [_in(x.reshape(-1)) for x in experts], _name(base), _keep(keep), _out(norms, "norms"),
-        _threads(),
+        _keep_bits(keep_bits), _threads(),
     )
+
+
+def _keep_bits(bits):
+    """Recorded keep flags as the extension takes them: None, or uint8 (row t: task t's flags)."""
+    return None if bits is None else _out(bits, "keep_bits")
 
 
 def tall_masks(tv, tau_mtl, lam, out):

@@ -692,11 +692,13 @@ def ties_merge(tv, thresholds, weights, out, base, lam, sign_mode, disjoint, fil
 
 
 def ties_merge_models(base, experts, thresholds, weights, out, include_base, lam, sign_mode, disjoint, fill_sign,
-                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None):
+                      blocks=None, ambiguous_blocks=None, keep=None, divisors=None, keep_bits=None):
     """``ties_merge`` on the task vectors ``fp32(experts[t]) - fp32(base)`` formed in registers, adding
     ``base`` to the result when ``include_base``; ``base`` and the T ``experts``: one dtype, ``out``'s
     element count. ``keep``: None, or DARE's draws ``(k0, k1, h, thresholds)``: entry i of task t is
-    +0 unless its draw on stream t is below ``thresholds[t]``. ``divisors``: as in ``ties_merge``."""
+    +0 unless its draw on stream t is below ``thresholds[t]``. ``divisors``: as in ``ties_merge``.
+    ``keep_bits`` (flags recorded on the CPU) are not read: the device draws again, cheap next to
+    its memory traffic."""
     return _ties(_Rows(base=base, experts=experts, add=bool(include_base)), thresholds, weights, out, lam, sign_mode,
                  disjoint, fill_sign, blocks, ambiguous_blocks, keep, divisors)
 
@@ -717,9 +719,9 @@ def task_arithmetic(tv, weights, out, base, lam):
     return _task_arithmetic(_Rows(tv, base), weights, out, lam, None)
 
 
-def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None):
+def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None, keep_bits=None):
     """``task_arithmetic`` on ``fp32(experts[t]) - fp32(base)`` formed in registers (the ``base +``
-    term only when ``include_base``; ``keep`` as in ``ties_merge_models``); returns the count of
+    term only when ``include_base``; ``keep`` and ``keep_bits`` as in ``ties_merge_models``); returns the count of
     NaN/Inf task vector entries (dropped or not), added base values and results."""
     return _task_arithmetic(_Rows(base=base, experts=experts, add=bool(include_base)), weights, out, lam, keep)
 

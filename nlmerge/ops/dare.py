@@ -39,12 +39,17 @@ class RandomKeep(NamedTuple):
     ``keep_mask(seed, name, ..., densities[t], stream=t)`` does.
 
     ``seed``: int in [0, 2**64); ``name``: the tensor's key (str); ``densities``: T floats in
-    [0, 1] (1 keeps everything). Checked by :meth:`draw_key`.
+    [0, 1] (1 keeps everything). Checked by :meth:`draw_key`. ``bits``: None, or these draws'
+    keep flags as ``keep_l1_norms_models(..., record=True)`` recorded them on the C++ backend
+    (uint8 ``[T, keep_row_bytes(N)]``, bit ``i % 8`` of byte ``i // 8`` of row t: element i of
+    task t kept): the C++ merge kernels read them instead of drawing again (Philox was half of
+    a DARE job's drawing). Never set them by hand: they are trusted, not checked against the draws.
     """
 
     seed: int
     name: str
     densities: tuple
+    bits: object = None
 
     def draw_key(self):
         """``(k0, k1, h, thresholds)``: the Philox key of ``(seed, name)`` and the T integer keep
@@ -60,8 +65,15 @@ class RandomKeep(NamedTuple):
         return keep_mask(self.seed, self.name, shape, self.densities[t], stream=t, device=device)
 
 
-def check_random_keep(keep, num_tasks):
-    """``keep``: None or a :class:`RandomKeep` with ``num_tasks`` densities; returned as is."""
+def keep_row_bytes(numel):
+    """Bytes per task of recorded keep flags (``RandomKeep.bits``) over ``numel`` elements: whole
+    blocks of ``BLOCK`` flags."""
+    return -(-numel // BLOCK) * (BLOCK // 8)
+
+
+def check_random_keep(keep, num_tasks, numel=None):
+    """``keep``: None or a :class:`RandomKeep` with ``num_tasks`` densities (and, when it carries
+    recorded ``bits``, their shape for ``numel`` elements); returned as is."""
     if keep is None:
         return None
     if not isinstance(keep, RandomKeep):
@@ -69,6 +81,13 @@ def check_random_keep(keep, num_tasks):
     if len(keep.densities) != num_tasks:
         raise ValueError(f"random_keep has {len(keep.densities)} densities for {num_tasks} task vectors")
     keep.draw_key()  # checks seed, name and densities
+    if keep.bits is not None:
+        shape = (num_tasks, keep_row_bytes(numel if numel is not None else 0))
+        bits = keep.bits
+        if not (isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8 and bits.device.type == "cpu"
+                and tuple(bits.shape) == shape and bits.is_contiguous()):
+            raise ValueError(f"random_keep.bits must be the contiguous CPU uint8 {list(shape)} that "
+                             "keep_l1_norms_models(..., record=True) returns for these tensors")
     return keep
 
 
@@ -160,7 +179,7 @@ def l1_norm(x):
     return _halving_sum(sums)
 
 
-def keep_l1_norms_models(base, experts, keep, *, backend=None):
+def keep_l1_norms_models(base, experts, keep, *, record=False, backend=None):
     """The L1 norms of DARE's rescale for every task, from the models.
 
     Parameters
@@ -171,12 +190,15 @@ def keep_l1_norms_models(base, experts, keep, *, backend=None):
         The base's shape and device (dtypes other than the base's: all converted to fp32 first).
     keep : RandomKeep
         T densities.
+    record : bool
+        Also return ``keep`` with its keep flags recorded (``RandomKeep.bits``) on the C++ backend,
+        for the merge pass that follows (as it is on the others).
     backend : None, "torch", "cpu" or "triton"
         Every backend gives the same bits.
 
     Returns
     -------
-    Tensor
+    Tensor, or (Tensor, RandomKeep) with ``record``
         float64 ``[T, 2]`` on the CPU: ``[t, 0] = l1_norm(tau_t)``, ``[t, 1] = l1_norm`` of its entries
         that ``keep`` keeps, with ``tau_t = fp32(experts[t]) - fp32(base)``.
 
@@ -191,11 +213,13 @@ def keep_l1_norms_models(base, experts, keep, *, backend=None):
     flat_base, flat = check_models(base, experts)
     if keep is None:
         raise TypeError("keep must be an nlmerge.ops.RandomKeep")
-    check_random_keep(keep, len(flat))
+    check_random_keep(keep, len(flat), flat_base.numel())
     name, kernels = resolve(backend, flat_base.device, "keep_l1_norms_models")
     if name == "cpu":
         norms = torch.empty((len(flat), 2), dtype=torch.float64)
-        kernels.keep_l1_norms_models(flat_base, flat, keep.draw_key(), norms)
+        bits = torch.empty((len(flat), keep_row_bytes(flat_base.numel())), dtype=torch.uint8) if record else None
+        kernels.keep_l1_norms_models(flat_base, flat, keep.draw_key(), norms, keep_bits=bits)
+        keep = keep if bits is None else keep._replace(bits=bits)
     elif name == "triton":  # block sums on the device, combined across blocks here as l1_norm does
         sums = torch.empty((len(flat), 2, -(-flat_base.numel() // BLOCK)), dtype=torch.float64, device=flat_base.device)
         kernels.keep_l1_block_sums(flat_base, flat, keep.draw_key(), sums)
@@ -208,4 +232,4 @@ def keep_l1_norms_models(base, experts, keep, *, backend=None):
         norms = torch.stack(rows).cpu()
     if not bool(torch.isfinite(norms).all()):
         raise_nonfinite_model(flat_base, flat)
-    return norms
+    return (norms, keep) if record else norms

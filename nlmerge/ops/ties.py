@@ -147,6 +147,11 @@ def _check_divisors(divisors, disjoint, num_tasks, device):
     return per_task(divisors, num_tasks, "divisors", device, bound="positive")
 
 
+def _keep_bits(random_keep):
+    """The keep flags a kernel may read instead of drawing them (``RandomKeep.bits``), or None."""
+    return None if random_keep is None else random_keep.bits
+
+
 def _check_blocks(blocks, numel, out):
     """``blocks``: None, or block indices (a sequence or an integer tensor) in ``[0, ceil(numel /
     BLOCK))``, with ``out`` given (the blocks not listed keep its values); as int64 on the CPU."""
@@ -215,7 +220,7 @@ class _Inputs:
             return kernels.ties_merge_models(base, experts, thresholds, weights, flat, include_base, lam, sign,
                                              disjoint, fill_sign, blocks, flags,
                                              keep=None if random_keep is None else random_keep.draw_key(),
-                                             divisors=divisors)
+                                             divisors=divisors, keep_bits=_keep_bits(random_keep))
         return kernels.ties_merge(self.stacked, thresholds, weights, flat, self.added, lam, sign, disjoint,
                                   fill_sign, blocks, flags, divisors=divisors)
 
@@ -420,7 +425,8 @@ def ties_merge_pass_models(
     divisors = _check_divisors(divisors, disjoint, len(flat), base.device)
     lam = finite_scalar(lam, "lam")
     dtype = result_dtype(base, base, out_dtype)
-    inputs = _Inputs(models=(flat_base, flat, bool(include_base), check_random_keep(random_keep, len(flat))))
+    inputs = _Inputs(models=(flat_base, flat, bool(include_base),
+                             check_random_keep(random_keep, len(flat), flat_base.numel())))
     return _ties_pass(inputs, thresholds, weights, divisors, lam, sign, disjoint, fill_sign, dtype, tuple(base.shape),
                       out, check_result, blocks, backend, "ties_merge_models")
 
@@ -699,7 +705,7 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
     weights = per_task(weights, len(experts), "weights", base.device, default=1.0)
     lam = finite_scalar(lam, "lam")
     added = flat_base if include_base else None
-    random_keep = check_random_keep(random_keep, len(flat))
+    random_keep = check_random_keep(random_keep, len(flat), flat_base.numel())
 
     _, kernels = resolve(backend, base.device, "task_arithmetic_models")
     if kernels is None:
@@ -709,7 +715,8 @@ def task_arithmetic_models(base, experts, *, weights=None, lam=1.0, include_base
         return out.view(base.shape)
     out = torch.empty(flat_base.shape[0], dtype=dtype, device=base.device)
     draw_key = None if random_keep is None else random_keep.draw_key()
-    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base, draw_key):
+    if kernels.task_arithmetic_models(flat_base, flat, weights, out, lam, include_base, draw_key,
+                                      keep_bits=_keep_bits(random_keep)):
         err = first_nonfinite_model(flat_base, flat)
         if err is not None:
             raise err
