@@ -509,7 +509,8 @@ def _dare_key(key, name, base, experts, o, out_dtype, backend):
     keep = ops.RandomKeep(o.seed, _dare_name(name), tuple(o.density))
     scales = [1.0] * len(experts)
     if o.rescale and any(d < 1 for d in o.density):
-        norms, keep = ops.keep_l1_norms_models(base, experts, keep, record=True, backend=backend)  # the merge reads the flags
+        # the flags drawn for the norms are recorded: the merge pass reads them, not draws again
+        norms, keep = ops.keep_l1_norms_models(base, experts, keep, record=True, backend=backend)
         norms = norms.tolist()
         scales = [_l1_rescale(*norms[t]) if d < 1 else 1.0 for t, d in enumerate(o.density)]
     common = dict(random_keep=keep, out_dtype=out_dtype, backend=backend)

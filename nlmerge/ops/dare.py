@@ -42,8 +42,8 @@ class RandomKeep(NamedTuple):
     [0, 1] (1 keeps everything). Checked by :meth:`draw_key`. ``bits``: None, or these draws'
     keep flags as ``keep_l1_norms_models(..., record=True)`` recorded them on the C++ backend
     (uint8 ``[T, keep_row_bytes(N)]``, bit ``i % 8`` of byte ``i // 8`` of row t: element i of
-    task t kept): the C++ merge kernels read them instead of drawing again (Philox was half of
-    a DARE job's drawing). Never set them by hand: they are trusted, not checked against the draws.
+    task t kept): the C++ merge kernels read them instead of drawing them again (16% off a
+    dare_ties key). Never set them by hand: they are trusted, not checked against the draws.
     """
 
     seed: int
