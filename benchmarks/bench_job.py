@@ -35,6 +35,8 @@ CONFIGS = {
     "ties": ("ties", None, {"weight": 1.0, "density": 0.3}),
     "ties_global": ("ties", {"scope": "global", "convention": "ties"}, {"weight": 1.0, "density": 0.3}),
     "dare_ties": ("dare_ties", None, {"weight": 1.0, "density": 0.5}),
+    # mergekit's usual dare_ties config (its README's examples): the mean divides by the raw weights
+    "dare_ties_normalize": ("dare_ties", {"normalize": True, "int8_mask": True}, {"weight": 1.0, "density": 0.5}),
 }
 
 
