@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def _worker(rank, size, init_file, cfg, out, options, die_after):
                 calls[0] += 1
                 if calls[0] == die_after[0]:
                     if die_after[1] == "kill":
+                        # the steps done so far finish (hash, rename) on the job's finisher thread: let
+                        # it catch up on a loaded machine, so that the kill leaves finished shards
+                        time.sleep(2)
                         os._exit(3)  # a killed process: no Python clean-up, no message to the others
                     raise ValueError(f"disk full while writing {key}")
                 return real_write(self, key, tensor, **options)
