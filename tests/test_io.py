@@ -601,7 +601,11 @@ def test_manifest_round_trip_and_verification(tmp_path):
     with pytest.raises(ValueError, match="nlmerge-manifest.json"):
         Manifest.load(tmp_path)
     (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/1", "fingerprint": "f", "shards": {}}')
-    with pytest.raises(ValueError, match="nlmerge-manifest.json: .*earlier nlmerge.*--force"):
+    with pytest.raises(ValueError, match="nlmerge-manifest.json: .*earlier nlmerge.*; start again with --force$"):
+        Manifest.load(tmp_path)
+    (tmp_path / "nlmerge-manifest.json").write_text(
+        '{"format": "nlmerge-manifest/2", "fingerprint": "f", "shards": {"a": {"xxh3_128": "00"}}}')
+    with pytest.raises(ValueError, match="unreadable resume manifest: no 'size' entry; start again with --force$"):
         Manifest.load(tmp_path)
 
 

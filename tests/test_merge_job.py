@@ -2,6 +2,7 @@
 in-memory API and against mergekit, resume, validation errors, the output layout."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,15 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     for name in clean:
         if name != "nlmerge-manifest.json":
             assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    # an input rewritten in place since (its sampled identity may not see a few bytes): refused
+    data_file = sorted(Path(paths["e1"]).glob("*.safetensors"))[-1]  # a shard of the sharded checkpoint
+    stat = data_file.stat()
+    os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(ValueError, match="an input file was modified since"):
+            run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
+    finally:
+        os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_vocab_mismatch_names_key_shapes_and_files(llama_family, tmp_path):

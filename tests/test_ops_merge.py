@@ -1,4 +1,5 @@
 """Fused TIES, task arithmetic, TALL masks, consensus and mask application against the references."""
+import numpy as np
 import pytest
 import torch
 
@@ -270,6 +271,9 @@ def test_merge_ops_bad_input(backend, generator):
         ops.ties_merge(tv, thr, weights=[1.0, -1.0, 1.0], backend=backend)
     with pytest.raises(ValueError, match=r"divisors\[2\] must be positive \(> 0\), got 0.0"):
         ops.ties_merge(tv, thr, divisors=[1.0, 1.0, 0.0], backend=backend)
+    assert torch.equal(ops.ties_merge(tv, thr, weights=np.array([1.0, 2.0, 3.0]), divisors=np.array([1.0, 1.0, 2.0]),
+                                      backend=backend),
+                       ops.ties_merge(tv, thr, weights=[1.0, 2.0, 3.0], divisors=[1.0, 1.0, 2.0], backend=backend))
     with pytest.raises(ValueError, match="divisors has 2 entries for 3 task vectors"):
         ops.ties_merge_models(base, list(tv + base), thresholds=thr, divisors=[1.0, 1.0], backend=backend)
     with pytest.raises(ValueError, match=r"divisors are what disjoint='mean' divides by; disjoint is 'sum'"):

@@ -62,14 +62,16 @@ class Manifest:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
             if obj.get("format") == "nlmerge-manifest/1":
-                raise ValueError("written by an earlier nlmerge (sha256s, not xxh3-128): start again with --force")
+                raise ValueError("written by an earlier nlmerge (sha256s, not xxh3-128)")
             if obj.get("format") != _FORMAT or not isinstance(obj.get("fingerprint"), str):
                 raise ValueError(f"not a {_FORMAT} object")
             shards = {name: {"size": int(s["size"]), DIGEST: str(s[DIGEST]),
                              "extra": dict(s.get("extra", {}))}
                       for name, s in obj["shards"].items()}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{path}: unreadable resume manifest: {e}") from None
+        except KeyError as e:
+            raise ValueError(f"{path}: unreadable resume manifest: no {e} entry; start again with --force") from None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: unreadable resume manifest: {e}; start again with --force") from None
         return obj["fingerprint"], shards
 
     def save(self):

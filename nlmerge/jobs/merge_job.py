@@ -401,12 +401,17 @@ def _by_method(keys):
 
 
 def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
-    """A digest of everything the output bytes depend on (config, inputs, options, version)."""
+    """A digest of everything the output bytes depend on (config, inputs, options, version). The
+    inputs by their identity (headers and sampled bytes: a different model) and each data file's
+    modification time: a file rewritten in place since (a few bytes changed, which the sample can
+    miss) makes ``--resume`` refuse rather than keep shards merged from the old bytes."""
     from nlmerge import __version__
 
     h = hashlib.sha256()
-    state = {"config": cfg.source, "inputs": [c.identity() for c in checkpoints], "shard_bytes": max_bytes,
-             "seed": seed, "permutations": [ckio.file_digest(f) for f in permutations.files], "version": __version__}
+    modified = [[os.stat(f).st_mtime_ns for f in sorted(c.files)] for c in checkpoints]
+    state = {"config": cfg.source, "inputs": [c.identity() for c in checkpoints], "modified": modified,
+             "shard_bytes": max_bytes, "seed": seed, "permutations": [ckio.file_digest(f) for f in permutations.files],
+             "version": __version__}
     h.update(json.dumps(state, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -551,8 +556,8 @@ def _manifest(plan, resume):
     if previous is not None and previous.fingerprint == plan.fingerprint:
         return previous
     if resume and previous is not None:
-        raise ValueError(f"--resume: {plan.out!r} holds a job with another config, inputs or options "
-                         "(fingerprints differ); use --force to start over")
+        raise ValueError(f"--resume: {plan.out!r} holds a job with another config, inputs or options, or an "
+                         "input file was modified since (fingerprints differ); use --force to start over")
     manifest = ckio.Manifest(plan.out, plan.fingerprint)
     manifest.save()
     return manifest

@@ -2,6 +2,7 @@
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -153,6 +154,8 @@ def per_task(values, num_tasks, name, device, *, default=None, bound=None):
         values = default
     if isinstance(values, torch.Tensor):
         values = values.detach().reshape(-1).tolist()
+    elif isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
     if not isinstance(values, Sequence):
         values = [values] * num_tasks
     if len(values) != num_tasks:

@@ -501,7 +501,7 @@ def ties_merge(
         Sign for zero elections: the majority sign over this tensor (TIES), or + (mergekit).
     out_dtype : None, torch.float32, torch.float16 or torch.bfloat16
         Dtype of the result (default: the base's if given, else the task vectors').
-    divisors : None or sequence of T positive numbers
+    divisors : None, number or sequence of T positive numbers
         With ``disjoint="mean"``: divide by the sum of these over the agreeing tasks instead of
         the weights' sum (mergekit's ``normalize`` after DARE's rescale: the weights are ``w_t``
         times the rescale, the divisors ``w_t``). ValueError with another ``disjoint``.
