@@ -25,8 +25,8 @@ from nlmerge.io.format import HeaderEntry, build_header, dtype_name, nbytes_of
 SHARD_METADATA = {"format": "pt"}
 # The content hash of written files (the resume manifest's check): xxh3-128 detects a changed or
 # damaged shard as surely as sha256 does without an adversary (a user who can change a shard can
-# change the manifest too), at about nine times its speed: sha256 of the output took a third of a
-# task-arithmetic job's time on two cores (benchmarks/RESULTS.md, session 7).
+# change the manifest too), at about nine times its speed: sha256 of the output took a quarter of
+# a task-arithmetic job's time on two cores (benchmarks/RESULTS.md, session 7).
 DIGEST = "xxh3_128"
 
 
@@ -215,10 +215,11 @@ class ShardWriter:
     otherwise hashes the file by reading it back. ``write(key, tensor, replace=True)`` overwrites a
     written key before ``finish`` (a global TIES merge fixing the keys whose zero signs it filled
     before the model-wide majority was known); ``finish`` then reads back only the bytes from the
-    first replaced key on (hashing them at about 10 GB/s). A written tensor must not change until the next ``write`` or ``finish`` returns (its bytes may
-    still be in flight). Any error in ``write`` or ``finish`` aborts: the
-    temporary file is removed and the error re-raised (an error of a write in flight surfaces at
-    the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts too.
+    first replaced key on (hashing them at about 10 GB/s). A written tensor must not change until
+    the next ``write`` or ``finish`` returns (its bytes may still be in flight). Any error in
+    ``write`` or ``finish`` aborts: the temporary file is removed and the error re-raised (an
+    error of a write in flight surfaces at the next ``write`` or at ``finish``); leaving a
+    ``with`` block without ``finish`` aborts too.
     Byte order is the host's, which must be little-endian (as safetensors assumes).
     """
 
