@@ -312,12 +312,15 @@ def _correct(args):
                               "to the next option)")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    def say(line):
+        print(line, file=sys.stderr, flush=True)
+
     signals = _interrupt_on_sigterm()
     try:
         folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
                               batch_size=args.batch_size, eps=args.eps, force=args.force,
-                              write_model_card=args.write_model_card, log=log)
+                              write_model_card=args.write_model_card, log=None if args.no_progress else say,
+                              notice=say)
     except (ValueError, FileExistsError, OSError) as err:
         print(f"nlmerge correct: error: {err}", file=sys.stderr)
         return 1

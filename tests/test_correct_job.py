@@ -347,18 +347,18 @@ def test_sigterm_mid_run_leaves_nothing(llama_paths, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_later_run_removes_the_staging_folder_of_a_killed_one(llama_paths, tmp_path):
+def test_a_later_run_removes_the_staging_folder_of_a_killed_one(llama_paths, tmp_path, capsys):
     """kill -9 leaves the job's staging folder (.OUT.partial-*, a full model) beside OUT; the next
-    correct into OUT removes it, once it holds OUT's lock, and says so in one line."""
+    correct into OUT removes it, once it holds OUT's lock, and says so in one line, which the
+    command line shows even with --no-progress."""
     out = tmp_path / "out"
     done = stopped_at_task_1("SIGKILL", llama_paths, out)
     assert done.returncode == -signal.SIGKILL, done.stderr
     (left,) = [n for n in os.listdir(tmp_path) if n.startswith(".out.partial-")]
     assert os.path.isdir(tmp_path / left / "task_0")
-    lines = []
-    correct_job.run_correct(llama_paths["merged"], llama_paths["experts"], llama_paths["data"], out,
-                            log=lines.append)
-    assert f"removed 1 staging folder(s) of {out} that a killed job left: {left}" in lines
+    assert run(llama_paths, out) == 0  # with --no-progress
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"removed 1 staging folder(s) of {out} that a killed job left: {left}"]
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["task_0", "task_1"]
 
 

@@ -68,7 +68,7 @@ RECORD_NAME = "nlmerge_correct.json"
 
 
 def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=1e-5, force=False,
-                write_model_card=True, log=None):
+                write_model_card=True, log=None, notice=None):
     """Correct a merged Hugging Face checkpoint towards its experts and write the corrected
     checkpoint(s) with the correction folded into the weights.
 
@@ -99,6 +99,9 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
         Write the ``README.md`` model card into each corrected checkpoint (as ``nlmerge merge`` does).
     log : callable, optional
         Called with one line of text per step (the returned folders are the caller's to report).
+    notice : callable, optional
+        Called with a line when the job removes what killed jobs left beside ``out`` (their
+        staging folders); default: ``log``. The command line shows it even with ``--no-progress``.
 
     Returns
     -------
@@ -141,7 +144,7 @@ def run_correct(merged, experts, data, out, *, method="tact", batch_size=8, eps=
     _check_out(out, [merged, *experts, *data])
     tensors = [_read_data(path, t) for t, path in enumerate(data)]
 
-    with _locked_output(out, force, say):
+    with _locked_output(out, force, notice or say):
         say(f"loading the merged model {merged}")
         switches = BIAS_SWITCHES.get(config.get("model_type"), ())
         model = _load(merged, config, "merged model", switches)
