@@ -15,6 +15,7 @@ Each subcommand is one ``_add_<name>(commands)`` that declares its arguments and
 while parsing: a bad one ends in one line under that subcommand's usage, exit status 2.
 """
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -157,19 +158,31 @@ def _add_merge(commands):
     merge.set_defaults(run=_merge, parser=merge)
 
 
-def _interrupt_on_sigterm():
-    """Make SIGTERM (torchrun's and schedulers' stop) raise KeyboardInterrupt, so that a command cleans
-    up as for Ctrl-C; returns the list the received signal numbers are appended to."""
+@contextlib.contextmanager
+def _interrupt_once():
+    """In the block, SIGTERM (torchrun's and schedulers' stop) raises KeyboardInterrupt, as Ctrl-C
+    does, so that a command cleans up the same way; from the first of them on, both are ignored,
+    so that a second one cannot cut the clean-up short (a half-removed staging folder, an output
+    not moved back; ``kill -9`` still stops it). Yields the list the received signal numbers go
+    to; the previous handlers are back after the block."""
     import signal
 
-    signals = []
+    signals, stopping = [], (signal.SIGTERM, signal.SIGINT)
+    before = {each: signal.getsignal(each) for each in stopping}
 
-    def terminated(signum, frame):
+    def stop(signum, frame):
         signals.append(signum)
+        for each in stopping:
+            signal.signal(each, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminated)
-    return signals
+    for each in stopping:
+        signal.signal(each, stop)
+    try:
+        yield signals
+    finally:
+        for each, handler in before.items():
+            signal.signal(each, handler)
 
 
 def _interrupted_status(signals):
@@ -214,29 +227,29 @@ def _merge(args):
     prefix = "nlmerge merge" if rank == "0" else f"nlmerge merge (rank {rank})"
     warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-    signals = _interrupt_on_sigterm()
-    _stream_allocations()
-    try:
-        out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
-                        out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                        copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-                        force=args.force, resume=args.resume,
-                        progress=not args.no_progress, backend=args.backend,
-                        log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True))
-    except (ValueError, FileExistsError, OSError, RankFailedError) as err:
-        print(f"{prefix}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:
-        if getattr(err, "shards_kept", os.path.isfile(os.path.join(args.out, MANIFEST_NAME))):
-            print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to continue "
-                  f"into {args.out}", file=sys.stderr)
-            if os.path.isdir(os.path.join(args.out, PREVIOUS)):
-                print(f"{prefix}: the previous output stays in {os.path.join(args.out, PREVIOUS)} until the job "
-                      "completes", file=sys.stderr)
-        else:
-            print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept (a previous "
-                  "output is back in place)", file=sys.stderr)
-        return _interrupted_status(signals)
+    with _interrupt_once() as signals:
+        _stream_allocations()
+        try:
+            out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
+                            out_shard_size=args.out_shard_size, random_seed=args.random_seed,
+                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+                            force=args.force, resume=args.resume,
+                            progress=not args.no_progress, backend=args.backend,
+                            log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True))
+        except (ValueError, FileExistsError, OSError, RankFailedError) as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:
+            if getattr(err, "shards_kept", os.path.isfile(os.path.join(args.out, MANIFEST_NAME))):
+                print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to "
+                      f"continue into {args.out}", file=sys.stderr)
+                if os.path.isdir(os.path.join(args.out, PREVIOUS)):
+                    print(f"{prefix}: the previous output stays in {os.path.join(args.out, PREVIOUS)} until the "
+                          "job completes", file=sys.stderr)
+            else:
+                print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept (a "
+                      "previous output is back in place)", file=sys.stderr)
+            return _interrupted_status(signals)
     if rank == "0":
         _say(f"merged into {out}")
     return 0
@@ -315,19 +328,19 @@ def _correct(args):
     def say(line):
         print(line, file=sys.stderr, flush=True)
 
-    signals = _interrupt_on_sigterm()
-    try:
-        folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
-                              batch_size=args.batch_size, eps=args.eps, force=args.force,
-                              write_model_card=args.write_model_card, log=None if args.no_progress else say,
-                              notice=say)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"nlmerge correct: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nlmerge correct: interrupted; nothing of this job was kept (an existing OUT is as it was)",
-              file=sys.stderr)
-        return _interrupted_status(signals)
+    with _interrupt_once() as signals:
+        try:
+            folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
+                                  batch_size=args.batch_size, eps=args.eps, force=args.force,
+                                  write_model_card=args.write_model_card, log=None if args.no_progress else say,
+                                  notice=say)
+        except (ValueError, FileExistsError, OSError) as err:
+            print(f"nlmerge correct: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("nlmerge correct: interrupted; nothing of this job was kept (an existing OUT is as it was)",
+                  file=sys.stderr)
+            return _interrupted_status(signals)
     _say(f"corrected into {', '.join(folders)}")
     return 0
 
@@ -424,17 +437,17 @@ def _add_tall_task(commands):
 def _tall_task(args):
     from nlmerge.jobs.tall_task import run_tall_task
 
-    signals = _interrupt_on_sigterm()
-    _stream_allocations()
-    try:
-        out = run_tall_task(args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
-                            copy_tokenizer=args.copy_tokenizer, force=args.force)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)", file=sys.stderr)
-        return _interrupted_status(signals)
+    with _interrupt_once() as signals:
+        _stream_allocations()
+        try:
+            out = run_tall_task(args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
+                                copy_tokenizer=args.copy_tokenizer, force=args.force)
+        except (ValueError, FileExistsError, OSError) as err:
+            print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)", file=sys.stderr)
+            return _interrupted_status(signals)
     _say(f"wrote task {args.task}'s model into {out}")
     return 0
 

@@ -6,12 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import nlmerge
+from nlmerge import cli
 from nlmerge.cli import build_parser, environment_defaults, main
 from nlmerge.demo import options
 
@@ -386,3 +388,21 @@ def test_readme_says_once_that_tasks_are_numbered_from_0():
     assert len(re.findall(r"numbered from 0", text)) == 1
     for variable, index in re.findall(r"(\w+) = \w+\.task_state_dict\((\d+)\)", text):
         assert variable == f"task_{index}"
+
+
+def test_the_first_stop_signal_interrupts_and_later_ones_wait_for_the_clean_up():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does; from then on SIGTERM and SIGINT are
+    ignored, so that a second one cannot cut the command's clean-up short."""
+    import signal
+
+    before = {each: signal.getsignal(each) for each in (signal.SIGTERM, signal.SIGINT)}
+    with cli._interrupt_once() as signals:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+        assert signals == [signal.SIGTERM]
+        assert all(signal.getsignal(each) == signal.SIG_IGN for each in (signal.SIGTERM, signal.SIGINT))
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: the clean-up goes on
+        time.sleep(0.1)
+        assert signals == [signal.SIGTERM] and cli._interrupted_status(signals) == 143
+    assert {each: signal.getsignal(each) for each in before} == before  # the caller's handlers are back
