@@ -446,7 +446,8 @@ def _tall_task(args):
             print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)", file=sys.stderr)
+            print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)",
+                  file=sys.stderr)
             return _interrupted_status(signals)
     _say(f"wrote task {args.task}'s model into {out}")
     return 0

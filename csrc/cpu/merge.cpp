@@ -237,11 +237,11 @@ inline vi recorded_flags(const uint8_t* block_flags, int j) {
 struct KeepDrawn {
     const RandomKeep* keep;
     int64_t T, row_bytes;
-    std::vector<uint32_t> draws;  // T x BLOCK
+    std::vector<uint32_t> draws;  // T x BLOCK, when drawn here
     const uint8_t* flags = nullptr;  // recorded: task 0's flags of the block (task t: + t * row_bytes)
 
     KeepDrawn(const RandomKeep* k, int64_t T_, int64_t N)
-        : keep(k), T(T_), row_bytes(keep_row_bytes(N)), draws(size_t(T_) * BLOCK) {}
+        : keep(k), T(T_), row_bytes(keep_row_bytes(N)), draws(k->bits ? 0 : size_t(T_) * BLOCK) {}
     void begin_block(int64_t off, int n) {
         if (keep->bits) {
             flags = keep->bits + off / 8;

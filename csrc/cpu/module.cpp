@@ -212,7 +212,8 @@ const RandomKeep* parse_keep(const py::object& keep, int64_t T, RandomKeep& k) {
 }
 
 // The options of a TIES pass (checked), for T tasks of N elements: thresholds, weights, the
-// divisors of "mean" (None: the weights), lam, modes, and the block selection: `blocks` None or int64 block indices (each in range), and
+// divisors of "mean" (None: the weights), lam, modes, and the block selection: `blocks` None or
+// int64 block indices (each in range), and
 // `ambiguous_blocks` None or a writable uint8 [ceil(N / BLOCK)].
 TiesArgs ties_args(int64_t T, int64_t N, const py::array& thresholds, const py::array& weights,
                    const py::object& divisors, double lam,
@@ -799,7 +800,6 @@ PYBIND11_MODULE(_C, m) {
 #endif
     // bumped whenever a binding's signature changes; nlmerge/kernels/cpu.py refuses a stale build
     m.attr("api_version") = 11;
-    m.attr("keep_block_bytes") = BLOCK / 8;  // keep_bits rows are whole blocks of this many bytes
     m.attr("block") = BLOCK;
     m.attr("vector_bytes") = simd::VBYTES;
 }

@@ -20,8 +20,9 @@ class Manifest:
     caller derives from the config, the inputs' identities and the options) and, per finished
     shard, its size and content hash (``DIGEST``: xxh3-128). A resumed job whose fingerprint
     equals the manifest's may skip the shards that ``is_done``; ``record`` rewrites the file
-    atomically after each shard. ``shards`` maps a shard name to ``{"size": int, DIGEST: str, "extra": dict}``; ``extra``
-    is the caller's JSON-serializable per-shard state (what a resumed job needs to carry on)."""
+    atomically after each shard. ``shards`` maps a shard name to ``{"size": int, DIGEST: str,
+    "extra": dict}``; ``extra`` is the caller's JSON-serializable per-shard state (what a resumed
+    job needs to carry on)."""
 
     def __init__(self, out_dir, fingerprint, shards=None, *, rank=0):
         self.out_dir = os.fspath(out_dir)

@@ -721,8 +721,9 @@ def task_arithmetic(tv, weights, out, base, lam):
 
 def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, keep=None, keep_bits=None):
     """``task_arithmetic`` on ``fp32(experts[t]) - fp32(base)`` formed in registers (the ``base +``
-    term only when ``include_base``; ``keep`` and ``keep_bits`` as in ``ties_merge_models``); returns the count of
-    NaN/Inf task vector entries (dropped or not), added base values and results."""
+    term only when ``include_base``; ``keep`` and ``keep_bits`` as in ``ties_merge_models``);
+    returns the count of NaN/Inf task vector entries (dropped or not), added base values and
+    results."""
     return _task_arithmetic(_Rows(base=base, experts=experts, add=bool(include_base)), weights, out, lam, keep)
 
 

@@ -71,7 +71,7 @@ def keep_row_bytes(numel):
     return -(-numel // BLOCK) * (BLOCK // 8)
 
 
-def check_random_keep(keep, num_tasks, numel=None):
+def check_random_keep(keep, num_tasks, numel):
     """``keep``: None or a :class:`RandomKeep` with ``num_tasks`` densities (and, when it carries
     recorded ``bits``, their shape for ``numel`` elements); returned as is."""
     if keep is None:
@@ -82,7 +82,7 @@ def check_random_keep(keep, num_tasks, numel=None):
         raise ValueError(f"random_keep has {len(keep.densities)} densities for {num_tasks} task vectors")
     keep.draw_key()  # checks seed, name and densities
     if keep.bits is not None:
-        shape = (num_tasks, keep_row_bytes(numel if numel is not None else 0))
+        shape = (num_tasks, keep_row_bytes(numel))
         bits = keep.bits
         if not (isinstance(bits, torch.Tensor) and bits.dtype == torch.uint8 and bits.device.type == "cpu"
                 and tuple(bits.shape) == shape and bits.is_contiguous()):

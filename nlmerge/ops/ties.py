@@ -5,8 +5,8 @@ TIES (DESIGN.md, "Semantics"), per element with ``x_t`` the task vectors in fp32
 trim ``x_t`` to 0 where ``|x_t| < thr_t``; elect ``s = sign(sum_t w_t x_t)`` ("mass") or
 ``sign(sum_t sign(x_t))`` ("count"); zero signs take ``fill_sign``; keep the entries that agree
 with ``s`` and merge them ("mean": weighted sum over the summed weights, or over the summed
-``divisors`` when given, "sum", "max": largest magnitude times ``s``); return ``base + lam * merged``. The fast kernels read every input element
-once per pass and allocate only the output.
+``divisors`` when given, "sum", "max": largest magnitude times ``s``); return ``base + lam *
+merged``. The fast kernels read every input element once per pass and allocate only the output.
 
 The ``*_models`` ops take the base and the experts themselves (their storage dtype) and form the
 task vectors ``fp32(expert) - fp32(base)`` as they read them (the C++ and Triton kernels; the
