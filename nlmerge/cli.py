@@ -192,6 +192,23 @@ def _interrupted_status(signals):
     return 128 + int(signals[0] if signals else signal.SIGINT)
 
 
+def _run_job(prefix, job, interrupted, errors=(ValueError, FileExistsError, OSError)):
+    """Run a command's ``job()`` the way every streaming command reports it: ``(0, result)``; an
+    error of ``errors`` as one line ``PREFIX: error: ...``, ``(1, None)``; a stop (SIGTERM, Ctrl-C:
+    :func:`_interrupt_once`) as the lines ``interrupted(err)`` returns, each after ``PREFIX: ``,
+    ``(128 + signal, None)``."""
+    with _interrupt_once() as signals:
+        try:
+            return 0, job()
+        except errors as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            return 1, None
+        except KeyboardInterrupt as err:
+            for line in interrupted(err):
+                print(f"{prefix}: {line}", file=sys.stderr)
+            return _interrupted_status(signals), None
+
+
 def _stream_allocations():
     """Give each large allocation (>= 4 MiB: a tensor) its own mapping, returned when freed (glibc's
     ``M_MMAP_THRESHOLD``; a no-op elsewhere). By default glibc raises that threshold to the size of
@@ -227,29 +244,25 @@ def _merge(args):
     prefix = "nlmerge merge" if rank == "0" else f"nlmerge merge (rank {rank})"
     warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-    with _interrupt_once() as signals:
-        _stream_allocations()
-        try:
-            out = run_merge(args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
-                            out_shard_size=args.out_shard_size, random_seed=args.random_seed,
-                            copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-                            force=args.force, resume=args.resume,
-                            progress=not args.no_progress, backend=args.backend,
-                            log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True))
-        except (ValueError, FileExistsError, OSError, RankFailedError) as err:
-            print(f"{prefix}: error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as err:
-            if getattr(err, "shards_kept", os.path.isfile(os.path.join(args.out, MANIFEST_NAME))):
-                print(f"{prefix}: interrupted; finished shards are kept: run the same command with --resume to "
-                      f"continue into {args.out}", file=sys.stderr)
-                if os.path.isdir(os.path.join(args.out, PREVIOUS)):
-                    print(f"{prefix}: the previous output stays in {os.path.join(args.out, PREVIOUS)} until the "
-                          "job completes", file=sys.stderr)
-            else:
-                print(f"{prefix}: interrupted before any shard was finished; nothing of this job was kept (a "
-                      "previous output is back in place)", file=sys.stderr)
-            return _interrupted_status(signals)
+    def interrupted(err):
+        if not getattr(err, "shards_kept", os.path.isfile(os.path.join(args.out, MANIFEST_NAME))):
+            return ["interrupted before any shard was finished; nothing of this job was kept (a previous output "
+                    "is back in place)"]
+        lines = [f"interrupted; finished shards are kept: run the same command with --resume to continue into "
+                 f"{args.out}"]
+        if os.path.isdir(os.path.join(args.out, PREVIOUS)):
+            lines.append(f"the previous output stays in {os.path.join(args.out, PREVIOUS)} until the job completes")
+        return lines
+
+    _stream_allocations()
+    status, out = _run_job(prefix, lambda: run_merge(
+        args.config, args.out, device="cuda" if args.cuda else (args.device or "cpu"),
+        out_shard_size=args.out_shard_size, random_seed=args.random_seed, copy_tokenizer=args.copy_tokenizer,
+        write_model_card=args.write_model_card, force=args.force, resume=args.resume, progress=not args.no_progress,
+        backend=args.backend, log=lambda line: print(f"{prefix}: {line}", file=sys.stderr, flush=True)),
+        interrupted, errors=(ValueError, FileExistsError, OSError, RankFailedError))
+    if status:
+        return status
     if rank == "0":
         _say(f"merged into {out}")
     return 0
@@ -328,19 +341,12 @@ def _correct(args):
     def say(line):
         print(line, file=sys.stderr, flush=True)
 
-    with _interrupt_once() as signals:
-        try:
-            folders = run_correct(args.merged, args.experts, args.data, args.out, method=args.method,
-                                  batch_size=args.batch_size, eps=args.eps, force=args.force,
-                                  write_model_card=args.write_model_card, log=None if args.no_progress else say,
-                                  notice=say)
-        except (ValueError, FileExistsError, OSError) as err:
-            print(f"nlmerge correct: error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("nlmerge correct: interrupted; nothing of this job was kept (an existing OUT is as it was)",
-                  file=sys.stderr)
-            return _interrupted_status(signals)
+    status, folders = _run_job("nlmerge correct", lambda: run_correct(
+        args.merged, args.experts, args.data, args.out, method=args.method, batch_size=args.batch_size, eps=args.eps,
+        force=args.force, write_model_card=args.write_model_card, log=None if args.no_progress else say, notice=say),
+        lambda err: ["interrupted; nothing of this job was kept (an existing OUT is as it was)"])
+    if status:
+        return status
     _say(f"corrected into {', '.join(folders)}")
     return 0
 
@@ -437,18 +443,13 @@ def _add_tall_task(commands):
 def _tall_task(args):
     from nlmerge.jobs.tall_task import run_tall_task
 
-    with _interrupt_once() as signals:
-        _stream_allocations()
-        try:
-            out = run_tall_task(args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
-                                copy_tokenizer=args.copy_tokenizer, force=args.force)
-        except (ValueError, FileExistsError, OSError) as err:
-            print(f"nlmerge tall-task: error: {err}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("nlmerge tall-task: interrupted; nothing was kept (a previous output is back in place)",
-                  file=sys.stderr)
-            return _interrupted_status(signals)
+    _stream_allocations()
+    status, out = _run_job("nlmerge tall-task", lambda: run_tall_task(
+        args.masks, args.task, args.out, base=args.base, out_shard_size=args.out_shard_size,
+        copy_tokenizer=args.copy_tokenizer, force=args.force),
+        lambda err: ["interrupted; nothing was kept (a previous output is back in place)"])
+    if status:
+        return status
     _say(f"wrote task {args.task}'s model into {out}")
     return 0
 
