@@ -489,60 +489,13 @@ def test_replaced_tensors_before_finish(tmp_path, order):
 
 
 
-@pytest.mark.parametrize("provisional", ["b", "c", "b,c"])
-@pytest.mark.parametrize("replaced", ["", "a", "b", "d"])
-def test_provisional_writes_hash_once(tmp_path, provisional, replaced, monkeypatch):
-    """Keys written provisionally (expected to be replaced) stop the hash as it goes; the digest is
-    the file's digest whether or not they, an earlier key or a later one are then replaced, and no
-    byte from the first provisional key on is hashed twice."""
-    tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
-               "d": torch.randn(5)}
-    (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
-    new = {k: -tensors[k] - 1 for k in replaced.split(",") if k}
-    hashed = []
-    real_digest = writer_module.new_digest
-
-    class Counted:  # counts the bytes fed to every hash the writer makes
-        def __init__(self, data=b""):
-            self._h = real_digest(data)
-
-        def update(self, data):
-            hashed.append(len(data))
-            self._h.update(data)
-
-        def copy(self):
-            other = Counted.__new__(Counted)
-            other._h = self._h.copy()
-            return other
-
-        def hexdigest(self):
-            return self._h.hexdigest()
-
-    monkeypatch.setattr(writer_module, "new_digest", Counted)
-    with ShardWriter(plan, tmp_path) as w:
-        for k in plan.file_order:
-            w.write(k, tensors[k], provisional=k in provisional.split(","))
-        for k, t in new.items():
-            w.write(k, t, replace=True)
-        written = w.finish()
-    out = tmp_path / plan.name
-    save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
-    assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
-    assert written.digest == real_digest(out.read_bytes()).hexdigest()
-    # hashed as it goes up to the first provisional key, then from the file from the earliest
-    # provisional or replaced key: each byte once unless an earlier key was replaced
-    stop = min(plan.entries[k].begin for k in provisional.split(","))
-    restart = min(plan.entries[k].begin for k in [*provisional.split(","), *new])
-    assert sum(hashed) == (stop - len(plan.header)) + (plan.size - restart)
-
-
-
 @pytest.mark.parametrize("order", ["file", "reversed"])
 @pytest.mark.parametrize("replaced", ["b,d", "d", "", "a"])
-def test_replacements_after_every_write(tmp_path, order, replaced):
-    """Keys replaced once every key is written (a global TIES job's held shard), in any order:
-    the file holds the replacements and the digest is the file's, whether the keys came in file
-    order (hashed as they went, read back from the first replaced key) or not (read back whole)."""
+def test_reopened_shard_replaces_tensors(tmp_path, order, replaced):
+    """A finished shard reopened (a global TIES job's keys filled before the majority was known):
+    renamed back to its temporary name while it is open, keys replaced in any order, hashed again
+    and renamed into place; aborting removes it. Reopening a file that is not the plan's shard is
+    refused naming it, and the file stays."""
     tensors = {"a": torch.arange(4, dtype=F32), "b": torch.ones(2, dtype=BF16), "c": torch.arange(3),
                "d": torch.randn(5), "e": torch.randn(1 << 16)}
     (plan,) = plan_shards([(k, t.shape, t.dtype) for k, t in tensors.items()], 0)
@@ -550,14 +503,29 @@ def test_replacements_after_every_write(tmp_path, order, replaced):
     new = {k: -tensors[k] - 1 for k in replaced.split(",") if k}
     with ShardWriter(plan, tmp_path) as w:
         for k in keys:
-            w.write(k, tensors[k], provisional=k == "c")
+            w.write(k, tensors[k])
+        w.finish()
+    out = tmp_path / plan.name
+    with ShardWriter(plan, tmp_path, reopen=True) as w:
+        assert os.listdir(tmp_path) == [f".{plan.name}.partial"]
+        with pytest.raises(ValueError, match="'a' is written twice"):
+            w.write("a", tensors["a"])
+    assert os.listdir(tmp_path) == []  # aborted: the shard is gone, never half-replaced under its name
+    with ShardWriter(plan, tmp_path) as w:
+        for k in keys:
+            w.write(k, tensors[k])
+        w.finish()
+    with ShardWriter(plan, tmp_path, reopen=True) as w:
         for k in reversed(list(new)):
             w.write(k, new[k], replace=True)
         written = w.finish()
-    out = tmp_path / plan.name
     save_file({**tensors, **new}, tmp_path / "ref.st", metadata={"format": "pt"})
     assert out.read_bytes() == (tmp_path / "ref.st").read_bytes()
     assert written.digest == xxhash.xxh3_128(out.read_bytes()).hexdigest()
+    (other,) = plan_shards([("a", (4,), F32)], 0)
+    with pytest.raises(ValueError, match=f"{plan.name}: not the planned shard"):
+        ShardWriter(other, tmp_path, reopen=True)
+    assert sorted(os.listdir(tmp_path)) == [plan.name, "ref.st"]
 
 
 def test_atomic_json_and_copy(tmp_path):
@@ -582,8 +550,11 @@ def test_manifest_round_trip_and_verification(tmp_path):
         with ShardWriter(plan, tmp_path) as w:
             w.write(plan.keys[0], torch.arange(8, dtype=F32))
             manifest.record(w.finish(), extra={"sign_sum": 3})
+    manifest.job["thresholds"] = [0.1, 2.5e-7]
+    manifest.save()
     loaded = Manifest.load(tmp_path)
     assert loaded.fingerprint == "job-fingerprint" and loaded.shards == manifest.shards
+    assert loaded.job == {"thresholds": [0.1, 2.5e-7]}
     assert loaded.extra(plans[1].name) == {"sign_sum": 3}
     assert loaded.extra("never-written") == {}
     first, second = (p.name for p in plans)

@@ -476,18 +476,18 @@ def test_batchnorm_running_statistics_are_the_experts_mean(tmp_path):
     torch.testing.assert_close(got["bn.running_var"], torch.stack([e["bn.running_var"] for e in experts]).mean(0))
 
 
-def test_global_ties_zero_sign_majority_replaces_a_held_key(tmp_path, monkeypatch):
-    """Elected signs of exactly 0 take the model-wide majority, known only at the end: the step of a
-    key merged earlier with another fill is held open, the key merged again and replaced in its
-    file before the file is finished; the result equals the in-memory global TIES bit for bit."""
+def test_global_ties_zero_sign_majority_replaces_a_filled_key(tmp_path, monkeypatch):
+    """Elected signs of exactly 0 take the model-wide majority, known only at the end: the file of a
+    key merged earlier with another fill is reopened, the key merged again and replaced, the file
+    hashed again; the result equals the in-memory global TIES bit for bit."""
     from nlmerge.io import writer as writer_module
 
     replaced, real_write = [], writer_module.ShardWriter.write
 
-    def spy(self, key, tensor, *, replace=False, provisional=False):
+    def spy(self, key, tensor, *, replace=False):
         if replace:
             replaced.append(key)
-        return real_write(self, key, tensor, replace=replace, provisional=provisional)
+        return real_write(self, key, tensor, replace=replace)
 
     monkeypatch.setattr(writer_module.ShardWriter, "write", spy)
     n = 64
@@ -510,8 +510,9 @@ def test_global_ties_zero_sign_majority_replaces_a_held_key(tmp_path, monkeypatc
     assert replaced == ["b"]
     manifest = json.load(open(tmp_path / "out" / "nlmerge-manifest.json"))
     assert len(manifest["shards"]) == 3
-    for name, entry in manifest["shards"].items():  # the held shard's hash covers its replaced bytes
+    for name, entry in manifest["shards"].items():  # the reopened shard's hash covers its replaced bytes
         assert entry["xxh3_128"] == file_digest(tmp_path / "out" / name)
+    assert [e["extra"]["fills"] for e in manifest["shards"].values()] == [{}, {"b": 0}, {}]  # signs sum to 0: fill 0, merged as -1 is
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -1002,32 +1003,37 @@ def test_the_command_finishes_when_stdout_cannot_be_written(tmp_path, stdout):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("held", [False, True], ids=["finisher", "held"])
-def test_a_signal_while_a_shard_is_recorded_leaves_every_renamed_shard_recorded(tmp_path, monkeypatch, held):
+@pytest.mark.parametrize("filled", [False, True], ids=["plain", "filled"])
+def test_a_signal_while_a_shard_is_recorded_leaves_every_renamed_shard_recorded(tmp_path, monkeypatch, filled):
     """SIGINT reaches the main thread (where Python raises every signal's KeyboardInterrupt) while
-    the job records its third shard in the manifest: every shard under its final name in OUT is
-    in the saved manifest, and --resume keeps them all and completes the clean job's bytes. A
-    global TIES writes each step's files and finishes them on the finisher thread, or (``held``:
-    zero elected signs on a bf16 model, every step held open for the model-wide majority) on the
-    main thread once the majority is known. The manifest used to be written on the main thread
-    after the rename: a signal there left renamed shards unrecorded."""
+    the job records its third shard in the manifest (on the finisher thread): every shard under its
+    final name in OUT is in the saved manifest, and --resume keeps them all and completes the
+    clean job's bytes. ``filled``: a global TIES on a bf16 model whose task vectors cancel exactly
+    (zero elected signs in every shard) and whose majority sign flips late: the kept shards were
+    filled with the running majority, so the resume reopens them and replaces their filled keys.
+    The manifest used to be written on the main thread after the rename: a signal there left
+    renamed shards unrecorded. The resume takes the TIES thresholds from the manifest: it reads
+    nothing for them."""
     import signal
     import threading
 
-    from nlmerge.io import Manifest
+    from nlmerge import ops
+    from nlmerge.io import Manifest, ShardWriter
 
     g = torch.Generator().manual_seed(0)
     base = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(8)}
-    noise = (lambda v: 0.01 * torch.randint(-2, 3, v.shape, generator=g)) if held else \
-        (lambda v: 0.05 * torch.randn(v.shape, generator=g))  # coarse: task vectors cancel exactly
-    experts = [{k: v + noise(v) for k, v in base.items()} for _ in range(3)]
+    if filled:  # coarse steps cancel exactly; the first keys lean positive, the last more negative
+        experts = [{k: v + 0.01 * (torch.randint(-2, 3, v.shape, generator=g) + (1 if i < 3 else -2) * (t == 0))
+                    for i, (k, v) in enumerate(base.items())} for t in range(3)]
+    else:
+        experts = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
     for name, sd in (("base", base), *((f"e{t}", e) for t, e in enumerate(experts))):
-        save_file({k: v.bfloat16() if held else v for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
+        save_file({k: v.bfloat16() if filled else v for k, v in sd.items()}, str(tmp_path / f"{name}.safetensors"))
     cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base.safetensors"),
            "parameters": {"scope": "global", "convention": "ties"},
            "models": [{"model": str(tmp_path / f"e{t}.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}
                       for t in range(3)]}
-    size = "2K" if held else "4K"  # one tensor a shard
+    size = "2K" if filled else "4K"  # one tensor a shard
     with pytest.warns(UserWarning, match="no config.json"):
         run_merge(cfg, tmp_path / "clean", progress=False, out_shard_size=size)
 
@@ -1046,12 +1052,25 @@ def test_a_signal_while_a_shard_is_recorded_leaves_every_renamed_shard_recorded(
             run_merge(cfg, out, progress=False, out_shard_size=size)
     shards = {name for name in os.listdir(out) if name.startswith("model-")}
     assert len(shards) >= 2
-    assert shards <= set(json.load(open(out / "nlmerge-manifest.json"))["shards"])
-    assert saves[3].startswith("MainThread" if held else "nlmerge-finish")
+    recorded = json.load(open(out / "nlmerge-manifest.json"))["shards"]
+    assert shards <= set(recorded)
+    assert saves[3].startswith("nlmerge-finish")
+    reopened, real_init = [], ShardWriter.__init__
+
+    def spy(self, plan, out_dir, *, reopen=False):
+        if reopen:
+            reopened.append(plan.name)
+        real_init(self, plan, out_dir, reopen=reopen)
+
     lines = []
-    with pytest.warns(UserWarning, match="no config.json"):
+    with monkeypatch.context() as patch, pytest.warns(UserWarning, match="no config.json"):
+        patch.setattr(ShardWriter, "__init__", spy)
+        patch.setattr(ops, "kth_smallest_magnitudes_streaming", None)  # not called: recorded
         run_merge(cfg, out, progress=False, out_shard_size=size, resume=True, log=lines.append)
     assert lines[0].startswith(f"resuming: {len(shards)} of 8 shards verified and kept")
+    assert bool(set(reopened) & shards) == filled  # a kept shard filled with a sign the majority overturned
+    if filled:
+        assert all(recorded[name]["extra"]["fills"] for name in shards)
     for name in os.listdir(tmp_path / "clean"):
         if name.startswith("model"):
             assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name

@@ -21,14 +21,15 @@ class Manifest:
     shard, its size and content hash (``DIGEST``: xxh3-128). A resumed job whose fingerprint
     equals the manifest's may skip the shards that ``is_done``; ``record`` rewrites the file
     atomically after each shard. ``shards`` maps a shard name to ``{"size": int, DIGEST: str,
-    "extra": dict}``; ``extra`` is the caller's JSON-serializable per-shard state (what a resumed
-    job needs to carry on)."""
+    "extra": dict}``; ``extra`` is the caller's JSON-serializable per-shard state and ``job`` its
+    state of the whole job (what a resumed job needs to carry on; set it, then ``save``)."""
 
-    def __init__(self, out_dir, fingerprint, shards=None, *, rank=0):
+    def __init__(self, out_dir, fingerprint, shards=None, *, rank=0, job=None):
         self.out_dir = os.fspath(out_dir)
         self.fingerprint = fingerprint
         self.shards = dict(shards or {})
         self.rank = rank
+        self.job = dict(job or {})
 
     @property
     def path(self):
@@ -43,12 +44,12 @@ class Manifest:
         main = cls._read(os.path.join(os.fspath(out_dir), MANIFEST_NAME))
         if main is None:
             return None
-        fingerprint, shards = main
+        fingerprint, shards, job = main
         for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), PART_PATTERN))):
             part = cls._read(path)
             if part is not None and part[0] == fingerprint:
                 shards.update(part[1])
-        return cls(out_dir, fingerprint, shards)
+        return cls(out_dir, fingerprint, shards, job=job)
 
     def remove_parts(self):
         """Delete the per-process parts (after their shards were recorded in this manifest)."""
@@ -69,15 +70,16 @@ class Manifest:
             shards = {name: {"size": int(s["size"]), DIGEST: str(s[DIGEST]),
                              "extra": dict(s.get("extra", {}))}
                       for name, s in obj["shards"].items()}
+            job = dict(obj.get("job", {}))
         except KeyError as e:
             raise ValueError(f"{path}: unreadable resume manifest: no {e} entry; start again with --force") from None
         except (OSError, ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: unreadable resume manifest: {e}; start again with --force") from None
-        return obj["fingerprint"], shards
+        return obj["fingerprint"], shards, job
 
     def save(self):
         """Write the manifest to ``out_dir`` through a temporary name."""
-        write_json_atomic(self.path, {"format": _FORMAT, "fingerprint": self.fingerprint,
+        write_json_atomic(self.path, {"format": _FORMAT, "fingerprint": self.fingerprint, "job": self.job,
                                       "shards": self.shards})
 
     def record(self, shard, extra=None):

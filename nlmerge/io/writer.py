@@ -213,34 +213,39 @@ class ShardWriter:
     while the caller goes on (one write in flight: memory stays at one tensor), hashing them on
     another as it goes when the keys come in file order (:attr:`ShardPlan.file_order`); ``finish``
     otherwise hashes the file by reading it back. ``write(key, tensor, replace=True)`` overwrites a
-    written key before ``finish`` (a global TIES merge fixing the keys whose zero signs it filled
-    before the model-wide majority was known); ``finish`` then reads back only the bytes from the
-    first replaced key on (hashing them at about 10 GB/s). A written tensor must not change until
-    the next ``write`` or ``finish`` returns (its bytes may still be in flight). Any error in
-    ``write`` or ``finish`` aborts: the temporary file is removed and the error re-raised (an
-    error of a write in flight surfaces at the next ``write`` or at ``finish``); leaving a
-    ``with`` block without ``finish`` aborts too.
+    written key before ``finish`` (``finish`` then reads the file back to hash it, at about
+    10 GB/s). ``reopen=True`` opens the finished shard of ``plan`` again to replace some of its
+    tensors (a global TIES job's keys filled before the model-wide majority sign was known): the
+    file is checked against the plan (size and header; ValueError naming it otherwise) and renamed
+    back to its temporary name, so nothing under the final name is ever partial, and every key
+    counts as written. A written tensor must not change until the next ``write`` or ``finish``
+    returns (its bytes may still be in flight). Any error in ``write`` or ``finish`` aborts: the
+    temporary file is removed and the error re-raised (an error of a write in flight surfaces at
+    the next ``write`` or at ``finish``); leaving a ``with`` block without ``finish`` aborts too.
     Byte order is the host's, which must be little-endian (as safetensors assumes).
     """
 
-    def __init__(self, plan, out_dir):
+    def __init__(self, plan, out_dir, *, reopen=False):
         if sys.byteorder != "little":
             raise RuntimeError("safetensors files are little-endian; this host is not")
         self.plan = plan
         self.final_path = os.path.join(os.fspath(out_dir), plan.name)
         self.temp_path = temp_path(self.final_path)
-        self._written = set()
+        self._written = set(plan.entries) if reopen else set()
         self._fd = None
         # storing and hashing a tensor run side by side, each on its own thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-write")
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nlmerge-hash")
         self._in_flight = []
-        # the running hash of the file's bytes [0, _hashed_to), None once a write skips ahead;
-        # its state where each tensor began (a replaced key's hash restarts there)
-        self._hash, self._hashed_to = new_digest(plan.header), len(plan.header)
-        self._hash_at = {}
-        self._replaced_from = None  # the first byte of the earliest replaced or provisional key
+        # the running hash of the file's bytes [0, _hashed_to), None once a write skips ahead or replaces
+        self._hash, self._hashed_to = (None, 0) if reopen else (new_digest(plan.header), len(plan.header))
+        if reopen:
+            self._check_finished_file()
+            os.replace(self.final_path, self.temp_path)
         try:
+            if reopen:
+                self._fd = os.open(self.temp_path, os.O_RDWR)
+                return
             self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
             # slower on ext4 (benchmarks/RESULTS.md); the job checks free space up front instead
@@ -250,14 +255,19 @@ class ShardWriter:
             self.abort()
             raise
 
-    def write(self, key, tensor, *, replace=False, provisional=False):
+    def _check_finished_file(self):
+        """ValueError naming the file when the shard to reopen is not the plan's (size, header)."""
+        with open(self.final_path, "rb") as f:
+            size, header = os.fstat(f.fileno()).st_size, f.read(len(self.plan.header))
+        if size != self.plan.size or header != self.plan.header:
+            raise ValueError(f"{self.final_path}: not the planned shard {self.plan.name} "
+                             f"({size} bytes, planned {self.plan.size}, or another header)")
+
+    def write(self, key, tensor, *, replace=False):
         """Write ``tensor`` (any device; its shape and dtype must equal the plan's) at the
         planned offset of ``key``; with ``replace``, over the tensor already written there.
-        ``provisional``: the caller expects to replace this key before ``finish``, so the hash as
-        it goes stops here (``finish`` hashes the bytes from this key on from the file, once,
-        whether or not it is replaced). ValueError naming the key and the shard for a key not in
-        the plan, one written twice (or replaced before it was written), or a shape or dtype
-        mismatch (both values given)."""
+        ValueError naming the key and the shard for a key not in the plan, one written twice (or
+        replaced before it was written), or a shape or dtype mismatch (both values given)."""
         with self._aborting():
             entry = self.plan.entries.get(key)
             where = f"shard {self.plan.name}: tensor {key!r}"
@@ -274,17 +284,9 @@ class ShardWriter:
             data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self._settle()
             self._in_flight = [self._pool.submit(self._store, data, entry.begin)]
-            if replace or provisional:  # finish hashes the file from the earliest such key on
-                self._replaced_from = min(entry.begin, self._replaced_from or entry.begin)
-            if replace:
-                return  # its first write was hashed (or not) already
-            if self._hash is not None and entry.begin == self._hashed_to:
+            if self._hash is not None and not replace and entry.begin == self._hashed_to:
                 # the bytes follow those already hashed (and settled): the file's hash grows in order
-                # up to the first key to be replaced (its state kept: finish goes on from there)
-                if self._replaced_from is None or entry.begin == self._replaced_from:
-                    self._hash_at[entry.begin] = self._hash.copy()
-                if self._replaced_from is None:
-                    self._in_flight.append(self._hash_pool.submit(self._hash.update, data))
+                self._in_flight.append(self._hash_pool.submit(self._hash.update, data))
                 self._hashed_to = entry.end
             else:
                 self._hash = None
@@ -325,13 +327,11 @@ class ShardWriter:
         return written
 
     def _digest(self):
-        """The file's digest: the running hash, restarted where the first replaced key began and
-        fed from the file from there on; the whole file read back when it was not written in order."""
+        """The file's digest: the running hash, or the file read back when it was not written in
+        order or a key was replaced."""
         if self._hash is None or self._hashed_to != self.plan.size:
             return file_digest(self.temp_path)
-        if self._replaced_from is None:
-            return self._hash.hexdigest()
-        return _hash_file(self._hash_at[self._replaced_from], self._fd, self._replaced_from).hexdigest()
+        return self._hash.hexdigest()
 
     def abort(self):
         """Close and remove the temporary file (nothing under the final name is touched)."""

@@ -218,24 +218,20 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
     mine = world.share([s.nbytes for s in plan.shards])
-    held = []  # global TIES: steps whose files stay open until the model-wide majority sign is known
     try:
         with world.step():  # each rank verifies (re-hashes) its share once
             done = {i for i in mine if all(manifest.is_done(f.name) for f in _step_files(plan, i).values())}
         kept = sum(world.gather(len(done)))
         if log is not None:
             log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge")
-        thresholds = _global_thresholds(plan, progress, world, mine) if plan.global_ties else None
+        thresholds = _global_thresholds(plan, manifest, progress, world, mine) if plan.global_ties else None
         with world.step():
-            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, done, held)
+            sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, done)
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
-                _finish_held(plan, manifest, thresholds, ops.majority_sign(total), held)
+                _refill(plan, manifest, thresholds, ops.majority_sign(total), mine)
     except BaseException as err:
-        for step in held:
-            for writer in step.writers.values():
-                writer.abort()
         if world.leader:
             if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
                 _discard_job(plan, manifest)
@@ -603,15 +599,20 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
 
-def _global_thresholds(plan, progress, world, steps):
+def _global_thresholds(plan, manifest, progress, world, steps):
     """Exact per-task TIES thresholds over the whole model, each rank reading the keys of its
-    ``steps`` (its share of the output shards), the integer counts summed over the ranks.
+    ``steps`` (its share of the output shards), the integer counts summed over the ranks; rank 0
+    records them in the manifest (``job["thresholds"]``), where a resumed job finds them and
+    reads nothing for them.
 
     The one-read protocol of :func:`nlmerge.ops.kth_smallest_magnitudes_streaming`: a sample pass
     (only sampled elements of the mapped tensors are read), a bracket of each task's k-th magnitude,
     one counting pass (every task of a key in one read); for a task whose bracket missed (rare),
     the two histogram passes.
     """
+    recorded = manifest.job.get("thresholds")
+    if recorded is not None:  # fp32 values, exact in JSON's float64
+        return torch.tensor(recorded, dtype=torch.float32, device=plan.device)
     merged = list(_by_method(plan.keys))
     keys = [key for i in steps for key in plan.shards[i].file_order
             if plan.keys[key].merged and not plan.keys[key].running_stat]
@@ -628,8 +629,12 @@ def _global_thresholds(plan, progress, world, steps):
                 if bar is not None:
                     bar.update(_nbytes(plan.keys[key]))
 
-    return ops.kth_smallest_magnitudes_streaming(ranks, one_pass, device=plan.device, backend=plan.backend,
-                                                 sample_stride=selection.sample_stride(d), sum_=world.sum_)
+    thresholds = ops.kth_smallest_magnitudes_streaming(ranks, one_pass, device=plan.device, backend=plan.backend,
+                                                       sample_stride=selection.sample_stride(d), sum_=world.sum_)
+    if world.leader:
+        manifest.job["thresholds"] = thresholds.tolist()
+        manifest.save()
+    return thresholds
 
 
 def _nbytes(k):
@@ -720,17 +725,7 @@ def _finish_files(writers, manifest, extra):
             raise
 
 
-@dataclass
-class HeldStep:
-    """A global TIES step merged before the model-wide majority sign was known: its open writers,
-    its keys' fills (``{key: fill sign}`` where an elected sign of 0 was filled) and its sign sum."""
-
-    writers: dict
-    fills: dict
-    sign_sum: int
-
-
-def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
+def _merge_shards(plan, manifest, thresholds, progress, steps, done):
     """The merge pass over ``steps`` (this rank's share): the keys of every step not in ``done``
     (the steps whose files the manifest verified) are streamed (one key read ahead, across step
     boundaries), merged and written to the step's files; a step's filled files are finished
@@ -740,9 +735,10 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
     recorded. A step is done when all its files are.
 
     Global TIES fills a zero elected sign with the majority of the signs merged so far (before
-    any: a sample's; the model-wide majority is only known at the end); a step where that happened
-    is appended to ``held``, its files open, for :func:`_finish_held`. Returns the sum of the
-    elected signs over ``steps``."""
+    any: a sample's; the model-wide majority is only known at the end): the step's manifest
+    entry records each key where that happened with the fill it got (``extra["fills"]``), for
+    :func:`_refill`, and the step's sum of elected signs. Returns the sum of the elected signs
+    over ``steps``."""
     todo = [i for i in steps if i not in done]
     sign_sum = sum(manifest.extra(plan.shards[i].name).get("sign_sum", 0) for i in done)
     step_of = {key: i for i in todo for key in plan.shards[i].file_order}
@@ -770,23 +766,16 @@ def _merge_shards(plan, manifest, thresholds, progress, steps, done, held):
                     if info is not None:
                         shard_sum += info.sign_sum
                         if info.ambiguous:
-                            fills[key] = info.fill_sign
+                            fills[key] = int(info.fill_sign)
                 for role, name, tensor in writes:
-                    # a key filled with 0 (no majority yet, no sample: merged as -1 is) is replaced when the
-                    # model's majority is +1, and so is any later key of the step whose running
-                    # majority differed from the final one: hashing the step's file as it goes would
-                    # likely be redone from here (13.5 against 14.1 s on the 1B benchmark), so it stops
-                    writers[role].write(name, tensor, provisional=fills.get(name) == 0)
+                    writers[role].write(name, tensor)
                 if key in last_keys:  # the step is complete: finish its files in the background
                     sign_sum += shard_sum
                     # taken over in one statement (no call: a signal comes before or after it), so
                     # that the finally never aborts a writer that the finisher is finishing
                     step_writers, writers = writers, None
-                    if fills:
-                        held.append(HeldStep(step_writers, fills, shard_sum))
-                    else:
-                        extra = {"sign_sum": shard_sum} if thresholds is not None else None
-                        finishing.append(finisher.submit(_finish_files, list(step_writers.values()), manifest, extra))
+                    extra = {"sign_sum": shard_sum, "fills": fills} if thresholds is not None else None
+                    finishing.append(finisher.submit(_finish_files, list(step_writers.values()), manifest, extra))
                     _check_finished(finishing, wait=False)
                 if bar is not None:
                     bar.set_postfix_str(f"{done}/{len(keys)} tensors", refresh=False)
@@ -804,22 +793,28 @@ def _check_finished(finishing, *, wait):
         finishing.pop(0).result()
 
 
-def _finish_held(plan, manifest, thresholds, majority, held):
-    """Global TIES, once the model-wide ``majority`` sign is known: in each held step, the keys
-    whose result depends on the fill they got are merged again with ``majority`` and replace
-    their bytes in the still-open file (an elected sign of exactly 0 with a kept entry: common on
-    16-bit models, whose task vectors cancel exactly); then the step's files are finished and
-    recorded (each file's hash reads back its bytes from the first replaced key on)."""
+def _refill(plan, manifest, thresholds, majority, steps):
+    """Global TIES, once the model-wide ``majority`` sign is known: in the files of ``steps`` (this
+    rank's share, kept from an interrupted run or merged now), the keys whose result depends on
+    the fill they got (an elected sign of exactly 0 with a kept entry: common on 16-bit models,
+    whose task vectors cancel exactly; see ``_merge_shards``) are merged again with ``majority``
+    and replace their bytes in the file, reopened under its temporary name; the file is hashed
+    again, recorded with its new fills and renamed back. A job killed meanwhile loses that file
+    only (``--resume`` merges it again)."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
-    stale = [[key for key, fill in step.fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
-             for step in held]
-    while held:  # a step leaves ``held`` only once finished: on an error, _run aborts what is still there
-        step = held[0]
-        for key, tensors in _stream(plan, stale.pop(0)):
-            fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
-            step.writers["model"].write(key, fixed, replace=True)
-        _finish_files(list(step.writers.values()), manifest, {"sign_sum": step.sign_sum})
-        held.pop(0)
+    for step in steps:
+        shard = plan.shards[step]
+        extra = manifest.extra(shard.name)
+        stale = [key for key, fill in extra.get("fills", {}).items()
+                 if not ops.same_fill_result(fill, majority, disjoint)]
+        if not stale:
+            continue
+        with ckio.ShardWriter(shard, plan.out, reopen=True) as writer:
+            for key, tensors in _stream(plan, stale):
+                fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
+                writer.write(key, fixed, replace=True)
+            fills = {**extra["fills"], **dict.fromkeys(stale, majority)}
+            _finish_files([writer], manifest, {**extra, "fills": fills})
 
 
 def _finish_out(plan, copy_tokenizer, write_model_card):
