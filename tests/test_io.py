@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from nlmerge.io import (CheckpointError, Manifest, ShardWriter, copy_file_atomic, open_checkpoint,
                         parse_size, plan_shards, shard_index, write_json_atomic)
+from nlmerge.io import manifest as manifest_module
 from nlmerge.io import writer as writer_module
 
 transformers = pytest.importorskip("transformers")
@@ -574,10 +575,33 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/1", "fingerprint": "f", "shards": {}}')
     with pytest.raises(ValueError, match="nlmerge-manifest.json: .*earlier nlmerge.*; start again with --force$"):
         Manifest.load(tmp_path)
-    (tmp_path / "nlmerge-manifest.json").write_text(
-        '{"format": "nlmerge-manifest/2", "fingerprint": "f", "shards": {"a": {"xxh3_128": "00"}}}')
+    (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/2", "fingerprint": "f", "shards": {}}')
+    with pytest.raises(ValueError, match="earlier nlmerge \\(no check of its contents\\); start again with --force$"):
+        Manifest.load(tmp_path)
+    obj = {"format": "nlmerge-manifest/3", "fingerprint": "f", "shards": {"a": {"xxh3_128": "00"}}}
+    (tmp_path / "nlmerge-manifest.json").write_text(json.dumps({**obj, "check": manifest_module._check(obj)}))
     with pytest.raises(ValueError, match="unreadable resume manifest: no 'size' entry; start again with --force$"):
         Manifest.load(tmp_path)
+
+
+def test_an_edited_manifest_is_refused(tmp_path):
+    """A resumed job trusts the state a manifest records (a global TIES job's thresholds, sign sums
+    and fills): a manifest edited by hand, or damaged, is refused naming it, whatever was changed."""
+    (plan,) = plan_shards([("a", (8,), F32)], 0)
+    manifest = Manifest(tmp_path, "job-fingerprint", job={"thresholds": [0.5]})
+    with ShardWriter(plan, tmp_path) as w:
+        w.write("a", torch.arange(8, dtype=F32))
+        manifest.record(w.finish(), extra={"sign_sum": 3, "fills": {"a": 1}})
+    path = tmp_path / "nlmerge-manifest.json"
+    clean = path.read_text()
+    assert Manifest.load(tmp_path).shards == manifest.shards
+    for old, new in (('"sign_sum": 3', '"sign_sum": -3'), ('"a": 1', '"a": -1'), ("0.5", "0.25"),
+                     ('"job-fingerprint"', '"job-fingerprinT"')):
+        assert old in clean
+        path.write_text(clean.replace(old, new))
+        with pytest.raises(ValueError, match="nlmerge-manifest.json: unreadable resume manifest: its contents do not "
+                                             "match its check \\(edited or damaged\\); start again with --force$"):
+            Manifest.load(tmp_path)
 
 
 @pytest.mark.parametrize("order", ["file", "reversed"])

@@ -8,11 +8,12 @@ import glob
 import json
 import os
 
-from nlmerge.io.writer import DIGEST, file_digest, write_json_atomic
+from nlmerge.io.writer import DIGEST, file_digest, new_digest, write_json_atomic
 
 MANIFEST_NAME = "nlmerge-manifest.json"
 PART_PATTERN = "nlmerge-manifest.rank*.json"
-_FORMAT = "nlmerge-manifest/2"  # /1 recorded sha256s: its shards cannot be verified without rehashing them
+_FORMAT = "nlmerge-manifest/3"
+_EARLIER = {"nlmerge-manifest/1": "sha256s, not xxh3-128", "nlmerge-manifest/2": "no check of its contents"}
 
 
 class Manifest:
@@ -63,10 +64,12 @@ class Manifest:
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
-            if obj.get("format") == "nlmerge-manifest/1":
-                raise ValueError("written by an earlier nlmerge (sha256s, not xxh3-128)")
+            if obj.get("format") in _EARLIER:
+                raise ValueError(f"written by an earlier nlmerge ({_EARLIER[obj['format']]})")
             if obj.get("format") != _FORMAT or not isinstance(obj.get("fingerprint"), str):
                 raise ValueError(f"not a {_FORMAT} object")
+            if obj.get("check") != _check(obj):
+                raise ValueError("its contents do not match its check (edited or damaged)")
             shards = {name: {"size": int(s["size"]), DIGEST: str(s[DIGEST]),
                              "extra": dict(s.get("extra", {}))}
                       for name, s in obj["shards"].items()}
@@ -79,8 +82,8 @@ class Manifest:
 
     def save(self):
         """Write the manifest to ``out_dir`` through a temporary name."""
-        write_json_atomic(self.path, {"format": _FORMAT, "fingerprint": self.fingerprint, "job": self.job,
-                                      "shards": self.shards})
+        obj = {"format": _FORMAT, "fingerprint": self.fingerprint, "job": self.job, "shards": self.shards}
+        write_json_atomic(self.path, {**obj, "check": _check(obj)})
 
     def record(self, shard, extra=None):
         """Record a finished shard (a ``WrittenShard``: name, size, digest) with the caller's
@@ -102,3 +105,11 @@ class Manifest:
         path = os.path.join(self.out_dir, name)
         return (os.path.isfile(path) and os.path.getsize(path) == entry["size"]
                 and file_digest(path) == entry[DIGEST])
+
+
+def _check(obj):
+    """The digest of a manifest object's contents (its ``check`` left out): a resumed job trusts the
+    state recorded there (a global TIES job's thresholds, sign sums and fills), so an edited or
+    damaged manifest is refused rather than silently giving another merge."""
+    contents = {key: value for key, value in obj.items() if key != "check"}
+    return new_digest(json.dumps(contents, sort_keys=True).encode()).hexdigest()
