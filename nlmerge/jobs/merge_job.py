@@ -230,7 +230,7 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
         if thresholds is not None:
             total = world.sum(sign_sum)
             with world.step():
-                _refill(plan, manifest, thresholds, ops.majority_sign(total), mine)
+                _refill(plan, manifest, thresholds, ops.majority_sign(total), mine, progress)
     except BaseException as err:
         if world.leader:
             if isinstance(err, ValueError):  # the inputs or the config must change: a --resume could not reuse it
@@ -793,7 +793,7 @@ def _check_finished(finishing, *, wait):
         finishing.pop(0).result()
 
 
-def _refill(plan, manifest, thresholds, majority, steps):
+def _refill(plan, manifest, thresholds, majority, steps, progress):
     """Global TIES, once the model-wide ``majority`` sign is known: in the files of ``steps`` (this
     rank's share, kept from an interrupted run or merged now), the keys whose result depends on
     the fill they got (an elected sign of exactly 0 with a kept entry: common on 16-bit models,
@@ -802,19 +802,27 @@ def _refill(plan, manifest, thresholds, majority, steps):
     again, recorded with its new fills and renamed back. A job killed meanwhile loses that file
     only (``--resume`` merges it again)."""
     disjoint = "mean" if next(_by_method(plan.keys)).shared["normalize"] else "sum"  # one for all (_uniform_scope)
+    stale = {}
     for step in steps:
-        shard = plan.shards[step]
-        extra = manifest.extra(shard.name)
-        stale = [key for key, fill in extra.get("fills", {}).items()
-                 if not ops.same_fill_result(fill, majority, disjoint)]
-        if not stale:
-            continue
-        with ckio.ShardWriter(shard, plan.out, reopen=True) as writer:
-            for key, tensors in _stream(plan, stale):
-                fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
-                writer.write(key, fixed, replace=True)
-            fills = {**extra["fills"], **dict.fromkeys(stale, majority)}
-            _finish_files([writer], manifest, {**extra, "fills": fills})
+        fills = manifest.extra(plan.shards[step].name).get("fills", {})
+        keys = [key for key, fill in fills.items() if not ops.same_fill_result(fill, majority, disjoint)]
+        if keys:
+            stale[step] = keys
+    if not stale:
+        return
+    with _bar(sum(_nbytes(plan.keys[key]) for keys in stale.values() for key in keys), "zero-sign fill",
+              progress) as bar:
+        for step, keys in stale.items():
+            shard = plan.shards[step]
+            extra = manifest.extra(shard.name)
+            with ckio.ShardWriter(shard, plan.out, reopen=True) as writer:
+                for key, tensors in _stream(plan, keys):
+                    fixed, _ = _merge_one(plan, plan.keys[key], tensors, thresholds, majority)
+                    writer.write(key, fixed, replace=True)
+                    if bar is not None:
+                        bar.update(_nbytes(plan.keys[key]))
+                fills = {**extra["fills"], **dict.fromkeys(keys, majority)}
+                _finish_files([writer], manifest, {**extra, "fills": fills})
 
 
 def _finish_out(plan, copy_tokenizer, write_model_card):
