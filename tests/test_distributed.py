@@ -126,6 +126,11 @@ def _files(out):
     return found
 
 
+def _manifest(out):
+    with open(os.path.join(out, "nlmerge-manifest.json")) as f:
+        return json.load(f)
+
+
 def test_share_is_contiguous_by_bytes():
     sizes = [10, 10, 10, 70, 0, 5, 5]
     shares = [World(r, 3).share(sizes) for r in range(3)]
@@ -169,9 +174,10 @@ def test_a_failed_rank_fails_the_job_and_resume_gives_the_same_bytes(family, tmp
     assert not (tmp_path / "failed" / "model.safetensors.index.json").exists()
     _run_ranks(tmp_path, 2, cfg, tmp_path / "failed", resume=True)
     assert _files(tmp_path / "one") == _files(tmp_path / "failed")
+    assert _manifest(tmp_path / "one") == _manifest(tmp_path / "failed")  # what a later --resume verifies
 
-    # weights under which bf16 task vectors never cancel exactly: only the planted norm's step is held
-    # open until the majority is known, the others finish as they are merged
+    # weights under which bf16 task vectors never cancel exactly: only the planted norm is filled with
+    # the running majority sign (and merged again if the model's majority overturns it)
     cfg = _config(family, "ties", {"scope": "global", "convention": "ties"},
                   [{"weight": 1.0, "density": 0.4}, {"weight": 0.8, "density": 0.5}, {"weight": 0.7, "density": 0.6}])
     run_merge(cfg, tmp_path / "one", progress=False, out_shard_size=SHARD, force=True)
@@ -181,6 +187,7 @@ def test_a_failed_rank_fails_the_job_and_resume_gives_the_same_bytes(family, tmp
     assert done, "the killed rank should have finished shards before its 8th write"
     _run_ranks(tmp_path, 3, cfg, tmp_path / "killed", resume=True)  # resumed on another process count
     assert _files(tmp_path / "one") == _files(tmp_path / "killed")
+    assert _manifest(tmp_path / "one") == _manifest(tmp_path / "killed")
     assert not [n for n in os.listdir(tmp_path / "killed") if n.startswith("nlmerge-manifest.rank")]
 
 

@@ -23,7 +23,10 @@ class Manifest:
     equals the manifest's may skip the shards that ``is_done``; ``record`` rewrites the file
     atomically after each shard. ``shards`` maps a shard name to ``{"size": int, DIGEST: str,
     "extra": dict}``; ``extra`` is the caller's JSON-serializable per-shard state and ``job`` its
-    state of the whole job (what a resumed job needs to carry on; set it, then ``save``)."""
+    state of the whole job (what a resumed job needs to carry on; set it, then ``save``).
+    ``share``: the names of the shards this process answers for (None: all), the only ones its
+    file holds (``own_shards``): a part never carries another process's entries as it loaded
+    them, which would overwrite what that process recorded since."""
 
     def __init__(self, out_dir, fingerprint, shards=None, *, rank=0, job=None):
         self.out_dir = os.fspath(out_dir)
@@ -31,6 +34,7 @@ class Manifest:
         self.shards = dict(shards or {})
         self.rank = rank
         self.job = dict(job or {})
+        self.share = None
 
     @property
     def path(self):
@@ -80,9 +84,14 @@ class Manifest:
             raise ValueError(f"{path}: unreadable resume manifest: {e}; start again with --force") from None
         return obj["fingerprint"], shards, job
 
+    def own_shards(self):
+        """The entries of ``shards`` in ``share`` (all when ``share`` is None), sorted by name."""
+        return {name: entry for name, entry in sorted(self.shards.items())
+                if self.share is None or name in self.share}
+
     def save(self):
-        """Write the manifest to ``out_dir`` through a temporary name."""
-        obj = {"format": _FORMAT, "fingerprint": self.fingerprint, "job": self.job, "shards": self.shards}
+        """Write the manifest (``own_shards``) to ``out_dir`` through a temporary name."""
+        obj = {"format": _FORMAT, "fingerprint": self.fingerprint, "job": self.job, "shards": self.own_shards()}
         write_json_atomic(self.path, {**obj, "check": _check(obj)})
 
     def record(self, shard, extra=None):

@@ -214,10 +214,11 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
 def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, write_model_card, log):
     """The job once OUT is prepared (``manifest``: rank 0's; ``created``: whether the job made OUT;
     ``log``: where a resumed job reports the shards it keeps, None on other ranks or jobs)."""
-    if not world.leader:  # rank 0's manifest, with this rank's own part
+    mine = world.share([s.nbytes for s in plan.shards])
+    if not world.leader:  # rank 0's manifest, with this rank's own part (its share's shards)
         manifest = ckio.Manifest.load(plan.out)
         manifest.rank = world.rank
-    mine = world.share([s.nbytes for s in plan.shards])
+        manifest.share = {f.name for i in mine for f in _step_files(plan, i).values()}
     try:
         with world.step():  # each rank verifies (re-hashes) its share once
             done = {i for i in mine if all(manifest.is_done(f.name) for f in _step_files(plan, i).values())}
@@ -241,7 +242,7 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
             if isinstance(err, KeyboardInterrupt):
                 err.shards_kept = kept  # what the command's message says (a restored output has its own manifest)
         raise
-    recorded = world.gather(None if world.leader else manifest.shards)
+    recorded = world.gather(None if world.leader else manifest.own_shards())
     with world.step():
         if world.leader:
             for shards in recorded[1:]:
