@@ -6,7 +6,9 @@ check that lets ``scripts/setup.sh`` skip ``pip install -e ".[test]"`` (and its 
 
 Up to date means all of:
 
-- ``nlmerge`` imports from this checkout (an editable install, not another copy);
+- ``nlmerge`` imports from this checkout (an editable install, not another copy), even in a
+  directory that holds a folder named ``nlmerge`` (the clone, seen from its parent: an install
+  whose import hook comes after the current directory gets an empty namespace package there);
 - the stamp (``build/setup-stamp.json``, git-ignored) was written by the same Python executable;
 - every file the install depends on has the SHA-256 recorded in the stamp: ``pyproject.toml``
   (dependencies and extras), ``setup.py`` and every file under ``csrc/`` (the C++ extension);
@@ -45,10 +47,11 @@ def extension_files(root):
 
 
 def installed_from(root, python=sys.executable):
-    """Whether ``python`` imports ``nlmerge`` from ``root`` (run in a fresh process from a temporary
-    directory, so that the current directory does not shadow what is installed)."""
+    """Whether ``python`` imports ``nlmerge`` from ``root``, run in a fresh process from a temporary
+    directory that holds an empty ``nlmerge`` folder (as the clone's parent does)."""
     code = "import importlib.util as u; s = u.find_spec('nlmerge'); print(s.origin if s else '')"
     with tempfile.TemporaryDirectory() as cwd:
+        os.mkdir(os.path.join(cwd, "nlmerge"))
         found = subprocess.run([python, "-c", code], cwd=cwd, capture_output=True, text=True)
     origin = found.stdout.strip()
     expected = Path(root).resolve() / "nlmerge" / "__init__.py"

@@ -22,7 +22,9 @@ if state=$("$PYTHON" scripts/install_state.py check); then
     say "nlmerge: $state"
 else
     say "$state: installing nlmerge, its C++ kernels and the test extras (pip install -e \".[test]\"; about a minute)"
-    "$PYTHON" -m pip install --quiet -e ".[test]"
+    # compat: the checkout goes on sys.path, so a folder named nlmerge in the current directory (the
+    # clone, seen from its parent) cannot shadow the package for `python -m nlmerge` or torchrun
+    "$PYTHON" -m pip install --quiet -e ".[test]" --config-settings editable_mode=compat
     "$PYTHON" scripts/install_state.py stamp
 fi
 "$PYTHON" - <<'PY'

@@ -230,7 +230,8 @@ def _commands(log):
 def test_setup_on_a_fresh_machine_installs_torch_first_then_the_package(tmp_path):
     out, log = _run_script("setup.sh", tmp_path, torch_present=False, installed=False)
     pips = [c for c in _commands(log) if c.startswith("-m pip")]
-    assert pips == ["-m pip install --quiet torch==2.13.0", "-m pip install --quiet -e .[test]"]
+    assert pips == ["-m pip install --quiet torch==2.13.0",
+                    "-m pip install --quiet -e .[test] --config-settings editable_mode=compat"]
     assert _commands(log).index("scripts/install_state.py stamp") > _commands(log).index(pips[1])
     steps = out.splitlines()
     assert steps[0].startswith("setup: installing torch==2.13.0")
