@@ -559,6 +559,58 @@ def test_output_that_overlaps_an_input_is_refused_untouched(llama_family, tmp_pa
     assert sorted(os.listdir(own_base)) == before
 
 
+@pytest.mark.parametrize("when", ["set-aside", "manifest", "killed"])
+def test_force_cut_short_while_setting_aside_puts_the_previous_output_back(llama_family, tmp_path, monkeypatch, when):
+    """--force moves a previous output aside before it merges. A stop while it moves the files (a
+    signal after the first), or while the new manifest is written after that, leaves OUT as it
+    was; a set-aside cut short by a kill (files left in ``.nlmerge-previous.partial``) is undone by
+    the next forced job, whose failure then leaves OUT as it was too."""
+    from nlmerge.jobs import merge_job
+
+    _, paths, _, _ = llama_family
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {"model.safetensors": "stale", "mergekit_config.yml": "merge_method: slerp\n", "notes.txt": "mine",
+             "model.safetensors.index.json": "{}"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    cfg = _config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS)
+    if when == "killed":
+        (out / ".nlmerge-previous.partial").mkdir()
+        os.replace(out / "model.safetensors", out / ".nlmerge-previous.partial" / "model.safetensors")
+        monkeypatch.setattr(merge_job, "_manifest", lambda plan, resume: (_ for _ in ()).throw(OSError("disk gone")))
+        with pytest.raises(OSError, match="disk gone"):
+            run_merge(cfg, out, progress=False, force=True)
+    else:
+        target = merge_job.os if when == "set-aside" else merge_job.ckio.Manifest
+        name = "replace" if when == "set-aside" else "save"
+        real, calls = getattr(target, name), []
+
+        def stop(*args):
+            calls.append(args)
+            if len(calls) == 2 or when == "manifest":
+                raise KeyboardInterrupt
+            return real(*args)
+
+        monkeypatch.setattr(target, name, stop)
+        with pytest.raises(KeyboardInterrupt) as err:
+            run_merge(cfg, out, progress=False, force=True)
+        assert err.value.shards_kept is False  # the command says nothing was kept, the previous output is back
+    assert {name: (out / name).read_text() for name in os.listdir(out)} == files
+
+
+def test_a_job_killed_as_it_began_leaves_nothing_in_the_way(llama_family, tmp_path):
+    """``kill -9`` as the job wrote its first manifest leaves its temporary file and lock file in
+    OUT: a plain rerun (no --force, no --resume) removes them and runs."""
+    _, paths, _, _ = llama_family
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".nlmerge-manifest.json.partial").write_text("")
+    (out / ".nlmerge.lock").write_text("")
+    run_merge(_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), out, progress=False)
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")]
+
+
 def test_too_little_free_space_is_refused_before_anything_is_written(llama_family, tmp_path, monkeypatch):
     import collections
     import errno

@@ -205,8 +205,11 @@ def _run(plan, world, *, force, resume, progress, copy_tokenizer, write_model_ca
             if world.leader:
                 _check_out(plan, resume)
                 created = lock.enter_context(ckio.lock_output(plan.out))
-                _prepare_out(plan, force=force, resume=resume)
-                manifest = _manifest(plan, resume)
+                try:
+                    manifest = _prepare_out(plan, force=force, resume=resume)
+                except KeyboardInterrupt as err:
+                    err.shards_kept = resume  # what the command's message says: a resumed job's shards stay
+                    raise
         _merge_into(plan, world, manifest, created, progress=progress, copy_tokenizer=copy_tokenizer,
                     write_model_card=write_model_card, log=log)
 
@@ -424,12 +427,19 @@ def _check_out(plan, resume):
 
 
 def _prepare_out(plan, *, force, resume):
-    """Prepare the output folder, which this job has locked (its lock file is not counted).
+    """Prepare the output folder, which this job has locked (its lock file is not counted), and
+    return the job's manifest (a new one, or with ``--resume`` the one found there).
 
-    Refused: a non-empty folder without ``--force`` or ``--resume``; ``--resume`` on a folder
-    that holds no nlmerge job. With ``--force``, a previous job's outputs are set aside.
+    Refused: a non-empty folder without ``--force`` or ``--resume`` (the temporary files that a
+    killed job left, ``.NAME.partial``, are removed first); ``--resume`` on a folder that holds no
+    nlmerge job. With ``--force``, a previous job's outputs are set aside, and moved back if the
+    preparation fails after that.
     """
     out = os.path.realpath(plan.out)
+    for name in ckio.output_entries(out):
+        if fnmatch.fnmatchcase(name, ".*.partial") and os.path.isfile(os.path.join(out, name)):
+            # a killed job's temporary file: this job holds OUT's lock, no other writes there
+            os.remove(os.path.join(out, name))
     if ckio.output_entries(out):
         if resume:
             if ckio.Manifest.load(out) is None:
@@ -440,8 +450,14 @@ def _prepare_out(plan, *, force, resume):
                                   "it or --resume to continue an interrupted job")
         else:
             set_aside_previous_outputs(out)
-    for output in plan.outputs:
-        os.makedirs(os.path.join(out, output.folder), exist_ok=True)
+    try:
+        for output in plan.outputs:
+            os.makedirs(os.path.join(out, output.folder), exist_ok=True)
+        return _manifest(plan, resume)
+    except BaseException:
+        if not resume:  # OUT holds nothing of a previous job now, only this one's new manifest
+            restore_previous_outputs(plan.out)
+        raise
 
 
 def _check_free_space(plan, out, resume):
@@ -480,17 +496,35 @@ def previous_outputs(out):
 def set_aside_previous_outputs(out):
     """--force: move a previous job's outputs into ``OUT/.nlmerge-previous`` (removed when this job
     completes, moved back if it fails before finishing a shard: see restore_previous_outputs).
-    A folder already set aside by an earlier forced job that never completed is kept as it is, and
-    that job's own files are removed."""
+    They are moved into ``.nlmerge-previous.partial`` first, renamed when all are there: a move cut
+    short (by an error or a signal here, or by a kill, found by the next forced job) is undone, its
+    files moved back into OUT. A folder already set aside by an earlier forced job that never
+    completed is kept as it is, and that job's own files are removed."""
     aside = os.path.join(out, PREVIOUS)
+    moving = aside + ".partial"
+    if os.path.isdir(moving):
+        _move_entries(moving, out)
     if os.path.isdir(aside):
         remove_previous_outputs(out)
         return
     names = previous_outputs(out)
-    if names:
-        os.makedirs(aside)
+    if not names:
+        return
+    os.makedirs(moving)
+    try:
         for name in names:
-            os.replace(os.path.join(out, name), os.path.join(aside, name))
+            os.replace(os.path.join(out, name), os.path.join(moving, name))
+    except BaseException:
+        _move_entries(moving, out)
+        raise
+    os.replace(moving, aside)
+
+
+def _move_entries(folder, out):
+    """Move every entry of ``folder`` back into ``out``, then remove ``folder``."""
+    for name in os.listdir(folder):
+        os.replace(os.path.join(folder, name), os.path.join(out, name))
+    os.rmdir(folder)
 
 
 def restore_previous_outputs(out):
@@ -500,11 +534,8 @@ def restore_previous_outputs(out):
         return
     remove_previous_outputs(out)
     aside = os.path.join(out, PREVIOUS)
-    if not os.path.isdir(aside):
-        return
-    for name in os.listdir(aside):
-        os.replace(os.path.join(aside, name), os.path.join(out, name))
-    os.rmdir(aside)
+    if os.path.isdir(aside):
+        _move_entries(aside, out)
 
 
 def remove_previous_outputs(out):
