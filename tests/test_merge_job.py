@@ -266,12 +266,15 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True, log=lines.append)
     total = len([n for n in os.listdir(tmp_path / "clean") if n.startswith("model-")])
     kept = len(done_before) - 1
-    assert lines == [f"resuming: {kept} of {total} shards verified and kept, {total - kept} to merge"]
+    assert lines == [f"resuming: {kept} of {total} shards verified and kept, {total - kept} to merge (merged "
+                     f"again, changed, damaged or deleted since they were recorded: {done_before[0]})"]
     clean, resumed = sorted(os.listdir(tmp_path / "clean")), sorted(os.listdir(tmp_path / "resumed"))
     assert clean == resumed
     for name in clean:
         if name != "nlmerge-manifest.json":
             assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    # another seed: the same job for a method that draws nothing (TIES)
+    run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True, random_seed=7)
     # an input rewritten in place since (its sampled identity may not see a few bytes): refused
     data_file = sorted(Path(paths["e1"]).glob("*.safetensors"))[-1]  # a shard of the sharded checkpoint
     stat = data_file.stat()
@@ -356,6 +359,8 @@ def test_dare_is_keyed_by_seed_and_name(llama_family, tmp_path):
     key = "model.layers.0.mlp.up_proj.weight"
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[key], c[key])
+    with pytest.raises(ValueError, match="another config, inputs or options"):  # DARE's seed is the job's
+        run_merge(_config(paths, "dare_linear", None, per), tmp_path / "c", progress=False, random_seed=3, resume=True)
 
 
 def test_yaml_file_and_exclude(llama_family, tmp_path):

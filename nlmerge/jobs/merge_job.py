@@ -223,11 +223,16 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
         manifest.rank = world.rank
         manifest.share = {f.name for i in mine for f in _step_files(plan, i).values()}
     try:
-        with world.step():  # each rank verifies (re-hashes) its share once
-            done = {i for i in mine if all(manifest.is_done(f.name) for f in _step_files(plan, i).values())}
+        with world.step():  # each rank verifies (re-hashes) the recorded files of its share once
+            verified = {f.name: manifest.is_done(f.name) for i in mine for f in _step_files(plan, i).values()
+                        if f.name in manifest.shards}
+            done = {i for i in mine if all(verified.get(f.name) for f in _step_files(plan, i).values())}
         kept = sum(world.gather(len(done)))
+        failed = [name for names in world.gather([n for n, ok in verified.items() if not ok]) for name in names]
         if log is not None:
-            log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge")
+            log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge"
+                + (f" (merged again, changed, damaged or deleted since they were recorded: {', '.join(failed)})"
+                   if failed else ""))
         thresholds = _global_thresholds(plan, manifest, progress, world, mine) if plan.global_ties else None
         with world.step():
             sign_sum = _merge_shards(plan, manifest, thresholds, progress, mine, done)
@@ -401,7 +406,8 @@ def _by_method(keys):
 
 
 def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
-    """A digest of everything the output bytes depend on (config, inputs, options, version). The
+    """A digest of everything the output bytes depend on (config, inputs, options (the seed only
+    for a method that draws), version). The
     inputs by their identity (headers and sampled bytes: a different model) and each data file's
     modification time: a file rewritten in place since (a few bytes changed, which the sample can
     miss) makes ``--resume`` refuse rather than keep shards merged from the old bytes."""
@@ -410,7 +416,7 @@ def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
     h = hashlib.sha256()
     modified = [[os.stat(f).st_mtime_ns for f in sorted(c.files)] for c in checkpoints]
     state = {"config": cfg.source, "inputs": [c.identity() for c in checkpoints], "modified": modified,
-             "shard_bytes": max_bytes, "seed": seed, "permutations": [ckio.file_digest(f) for f in permutations.files],
+             "shard_bytes": max_bytes, "seed": seed if cfg.method.draws else None, "permutations": [ckio.file_digest(f) for f in permutations.files],
              "version": __version__}
     h.update(json.dumps(state, sort_keys=True, default=str).encode())
     return h.hexdigest()

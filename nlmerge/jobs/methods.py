@@ -86,6 +86,12 @@ class Method:
     per_model: tuple
     uses_base: bool = True
 
+    @property
+    def draws(self):
+        """Whether the method drops entries at random (DARE): only then does the seed matter."""
+        spec = generalized.METHODS.get(self.name)
+        return spec is not None and spec.sparsify == "random"
+
     def check(self, shared, per_model, key, models):
         """Range checks of the values resolved for tensor ``key`` (``per_model`` in the order of
         ``models``); ConfigError naming the tensor and, for a per-model value, the model."""
