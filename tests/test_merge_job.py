@@ -317,6 +317,24 @@ def test_refused_config_keys(llama_family, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_tokenizer_source_base_needs_a_tokenizer(llama_family, tmp_path):
+    """``tokenizer_source: base`` with a base that has no tokenizer (only tokenizer_config.json) is
+    refused before any work, as mergekit fails; without copying tokenizers it runs; a base with one
+    has it copied."""
+    import shutil
+
+    _, paths, _, _ = llama_family
+    cfg = {**_config(paths, "task_arithmetic", {"lambda": 0.5}, WEIGHTS), "tokenizer_source": "base"}
+    with pytest.raises(ConfigError, match=f"tokenizer_source: base, but {paths['base']} has no tokenizer"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    run_merge(cfg, tmp_path / "out", progress=False, copy_tokenizer=False)
+    shutil.copytree(paths["base"], tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").write_text('{"version": "1.0"}')
+    run_merge({**cfg, "base_model": str(tmp_path / "base")}, tmp_path / "with", progress=False)
+    assert (tmp_path / "with" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+
+
 def test_gradient_and_filter_resolution(llama_family):
     _, paths, _, _ = llama_family
     per = [{"weight": [0.0, 1.0], "density": [{"filter": "self_attn", "value": 0.25}, {"value": [0.5, 0.9]}]}] * 3

@@ -127,7 +127,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Seed of the random methods (DARE); drops depend only on (seed, tensor name, element), so
         the output does not depend on device, backend or process count. Default 0.
     copy_tokenizer : bool
-        Copy the base's tokenizer files.
+        Copy the base's tokenizer files (with ``tokenizer_source: base`` in the config, a base
+        without a tokenizer is a ConfigError).
     write_model_card : bool
         Write a ``README.md`` model card into each merged model's folder (as mergekit-yaml does):
         the Hub's metadata (``tags``), the method and its paper, the models' paths, the config.
@@ -184,6 +185,8 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         with world.step():
             plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
                               random_seed=random_seed, backend=backend)
+            if copy_tokenizer and plan.config.tokenizer_source == "base":
+                _check_base_tokenizer(plan.checkpoints[plan.copy_source])
         _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
              copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
              log=log if world.leader and resume else None)  # what it reports is a resumed job's
@@ -892,6 +895,18 @@ def _finish_out(plan, copy_tokenizer, write_model_card):
                          "= stat, other keys = the base's"}
         ckio.write_json_atomic(os.path.join(out, TALL_INFO), info)
     ckio.write_text_atomic(os.path.join(out, CONFIG_COPY), yaml.safe_dump(plan.config.source, sort_keys=False))
+
+
+# the files that hold a tokenizer itself (the other TOKENIZER_FILES configure one)
+_TOKENIZER_DATA = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_base_tokenizer(ref):
+    """``tokenizer_source: base`` asks for the base's tokenizer: ConfigError naming the base when
+    it has none to copy (mergekit fails there too), before any work."""
+    if not (os.path.isdir(ref.path) and any(os.path.isfile(os.path.join(ref.path, n)) for n in _TOKENIZER_DATA)):
+        raise ConfigError(f"tokenizer_source: base, but {ref.path} has no tokenizer ({', '.join(_TOKENIZER_DATA)}); "
+                          "remove tokenizer_source to merge without one")
 
 
 def write_model_files(ref, dtypes, folder, copy_tokenizer):
