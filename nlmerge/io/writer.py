@@ -245,12 +245,12 @@ class ShardWriter:
         try:
             if reopen:
                 self._fd = os.open(self.temp_path, os.O_RDWR)
-                return
-            self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
-            # slower on ext4 (benchmarks/RESULTS.md); the job checks free space up front instead
-            os.ftruncate(self._fd, plan.size)
-            _pwrite_all(self._fd, memoryview(plan.header), 0)
+            else:
+                self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                # sized, not preallocated: writing into fallocated (unwritten) extents is about 3x
+                # slower on ext4 (benchmarks/RESULTS.md); the job checks free space up front instead
+                os.ftruncate(self._fd, plan.size)
+                _pwrite_all(self._fd, memoryview(plan.header), 0)
         except BaseException:
             self.abort()
             raise
