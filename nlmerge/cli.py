@@ -75,11 +75,9 @@ _REFUSED_MERGEKIT_FLAGS = {
     "--allow-crimes": "nlmerge merges models with one set of keys and shapes",
     "--unsafe-truncate-embeddings": "nlmerge merges models with one set of keys and shapes",
     "--trust-remote-code": "nlmerge runs no code from checkpoints",
-    "--transformers-cache": "nlmerge reads local folders only (download the models first)",
     "--lora-merge-cache": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
     "--lora-merge-dtype": "LoRA adapters are not merged by nlmerge (merge them into their models first)",
     "--no-safe-serialization": "nlmerge writes safetensors only",
-    "--clone-tensors": "nlmerge writes every tensor of the base once; nothing is shared",
     "--multi-gpu": _MULTI_DEVICE,
     "--gpu-rich": _MULTI_DEVICE,
 }
@@ -93,6 +91,7 @@ _NO_OP_MERGEKIT_FLAGS = {
     "--safe-serialization": "the output is always safetensors",
     "--read-to-gpu": "with --device cuda, tensors go to the GPU as they are read",
     "--no-read-to-gpu": "tensors are read on the CPU",
+    "--clone-tensors": "every tensor is written once from its own memory; nothing is shared",
     "--async-write": "reading, computing and writing already overlap",
     "--no-async-write": "reading, computing and writing already overlap",
     "--no-cuda": "the default is the CPU",
@@ -104,7 +103,8 @@ _NO_OP_MERGEKIT_FLAGS = {
     "--no-multi-gpu": "the default",
 }
 # mergekit-yaml options with a value, accepted with nothing to do
-_NO_OP_MERGEKIT_OPTIONS = {"--write-threads": "each output shard is written on its own thread"}
+_NO_OP_MERGEKIT_OPTIONS = {"--write-threads": "each output shard is written on its own thread",
+                           "--transformers-cache": "nothing is downloaded (models are local folders)"}
 
 
 class _Refused(argparse.Action):
@@ -152,7 +152,7 @@ def _add_merge(commands):
         merge.add_argument(flag, action="store_true", help=argparse.SUPPRESS if flag.startswith("--no-") else
                            f"accepted from mergekit-yaml, nothing to do: {reason}")
     for flag, reason in _NO_OP_MERGEKIT_OPTIONS.items():
-        merge.add_argument(flag, metavar="N", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
+        merge.add_argument(flag, metavar="VALUE", help=f"accepted from mergekit-yaml, nothing to do: {reason}")
     for flag in _REFUSED_MERGEKIT_FLAGS:
         merge.add_argument(flag, action=_Refused, nargs="?", help=argparse.SUPPRESS)
     merge.set_defaults(run=_merge, parser=merge)

@@ -267,7 +267,7 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     total = len([n for n in os.listdir(tmp_path / "clean") if n.startswith("model-")])
     kept = len(done_before) - 1
     assert lines == [f"resuming: {kept} of {total} shards verified and kept, {total - kept} to merge (merged "
-                     f"again, changed, damaged or deleted since they were recorded: {done_before[0]})"]
+                     f"again, missing or no longer as recorded: {done_before[0]})"]
     clean, resumed = sorted(os.listdir(tmp_path / "clean")), sorted(os.listdir(tmp_path / "resumed"))
     assert clean == resumed
     for name in clean:
@@ -280,7 +280,7 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     stat = data_file.stat()
     os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        with pytest.raises(ValueError, match="an input file was modified since"):
+        with pytest.raises(ValueError, match=r"holds a job with another input file \(modified since\) \(fingerprints"):
             run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
     finally:
         os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -319,8 +319,8 @@ def test_refused_config_keys(llama_family, tmp_path):
 
 def test_tokenizer_source_base_needs_a_tokenizer(llama_family, tmp_path):
     """``tokenizer_source: base`` with a base that has no tokenizer (only tokenizer_config.json) is
-    refused before any work, as mergekit fails; without copying tokenizers it runs; a base with one
-    has it copied."""
+    refused before any work, as mergekit fails; a base with one has it copied, whatever
+    ``copy_tokenizer`` says (as mergekit does, with a warning)."""
     import shutil
 
     _, paths, _, _ = llama_family
@@ -328,11 +328,14 @@ def test_tokenizer_source_base_needs_a_tokenizer(llama_family, tmp_path):
     with pytest.raises(ConfigError, match=f"tokenizer_source: base, but {paths['base']} has no tokenizer"):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    run_merge(cfg, tmp_path / "out", progress=False, copy_tokenizer=False)
     shutil.copytree(paths["base"], tmp_path / "base")
     (tmp_path / "base" / "tokenizer.json").write_text('{"version": "1.0"}')
-    run_merge({**cfg, "base_model": str(tmp_path / "base")}, tmp_path / "with", progress=False)
+    cfg["base_model"] = str(tmp_path / "base")
+    run_merge(cfg, tmp_path / "with", progress=False)
     assert (tmp_path / "with" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    with pytest.warns(UserWarning, match="whatever --no-copy-tokenizer says"):
+        run_merge(cfg, tmp_path / "without", progress=False, copy_tokenizer=False)
+    assert (tmp_path / "without" / "tokenizer.json").read_text() == '{"version": "1.0"}'
 
 
 def test_gradient_and_filter_resolution(llama_family):
@@ -377,7 +380,7 @@ def test_dare_is_keyed_by_seed_and_name(llama_family, tmp_path):
     key = "model.layers.0.mlp.up_proj.weight"
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[key], c[key])
-    with pytest.raises(ValueError, match="another config, inputs or options"):  # DARE's seed is the job's
+    with pytest.raises(ValueError, match="holds a job with another --random-seed [(]fingerprints"):  # DARE's seed
         run_merge(_config(paths, "dare_linear", None, per), tmp_path / "c", progress=False, random_seed=3, resume=True)
 
 
@@ -465,10 +468,12 @@ def test_command_line(llama_family, tmp_path, capsys):
     path.write_text(yaml.safe_dump({**_config(paths, "ties", None, WEIGHTS), "slices": []}))
     assert main(["merge", str(path), str(tmp_path / "o3"), "--no-progress"]) == 1
     assert "'slices'" in capsys.readouterr().err and not (tmp_path / "o3").exists()
-    # mergekit-yaml's other flags: its defaults' --no- forms, -v, -j, --write-threads are accepted
+    # mergekit-yaml's other flags: its defaults' --no- forms, -v, -j, --write-threads, --clone-tensors,
+    # --transformers-cache are accepted
     path.write_text(yaml.safe_dump(_config(paths, "task_arithmetic", None, WEIGHTS)))
     assert main(["merge", str(path), str(tmp_path / "o4"), "--no-progress", "--no-cuda", "--no-allow-crimes",
-                 "--write-model-card", "-v", "-j", str(torch.get_num_threads()), "--write-threads", "2"]) == 0
+                 "--write-model-card", "-v", "-j", str(torch.get_num_threads()), "--write-threads", "2",
+                 "--clone-tensors", "--transformers-cache", str(tmp_path / "cache")]) == 0
     with pytest.raises(SystemExit):
         main(["merge", str(path), str(tmp_path / "o5"), "--gpu-rich"])
     assert "torchrun" in capsys.readouterr().err

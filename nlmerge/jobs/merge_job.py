@@ -99,6 +99,7 @@ class MergePlan:
     shards: list
     outputs: list
     permutations: dict
+    state: dict
     fingerprint: str
     global_ties: bool
     seed: int
@@ -127,8 +128,9 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         Seed of the random methods (DARE); drops depend only on (seed, tensor name, element), so
         the output does not depend on device, backend or process count. Default 0.
     copy_tokenizer : bool
-        Copy the base's tokenizer files (with ``tokenizer_source: base`` in the config, a base
-        without a tokenizer is a ConfigError).
+        Copy the base's tokenizer files. ``tokenizer_source: base`` in the config copies them
+        whatever this says (with a warning when False), as mergekit does; a base without a
+        tokenizer is then a ConfigError.
     write_model_card : bool
         Write a ``README.md`` model card into each merged model's folder (as mergekit-yaml does):
         the Hub's metadata (``tags``), the method and its paper, the models' paths, the config.
@@ -185,8 +187,12 @@ def run_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=Non
         with world.step():
             plan = plan_merge(config, out, device=world.device, out_shard_size=out_shard_size,
                               random_seed=random_seed, backend=backend)
-            if copy_tokenizer and plan.config.tokenizer_source == "base":
+            if plan.config.tokenizer_source == "base":
                 _check_base_tokenizer(plan.checkpoints[plan.copy_source])
+                if not copy_tokenizer:
+                    warnings.warn("tokenizer_source: base writes the base's tokenizer whatever --no-copy-tokenizer "
+                                  "says, as mergekit does", stacklevel=2)
+                    copy_tokenizer = True
         _run(plan, world, force=force, resume=resume, progress=progress and world.leader,
              copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
              log=log if world.leader and resume else None)  # what it reports is a resumed job's
@@ -234,7 +240,7 @@ def _merge_into(plan, world, manifest, created, *, progress, copy_tokenizer, wri
         failed = [name for names in world.gather([n for n, ok in verified.items() if not ok]) for name in names]
         if log is not None:
             log(f"resuming: {kept} of {len(plan.shards)} shards verified and kept, {len(plan.shards) - kept} to merge"
-                + (f" (merged again, changed, damaged or deleted since they were recorded: {', '.join(failed)})"
+                + (f" (merged again, missing or no longer as recorded: {', '.join(failed)})"
                    if failed else ""))
         thresholds = _global_thresholds(plan, manifest, progress, world, mine) if plan.global_ties else None
         with world.step():
@@ -311,8 +317,9 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
         for ckpt in checkpoints:
             ckpt.close()
         raise
-    fingerprint = _fingerprint(cfg, checkpoints, permutations, max_bytes, seed)
-    return MergePlan(cfg, os.fspath(out), checkpoints, source, keys, shards, outputs, permutations, fingerprint,
+    state = _job_state(cfg, checkpoints, permutations, max_bytes, seed)
+    return MergePlan(cfg, os.fspath(out), checkpoints, source, keys, shards, outputs, permutations, state,
+                     _fingerprint(state),
                      global_ties, seed, backend, device)
 
 
@@ -408,21 +415,30 @@ def _by_method(keys):
     return (k for k in keys.values() if k.merged and not k.running_stat)
 
 
-def _fingerprint(cfg, checkpoints, permutations, max_bytes, seed):
-    """A digest of everything the output bytes depend on (config, inputs, options (the seed only
-    for a method that draws), version). The
-    inputs by their identity (headers and sampled bytes: a different model) and each data file's
-    modification time: a file rewritten in place since (a few bytes changed, which the sample can
-    miss) makes ``--resume`` refuse rather than keep shards merged from the old bytes."""
+# what a job's output depends on (_job_state's keys), as --resume names a change
+_STATE_NAMES = {"config": "config", "inputs": "input model", "modified": "input file (modified since)",
+                "shard_bytes": "--out-shard-size", "seed": "--random-seed", "permutations": "permutations file",
+                "version": "nlmerge version"}
+
+
+def _job_state(cfg, checkpoints, permutations, max_bytes, seed):
+    """Everything the output bytes depend on (config, inputs, options (the seed only for a method
+    that draws), version), as JSON gives it back. The inputs by their identity (headers and
+    sampled bytes: a different model) and each data file's modification time: a file rewritten in
+    place since (a few bytes changed, which the sample can miss) makes ``--resume`` refuse rather
+    than keep shards merged from the old bytes."""
     from nlmerge import __version__
 
-    h = hashlib.sha256()
     modified = [[os.stat(f).st_mtime_ns for f in sorted(c.files)] for c in checkpoints]
     state = {"config": cfg.source, "inputs": [c.identity() for c in checkpoints], "modified": modified,
-             "shard_bytes": max_bytes, "seed": seed if cfg.method.draws else None, "permutations": [ckio.file_digest(f) for f in permutations.files],
-             "version": __version__}
-    h.update(json.dumps(state, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+             "shard_bytes": max_bytes, "seed": seed if cfg.method.draws else None,
+             "permutations": [ckio.file_digest(f) for f in permutations.files], "version": __version__}
+    return json.loads(json.dumps(state, sort_keys=True, default=str))
+
+
+def _fingerprint(state):
+    """The digest of a job's state (``_job_state``), which the manifest records."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
 def _check_out(plan, resume):
@@ -593,9 +609,11 @@ def _manifest(plan, resume):
     if previous is not None and previous.fingerprint == plan.fingerprint:
         return previous
     if resume and previous is not None:
-        raise ValueError(f"--resume: {plan.out!r} holds a job with another config, inputs or options, or an "
-                         "input file was modified since (fingerprints differ); use --force to start over")
-    manifest = ckio.Manifest(plan.out, plan.fingerprint)
+        before = previous.job.get("state", {})
+        changed = [name for key, name in _STATE_NAMES.items() if before.get(key) != plan.state[key]]
+        raise ValueError(f"--resume: {plan.out!r} holds a job with another {', '.join(changed)} (fingerprints "
+                         "differ); use --force to start over")
+    manifest = ckio.Manifest(plan.out, plan.fingerprint, job={"state": plan.state})
     manifest.save()
     return manifest
 
