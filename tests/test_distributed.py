@@ -201,3 +201,33 @@ def test_torchrun_command_line(family, tmp_path):
                            "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _files(tmp_path / "one") == _files(tmp_path / "many")
+
+
+def test_sigterm_ends_a_worker_whose_torchrun_is_gone(family, tmp_path):
+    """A worker started for a torchrun that is gone waits in the rendezvous (C++, where the
+    command's Python SIGTERM handler never runs): SIGTERM must still end it, not wait for the
+    rendezvous's timeout (30 minutes). Here rank 0's store is a socket that accepts the worker's
+    connection and never answers."""
+    import signal
+    import socket
+
+    cfg = tmp_path / "cfg.yml"
+    cfg.write_text(json.dumps(_config(family, "task_arithmetic", {"lambda": 0.5})))
+    with socket.socket() as store:
+        store.bind(("127.0.0.1", 0))
+        store.listen()
+        store.settimeout(120)
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(store.getsockname()[1])}
+        worker = subprocess.Popen([sys.executable, "-m", "nlmerge", "merge", str(cfg), str(tmp_path / "out"),
+                                   "--no-progress"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            connection, _ = store.accept()  # the worker is in the rendezvous
+            with connection:
+                time.sleep(1)
+                assert worker.poll() is None, worker.stderr.read()
+                worker.send_signal(signal.SIGTERM)
+                assert worker.wait(timeout=20) == -signal.SIGTERM
+        finally:
+            worker.kill()
+    assert not (tmp_path / "out").exists()

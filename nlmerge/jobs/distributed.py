@@ -10,6 +10,8 @@ rank 0 writes what covers the whole model (index, manifest, config).
 """
 import contextlib
 import os
+import signal
+import threading
 
 import torch
 
@@ -130,5 +132,22 @@ def join(device):
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not initialized:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        with _default_sigterm():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device, owns_group=not initialized)
+
+
+@contextlib.contextmanager
+def _default_sigterm():
+    """SIGTERM's default action (end the process) while the process group forms: the rendezvous
+    waits in C++, where a Python handler (the command's clean stop) never runs, so workers that
+    lost their torchrun would ignore ``kill`` until the rendezvous times out; nothing is written
+    yet. Only the main thread can set handlers: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
