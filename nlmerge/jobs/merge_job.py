@@ -319,8 +319,7 @@ def plan_merge(config, out, *, device="cpu", out_shard_size="5B", random_seed=No
         raise
     state = _job_state(cfg, checkpoints, permutations, max_bytes, seed)
     return MergePlan(cfg, os.fspath(out), checkpoints, source, keys, shards, outputs, permutations, state,
-                     _fingerprint(state),
-                     global_ties, seed, backend, device)
+                     _fingerprint(state), global_ties, seed, backend, device)
 
 
 def _plan_outputs(cfg, keys, shards):
