@@ -2,6 +2,7 @@
 in-memory API and against mergekit, resume, validation errors, the output layout."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,10 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     for name in clean:
         if name != "nlmerge-manifest.json":
             assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    other = {**cfg, "parameters": {**cfg["parameters"], "normalize": False}}
+    with pytest.raises(ValueError, match=r"holds a job with another config \(parameters\) \(fingerprints differ\); "
+                                         "use --force to start over"):
+        run_merge(other, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
     # another seed: the same job for a method that draws nothing (TIES)
     run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True, random_seed=7)
     # an input rewritten in place since (its sampled identity may not see a few bytes): refused
@@ -280,7 +285,8 @@ def test_resume_after_kill_is_byte_identical(llama_family, tmp_path, monkeypatch
     stat = data_file.stat()
     os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        with pytest.raises(ValueError, match=r"holds a job with another input file \(modified since\) \(fingerprints"):
+        with pytest.raises(ValueError, match=rf"holds a job with another input file modified since "
+                                             rf"\({re.escape(str(paths['e1']))}\) \(fingerprints"):
             run_merge(cfg, tmp_path / "resumed", progress=False, out_shard_size="20K", resume=True)
     finally:
         os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -380,7 +386,7 @@ def test_dare_is_keyed_by_seed_and_name(llama_family, tmp_path):
     key = "model.layers.0.mlp.up_proj.weight"
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[key], c[key])
-    with pytest.raises(ValueError, match="holds a job with another --random-seed [(]fingerprints"):  # DARE's seed
+    with pytest.raises(ValueError, match=r"another --random-seed \(4 before, 3 now\) \(fingerprints"):  # DARE's
         run_merge(_config(paths, "dare_linear", None, per), tmp_path / "c", progress=False, random_seed=3, resume=True)
 
 

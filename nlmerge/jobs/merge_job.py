@@ -415,9 +415,34 @@ def _by_method(keys):
 
 
 # what a job's output depends on (_job_state's keys), as --resume names a change
-_STATE_NAMES = {"config": "config", "inputs": "input model", "modified": "input file (modified since)",
+_STATE_NAMES = {"config": "config", "inputs": "input model", "modified": "input file modified since",
                 "shard_bytes": "--out-shard-size", "seed": "--random-seed", "permutations": "permutations file",
                 "version": "nlmerge version"}
+
+
+def _state_changes(before, now, paths):
+    """What differs between a recorded job state and this one's, in words: the config's top-level
+    keys, the inputs (by path; a model whose identity changed is not also said to be modified),
+    the options with both values."""
+    changes = []
+    for key, name in _STATE_NAMES.items():
+        old, new = before.get(key), now[key]
+        if old == new:
+            continue
+        if key == "config" and isinstance(old, dict):
+            keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            changes.append(f"config ({', '.join(keys)})")
+        elif key in ("inputs", "modified") and isinstance(old, list) and len(old) == len(new):
+            changed_identity = [a != b for a, b in zip(before.get("inputs") or [None] * len(new), now["inputs"])]
+            which = [p for p, a, b, other in zip(paths, old, new, changed_identity)
+                     if a != b and (key == "inputs" or not other)]
+            if which:
+                changes.append(f"{name} ({', '.join(which)})")
+        elif key in ("shard_bytes", "seed", "version"):
+            changes.append(f"{name} ({old} before, {new} now)")
+        else:
+            changes.append(name)
+    return changes
 
 
 def _job_state(cfg, checkpoints, permutations, max_bytes, seed):
@@ -608,10 +633,9 @@ def _manifest(plan, resume):
     if previous is not None and previous.fingerprint == plan.fingerprint:
         return previous
     if resume and previous is not None:
-        before = previous.job.get("state", {})
-        changed = [name for key, name in _STATE_NAMES.items() if before.get(key) != plan.state[key]]
-        raise ValueError(f"--resume: {plan.out!r} holds a job with another {', '.join(changed)} (fingerprints "
-                         "differ); use --force to start over")
+        changed = _state_changes(previous.job.get("state", {}), plan.state, [c.path for c in plan.checkpoints])
+        raise ValueError(f"--resume: {plan.out!r} holds a job with another {'; another '.join(changed)} "
+                         "(fingerprints differ); use --force to start over")
     manifest = ckio.Manifest(plan.out, plan.fingerprint, job={"state": plan.state})
     manifest.save()
     return manifest
