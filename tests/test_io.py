@@ -575,7 +575,8 @@ def test_manifest_round_trip_and_verification(tmp_path):
     (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/1", "fingerprint": "f", "shards": {}}')
     with pytest.raises(ValueError, match="nlmerge-manifest.json: .*earlier nlmerge.*; start again with --force$"):
         Manifest.load(tmp_path)
-    (tmp_path / "nlmerge-manifest.json").write_text('{"format": "nlmerge-manifest/2", "fingerprint": "f", "shards": {}}')
+    (tmp_path / "nlmerge-manifest.json").write_text(
+        '{"format": "nlmerge-manifest/2", "fingerprint": "f", "shards": {}}')
     with pytest.raises(ValueError, match="earlier nlmerge \\(no check of its contents\\); start again with --force$"):
         Manifest.load(tmp_path)
     obj = {"format": "nlmerge-manifest/3", "fingerprint": "f", "shards": {"a": {"xxh3_128": "00"}}}

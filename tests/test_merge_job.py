@@ -546,7 +546,8 @@ def test_global_ties_zero_sign_majority_replaces_a_filled_key(tmp_path, monkeypa
     assert len(manifest["shards"]) == 3
     for name, entry in manifest["shards"].items():  # the reopened shard's hash covers its replaced bytes
         assert entry["xxh3_128"] == file_digest(tmp_path / "out" / name)
-    assert [e["extra"]["fills"] for e in manifest["shards"].values()] == [{}, {"b": 0}, {}]  # signs sum to 0: fill 0, merged as -1 is
+    # the signs sum to 0: "b" filled with 0, merged as -1 is
+    assert [e["extra"]["fills"] for e in manifest["shards"].values()] == [{}, {"b": 0}, {}]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

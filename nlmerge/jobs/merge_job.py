@@ -425,6 +425,7 @@ def _state_changes(before, now, paths):
     keys, the inputs (by path; a model whose identity changed is not also said to be modified),
     the options with both values."""
     changes = []
+    identity_changed = [a != b for a, b in zip(before.get("inputs") or [None] * len(paths), now["inputs"])]
     for key, name in _STATE_NAMES.items():
         old, new = before.get(key), now[key]
         if old == new:
@@ -433,8 +434,7 @@ def _state_changes(before, now, paths):
             keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             changes.append(f"config ({', '.join(keys)})")
         elif key in ("inputs", "modified") and isinstance(old, list) and len(old) == len(new):
-            changed_identity = [a != b for a, b in zip(before.get("inputs") or [None] * len(new), now["inputs"])]
-            which = [p for p, a, b, other in zip(paths, old, new, changed_identity)
+            which = [p for p, a, b, other in zip(paths, old, new, identity_changed)
                      if a != b and (key == "inputs" or not other)]
             if which:
                 changes.append(f"{name} ({', '.join(which)})")

@@ -281,8 +281,8 @@ def task_arithmetic_models(base, experts, weights, out, lam, include_base=True, 
     """``out = base + lam * sum_t weights[t] * (fp32(experts[t]) - fp32(base))`` (the task vectors formed in
     registers; bit-identical to ``task_arithmetic`` on them precomputed in fp32); without the ``base +``
     term unless ``include_base``; ``keep`` and ``keep_bits`` as in ``ties_merge_models``. ``base``
-    and the T ``experts``: one dtype, ``out``'s element count. Returns the count of NaN/Inf task vector entries (dropped or
-    not), base values (where added) and results (in ``out``'s dtype)."""
+    and the T ``experts``: one dtype, ``out``'s element count. Returns the count of NaN/Inf task
+    vector entries (dropped or not), base values (where added) and results (in ``out``'s dtype)."""
     return int(
         _C.task_arithmetic_models(
             _in(base.reshape(-1)),
